@@ -1,0 +1,110 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p; per-request seeds.
+
+Every operation is row-wise, so a request samples the same token whatever else is in its batch.
+Non-greedy draws use noise hashed from (seed, position, token id): reproducible for a given
+`sampling_seed` and independent of batch composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from sglab.srt.sampling.sampling_params import TOP_K_ALL
+
+
+@dataclass
+class SamplingBatchInfo:
+    temperatures: torch.Tensor  # [bs, 1] fp32
+    top_ps: torch.Tensor  # [bs] fp32
+    top_ks: torch.Tensor  # [bs] int64
+    min_ps: torch.Tensor  # [bs] fp32
+    seeds: torch.Tensor  # [bs] int64
+    is_all_greedy: bool
+    need_min_p_sampling: bool
+    need_top_p_top_k: bool
+
+    @classmethod
+    def from_params(cls, params: list, seeds: list[int]) -> "SamplingBatchInfo":
+        """Host tensors from each request's (normalized) SamplingParams."""
+        top_ks = [min(p.top_k, TOP_K_ALL) for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        return cls(
+            temperatures=torch.tensor([p.temperature for p in params],
+                                      dtype=torch.float32).view(-1, 1),
+            top_ps=torch.tensor(top_ps, dtype=torch.float32),
+            top_ks=torch.tensor(top_ks, dtype=torch.int64),
+            min_ps=torch.tensor(min_ps, dtype=torch.float32),
+            seeds=torch.tensor(seeds, dtype=torch.int64),
+            is_all_greedy=all(k == 1 for k in top_ks),
+            need_min_p_sampling=any(m > 0 for m in min_ps),
+            need_top_p_top_k=any(k != TOP_K_ALL for k in top_ks) or any(p < 1 for p in top_ps),
+        )
+
+    def to_device(self, device) -> "SamplingBatchInfo":
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        return SamplingBatchInfo(**kw)
+
+
+@dataclass
+class SampleOutput:
+    next_token_ids: torch.Tensor  # [bs] int64
+    next_token_logprobs: torch.Tensor | None = None  # [bs] fp32
+    top_logprobs_val: torch.Tensor | None = None  # [bs, max_k]
+    top_logprobs_idx: torch.Tensor | None = None
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: torch.Tensor, info: SamplingBatchInfo, positions: torch.Tensor,
+                return_logprob: bool = False, top_logprobs_num: int = 0) -> SampleOutput:
+        if info.is_all_greedy:
+            next_ids = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits / info.temperatures, dim=-1)
+            probs = _filter_probs(probs, info)
+            next_ids = _seeded_sample(probs, info.seeds, positions)
+            greedy = info.top_ks == 1
+            next_ids = torch.where(greedy, logits.argmax(dim=-1), next_ids)
+        out = SampleOutput(next_token_ids=next_ids)
+        if return_logprob:
+            logprobs = torch.log_softmax(logits / info.temperatures, dim=-1)
+            out.next_token_logprobs = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+            if top_logprobs_num > 0:
+                out.top_logprobs_val, out.top_logprobs_idx = logprobs.topk(top_logprobs_num, -1)
+        return out
+
+
+def _filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    if info.need_top_p_top_k:
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+        drop = rank >= info.top_ks.unsqueeze(1)
+        cum = sorted_probs.cumsum(dim=-1)
+        drop |= (cum - sorted_probs) > info.top_ps.unsqueeze(1)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, sorted_idx, sorted_probs)
+    if info.need_min_p_sampling:
+        threshold = probs.max(dim=-1, keepdim=True).values * info.min_ps.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _seeded_sample(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor):
+    """Exponential-race sampling (argmax p / E) with E drawn from hashed (seed, pos, id)."""
+    vocab = probs.shape[-1]
+    token = torch.arange(vocab, device=probs.device, dtype=torch.int64).unsqueeze(0)
+    x = seeds.unsqueeze(1) * 0x9E3779B1 + positions.unsqueeze(1) * 0x85EBCA77 + token * 0xC2B2AE3D
+    x = x ^ (x >> 15)
+    x = x * 0x2C1B3C6D
+    x = x ^ (x >> 12)
+    x = x * 0x297A2D39
+    x = x ^ (x >> 15)
+    u = ((x & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+    exp_noise = -torch.log(u)
+    return (probs / exp_noise).argmax(dim=-1)

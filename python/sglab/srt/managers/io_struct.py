@@ -1,0 +1,217 @@
+"""Messages between the TokenizerManager, the scheduler and the detokenizer (pickled over ZMQ)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglab.srt.sampling.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateReqInput:
+    """A /generate request (or one from the Engine / OpenAI layer); any field may be a batch."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    input_embeds: Any = None
+    sampling_params: dict | list[dict] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    token_ids_logprob: Any = None
+    return_text_in_logprobs: bool = False
+    lora_path: str | list[str | None] | None = None
+    return_hidden_states: bool = False
+    return_routed_experts: bool = False
+    image_data: Any = None
+    session_params: Any = None
+    custom_logit_processor: Any = None
+    priority: int | None = None
+    extra_key: str | None = None
+    routed_dp_rank: int | None = None
+    log_metrics: bool = True
+    # Set by normalize_batch_and_arguments().
+    is_single: bool = True
+    batch_size: int = 1
+
+    def normalize_batch_and_arguments(self) -> None:
+        """Validate the shape of the request and expand every per-item field to a list."""
+        given = [x is not None for x in (self.text, self.input_ids, self.input_embeds)]
+        if sum(given) != 1:
+            raise ValueError("Exactly one of text, input_ids or input_embeds must be given.")
+        if self.input_embeds is not None:
+            raise ValueError("input_embeds is not supported by sglab.")
+        for name in ("image_data", "session_params", "custom_logit_processor",
+                     "token_ids_logprob"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by sglab.")
+        if self.text is not None:
+            self.is_single = isinstance(self.text, str)
+            if not self.is_single and not all(isinstance(t, str) for t in self.text):
+                raise ValueError("text must be a string or a list of strings.")
+            self.batch_size = 1 if self.is_single else len(self.text)
+        else:
+            self.is_single, self.batch_size = _ids_shape(self.input_ids)
+        if self.batch_size == 0:
+            raise ValueError("The batch is empty.")
+        n = self.batch_size
+        self.sampling_params = _expand(self.sampling_params, n, "sampling_params", dict, {})
+        self.rid = _expand(self.rid, n, "rid", str, None)
+        self.rid = [r if r is not None else uuid.uuid4().hex for r in self.rid]
+        if len(set(self.rid)) != n:
+            raise ValueError("rid must be unique within a batch.")
+        self.return_logprob = _expand(self.return_logprob, n, "return_logprob", bool, False)
+        self.logprob_start_len = _expand(self.logprob_start_len, n, "logprob_start_len", int, -1)
+        self.top_logprobs_num = _expand(self.top_logprobs_num, n, "top_logprobs_num", int, 0)
+        self.lora_path = _expand(self.lora_path, n, "lora_path", str, None)
+
+    def item(self, i: int) -> dict:
+        """The i-th request of a normalized batch, as keyword arguments."""
+        prompt = self.text if self.text is not None else self.input_ids
+        return {
+            "text": prompt[i] if self.text is not None and not self.is_single else self.text,
+            "input_ids": None if self.input_ids is None
+            else (self.input_ids if self.is_single else self.input_ids[i]),
+            "sampling_params": self.sampling_params[i],
+            "rid": self.rid[i],
+            "return_logprob": self.return_logprob[i],
+            "logprob_start_len": self.logprob_start_len[i],
+            "top_logprobs_num": self.top_logprobs_num[i],
+            "lora_path": self.lora_path[i],
+        }
+
+
+def _ids_shape(input_ids: Any) -> tuple[bool, int]:
+    if not isinstance(input_ids, list):
+        raise ValueError("input_ids must be a list of integers or a list of lists of integers.")
+    if input_ids and all(isinstance(x, list) for x in input_ids):
+        for ids in input_ids:
+            _check_ids(ids)
+        return False, len(input_ids)
+    _check_ids(input_ids)
+    return True, 1
+
+
+def _check_ids(ids: list) -> None:
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError("input_ids must contain only integers.")
+
+
+def _expand(value: Any, n: int, name: str, kind: type, default: Any) -> list:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for a batch of {n}.")
+        items = value
+    else:
+        items = [value] * n
+    out = []
+    for v in items:
+        if v is None:
+            v = default
+        elif kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{name} must be an integer.")
+        elif kind is not int and not isinstance(v, kind):
+            raise ValueError(f"{name} has the wrong type: {type(v).__name__}.")
+        out.append(dict(v) if kind is dict and v is not None else v)
+    return out
+
+
+@dataclass
+class TokenizedGenerateReqInput:
+    """TokenizerManager -> scheduler: one validated, tokenized request."""
+
+    rid: str
+    input_text: str | None
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+    lora_path: str | None = None
+
+
+@dataclass
+class BatchTokenIDOutput:
+    """Scheduler -> detokenizer (or -> TokenizerManager with --skip-tokenizer-init).
+
+    Token and logprob lists are deltas since the previous message for the same rid; counts are
+    running totals. Logprob fields hold None for a request that did not ask for them.
+    """
+
+    rids: list[str]
+    finished_reasons: list[dict | None]
+    output_ids: list[list[int]]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+    skip_special_tokens: list[bool]
+    spaces_between_special_tokens: list[bool]
+    no_stop_trim: list[bool]
+    stop_strs: list[list[str]]
+    input_token_logprobs_val: list[list[float | None] | None] = field(default_factory=list)
+    input_token_logprobs_idx: list[list[int] | None] = field(default_factory=list)
+    input_top_logprobs_val: list[list[list[float]] | None] = field(default_factory=list)
+    input_top_logprobs_idx: list[list[list[int]] | None] = field(default_factory=list)
+    output_token_logprobs_val: list[list[float] | None] = field(default_factory=list)
+    output_token_logprobs_idx: list[list[int] | None] = field(default_factory=list)
+    output_top_logprobs_val: list[list[list[float]] | None] = field(default_factory=list)
+    output_top_logprobs_idx: list[list[list[int]] | None] = field(default_factory=list)
+    total_retractions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BatchStrOutput:
+    """Detokenizer -> TokenizerManager: the same fields plus the new text of each request."""
+
+    token_output: BatchTokenIDOutput
+    output_strs: list[str]
+
+
+@dataclass
+class AbortReq:
+    rid: str = ""
+    abort_all: bool = False
+    message: str = "Abort request."
+
+
+@dataclass
+class FlushCacheReqInput:
+    pass
+
+
+@dataclass
+class FlushCacheReqOutput:
+    success: bool
+    message: str = ""
+
+
+@dataclass
+class GetInternalStateReq:
+    pass
+
+
+@dataclass
+class GetInternalStateReqOutput:
+    internal_state: dict
+
+
+@dataclass
+class ProfileReq:
+    type: str  # "start" or "stop"
+    output_dir: str | None = None
+    num_steps: int | None = None
+    activities: list[str] | None = None
+    with_stack: bool | None = None
+    record_shapes: bool | None = None
+    profile_prefix: str | None = None
+
+
+@dataclass
+class ProfileReqOutput:
+    success: bool
+    message: str = ""

@@ -1,0 +1,360 @@
+"""Req, ScheduleBatch and ModelWorkerBatch: request state and batches on the scheduler (host).
+
+Everything here is host data. `prepare_for_extend` / `prepare_for_decode` allocate pool rows and
+KV slots and fill host tensors; `ForwardBatch.init_new` uploads them and writes the device copy
+of `req_to_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sglab.srt.layers.sampler import SamplingBatchInfo
+from sglab.srt.model_executor.forward_batch_info import ForwardMode
+from sglab.srt.sampling.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sglab.srt.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
+    from sglab.srt.mem_cache.radix_cache import RadixCache
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+def finish_length(n: int) -> dict:
+    return {"type": "length", "length": n}
+
+
+def finish_stop(matched: int | str) -> dict:
+    return {"type": "stop", "matched": matched}
+
+
+def finish_abort(message: str = "Abort request.", status_code: int | None = None) -> dict:
+    reason: dict[str, Any] = {"type": "abort", "message": message}
+    if status_code is not None:
+        reason["status_code"] = status_code
+    return reason
+
+
+class Req:
+    """One request's state on the scheduler."""
+
+    def __init__(self, rid: str, origin_input_text: str | None, origin_input_ids: list[int],
+                 sampling_params: SamplingParams, seed: int, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
+                 eos_token_ids: set[int] | None = None):
+        self.rid = rid
+        self.origin_input_text = origin_input_text
+        self.origin_input_ids = origin_input_ids
+        self.sampling_params = sampling_params
+        self.seed = seed
+        self.stream = stream
+        self.eos_token_ids = eos_token_ids or set()
+        self.output_ids: list[int] = []
+        self.fill_ids: list[int] = []
+        self.finished_reason: dict | None = None
+        self.to_abort_message: str | None = None
+        # Memory: pool row, the prefix whose KV is already in the row, and its tree node.
+        self.req_pool_idx: int | None = None
+        self.prefix_indices: torch.Tensor = _EMPTY
+        self.last_node: Any = None
+        self.extend_input_len = 0
+        self.is_chunked = 0
+        self.cached_tokens = 0
+        self.total_retractions = 0
+        # Logprobs. The prompt's are computed once, on its first full prefill.
+        self.return_logprob = return_logprob
+        self.top_logprobs_num = top_logprobs_num
+        prompt_len = len(origin_input_ids)
+        start = prompt_len - 1 if logprob_start_len < 0 else logprob_start_len
+        self.logprob_start_len = min(max(start, 0), max(prompt_len - 1, 0))
+        self.input_logprobs_done = not return_logprob or logprob_start_len < 0
+        self.input_token_logprobs_val: list[float | None] = []
+        self.input_token_logprobs_idx: list[int] = []
+        self.input_top_logprobs_val: list[list[float] | None] = []
+        self.input_top_logprobs_idx: list[list[int] | None] = []
+        self.output_token_logprobs_val: list[float] = []
+        self.output_token_logprobs_idx: list[int] = []
+        self.output_top_logprobs_val: list[list[float]] = []
+        self.output_top_logprobs_idx: list[list[int]] = []
+        # How much of each list was already sent to the detokenizer.
+        self.send_offsets: dict[str, int] = {}
+
+    # --- lengths ------------------------------------------------------------------------------
+
+    @property
+    def seqlen(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def init_next_round_input(self, tree_cache: "RadixCache | None") -> None:
+        """Tokens to prefill next, and the longest cached prefix to reuse."""
+        self.fill_ids = self.origin_input_ids + self.output_ids
+        max_prefix_len = len(self.fill_ids) - 1
+        if not self.input_logprobs_done:
+            max_prefix_len = min(max_prefix_len, self.logprob_start_len)
+        if tree_cache is not None:
+            match = tree_cache.match_prefix(self.fill_ids[:max(max_prefix_len, 0)])
+            self.prefix_indices, self.last_node = match.device_indices, match.last_device_node
+        self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
+
+    def reset_for_retract(self) -> None:
+        self.prefix_indices = _EMPTY
+        self.last_node = None
+        self.req_pool_idx = None
+        self.extend_input_len = 0
+        self.is_chunked = 0
+        self.total_retractions += 1
+
+    # --- finish -------------------------------------------------------------------------------
+
+    def check_finished(self, tokenizer: Any, context_len: int) -> None:
+        if self.finished():
+            return
+        if self.to_abort_message is not None:
+            self.finished_reason = finish_abort(self.to_abort_message)
+            return
+        params = self.sampling_params
+        if params.max_new_tokens is not None and len(self.output_ids) >= params.max_new_tokens:
+            self.finished_reason = finish_length(params.max_new_tokens)
+            return
+        if self.seqlen >= context_len:
+            self.finished_reason = finish_length(len(self.output_ids))
+            return
+        if len(self.output_ids) < params.min_new_tokens:
+            return
+        last = self.output_ids[-1]
+        if last in (params.stop_token_ids or ()) or (
+            not params.ignore_eos and last in self.eos_token_ids
+        ):
+            self.finished_reason = finish_stop(last)
+            return
+        if params.stop_strs and tokenizer is not None:
+            tail = tokenizer.decode(self.output_ids[-(params.stop_str_max_len + 1):])
+            for stop in params.stop_strs:
+                if stop in tail:
+                    self.finished_reason = finish_stop(stop)
+                    return
+
+    def __repr__(self) -> str:
+        return f"Req(rid={self.rid}, input_len={len(self.origin_input_ids)}, " \
+               f"output_len={len(self.output_ids)})"
+
+
+@dataclass
+class ModelWorkerBatch:
+    """What the worker needs for one forward, all on the host."""
+
+    forward_mode: ForwardMode
+    input_ids: torch.Tensor
+    req_pool_indices: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    seq_lens_sum: int
+    out_cache_loc: torch.Tensor
+    sampling_info: SamplingBatchInfo
+    return_logprob: bool = False
+    top_logprobs_nums: list[int] | None = None
+    extend_num_tokens: int | None = None
+    extend_seq_lens: list[int] | None = None
+    extend_prefix_lens: list[int] | None = None
+    extend_logprob_start_lens: list[int] | None = None
+    extend_logprob_pruned_lens: list[int] | None = None
+    extend_input_logprob_token_ids: torch.Tensor | None = None
+    req_to_token_writes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class ScheduleBatch:
+    reqs: list[Req]
+    req_to_token_pool: "ReqToTokenPool"
+    token_to_kv_pool_allocator: "TokenToKVPoolAllocator"
+    tree_cache: "RadixCache"
+    forward_mode: ForwardMode = ForwardMode.DECODE
+    # Host tensors of the current step.
+    input_ids: torch.Tensor = field(default_factory=lambda: _EMPTY)
+    req_pool_indices: torch.Tensor = field(default_factory=lambda: _EMPTY)
+    seq_lens_cpu: torch.Tensor = field(default_factory=lambda: _EMPTY)
+    out_cache_loc: torch.Tensor = field(default_factory=lambda: _EMPTY)
+    # Extend only.
+    prefix_lens: list[int] = field(default_factory=list)
+    extend_lens: list[int] = field(default_factory=list)
+    extend_num_tokens: int = 0
+    extend_logprob_start_lens: list[int] = field(default_factory=list)
+    extend_logprob_pruned_lens: list[int] = field(default_factory=list)
+    extend_input_logprob_token_ids: torch.Tensor | None = None
+
+    @classmethod
+    def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
+                 tree_cache) -> "ScheduleBatch":
+        return cls(reqs=reqs, req_to_token_pool=req_to_token_pool,
+                   token_to_kv_pool_allocator=token_to_kv_pool_allocator, tree_cache=tree_cache)
+
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    @property
+    def return_logprob(self) -> bool:
+        return any(r.return_logprob for r in self.reqs)
+
+    # --- memory -------------------------------------------------------------------------------
+
+    def _alloc_rows(self, reqs: list[Req]) -> None:
+        need = [r for r in reqs if r.req_pool_idx is None]
+        rows = self.req_to_token_pool.alloc(len(need))
+        if rows is None:
+            raise RuntimeError("req_to_token_pool is out of rows; max_running_requests too large")
+        for req, row in zip(need, rows):
+            req.req_pool_idx = row
+            if len(req.prefix_indices):
+                self.req_to_token_pool.write(row, 0, req.prefix_indices, sync_device=True)
+
+    def _evict_for(self, num_tokens: int) -> None:
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.available_size() < num_tokens and self.tree_cache is not None:
+            self.tree_cache.evict(num_tokens)
+
+    def _last_locs(self, prefix_lens: list[int]) -> list[int]:
+        table = self.req_to_token_pool.req_to_token_cpu
+        return [int(table[r.req_pool_idx, n - 1]) if n > 0 else -1
+                for r, n in zip(self.reqs, prefix_lens)]
+
+    # --- extend -------------------------------------------------------------------------------
+
+    def prepare_for_extend(self) -> None:
+        self.forward_mode = ForwardMode.EXTEND
+        reqs = self.reqs
+        self._alloc_rows(reqs)
+        self.prefix_lens = [len(r.prefix_indices) for r in reqs]
+        self.extend_lens = [r.extend_input_len for r in reqs]
+        seq_lens = [p + e for p, e in zip(self.prefix_lens, self.extend_lens)]
+        self.extend_num_tokens = sum(self.extend_lens)
+        self._evict_for(self.extend_num_tokens + len(reqs) * self._page_size())
+        out = self.token_to_kv_pool_allocator.alloc_extend(
+            self.prefix_lens, seq_lens, self._last_locs(self.prefix_lens), self.extend_num_tokens)
+        if out is None:
+            raise RuntimeError("KV cache is out of memory during prefill")
+        self.out_cache_loc = out
+        start = 0
+        for req, prefix_len, ext in zip(reqs, self.prefix_lens, self.extend_lens):
+            self.req_to_token_pool.write(req.req_pool_idx, prefix_len, out[start:start + ext],
+                                         sync_device=False)
+            start += ext
+        ids = [t for r, p in zip(reqs, self.prefix_lens) for t in r.fill_ids[p:len(r.fill_ids)]]
+        self.input_ids = torch.tensor(ids, dtype=torch.int64)
+        self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+        self._prepare_input_logprobs()
+
+    def _prepare_input_logprobs(self) -> None:
+        """Which extend positions give prompt logprobs, and the prompt tokens they score."""
+        self.extend_logprob_start_lens, self.extend_logprob_pruned_lens = [], []
+        targets: list[int] = []
+        for req, a, n in zip(self.reqs, self.prefix_lens, self.extend_lens):
+            lo, hi = a, a
+            if not req.input_logprobs_done:
+                prompt_len = len(req.origin_input_ids)
+                lo = max(a, req.logprob_start_len - 1)
+                hi = max(lo, min(a + n, prompt_len - 1))
+                targets.extend(req.origin_input_ids[lo + 1:hi + 1])
+            self.extend_logprob_start_lens.append(lo - a)
+            self.extend_logprob_pruned_lens.append(hi - lo)
+        self.extend_input_logprob_token_ids = (
+            torch.tensor(targets, dtype=torch.int64) if targets else None)
+
+    # --- decode -------------------------------------------------------------------------------
+
+    def prepare_for_decode(self) -> None:
+        self.forward_mode = ForwardMode.DECODE
+        reqs = self.reqs
+        prev_lens = [r.seqlen - 1 for r in reqs]
+        last_locs = self._last_locs(prev_lens)
+        seq_lens = [n + 1 for n in prev_lens]
+        self._evict_for(len(reqs) * self._page_size())
+        out = self.token_to_kv_pool_allocator.alloc_decode(seq_lens, last_locs)
+        if out is None:
+            raise RuntimeError("KV cache is out of memory during decode")
+        self.out_cache_loc = out
+        for req, n, loc in zip(reqs, prev_lens, out):
+            self.req_to_token_pool.write(req.req_pool_idx, n, loc.view(1), sync_device=False)
+        self.input_ids = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64)
+        self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+        self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
+
+    def new_tokens_needed_for_decode(self) -> int:
+        """KV slots the next decode step may take (whole pages when page_size > 1)."""
+        return _decode_need(self.reqs, self._page_size())
+
+    def check_decode_mem(self) -> bool:
+        need = self.new_tokens_needed_for_decode()
+        self._evict_for(need)
+        return self.token_to_kv_pool_allocator.available_size() >= need
+
+    def retract_decode(self) -> list[Req]:
+        """Free requests (longest-waiting keep their place) until the next decodes fit."""
+        order = sorted(range(len(self.reqs)),
+                       key=lambda i: (len(self.reqs[i].output_ids),
+                                      -len(self.reqs[i].origin_input_ids)))
+        retracted: list[Req] = []
+        while len(self.reqs) - len(retracted) > 1:
+            idx = order.pop(0)
+            req = self.reqs[idx]
+            retracted.append(req)
+            self.tree_cache.cache_finished_req(req)
+            req.reset_for_retract()
+            keep = [r for r in self.reqs if r not in retracted]
+            needed = _decode_need(keep, self._page_size()) * 2
+            self._evict_for(needed)
+            if self.token_to_kv_pool_allocator.available_size() >= needed:
+                break
+        self.reqs = [r for r in self.reqs if r not in retracted]
+        return retracted
+
+    def _page_size(self) -> int:
+        return self.token_to_kv_pool_allocator.page_size
+
+    # --- batch composition --------------------------------------------------------------------
+
+    def filter_batch(self, keep: list[Req] | None = None) -> None:
+        self.reqs = [r for r in self.reqs if not r.finished()] if keep is None else keep
+
+    def merge_batch(self, other: "ScheduleBatch") -> None:
+        self.reqs = self.reqs + other.reqs
+
+    def get_model_worker_batch(self) -> ModelWorkerBatch:
+        reqs = self.reqs
+        sampling_info = SamplingBatchInfo.from_params([r.sampling_params for r in reqs],
+                                                      [r.seed for r in reqs])
+        mwb = ModelWorkerBatch(
+            forward_mode=self.forward_mode,
+            input_ids=self.input_ids,
+            req_pool_indices=self.req_pool_indices,
+            seq_lens_cpu=self.seq_lens_cpu,
+            seq_lens_sum=int(self.seq_lens_cpu.sum()),
+            out_cache_loc=self.out_cache_loc,
+            sampling_info=sampling_info,
+            return_logprob=self.return_logprob,
+            top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+            req_to_token_writes=self.req_to_token_pool.pop_pending_writes(),
+        )
+        if self.forward_mode.is_extend():
+            mwb.extend_num_tokens = self.extend_num_tokens
+            mwb.extend_seq_lens = self.extend_lens
+            mwb.extend_prefix_lens = self.prefix_lens
+            mwb.extend_logprob_start_lens = self.extend_logprob_start_lens
+            mwb.extend_logprob_pruned_lens = self.extend_logprob_pruned_lens
+            mwb.extend_input_logprob_token_ids = self.extend_input_logprob_token_ids
+        return mwb
+
+
+def _decode_need(reqs: list[Req], page: int) -> int:
+    if page == 1:
+        return len(reqs)
+    return sum(page for r in reqs if (r.seqlen - 1) % page == 0)

@@ -1,0 +1,100 @@
+"""Which waiting requests go into the next prefill, within the token budgets."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sglab.srt.managers.schedule_batch import Req
+
+if TYPE_CHECKING:
+    from sglab.srt.mem_cache.radix_cache import RadixCache
+
+# Share of each running request's remaining max_new_tokens that a new prefill must leave free.
+NEW_TOKEN_RATIO = 0.4
+CLIP_MAX_NEW_TOKENS = 4096
+# lpm sorts by prefix match only while the queue is short enough for that to be cheap.
+LPM_MAX_QUEUE = 128
+
+
+class SchedulePolicy:
+    def __init__(self, policy: str, tree_cache: "RadixCache | None"):
+        self.policy = policy
+        self.tree_cache = tree_cache
+
+    def calc_priority(self, waiting_queue: list[Req]) -> None:
+        """Match each request's prefix; reorder the queue in place for lpm."""
+        for req in waiting_queue:
+            req.init_next_round_input(self.tree_cache)
+        if self.policy == "lpm" and len(waiting_queue) <= LPM_MAX_QUEUE:
+            waiting_queue.sort(key=lambda r: -len(r.prefix_indices))
+
+
+class PrefillAdder:
+    """Adds requests to a prefill batch while the total, input and chunk budgets allow."""
+
+    def __init__(self, tree_cache: "RadixCache", running_reqs: list[Req], available_tokens: int,
+                 max_prefill_tokens: int, chunked_prefill_size: int, page_size: int,
+                 max_new_reqs: int):
+        self.tree_cache = tree_cache
+        self.page_size = page_size
+        reserved = sum(_remaining_new_tokens(r) for r in running_reqs)
+        self.rem_total_tokens = available_tokens - reserved
+        self.rem_input_tokens = max_prefill_tokens
+        self.rem_chunk_tokens = chunked_prefill_size if chunked_prefill_size > 0 else None
+        self.max_new_reqs = max_new_reqs
+        self.can_run_list: list[Req] = []
+        self.new_chunked_req: Req | None = None
+
+    def add_chunked_req(self, req: Req) -> Req | None:
+        """Continue a request whose prompt is being prefilled in chunks; returns it if unfinished."""
+        truncated = self._truncate(req)
+        self.can_run_list.append(req)
+        self._spend(req.extend_input_len, 0)
+        return req if truncated else None
+
+    def add_one_req(self, req: Req) -> bool:
+        """Try to add a waiting request; False means stop adding (budget exhausted)."""
+        if len(self.can_run_list) >= self.max_new_reqs:
+            return False
+        future = _remaining_new_tokens(req)
+        if req.extend_input_len + future > self.rem_total_tokens + self._unlocked_evictable():
+            return False
+        if self.rem_chunk_tokens is not None and self.rem_chunk_tokens < self.page_size:
+            return False
+        if req.extend_input_len > self.rem_input_tokens and self.can_run_list:
+            return False
+        self.tree_cache.inc_lock_ref(req.last_node)
+        truncated = self._truncate(req)
+        self.can_run_list.append(req)
+        self._spend(req.extend_input_len, 0 if truncated else future)
+        if truncated:
+            self.new_chunked_req = req
+            return False
+        return True
+
+    def _truncate(self, req: Req) -> bool:
+        """Cut the request's extend to the chunk budget (page aligned); True if it was cut."""
+        limit = self.rem_chunk_tokens
+        if limit is None or req.extend_input_len <= limit:
+            return False
+        limit -= limit % self.page_size
+        req.extend_input_len = limit
+        req.fill_ids = req.fill_ids[: len(req.prefix_indices) + limit]
+        req.is_chunked += 1
+        return True
+
+    def _spend(self, extend_len: int, future: int) -> None:
+        self.rem_total_tokens -= extend_len + future
+        self.rem_input_tokens -= extend_len
+        if self.rem_chunk_tokens is not None:
+            self.rem_chunk_tokens -= extend_len
+
+    def _unlocked_evictable(self) -> int:
+        return self.tree_cache.evictable_size() if self.tree_cache is not None else 0
+
+
+def _remaining_new_tokens(req: Req) -> int:
+    """Decode tokens to keep free for a request: a share of what it may still generate."""
+    max_new = req.sampling_params.max_new_tokens
+    remaining = CLIP_MAX_NEW_TOKENS if max_new is None else max(max_new - len(req.output_ids), 0)
+    return int(min(remaining, CLIP_MAX_NEW_TOKENS) * NEW_TOKEN_RATIO)

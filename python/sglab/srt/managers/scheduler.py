@@ -1,0 +1,548 @@
+"""The scheduler process: receives requests, forms batches, runs them, streams tokens out."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from sglab.srt.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOutput,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    ProfileReq,
+    ProfileReqOutput,
+    TokenizedGenerateReqInput,
+)
+from sglab.srt.managers.schedule_batch import (
+    Req,
+    ScheduleBatch,
+    finish_abort,
+    finish_length,
+)
+from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
+from sglab.srt.managers.tp_worker import GenerationBatchResult, TpModelWorker
+from sglab.srt.mem_cache.radix_cache import RadixCache
+from sglab.srt.server_args import PortArgs, ServerArgs, configure_logging
+
+logger = logging.getLogger(__name__)
+
+_LOGPROB_FIELDS = (
+    "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
+    "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
+    "output_top_logprobs_val", "output_top_logprobs_idx",
+)
+
+
+class Scheduler:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None):
+        self.server_args = server_args
+        self.tp_worker = TpModelWorker(server_args)
+        runner = self.tp_worker.model_runner
+        self.model_config = self.tp_worker.model_config
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.token_to_kv_pool_allocator = runner.token_to_kv_pool_allocator
+        self.max_total_num_tokens = runner.max_total_num_tokens
+        self.max_running_requests = runner.max_running_requests
+        self.page_size = server_args.page_size
+        self.tree_cache = RadixCache(self.req_to_token_pool, self.token_to_kv_pool_allocator,
+                                     self.page_size, disable=server_args.disable_radix_cache)
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
+        self.context_len = self.model_config.context_len
+        self.max_req_input_len = self.context_len - 1
+        self.tokenizer = self._load_tokenizer()
+        self.eos_token_ids = self._eos_token_ids()
+        self.seed_rng = random.Random(server_args.random_seed)
+        self.waiting_queue: list[Req] = []
+        self.running_batch: ScheduleBatch = self._new_batch([])
+        self.chunked_req: Req | None = None
+        self.last_batch: ScheduleBatch | None = None
+        self.forward_ct = 0
+        self.num_generated_tokens = 0
+        self.last_gen_throughput = 0.0
+        self._tic = time.perf_counter()
+        self.profiler = None
+        self.profile_steps_left: int | None = None
+        self.outputs: list[BatchTokenIDOutput] = []
+        self._init_sockets(port_args)
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def _init_sockets(self, port_args: PortArgs | None) -> None:
+        self.recv_from_tokenizer = self.send_to_detokenizer = self.send_to_tokenizer = None
+        if port_args is None:
+            return
+        ctx = zmq.Context(2)
+        self.recv_from_tokenizer = ctx.socket(zmq.PULL)
+        self.recv_from_tokenizer.connect(port_args.scheduler_input_ipc_name)
+        out_name = (port_args.tokenizer_ipc_name if self.server_args.skip_tokenizer_init
+                    else port_args.detokenizer_ipc_name)
+        self.send_to_detokenizer = ctx.socket(zmq.PUSH)
+        self.send_to_detokenizer.connect(out_name)
+        self.send_to_tokenizer = ctx.socket(zmq.PUSH)
+        self.send_to_tokenizer.connect(port_args.tokenizer_ipc_name)
+
+    def _load_tokenizer(self):
+        if self.server_args.skip_tokenizer_init:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.server_args.tokenizer_path,
+                                             trust_remote_code=self.server_args.trust_remote_code)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model_config.hf_config, "eos_token_id", None)
+        try:
+            from transformers import GenerationConfig
+
+            gen_eos = GenerationConfig.from_pretrained(self.server_args.model_path).eos_token_id
+        except (OSError, ValueError):
+            gen_eos = None
+        for value in (eos, gen_eos, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
+        return ScheduleBatch.init_new(reqs, self.req_to_token_pool,
+                                      self.token_to_kv_pool_allocator, self.tree_cache)
+
+    def ready_info(self) -> dict:
+        return {
+            "status": "ready",
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "max_req_input_len": self.max_req_input_len,
+            "context_len": self.context_len,
+            "vocab_size": self.model_config.vocab_size,
+            "max_running_requests": self.max_running_requests,
+        }
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def event_loop_normal(self) -> None:
+        while True:
+            self.process_input_requests(self.recv_requests(block=self.is_idle()))
+            self.run_step()
+            self.flush_outputs()
+
+    def run_step(self) -> bool:
+        """One scheduling step; False when there was nothing to run."""
+        batch = self.get_next_batch_to_run()
+        if batch is None:
+            self.on_idle()
+            return False
+        result = self.run_batch(batch)
+        self.process_batch_result(batch, result)
+        self.last_batch = batch
+        return True
+
+    def is_idle(self) -> bool:
+        return not self.waiting_queue and self.running_batch.is_empty() and \
+            self.chunked_req is None
+
+    def recv_requests(self, block: bool) -> list[Any]:
+        if self.recv_from_tokenizer is None:
+            return []
+        reqs = []
+        if block and self.recv_from_tokenizer.poll(timeout=1000) == 0:
+            return reqs
+        while True:
+            try:
+                reqs.append(self.recv_from_tokenizer.recv_pyobj(zmq.NOBLOCK))
+            except zmq.ZMQError:
+                return reqs
+
+    def process_input_requests(self, recv_reqs: list[Any]) -> None:
+        for obj in recv_reqs:
+            for item in obj if isinstance(obj, list) else [obj]:
+                self._dispatch(item)
+
+    def _dispatch(self, obj: Any) -> None:
+        if isinstance(obj, TokenizedGenerateReqInput):
+            self.handle_generate_request(obj)
+        elif isinstance(obj, AbortReq):
+            self.abort_request(obj)
+        elif isinstance(obj, FlushCacheReqInput):
+            self._reply(FlushCacheReqOutput(success=self.flush_cache()))
+        elif isinstance(obj, GetInternalStateReq):
+            self._reply(GetInternalStateReqOutput(internal_state=self.get_internal_state()))
+        elif isinstance(obj, ProfileReq):
+            self._reply(self.profile(obj))
+        else:
+            logger.warning("Ignoring unknown message %r", type(obj).__name__)
+
+    def _reply(self, obj: Any) -> None:
+        if self.send_to_tokenizer is not None:
+            self.send_to_tokenizer.send_pyobj(obj)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def handle_generate_request(self, recv_req: TokenizedGenerateReqInput) -> Req:
+        params = recv_req.sampling_params
+        seed = params.sampling_seed if params.sampling_seed is not None else \
+            self.seed_rng.randrange(1 << 30)
+        req = Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
+                  recv_req.return_logprob, recv_req.logprob_start_len,
+                  recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)
+        error = self._validate(req)
+        if error is not None:
+            req.finished_reason = finish_abort(error, status_code=400)
+            self.stream_output([req])
+            return req
+        if params.max_new_tokens is None:
+            params.max_new_tokens = self.context_len - len(req.origin_input_ids)
+        self.waiting_queue.append(req)
+        return req
+
+    def _validate(self, req: Req) -> str | None:
+        n = len(req.origin_input_ids)
+        if n == 0:
+            return "The input is empty."
+        if n > self.max_req_input_len:
+            return (f"The input ({n} tokens) is longer than the model's context length "
+                    f"({self.context_len} tokens).")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.origin_input_ids):
+            return f"Token ids must be in [0, {vocab})."
+        try:
+            req.sampling_params.verify(vocab)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def abort_request(self, recv_req: AbortReq) -> None:
+        def match(req: Req) -> bool:
+            return recv_req.abort_all or req.rid == recv_req.rid
+
+        aborted = [r for r in self.waiting_queue if match(r)]
+        self.waiting_queue = [r for r in self.waiting_queue if not match(r)]
+        for req in aborted:
+            req.finished_reason = finish_abort(recv_req.message)
+        self.stream_output(aborted)
+        for req in self.running_batch.reqs + ([self.chunked_req] if self.chunked_req else []):
+            if match(req):
+                req.to_abort_message = recv_req.message
+
+    # --- batching -----------------------------------------------------------------------------
+
+    def get_next_batch_to_run(self) -> ScheduleBatch | None:
+        last = self.last_batch
+        self.last_batch = None
+        if last is not None and last.forward_mode.is_extend():
+            done = [r for r in last.reqs if not r.finished() and r is not self.chunked_req]
+            self.running_batch.merge_batch(self._new_batch(done))
+        new_batch = self.get_new_batch_prefill()
+        if new_batch is not None:
+            return new_batch
+        self.update_running_batch()
+        return None if self.running_batch.is_empty() else self.running_batch
+
+    def get_new_batch_prefill(self) -> ScheduleBatch | None:
+        if not self.waiting_queue and self.chunked_req is None:
+            return None
+        running = len(self.running_batch.reqs)
+        max_new = self.max_running_requests - running
+        if max_new <= 0 and self.chunked_req is None:
+            return None
+        self.policy.calc_priority(self.waiting_queue)
+        adder = PrefillAdder(
+            self.tree_cache, self.running_batch.reqs,
+            self.token_to_kv_pool_allocator.available_size(),
+            self.server_args.max_prefill_tokens, self.server_args.chunked_prefill_size,
+            self.page_size, max_new)
+        if self.chunked_req is not None:
+            self.chunked_req.init_next_round_input(None)
+            self.chunked_req = adder.add_chunked_req(self.chunked_req)
+        for req in list(self.waiting_queue):
+            if not adder.add_one_req(req):
+                break
+        if adder.new_chunked_req is not None:
+            self.chunked_req = adder.new_chunked_req
+        if not adder.can_run_list:
+            return None
+        chosen = set(map(id, adder.can_run_list))
+        self.waiting_queue = [r for r in self.waiting_queue if id(r) not in chosen]
+        for req in adder.can_run_list:
+            if req.req_pool_idx is None:
+                req.cached_tokens += len(req.prefix_indices)
+        batch = self._new_batch(adder.can_run_list)
+        batch.prepare_for_extend()
+        return batch
+
+    def update_running_batch(self) -> None:
+        batch = self.running_batch
+        batch.filter_batch()
+        if batch.is_empty():
+            return
+        if not batch.check_decode_mem():
+            retracted = batch.retract_decode()
+            logger.info("KV cache full: retracted %d request(s)", len(retracted))
+            self.waiting_queue = retracted + self.waiting_queue
+        batch.prepare_for_decode()
+
+    def run_batch(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        self.forward_ct += 1
+        result = self.tp_worker.forward_batch_generation(batch.get_model_worker_batch())
+        result.copy_to_cpu()
+        self._profile_step()
+        return result
+
+    # --- results ------------------------------------------------------------------------------
+
+    def process_batch_result(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        if batch.forward_mode.is_extend():
+            self.process_batch_result_prefill(batch, result)
+        else:
+            self.process_batch_result_decode(batch, result)
+
+    def process_batch_result_prefill(self, batch: ScheduleBatch,
+                                     result: GenerationBatchResult) -> None:
+        input_lp_offset = 0
+        for i, req in enumerate(batch.reqs):
+            pruned = batch.extend_logprob_pruned_lens[i]
+            if not req.input_logprobs_done:
+                self._add_input_logprobs(req, batch, i, result, input_lp_offset)
+            input_lp_offset += pruned
+            if req is self.chunked_req:
+                self.tree_cache.cache_unfinished_req(req)
+                continue
+            req.is_chunked = 0
+            if req.sampling_params.max_new_tokens == 0:
+                req.finished_reason = finish_length(0)
+            else:
+                self._append_token(req, result, i)
+            if req.finished():
+                self.tree_cache.cache_finished_req(req)
+            else:
+                self.tree_cache.cache_unfinished_req(req)
+        self.stream_output(batch.reqs)
+
+    def process_batch_result_decode(self, batch: ScheduleBatch,
+                                    result: GenerationBatchResult) -> None:
+        for i, req in enumerate(batch.reqs):
+            self._append_token(req, result, i)
+            if req.finished():
+                self.tree_cache.cache_finished_req(req)
+        self.num_generated_tokens += len(batch.reqs)
+        self.stream_output(batch.reqs)
+
+    def _append_token(self, req: Req, result: GenerationBatchResult, i: int) -> None:
+        if req.to_abort_message is not None:
+            req.check_finished(self.tokenizer, self.context_len)
+            return
+        req.output_ids.append(result.next_token_ids_cpu[i])
+        if req.return_logprob:
+            req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])
+            req.output_token_logprobs_idx.append(result.next_token_ids_cpu[i])
+            if req.top_logprobs_num > 0:
+                k = req.top_logprobs_num
+                req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
+                req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
+        req.check_finished(self.tokenizer, self.context_len)
+
+    def _add_input_logprobs(self, req: Req, batch: ScheduleBatch, i: int,
+                            result: GenerationBatchResult, offset: int) -> None:
+        prefix_len = batch.prefix_lens[i]
+        if prefix_len == 0 and req.logprob_start_len == 0:
+            req.input_token_logprobs_val.append(None)
+            req.input_token_logprobs_idx.append(req.origin_input_ids[0])
+            req.input_top_logprobs_val.append(None)
+            req.input_top_logprobs_idx.append(None)
+        n = batch.extend_logprob_pruned_lens[i]
+        lo = prefix_len + batch.extend_logprob_start_lens[i]
+        req.input_token_logprobs_val.extend(result.input_token_logprobs_cpu[offset:offset + n]
+                                            if n else [])
+        req.input_token_logprobs_idx.extend(req.origin_input_ids[lo + 1:lo + 1 + n])
+        if req.top_logprobs_num > 0 and n:
+            k = req.top_logprobs_num
+            req.input_top_logprobs_val.extend(
+                row[:k] for row in result.input_top_logprobs_val_cpu[offset:offset + n])
+            req.input_top_logprobs_idx.extend(
+                row[:k] for row in result.input_top_logprobs_idx_cpu[offset:offset + n])
+        if prefix_len + batch.extend_lens[i] >= len(req.origin_input_ids):
+            req.input_logprobs_done = True
+
+    # --- output -------------------------------------------------------------------------------
+
+    def stream_output(self, reqs: list[Req]) -> None:
+        """Queue a BatchTokenIDOutput with what each request has new since its last message."""
+        interval = self.server_args.stream_interval
+        chosen = [r for r in reqs if r.finished() or (
+            r.stream and len(r.output_ids) > r.send_offsets.get("output_ids", 0)
+            and (len(r.output_ids) % interval == 0 or len(r.output_ids) == 1))]
+        if not chosen:
+            return
+        out = BatchTokenIDOutput(
+            rids=[], finished_reasons=[], output_ids=[], prompt_tokens=[], completion_tokens=[],
+            cached_tokens=[], skip_special_tokens=[], spaces_between_special_tokens=[],
+            no_stop_trim=[], stop_strs=[], total_retractions=[])
+        for req in chosen:
+            self._append_output(out, req)
+        self.outputs.append(out)
+
+    def _append_output(self, out: BatchTokenIDOutput, req: Req) -> None:
+        params = req.sampling_params
+        out.rids.append(req.rid)
+        out.finished_reasons.append(req.finished_reason)
+        out.output_ids.append(self._delta(req, "output_ids", req.output_ids))
+        out.prompt_tokens.append(len(req.origin_input_ids))
+        out.completion_tokens.append(len(req.output_ids))
+        out.cached_tokens.append(req.cached_tokens)
+        out.skip_special_tokens.append(params.skip_special_tokens)
+        out.spaces_between_special_tokens.append(params.spaces_between_special_tokens)
+        out.no_stop_trim.append(params.no_stop_trim)
+        out.stop_strs.append(list(params.stop_strs))
+        out.total_retractions.append(req.total_retractions)
+        for name in _LOGPROB_FIELDS:
+            value = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
+            getattr(out, name).append(value)
+
+    @staticmethod
+    def _delta(req: Req, name: str, values: list) -> list:
+        start = req.send_offsets.get(name, 0)
+        req.send_offsets[name] = len(values)
+        return values[start:]
+
+    def flush_outputs(self) -> None:
+        if self.send_to_detokenizer is not None:
+            for out in self.outputs:
+                self.send_to_detokenizer.send_pyobj(out)
+            self.outputs = []
+
+    # --- control ------------------------------------------------------------------------------
+
+    def flush_cache(self) -> bool:
+        if not self.is_idle():
+            logger.warning("Cache not flushed: there are running or waiting requests")
+            return False
+        self.tree_cache.reset()
+        self.token_to_kv_pool_allocator.clear()
+        self.req_to_token_pool.clear()
+        logger.info("Cache flushed successfully")
+        return True
+
+    def on_idle(self) -> None:
+        now = time.perf_counter()
+        if now - self._tic > 1 and self.num_generated_tokens:
+            self.last_gen_throughput = self.num_generated_tokens / (now - self._tic)
+            self.num_generated_tokens, self._tic = 0, now
+        if self.server_args.enable_integrity_check:
+            problem = self.check_integrity()
+            if problem:
+                raise AssertionError(problem)
+
+    def check_integrity(self) -> str | None:
+        """When idle: every KV slot is free or held by the tree, and every pool row is free."""
+        if not self.is_idle():
+            return None
+        free = self.token_to_kv_pool_allocator.available_size()
+        tree = self.tree_cache.evictable_size() + self.tree_cache.protected_size()
+        if free + tree != self.max_total_num_tokens:
+            return (f"KV slots leaked: free {free} + cached {tree} != "
+                    f"{self.max_total_num_tokens}")
+        if self.tree_cache.protected_size() != 0:
+            return f"{self.tree_cache.protected_size()} cached tokens still locked while idle"
+        rows = self.req_to_token_pool.available_size()
+        if rows != self.req_to_token_pool.size:
+            return f"Pool rows leaked: {self.req_to_token_pool.size - rows} in use while idle"
+        return self._check_slot_sets()
+
+    def _check_slot_sets(self) -> str | None:
+        alloc = self.token_to_kv_pool_allocator
+        held = self.tree_cache.all_values_flatten()
+        if held.numel() and held.unique().numel() != held.numel():
+            return "A KV slot is held twice by the radix cache"
+        if held.numel() and alloc.page_size == 1:
+            free = set(alloc.free_pages.tolist())
+            if any(s in free for s in held.tolist()):
+                return "A KV slot is both free and held by the radix cache"
+        return None
+
+    def get_internal_state(self) -> dict:
+        return {
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "available_kv_tokens": self.token_to_kv_pool_allocator.available_size(),
+            "evictable_kv_tokens": self.tree_cache.evictable_size(),
+            "num_running_reqs": len(self.running_batch.reqs),
+            "num_waiting_reqs": len(self.waiting_queue),
+            "last_gen_throughput": self.last_gen_throughput,
+            "forward_ct": self.forward_ct,
+            "integrity_error": self.check_integrity(),
+            "memory_usage": self._memory_usage(),
+            "effective_max_running_requests_per_dp": self.max_running_requests,
+        }
+
+    def _memory_usage(self) -> dict:
+        runner = self.tp_worker.model_runner
+        weight = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        return {"weight": weight / (1 << 30),
+                "kvcache": runner.token_to_kv_pool.get_kv_size_bytes() / (1 << 30),
+                "token_capacity": self.max_total_num_tokens, "graph": 0}
+
+    def profile(self, req: ProfileReq) -> ProfileReqOutput:
+        if req.type == "start":
+            if self.profiler is not None:
+                return ProfileReqOutput(False, "Profiling is already in progress.")
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile_dir = req.output_dir or os.environ.get("SGLANG_TORCH_PROFILER_DIR",
+                                                                 "/tmp")
+            self.profile_prefix = req.profile_prefix or "sglab"
+            self.profiler = torch.profiler.profile(activities=activities,
+                                                   with_stack=bool(req.with_stack),
+                                                   record_shapes=bool(req.record_shapes))
+            self.profiler.start()
+            self.profile_steps_left = req.num_steps
+            return ProfileReqOutput(True, "Start profiling.")
+        return self._stop_profile()
+
+    def _stop_profile(self) -> ProfileReqOutput:
+        if self.profiler is None:
+            return ProfileReqOutput(False, "Profiling is not in progress.")
+        self.profiler.stop()
+        os.makedirs(self.profile_dir, exist_ok=True)
+        path = os.path.join(self.profile_dir, f"{self.profile_prefix}-{int(time.time())}.trace.json")
+        self.profiler.export_chrome_trace(path)
+        self.profiler, self.profile_steps_left = None, None
+        logger.info("Profile trace written to %s", path)
+        return ProfileReqOutput(True, path)
+
+    def _profile_step(self) -> None:
+        if self.profile_steps_left is None:
+            return
+        self.profile_steps_left -= 1
+        if self.profile_steps_left <= 0:
+            self._stop_profile()
+
+
+def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer) -> None:
+    """Process target: build the scheduler, report readiness on the pipe, then serve forever."""
+    configure_logging(server_args.log_level, " Scheduler")
+    faulthandler.enable()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        scheduler = Scheduler(server_args, port_args)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which exits with it
+        logger.exception("Scheduler failed to start")
+        pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})
+        return
+    pipe_writer.send(scheduler.ready_info())
+    try:
+        scheduler.event_loop_normal()
+    except Exception:
+        logger.exception("Scheduler hit an exception")
+        raise

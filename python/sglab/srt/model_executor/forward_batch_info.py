@@ -1,0 +1,158 @@
+"""ForwardBatch: the device-side view of one batch, built once per step in `init_new`.
+
+Every host→device upload of per-step metadata happens in `ForwardBatch.init_new`, from host
+data that `ScheduleBatch` prepared; every length the host needs keeps a `_cpu` twin here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
+    from sglab.srt.layers.sampler import SamplingBatchInfo
+    from sglab.srt.managers.schedule_batch import ModelWorkerBatch
+    from sglab.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglab.srt.model_executor.model_runner import ModelRunner
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()
+    DECODE = auto()
+    MIXED = auto()
+    IDLE = auto()
+
+    def is_extend(self) -> bool:
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+    def is_mixed(self) -> bool:
+        return self == ForwardMode.MIXED
+
+    def is_idle(self) -> bool:
+        return self == ForwardMode.IDLE
+
+
+def h2d(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Upload host data for this step: pageable source, non_blocking (upstream's pre-pinning form)."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device=device, dtype=dtype, non_blocking=True)
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens] int64, device
+    req_pool_indices: torch.Tensor  # [bs] int64, device
+    seq_lens: torch.Tensor  # [bs] int64, device
+    out_cache_loc: torch.Tensor  # [num_tokens] int64, device
+    positions: torch.Tensor  # [num_tokens] int64, device
+    seq_lens_sum: int
+    seq_lens_cpu: torch.Tensor  # [bs] int64
+    # Extend only (None for decode).
+    extend_num_tokens: int | None = None
+    extend_seq_lens: torch.Tensor | None = None
+    extend_prefix_lens: torch.Tensor | None = None
+    extend_start_loc: torch.Tensor | None = None
+    extend_seq_lens_cpu: list[int] | None = None
+    extend_prefix_lens_cpu: list[int] | None = None
+    extend_logprob_start_lens_cpu: list[int] | None = None
+    extend_logprob_pruned_lens_cpu: list[int] | None = None
+    extend_input_logprob_token_ids_gpu: torch.Tensor | None = None
+    # Logprobs.
+    return_logprob: bool = False
+    top_logprobs_nums: list[int] | None = None
+    # Sampling.
+    sampling_info: "SamplingBatchInfo | None" = None
+    # Pools and backend (explicit, never a hidden global).
+    req_to_token_pool: "ReqToTokenPool | None" = None
+    token_to_kv_pool: "MHATokenToKVPool | None" = None
+    attn_backend: "AttentionBackend | None" = None
+
+    @classmethod
+    def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
+        device = model_runner.device
+        mode = batch.forward_mode
+        fb = cls(
+            forward_mode=mode,
+            batch_size=len(batch.seq_lens_cpu),
+            input_ids=h2d(batch.input_ids, torch.int64, device),
+            req_pool_indices=h2d(batch.req_pool_indices, torch.int64, device),
+            seq_lens=h2d(batch.seq_lens_cpu, torch.int64, device),
+            out_cache_loc=h2d(batch.out_cache_loc, torch.int64, device),
+            positions=None,  # type: ignore[arg-type]
+            seq_lens_sum=int(batch.seq_lens_sum),
+            seq_lens_cpu=batch.seq_lens_cpu,
+            return_logprob=batch.return_logprob,
+            top_logprobs_nums=batch.top_logprobs_nums,
+            sampling_info=batch.sampling_info,
+            req_to_token_pool=model_runner.req_to_token_pool,
+            token_to_kv_pool=model_runner.token_to_kv_pool,
+            attn_backend=model_runner.attn_backend,
+        )
+        if mode.is_decode():
+            fb.positions = (fb.seq_lens - 1).clamp(min=0)
+        else:
+            fb._init_extend(batch, device)
+        fb._write_req_to_token(batch, device)
+        if fb.sampling_info is not None:
+            fb.sampling_info = fb.sampling_info.to_device(device)
+        return fb
+
+    def _init_extend(self, batch: "ModelWorkerBatch", device) -> None:
+        self.extend_num_tokens = int(batch.extend_num_tokens)
+        self.extend_seq_lens_cpu = list(batch.extend_seq_lens)
+        self.extend_prefix_lens_cpu = list(batch.extend_prefix_lens)
+        self.extend_logprob_start_lens_cpu = list(batch.extend_logprob_start_lens)
+        self.extend_logprob_pruned_lens_cpu = list(batch.extend_logprob_pruned_lens)
+        self.extend_seq_lens = h2d(batch.extend_seq_lens, torch.int32, device)
+        self.extend_prefix_lens = h2d(batch.extend_prefix_lens, torch.int32, device)
+        if batch.extend_input_logprob_token_ids is not None:
+            self.extend_input_logprob_token_ids_gpu = h2d(
+                batch.extend_input_logprob_token_ids, torch.int64, device
+            )
+        self.positions, self.extend_start_loc = compute_position(
+            self.extend_prefix_lens, self.extend_seq_lens, self.extend_num_tokens
+        )
+
+    def _write_req_to_token(self, batch: "ModelWorkerBatch", device) -> None:
+        """Apply the host's queued row writes, then record the new tokens' slots, in stream order."""
+        pool = self.req_to_token_pool
+        if batch.req_to_token_writes is not None:
+            flat_idx, values = batch.req_to_token_writes
+            pool.req_to_token.view(-1).index_copy_(
+                0, h2d(flat_idx, torch.int64, device), h2d(values, torch.int32, device)
+            )
+        num_tokens = self.out_cache_loc.numel()
+        if num_tokens == 0:
+            return
+        if self.forward_mode.is_decode():
+            rows = self.req_pool_indices
+        else:
+            rows = torch.repeat_interleave(
+                self.req_pool_indices, self.extend_seq_lens, output_size=num_tokens
+            )
+        pool.req_to_token[rows, self.positions] = self.out_cache_loc.to(torch.int32)
+
+
+def compute_position(
+    extend_prefix_lens: torch.Tensor, extend_seq_lens: torch.Tensor, extend_num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of every extend token and each request's start offset, on the device, no sync."""
+    extend_start_loc = torch.cumsum(extend_seq_lens, 0) - extend_seq_lens
+    req_of_token = torch.repeat_interleave(
+        torch.arange(extend_seq_lens.numel(), device=extend_seq_lens.device),
+        extend_seq_lens,
+        output_size=extend_num_tokens,
+    )
+    token_idx = torch.arange(extend_num_tokens, device=extend_seq_lens.device)
+    positions = extend_prefix_lens[req_of_token] + token_idx - extend_start_loc[req_of_token]
+    return positions.to(torch.int64), extend_start_loc

@@ -1,0 +1,108 @@
+"""ModelRunner: owns the model, the KV pools and the attention backend on one device."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglab.srt.configs.model_config import ModelConfig
+from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglab.srt.layers.logits_processor import LogitsProcessorOutput
+from sglab.srt.layers.sampler import SampleOutput, Sampler
+from sglab.srt.mem_cache.memory_pool import (
+    MHATokenToKVPool,
+    PagedTokenToKVPoolAllocator,
+    ReqToTokenPool,
+    TokenToKVPoolAllocator,
+)
+from sglab.srt.model_executor.forward_batch_info import ForwardBatch
+from sglab.srt.model_loader.loader import get_model
+from sglab.srt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# KV pool size on CPU when --max-total-tokens is not given: at most this many tokens/bytes.
+CPU_DEFAULT_MAX_TOKENS = 65536
+CPU_DEFAULT_KV_BYTES = 4 * GiB
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, server_args: ServerArgs):
+        self.model_config = model_config
+        self.server_args = server_args
+        self.device = torch.device(server_args.device)
+        self.page_size = server_args.page_size
+        torch.manual_seed(server_args.random_seed)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = get_model(model_config, server_args.load_format, server_args.device)
+        self.sampler = Sampler()
+        self.init_memory_pool()
+        self.attn_backend = self._make_attn_backend()
+
+    # --- memory -------------------------------------------------------------------------------
+
+    def _cell_size(self) -> int:
+        mc = self.model_config
+        return MHATokenToKVPool.cell_size_bytes(mc.num_key_value_heads, mc.head_dim,
+                                                mc.num_hidden_layers, mc.dtype)
+
+    def profile_max_num_token(self) -> int:
+        cell = self._cell_size()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            rest = free - total * (1 - self.server_args.mem_fraction_static)
+            return max(int(rest) // cell, 0)
+        return min(CPU_DEFAULT_MAX_TOKENS, CPU_DEFAULT_KV_BYTES // cell)
+
+    def init_memory_pool(self) -> None:
+        args, mc = self.server_args, self.model_config
+        tokens = self.profile_max_num_token()
+        if args.max_total_tokens is not None:
+            tokens = min(tokens, args.max_total_tokens) if self.device.type == "cuda" \
+                else args.max_total_tokens
+        tokens = tokens // self.page_size * self.page_size
+        if tokens < max(self.page_size, 16):
+            raise RuntimeError(
+                f"Not enough memory for the KV cache ({tokens} tokens); raise "
+                "--mem-fraction-static or --max-total-tokens")
+        self.max_total_num_tokens = tokens
+        max_reqs = args.max_running_requests or min(
+            max(tokens // mc.context_len * 512, 2048), 4096, max(tokens // 2, 1))
+        self.max_running_requests = max_reqs
+        self.req_to_token_pool = ReqToTokenPool(max_reqs + 1, mc.context_len + 4,
+                                                args.device)
+        self.token_to_kv_pool = MHATokenToKVPool(
+            tokens, self.page_size, mc.dtype, mc.num_key_value_heads, mc.head_dim,
+            mc.num_hidden_layers, args.device)
+        alloc_cls = TokenToKVPoolAllocator if self.page_size == 1 else PagedTokenToKVPoolAllocator
+        self.token_to_kv_pool_allocator = alloc_cls(tokens, self.token_to_kv_pool)
+        logger.info("KV cache: %d tokens (%.2f GiB), max running requests %d", tokens,
+                    self.token_to_kv_pool.get_kv_size_bytes() / GiB, max_reqs)
+
+    def _make_attn_backend(self):
+        name = self.server_args.attention_backend
+        if name == "torch_native":
+            return TorchNativeAttnBackend(self)
+        if name == "triton":
+            from sglab.srt.layers.attention.triton_backend import TritonAttnBackend
+
+            return TritonAttnBackend(self)
+        raise ValueError(f"--attention-backend: unsupported value {name!r}")
+
+    # --- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+        self.attn_backend.init_forward_metadata(forward_batch)
+        return self.model.forward(forward_batch.input_ids, forward_batch.positions,
+                                  forward_batch)
+
+    @torch.inference_mode()
+    def sample(self, logits_output: LogitsProcessorOutput,
+               forward_batch: ForwardBatch) -> SampleOutput:
+        top_k = max(forward_batch.top_logprobs_nums or [0])
+        return self.sampler(logits_output.next_token_logits, forward_batch.sampling_info,
+                            forward_batch.seq_lens, forward_batch.return_logprob, top_k)

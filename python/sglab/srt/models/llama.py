@@ -1,0 +1,181 @@
+"""Llama (and the shared decoder structure Qwen2/Qwen3 build on)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from sglab.srt.layers.activation import SiluAndMul
+from sglab.srt.layers.layernorm import RMSNorm
+from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sglab.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
+from sglab.srt.layers.radix_attention import RadixAttention
+from sglab.srt.layers.rotary_embedding import get_rope
+from sglab.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglab.srt.model_executor.forward_batch_info import ForwardBatch
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=False, params_dtype=dtype)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
+                                           params_dtype=dtype)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    qk_norm = False
+
+    @staticmethod
+    def biases(config) -> tuple[bool, bool]:
+        """(qkv bias, o_proj bias) as the HF implementation of this family has them."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias
+
+    def __init__(self, config, layer_id: int, dtype: torch.dtype):
+        super().__init__()
+        qkv_bias, o_bias = self.biases(config)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
+                                          self.num_kv_heads, bias=qkv_bias, params_dtype=dtype)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=o_bias,
+                                        params_dtype=dtype)
+        self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, config)
+        self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
+                                   self.num_kv_heads, layer_id)
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+
+    def _apply_qk_norm(self, q: torch.Tensor, k: torch.Tensor):
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        return q, k
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            q, k = self._apply_qk_norm(q, k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, forward_batch))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention
+
+    def __init__(self, config, layer_id: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = self.attention_cls(config, layer_id, dtype)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions, hidden_states, forward_batch, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    layer_cls = LlamaDecoderLayer
+
+    def __init__(self, config, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            [self.layer_cls(config, i, dtype) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    model_cls = LlamaModel
+    # (fused param name, HF name, shard id)
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+    ]
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.model = self.model_cls(config, dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+        hidden_states = self.model(input_ids, positions, forward_batch)
+        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors into fused params; returns the names of params that were set."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.tie_word_embeddings and name.startswith("lm_head."):
+                continue
+            target, shard_id = _map_name(name, self.stacked_params_mapping)
+            if target not in params:
+                raise ValueError(f"Unexpected weight {name!r} for {type(self).__name__}")
+            param = params[target]
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                _default_load(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+            loaded.add(target)
+        return loaded
+
+
+def _map_name(name: str, mapping) -> tuple[str, object]:
+    for fused, hf, shard_id in mapping:
+        part = f".{hf}."
+        if part in name:
+            return name.replace(part, f".{fused}."), shard_id
+    return name, None
+
+
+def _default_load(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"weight shape mismatch: expected {tuple(param.shape)}, "
+                         f"got {tuple(tensor.shape)}")
+    param.data.copy_(tensor.to(param.dtype))
+
+
+EntryClass = LlamaForCausalLM

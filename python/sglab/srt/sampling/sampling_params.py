@@ -1,0 +1,143 @@
+"""Per-request sampling parameters, with upstream SGLang's names and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_SAMPLING_EPS = 1e-6
+TOP_K_ALL = 1 << 30
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int | None = 128
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stop_regex: Any = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    n: int = 1
+    json_schema: Any = None
+    regex: Any = None
+    ebnf: Any = None
+    structural_tag: Any = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    custom_params: Any = None
+    stream_interval: int | None = None
+    logit_bias: Any = None
+    sampling_seed: int | None = None
+    # Derived in normalize(): the stop strings as a list, and the longest one in tokens.
+    stop_strs: list[str] = field(default_factory=list, repr=False)
+    stop_str_max_len: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingParams":
+        d = dict(d or {})
+        known = {k for k in cls.__dataclass_fields__ if k not in ("stop_strs", "stop_str_max_len")}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("stop_strs")
+        d.pop("stop_str_max_len")
+        return d
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.top_k == 1
+
+    def verify(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError with a message naming the parameter when a value is out of range."""
+        _check_type("max_new_tokens", self.max_new_tokens, int, allow_none=True)
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
+        _check_type("temperature", self.temperature, (int, float))
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        _check_type("top_p", self.top_p, (int, float))
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        _check_type("top_k", self.top_k, int)
+        if self.top_k < 1 and self.top_k != -1:
+            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
+        _check_type("min_p", self.min_p, (int, float))
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        _check_type("min_new_tokens", self.min_new_tokens, int)
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be at least 0, got {self.min_new_tokens}.")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be <= max_new_tokens, got {self.min_new_tokens} > "
+                f"{self.max_new_tokens}."
+            )
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}."
+            )
+        if self.n != 1:
+            raise ValueError(f"n must be 1, got {self.n}.")
+        for name in ("regex", "json_schema", "ebnf", "structural_tag", "logit_bias"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by sglab.")
+        if self.stop_regex:
+            raise ValueError("stop_regex is not supported by sglab.")
+        _check_type("sampling_seed", self.sampling_seed, int, allow_none=True)
+        self._verify_stop(vocab_size)
+
+    def _verify_stop(self, vocab_size: int | None) -> None:
+        stop = self.stop
+        if stop is not None and not isinstance(stop, str):
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise ValueError("stop must be a string or a list of strings.")
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+                raise ValueError("stop_token_ids must be a list of integers.")
+            if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+                raise ValueError(f"stop_token_ids must be in [0, {vocab_size}).")
+
+    def normalize(self, tokenizer: Any | None) -> None:
+        """Greedy rewrite and stop-string bookkeeping, as upstream does at request arrival."""
+        if 0.0 <= self.temperature < _SAMPLING_EPS:
+            self.temperature = 1.0
+            self.top_k = 1
+        if self.top_k == -1:
+            self.top_k = TOP_K_ALL
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_strs = [s for s in stops if s]
+        if self.stop_strs:
+            if tokenizer is None:
+                self.stop_str_max_len = max(len(s) for s in self.stop_strs)
+            else:
+                self.stop_str_max_len = max(
+                    len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop_strs
+                )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_type(name: str, value: Any, types: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ValueError(f"{name} has the wrong type: {type(value).__name__}.")

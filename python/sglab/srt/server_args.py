@@ -1,0 +1,249 @@
+"""Server arguments: one dataclass, upstream SGLang's flag names and defaults where they apply."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ["auto", "cuda", "cpu"]
+DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
+LOAD_FORMAT_CHOICES = ["auto", "safetensors", "dummy"]
+ATTENTION_BACKEND_CHOICES = ["torch_native", "triton"]
+SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm"]
+LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
+
+
+class ServerArgsError(ValueError):
+    """An unknown or inconsistent server argument; the message names the flag."""
+
+
+def human_readable_int(value: str) -> int:
+    """Parse `1k`, `2M`, `3G` (powers of 1000) and plain integers."""
+    s = str(value).strip()
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(s[-1:].lower())
+    try:
+        return int(float(s[:-1]) * scale) if scale else int(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from e
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer.
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    context_length: int | None = None
+    trust_remote_code: bool = False
+    served_model_name: str | None = None
+    skip_tokenizer_init: bool = False
+    device: str = "auto"
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    skip_server_warmup: bool = False
+    stream_interval: int = 1
+    enable_metrics: bool = False
+    log_level: str = "info"
+    # Memory and scheduling.
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    max_running_requests: int | None = None
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int | None = None
+    page_size: int | None = None
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0
+    disable_radix_cache: bool = False
+    # Kernels and runtime.
+    attention_backend: str | None = None
+    random_seed: int | None = None
+    enable_deterministic_inference: bool = False
+    watchdog_timeout: float = 300.0
+    # Internal.
+    enable_integrity_check: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._handle_model_path()
+        self._handle_device()
+        self._handle_defaults()
+        self._check()
+
+    # --- resolution -------------------------------------------------------------------------
+
+    def _handle_model_path(self) -> None:
+        if self.model_path is None:
+            from sglab.srt.utils.dummy_model import get_default_model_path
+
+            self.model_path = get_default_model_path()
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+
+    def _handle_device(self) -> None:
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _handle_defaults(self) -> None:
+        if self.random_seed is None:
+            self.random_seed = random.randint(0, 1 << 30)
+        if self.page_size is None:
+            self.page_size = 1
+        if self.attention_backend is None:
+            self.attention_backend = "triton" if self.device == "cuda" else "torch_native"
+        if self.chunked_prefill_size is None:
+            self.chunked_prefill_size = 8192 if self.device == "cuda" else 4096
+        if self.mem_fraction_static is None:
+            self.mem_fraction_static = 0.85
+
+    def _check(self) -> None:
+        choices = {
+            "device": (self.device, ["cuda", "cpu"]),
+            "dtype": (self.dtype, DTYPE_CHOICES),
+            "load_format": (self.load_format, LOAD_FORMAT_CHOICES),
+            "attention_backend": (self.attention_backend, ATTENTION_BACKEND_CHOICES),
+            "schedule_policy": (self.schedule_policy, SCHEDULE_POLICY_CHOICES),
+            "log_level": (self.log_level, LOG_LEVEL_CHOICES),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ServerArgsError(
+                    f"--{_flag(name)}: invalid choice {value!r} (choose from {', '.join(allowed)})"
+                )
+        self._check_positive("page_size", self.page_size)
+        self._check_positive("max_total_tokens", self.max_total_tokens)
+        self._check_positive("max_running_requests", self.max_running_requests)
+        self._check_positive("max_prefill_tokens", self.max_prefill_tokens)
+        self._check_positive("context_length", self.context_length)
+        self._check_positive("stream_interval", self.stream_interval)
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1:
+            self._check_positive("chunked_prefill_size", self.chunked_prefill_size)
+            if self.chunked_prefill_size % self.page_size:
+                raise ServerArgsError(
+                    f"--chunked-prefill-size ({self.chunked_prefill_size}) must be a multiple "
+                    f"of --page-size ({self.page_size})"
+                )
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ServerArgsError(
+                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ServerArgsError("--device cuda: no CUDA device is available")
+        if not os.path.isdir(self.model_path):
+            raise ServerArgsError(
+                f"--model-path: {self.model_path!r} is not a local model directory "
+                "(sglab does not download models; make one with scripts/make_dummy_model.py)"
+            )
+        if not os.path.isfile(os.path.join(self.model_path, "config.json")):
+            raise ServerArgsError(f"--model-path: no config.json in {self.model_path!r}")
+
+    @staticmethod
+    def _check_positive(name: str, value: int | None) -> None:
+        if value is not None and value <= 0:
+            raise ServerArgsError(f"--{_flag(name)} must be positive, got {value}")
+
+    # --- CLI --------------------------------------------------------------------------------
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        d = ServerArgs
+        a = parser.add_argument
+        a("--model-path", "--model", dest="model_path", type=str, default=d.model_path,
+          help="Local HF-format model directory (default: a built-in tiny model).")
+        a("--tokenizer-path", type=str, default=d.tokenizer_path)
+        a("--load-format", type=str, default=d.load_format, choices=LOAD_FORMAT_CHOICES)
+        a("--dtype", type=str, default=d.dtype, choices=DTYPE_CHOICES)
+        a("--context-length", type=int, default=d.context_length)
+        a("--trust-remote-code", action="store_true")
+        a("--served-model-name", type=str, default=d.served_model_name)
+        a("--skip-tokenizer-init", action="store_true")
+        a("--device", type=str, default=d.device, choices=DEVICE_CHOICES)
+        a("--host", type=str, default=d.host)
+        a("--port", type=int, default=d.port)
+        a("--api-key", type=str, default=d.api_key)
+        a("--skip-server-warmup", action="store_true")
+        a("--stream-interval", type=int, default=d.stream_interval)
+        a("--enable-metrics", action="store_true")
+        a("--log-level", type=str, default=d.log_level, choices=LOG_LEVEL_CHOICES)
+        a("--mem-fraction-static", type=float, default=d.mem_fraction_static)
+        a("--max-total-tokens", type=human_readable_int, default=d.max_total_tokens)
+        a("--max-running-requests", type=int, default=d.max_running_requests)
+        a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
+        a("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
+          help="Max tokens in one prefill chunk; -1 disables chunking.")
+        a("--page-size", type=int, default=d.page_size)
+        a("--schedule-policy", type=str, default=d.schedule_policy,
+          choices=SCHEDULE_POLICY_CHOICES)
+        a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness)
+        a("--disable-radix-cache", action="store_true")
+        a("--attention-backend", type=str, default=d.attention_backend,
+          choices=ATTENTION_BACKEND_CHOICES)
+        a("--random-seed", type=int, default=d.random_seed)
+        a("--enable-deterministic-inference", action="store_true")
+        a("--watchdog-timeout", type=float, default=d.watchdog_timeout)
+        a("--enable-integrity-check", action="store_true",
+          help="Check that every KV slot and pool row is accounted for whenever idle.")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        return f"http://{host}:{self.port}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def prepare_server_args(argv: list[str]) -> ServerArgs:
+    parser = argparse.ArgumentParser(prog="python -m sglab.launch_server")
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))
+
+
+@dataclass
+class PortArgs:
+    """ZMQ endpoints, unique per server so two servers on one machine never collide."""
+
+    tokenizer_ipc_name: str
+    scheduler_input_ipc_name: str
+    detokenizer_ipc_name: str
+
+    @staticmethod
+    def init_new(server_args: ServerArgs | None = None) -> "PortArgs":
+        base = tempfile.mkdtemp(prefix="sglab-ipc-")
+        return PortArgs(
+            tokenizer_ipc_name=f"ipc://{base}/tokenizer",
+            scheduler_input_ipc_name=f"ipc://{base}/scheduler",
+            detokenizer_ipc_name=f"ipc://{base}/detokenizer",
+        )
+
+
+def configure_logging(level: str, prefix: str = "") -> None:
+    fmt = f"[%(asctime)s{prefix}] %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt,
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
