@@ -340,9 +340,6 @@ class Scheduler:
         self.stream_output(batch.reqs)
 
     def _append_token(self, req: Req, result: GenerationBatchResult, i: int) -> None:
-        if req.to_abort_message is not None:
-            req.check_finished(self.tokenizer, self.context_len)
-            return
         req.output_ids.append(result.next_token_ids_cpu[i])
         if req.return_logprob:
             req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])

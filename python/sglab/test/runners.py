@@ -1,0 +1,116 @@
+"""Test runners: sglab's scheduler driven in-process, and HF transformers as the reference."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from sglab.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
+from sglab.srt.managers.scheduler import Scheduler
+from sglab.srt.sampling.sampling_params import SamplingParams
+from sglab.srt.server_args import ServerArgs
+
+
+@dataclass
+class RunOutput:
+    rid: str
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: dict | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    total_retractions: int = 0
+    logprobs: dict[str, list] = field(default_factory=dict)
+
+
+class SchedulerRunner:
+    """A Scheduler without sockets: submit tokenized requests, step until idle, read outputs."""
+
+    _rids = itertools.count()
+
+    def __init__(self, **server_args):
+        server_args.setdefault("random_seed", 0)
+        server_args.setdefault("enable_integrity_check", True)
+        self.server_args = ServerArgs(**server_args)
+        self.scheduler = Scheduler(self.server_args)
+        self.tokenizer = self.scheduler.tokenizer
+
+    def submit(self, input_ids: list[int], sampling_params: dict | None = None,
+               return_logprob: bool = False, logprob_start_len: int = -1,
+               top_logprobs_num: int = 0, rid: str | None = None) -> str:
+        params = SamplingParams.from_dict(sampling_params)
+        params.normalize(self.tokenizer)
+        rid = rid or f"r{next(self._rids)}"
+        self.scheduler.handle_generate_request(TokenizedGenerateReqInput(
+            rid=rid, input_text=None, input_ids=list(input_ids), sampling_params=params,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num))
+        return rid
+
+    def abort(self, rid: str) -> None:
+        self.scheduler.abort_request(AbortReq(rid=rid))
+
+    def run(self, max_steps: int = 100000) -> dict[str, RunOutput]:
+        """Step until idle; returns every request's output, merged from the streamed deltas."""
+        for _ in range(max_steps):
+            if not self.scheduler.run_step():
+                break
+        else:
+            raise RuntimeError("scheduler did not become idle")
+        return self.collect()
+
+    def collect(self) -> dict[str, RunOutput]:
+        results: dict[str, RunOutput] = {}
+        for out in self.scheduler.outputs:
+            for i, rid in enumerate(out.rids):
+                r = results.setdefault(rid, RunOutput(rid))
+                r.output_ids.extend(out.output_ids[i])
+                r.finish_reason = out.finished_reasons[i]
+                r.prompt_tokens = out.prompt_tokens[i]
+                r.completion_tokens = out.completion_tokens[i]
+                r.cached_tokens = out.cached_tokens[i]
+                r.total_retractions = out.total_retractions[i]
+                for name in ("input_token_logprobs_val", "input_token_logprobs_idx",
+                             "input_top_logprobs_val", "input_top_logprobs_idx",
+                             "output_token_logprobs_val", "output_token_logprobs_idx",
+                             "output_top_logprobs_val", "output_top_logprobs_idx"):
+                    value = getattr(out, name)[i]
+                    if value is not None:
+                        r.logprobs.setdefault(name, []).extend(value)
+        self.scheduler.outputs = []
+        return results
+
+    def generate(self, prompts: list[list[int]], sampling_params: dict | None = None,
+                 **kwargs) -> list[RunOutput]:
+        rids = [self.submit(p, sampling_params, **kwargs) for p in prompts]
+        outs = self.run()
+        return [outs[r] for r in rids]
+
+    def integrity_error(self) -> str | None:
+        return self.scheduler.check_integrity()
+
+
+class HFRunner:
+    """HF transformers on the same model directory, fp32, as the numerical reference."""
+
+    def __init__(self, model_path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([input_ids])).logits[0].float()
+
+    @torch.no_grad()
+    def greedy(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Plain argmax decoding with HF's KV cache, never stopping at EOS (like ignore_eos)."""
+        out = self.model(torch.tensor([input_ids]), use_cache=True)
+        tokens = []
+        for _ in range(max_new_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = self.model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                             use_cache=True)
+        return tokens

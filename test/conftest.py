@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random-weight models built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sglab.srt.utils.dummy_model import make_dummy_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(preset) -> path of a tiny HF model directory with random weights."""
+    root = tmp_path_factory.mktemp("models")
+    made: dict[str, str] = {}
+
+    def get(preset: str) -> str:
+        if preset not in made:
+            made[preset] = make_dummy_model(preset, os.path.join(root, preset), weights=True)
+        return made[preset]
+
+    return get

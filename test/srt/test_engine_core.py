@@ -1,0 +1,267 @@
+"""Engine core on CPU: HF parity, batch invariance, radix cache, chunked prefill, retraction,
+logprobs and integrity, all through the scheduler driven in-process."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglab.srt.sampling.sampling_params import SamplingParams
+from sglab.test.runners import HFRunner, SchedulerRunner
+
+GREEDY = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+
+
+def _prompts(vocab_size: int, lens: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lens]
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-llama", "tiny-qwen2"])
+def model_and_hf(request, tiny_model_dir):
+    path = tiny_model_dir(request.param)
+    return path, HFRunner(path)
+
+
+def _check_idle(runner: SchedulerRunner) -> None:
+    assert runner.integrity_error() is None
+
+
+def test_logits_and_greedy_match_hf(model_and_hf):
+    path, hf = model_and_hf
+    runner = SchedulerRunner(model_path=path)
+    prompts = _prompts(runner.scheduler.model_config.vocab_size, [5, 17, 33, 9])
+    outs = runner.generate(prompts, GREEDY, return_logprob=True, logprob_start_len=0,
+                           top_logprobs_num=5)
+    for prompt, out in zip(prompts, outs):
+        ref_logprobs = torch.log_softmax(hf.logits(prompt), dim=-1)
+        got = out.logprobs["input_token_logprobs_val"]
+        assert got[0] is None
+        expect = ref_logprobs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        torch.testing.assert_close(torch.tensor(got[1:]), expect, atol=2e-5, rtol=1e-4)
+        # Top logprobs are the whole distribution's head: compare values row by row.
+        top = torch.tensor(out.logprobs["input_top_logprobs_val"][1:])
+        torch.testing.assert_close(top, ref_logprobs[:-1].topk(5, dim=-1).values,
+                                   atol=2e-5, rtol=1e-4)
+        assert out.output_ids == hf.greedy(prompt, 32)
+    _check_idle(runner)
+
+
+def test_next_token_logits_match_hf(model_and_hf):
+    path, hf = model_and_hf
+    runner = SchedulerRunner(model_path=path)
+    prompts = _prompts(runner.scheduler.model_config.vocab_size, [3, 12, 40], seed=1)
+    sched = runner.scheduler
+    for p in prompts:
+        runner.submit(p, {"max_new_tokens": 1, "temperature": 0})
+    batch = sched.get_new_batch_prefill()
+    assert batch.batch_size() == len(prompts)
+    result = sched.tp_worker.forward_batch_generation(batch.get_model_worker_batch())
+    logits = result.logits_output.next_token_logits
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(logits[i], hf.logits(p)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_output_logprobs_match_hf(model_and_hf):
+    path, hf = model_and_hf
+    runner = SchedulerRunner(model_path=path)
+    prompt = _prompts(runner.scheduler.model_config.vocab_size, [11], seed=2)[0]
+    (out,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 6}, return_logprob=True,
+                             top_logprobs_num=3)
+    full = prompt + out.output_ids
+    ref = torch.log_softmax(hf.logits(full), dim=-1)
+    n = len(prompt)
+    expect = [ref[n - 1 + j, t].item() for j, t in enumerate(out.output_ids)]
+    torch.testing.assert_close(torch.tensor(out.logprobs["output_token_logprobs_val"]),
+                               torch.tensor(expect), atol=2e-5, rtol=1e-4)
+    assert out.logprobs["output_token_logprobs_idx"] == out.output_ids
+    # logprob_start_len = -1: no prompt logprobs.
+    assert out.logprobs.get("input_token_logprobs_val", []) == []
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(tiny_model_dir):
+    return tiny_model_dir("tiny-qwen3")
+
+
+def test_batch_invariance(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompts = _prompts(runner.scheduler.model_config.vocab_size,
+                       [3, 50, 7, 23, 64, 1, 15, 31], seed=3)
+    batched = runner.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, batched):
+        (alone,) = runner.generate([prompt], GREEDY)
+        assert alone.output_ids == out.output_ids
+    _check_idle(runner)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_radix_cache_hit(qwen3_path, page_size):
+    vocab = 1000
+    shared = _prompts(vocab, [64], seed=4)[0]
+    first = shared + _prompts(vocab, [10], seed=5)[0]
+    second = shared + _prompts(vocab, [7], seed=6)[0]
+    runner = SchedulerRunner(model_path=qwen3_path, page_size=page_size)
+    runner.generate([first], GREEDY)
+    (hit,) = runner.generate([second], GREEDY)
+    assert hit.cached_tokens >= 64
+    _check_idle(runner)
+    nocache = SchedulerRunner(model_path=qwen3_path, disable_radix_cache=True,
+                              page_size=page_size)
+    (cold,) = nocache.generate([second], GREEDY)
+    assert cold.cached_tokens == 0
+    assert cold.output_ids == hit.output_ids
+    _check_idle(nocache)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_chunked_prefill_matches_unchunked(qwen3_path, page_size):
+    prompts = _prompts(1000, [70, 5, 33, 130], seed=7)
+    ref = SchedulerRunner(model_path=qwen3_path, chunked_prefill_size=-1).generate(
+        prompts, GREEDY)
+    runner = SchedulerRunner(model_path=qwen3_path, chunked_prefill_size=16,
+                             page_size=page_size)
+    outs = runner.generate(prompts, GREEDY, return_logprob=True, logprob_start_len=0)
+    assert [o.output_ids for o in outs] == [o.output_ids for o in ref]
+    for prompt, out in zip(prompts, outs):
+        assert len(out.logprobs["input_token_logprobs_val"]) == len(prompt)
+        assert out.logprobs["input_token_logprobs_idx"] == prompt
+    assert runner.scheduler.forward_ct > len(ref[0].output_ids)
+    _check_idle(runner)
+
+
+def test_retraction_keeps_outputs(qwen3_path):
+    prompts = _prompts(1000, [40, 45, 50, 55, 60, 35], seed=8)
+    params = {**GREEDY, "max_new_tokens": 48}
+    ref = SchedulerRunner(model_path=qwen3_path).generate(prompts, params)
+    runner = SchedulerRunner(model_path=qwen3_path, max_total_tokens=360,
+                             disable_radix_cache=True)
+    outs = runner.generate(prompts, params)
+    assert sum(o.total_retractions for o in outs) > 0
+    assert [o.output_ids for o in outs] == [o.output_ids for o in ref]
+    _check_idle(runner)
+
+
+def test_stop_conditions(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompt = _prompts(1000, [12], seed=9)[0]
+    (free,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 10})
+    stop_id = free.output_ids[4]
+    first = free.output_ids.index(stop_id)
+    (stopped,) = runner.generate([prompt], {"temperature": 0, "max_new_tokens": 10,
+                                            "stop_token_ids": [stop_id]})
+    assert stopped.output_ids == free.output_ids[:first + 1]
+    assert stopped.finish_reason == {"type": "stop", "matched": stop_id}
+    text = runner.tokenizer.decode(free.output_ids[first + 1:first + 3])
+    if text.strip():
+        (by_str,) = runner.generate([prompt], {"temperature": 0, "max_new_tokens": 10,
+                                               "stop": text.strip()})
+        assert by_str.finish_reason == {"type": "stop", "matched": text.strip()}
+        assert len(by_str.output_ids) <= first + 3
+    (length,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 3})
+    assert length.finish_reason == {"type": "length", "length": 3}
+    (zero,) = runner.generate([prompt], {"max_new_tokens": 0})
+    assert zero.output_ids == [] and zero.finish_reason == {"type": "length", "length": 0}
+    _check_idle(runner)
+
+
+def test_eos_stops_unless_ignored(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompt = _prompts(1000, [8], seed=10)[0]
+    (free,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 6})
+    runner.scheduler.eos_token_ids.add(free.output_ids[2])
+    try:
+        (eos,) = runner.generate([prompt], {"temperature": 0, "max_new_tokens": 6})
+        (ignored,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 6})
+    finally:
+        runner.scheduler.eos_token_ids.discard(free.output_ids[2])
+    assert eos.finish_reason["type"] == "stop"
+    assert eos.output_ids == free.output_ids[:free.output_ids.index(free.output_ids[2]) + 1]
+    assert ignored.output_ids == free.output_ids
+
+
+def test_abort_frees_memory(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompts = _prompts(1000, [20, 30], seed=11)
+    keep = runner.submit(prompts[0], {**GREEDY, "max_new_tokens": 20})
+    drop = runner.submit(prompts[1], {**GREEDY, "max_new_tokens": 20})
+    for _ in range(4):
+        runner.scheduler.run_step()
+    runner.abort(drop)
+    outs = runner.run()
+    assert outs[drop].finish_reason["type"] == "abort"
+    assert len(outs[keep].output_ids) == 20
+    waiting = runner.submit(prompts[0], GREEDY)
+    runner.abort(waiting)
+    assert runner.collect()[waiting].finish_reason["type"] == "abort"
+    _check_idle(runner)
+
+
+@pytest.mark.parametrize("params,ids,message", [
+    ({"max_new_tokens": -1}, [1, 2], "max_new_tokens"),
+    ({"temperature": -0.5}, [1, 2], "temperature"),
+    ({"top_p": 0.0}, [1, 2], "top_p"),
+    ({"top_p": 1.5}, [1, 2], "top_p"),
+    ({}, [], "empty"),
+    ({}, [1] * 5000, "context length"),
+    ({}, [10**9], "Token ids"),
+])
+def test_bad_requests_are_refused(qwen3_path, params, ids, message):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    sp = SamplingParams.from_dict(params)
+    sp.normalize(None)
+    runner.scheduler.handle_generate_request(TokenizedGenerateReqInput(
+        rid="bad", input_text=None, input_ids=ids, sampling_params=sp))
+    (bad,) = runner.collect().values()
+    assert bad.finish_reason["type"] == "abort" and bad.finish_reason["status_code"] == 400
+    assert message in bad.finish_reason["message"]
+    (good,) = runner.generate([[1, 2, 3]], {**GREEDY, "max_new_tokens": 4})
+    assert len(good.output_ids) == 4
+    _check_idle(runner)
+
+
+def test_sampling_is_seeded_and_batch_invariant(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompts = _prompts(1000, [9, 21, 4], seed=12)
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "min_p": 0.01,
+              "max_new_tokens": 12, "ignore_eos": True, "sampling_seed": 7}
+    batched = runner.generate(prompts, params)
+    alone = [runner.generate([p], params)[0] for p in prompts]
+    assert [o.output_ids for o in batched] == [o.output_ids for o in alone]
+    other = runner.generate([prompts[0]], {**params, "sampling_seed": 8})[0]
+    greedy = runner.generate([prompts[0]], {**GREEDY, "max_new_tokens": 12})[0]
+    assert other.output_ids != batched[0].output_ids or greedy.output_ids != other.output_ids
+
+
+def test_top_k_one_is_greedy(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompt = _prompts(1000, [9], seed=13)[0]
+    greedy = runner.generate([prompt], {**GREEDY, "max_new_tokens": 8})[0]
+    topk1 = runner.generate([prompt], {"temperature": 1.3, "top_k": 1, "max_new_tokens": 8,
+                                       "ignore_eos": True})[0]
+    assert topk1.output_ids == greedy.output_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama", "tiny-qwen2"])
+def test_gpu_parity(tiny_model_dir, preset):
+    path = tiny_model_dir(preset)
+    hf = HFRunner(path)
+    prompts = _prompts(1000, [5, 17, 33], seed=14)
+    fp32 = SchedulerRunner(model_path=path, device="cuda", dtype="float32",
+                           attention_backend="torch_native")
+    for prompt, out in zip(prompts, fp32.generate(prompts, GREEDY)):
+        assert out.output_ids == hf.greedy(prompt, 32)
+    bf16 = SchedulerRunner(model_path=path, device="cuda", dtype="bfloat16",
+                           attention_backend="torch_native")
+    outs = bf16.generate(prompts, {**GREEDY, "max_new_tokens": 1}, return_logprob=True,
+                         logprob_start_len=0)
+    for prompt, out in zip(prompts, outs):
+        ref = torch.log_softmax(hf.logits(prompt), dim=-1)
+        expect = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        torch.testing.assert_close(torch.tensor(out.logprobs["input_token_logprobs_val"][1:]),
+                                   expect, atol=5e-2, rtol=5e-2)
