@@ -68,6 +68,7 @@ class ServerArgs:
     attention_backend: str | None = None
     random_seed: int | None = None
     enable_deterministic_inference: bool = False
+    disable_overlap_schedule: bool = False
     watchdog_timeout: float = 300.0
     # Internal.
     enable_integrity_check: bool = False
@@ -196,6 +197,8 @@ class ServerArgs:
           choices=ATTENTION_BACKEND_CHOICES)
         a("--random-seed", type=int, default=d.random_seed)
         a("--enable-deterministic-inference", action="store_true")
+        a("--disable-overlap-schedule", action="store_true",
+          help="Process each step's result before scheduling the next one.")
         a("--watchdog-timeout", type=float, default=d.watchdog_timeout)
         a("--enable-integrity-check", action="store_true",
           help="Check that every KV slot and pool row is accounted for whenever idle.")

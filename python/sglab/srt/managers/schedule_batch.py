@@ -7,6 +7,7 @@ of `req_to_token`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,10 @@ class Req:
         self.stream = stream
         self.eos_token_ids = eos_token_ids or set()
         self.output_ids: list[int] = []
+        # Overlap scheduling: a token sampled on the device that the host has not read yet,
+        # addressed by its slot in the worker's future map.
+        self.num_pending_tokens = 0
+        self.future_idx = -1
         self.fill_ids: list[int] = []
         self.finished_reason: dict | None = None
         self.to_abort_message: str | None = None
@@ -86,7 +91,17 @@ class Req:
 
     @property
     def seqlen(self) -> int:
-        return len(self.origin_input_ids) + len(self.output_ids)
+        return len(self.origin_input_ids) + len(self.output_ids) + self.num_pending_tokens
+
+    def decode_input_id(self) -> int:
+        """The token to feed next: the last known one, or a future-map reference (negative)."""
+        if self.num_pending_tokens:
+            return -(self.future_idx + 1)
+        return self.output_ids[-1]
+
+    def will_finish_by_length(self) -> bool:
+        max_new = self.sampling_params.max_new_tokens
+        return max_new is not None and len(self.output_ids) + self.num_pending_tokens >= max_new
 
     def finished(self) -> bool:
         return self.finished_reason is not None
@@ -165,6 +180,7 @@ class ModelWorkerBatch:
     extend_logprob_pruned_lens: list[int] | None = None
     extend_input_logprob_token_ids: torch.Tensor | None = None
     req_to_token_writes: tuple[torch.Tensor, torch.Tensor] | None = None
+    has_future_input_ids: bool = False
 
 
 @dataclass
@@ -174,6 +190,8 @@ class ScheduleBatch:
     token_to_kv_pool_allocator: "TokenToKVPoolAllocator"
     tree_cache: "RadixCache"
     forward_mode: ForwardMode = ForwardMode.DECODE
+    # The request this prefill batch leaves half-prefilled (it yields no token this step).
+    chunked_req: Req | None = None
     # Host tensors of the current step.
     input_ids: torch.Tensor = field(default_factory=lambda: _EMPTY)
     req_pool_indices: torch.Tensor = field(default_factory=lambda: _EMPTY)
@@ -283,7 +301,7 @@ class ScheduleBatch:
         self.out_cache_loc = out
         for req, n, loc in zip(reqs, prev_lens, out):
             self.req_to_token_pool.write(req.req_pool_idx, n, loc.view(1), sync_device=False)
-        self.input_ids = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64)
+        self.input_ids = torch.tensor([r.decode_input_id() for r in reqs], dtype=torch.int64)
         self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
         self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
         self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
@@ -328,6 +346,10 @@ class ScheduleBatch:
     def merge_batch(self, other: "ScheduleBatch") -> None:
         self.reqs = self.reqs + other.reqs
 
+    def copy(self) -> "ScheduleBatch":
+        """A snapshot for processing this step's result after the batch moved on (overlap)."""
+        return dataclasses.replace(self, reqs=list(self.reqs))
+
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         reqs = self.reqs
         sampling_info = SamplingBatchInfo.from_params([r.sampling_params for r in reqs],
@@ -343,6 +365,7 @@ class ScheduleBatch:
             return_logprob=self.return_logprob,
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             req_to_token_writes=self.req_to_token_pool.pop_pending_writes(),
+            has_future_input_ids=any(r.num_pending_tokens for r in reqs),
         )
         if self.forward_mode.is_extend():
             mwb.extend_num_tokens = self.extend_num_tokens

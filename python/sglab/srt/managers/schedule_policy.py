@@ -46,7 +46,16 @@ class PrefillAdder:
         self.new_chunked_req: Req | None = None
 
     def add_chunked_req(self, req: Req) -> Req | None:
-        """Continue a request whose prompt is being prefilled in chunks; returns it if unfinished."""
+        """Continue a request whose prompt is being prefilled in chunks; returns it if unfinished.
+
+        The next chunk shrinks to the free memory; with none free it waits for decodes to finish.
+        """
+        room = self.rem_total_tokens + self._unlocked_evictable()
+        room -= room % self.page_size
+        if room <= 0:
+            return req
+        if self.rem_chunk_tokens is None or room < self.rem_chunk_tokens:
+            self.rem_chunk_tokens = room
         truncated = self._truncate(req)
         self.can_run_list.append(req)
         self._spend(req.extend_input_len, 0)
@@ -57,13 +66,15 @@ class PrefillAdder:
         if len(self.can_run_list) >= self.max_new_reqs:
             return False
         future = _remaining_new_tokens(req)
-        if req.extend_input_len + future > self.rem_total_tokens + self._unlocked_evictable():
-            return False
         if self.rem_chunk_tokens is not None and self.rem_chunk_tokens < self.page_size:
             return False
         if req.extend_input_len > self.rem_input_tokens and self.can_run_list:
             return False
+        # Lock first: the prefix it reuses stops being evictable room.
         self.tree_cache.inc_lock_ref(req.last_node)
+        if req.extend_input_len + future > self.rem_total_tokens + self._unlocked_evictable():
+            self.tree_cache.dec_lock_ref(req.last_node)
+            return False
         truncated = self._truncate(req)
         self.can_run_list.append(req)
         self._spend(req.extend_input_len, 0 if truncated else future)

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -74,6 +75,9 @@ class Scheduler:
         self.profiler = None
         self.profile_steps_left: int | None = None
         self.outputs: list[BatchTokenIDOutput] = []
+        self.enable_overlap = not server_args.disable_overlap_schedule
+        # Overlap: launched batches whose results were not processed yet (at most one old one).
+        self.result_queue: deque[tuple[ScheduleBatch, GenerationBatchResult]] = deque()
         self._init_sockets(port_args)
 
     # --- setup --------------------------------------------------------------------------------
@@ -135,23 +139,61 @@ class Scheduler:
     def event_loop_normal(self) -> None:
         while True:
             self.process_input_requests(self.recv_requests(block=self.is_idle()))
-            self.run_step()
+            self.run_step_normal()
+            self.flush_outputs()
+
+    def event_loop_overlap(self) -> None:
+        while True:
+            self.process_input_requests(self.recv_requests(block=self.is_idle()))
+            self.run_step_overlap()
             self.flush_outputs()
 
     def run_step(self) -> bool:
         """One scheduling step; False when there was nothing to run."""
+        if self.enable_overlap:
+            return self.run_step_overlap()
+        return self.run_step_normal()
+
+    def run_step_normal(self) -> bool:
         batch = self.get_next_batch_to_run()
         if batch is None:
             self.on_idle()
             return False
         result = self.run_batch(batch)
+        result.synchronize()
         self.process_batch_result(batch, result)
         self.last_batch = batch
         return True
 
+    def run_step_overlap(self) -> bool:
+        """Launch batch N+1, then process batch N's result while N+1 runs on the device.
+
+        Safe by stream order: every device write (KV, req_to_token) is issued in
+        `ForwardBatch.init_new` or the forward itself, on one stream, in batch order. Slots and
+        rows the host frees while N+1 is in flight are handed only to batches launched later,
+        whose writes the device runs after N+1 has read them.
+        """
+        batch = self.get_next_batch_to_run()
+        if batch is not None:
+            result = self.run_batch(batch)
+            self.result_queue.append((batch.copy(), result))
+        self.last_batch = batch
+        if len(self.result_queue) > (1 if batch is not None else 0):
+            self.process_pending_result()
+            return True
+        if batch is None:
+            self.on_idle()
+            return False
+        return True
+
+    def process_pending_result(self) -> None:
+        batch, result = self.result_queue.popleft()
+        result.synchronize()
+        self.process_batch_result(batch, result)
+
     def is_idle(self) -> bool:
         return not self.waiting_queue and self.running_batch.is_empty() and \
-            self.chunked_req is None
+            self.chunked_req is None and not self.result_queue
 
     def recv_requests(self, block: bool) -> list[Any]:
         if self.recv_from_tokenizer is None:
@@ -242,7 +284,9 @@ class Scheduler:
         last = self.last_batch
         self.last_batch = None
         if last is not None and last.forward_mode.is_extend():
-            done = [r for r in last.reqs if not r.finished() and r is not self.chunked_req]
+            if last.chunked_req is not None:
+                self.tree_cache.cache_unfinished_req(last.chunked_req)
+            done = [r for r in last.reqs if not r.finished() and r is not last.chunked_req]
             self.running_batch.merge_batch(self._new_batch(done))
         new_batch = self.get_new_batch_prefill()
         if new_batch is not None:
@@ -279,14 +323,24 @@ class Scheduler:
             if req.req_pool_idx is None:
                 req.cached_tokens += len(req.prefix_indices)
         batch = self._new_batch(adder.can_run_list)
+        batch.chunked_req = self.chunked_req
         batch.prepare_for_extend()
         return batch
 
     def update_running_batch(self) -> None:
         batch = self.running_batch
-        batch.filter_batch()
+        # Requests that will have all their tokens once the in-flight step lands sit out.
+        batch.filter_batch([r for r in batch.reqs
+                            if not r.finished() and not r.will_finish_by_length()])
         if batch.is_empty():
             return
+        if not batch.check_decode_mem() and self.result_queue:
+            # Retraction needs every token on the host: land the in-flight step first.
+            self.process_pending_result()
+            batch.filter_batch([r for r in batch.reqs
+                                if not r.finished() and not r.will_finish_by_length()])
+            if batch.is_empty():
+                return
         if not batch.check_decode_mem():
             retracted = batch.retract_decode()
             logger.info("KV cache full: retracted %d request(s)", len(retracted))
@@ -296,9 +350,20 @@ class Scheduler:
     def run_batch(self, batch: ScheduleBatch) -> GenerationBatchResult:
         self.forward_ct += 1
         result = self.tp_worker.forward_batch_generation(batch.get_model_worker_batch())
+        if self.enable_overlap:
+            self._mark_pending(batch, result)
         result.copy_to_cpu()
         self._profile_step()
         return result
+
+    def _mark_pending(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        """Record where each request's sampled token lands in the future map."""
+        start = self.tp_worker.future_map.store(result.sample_output.next_token_ids)
+        for i, req in enumerate(batch.reqs):
+            if req is batch.chunked_req or req.sampling_params.max_new_tokens == 0:
+                continue
+            req.num_pending_tokens += 1
+            req.future_idx = start + i
 
     # --- results ------------------------------------------------------------------------------
 
@@ -316,8 +381,7 @@ class Scheduler:
             if not req.input_logprobs_done:
                 self._add_input_logprobs(req, batch, i, result, input_lp_offset)
             input_lp_offset += pruned
-            if req is self.chunked_req:
-                self.tree_cache.cache_unfinished_req(req)
+            if req is batch.chunked_req:
                 continue
             req.is_chunked = 0
             if req.sampling_params.max_new_tokens == 0:
@@ -333,13 +397,24 @@ class Scheduler:
     def process_batch_result_decode(self, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
         for i, req in enumerate(batch.reqs):
+            if req.finished():
+                self._release_overlap_slot(req, batch.out_cache_loc[i])
+                continue
             self._append_token(req, result, i)
             if req.finished():
                 self.tree_cache.cache_finished_req(req)
         self.num_generated_tokens += len(batch.reqs)
         self.stream_output(batch.reqs)
 
+    def _release_overlap_slot(self, req: Req, slot: torch.Tensor) -> None:
+        """A request that finished one step earlier was decoded once more; drop that step."""
+        req.num_pending_tokens -= 1
+        pos = len(req.origin_input_ids) + len(req.output_ids) - 1
+        if self.page_size == 1 or pos % self.page_size == 0:
+            self.token_to_kv_pool_allocator.free(slot.view(1))
+
     def _append_token(self, req: Req, result: GenerationBatchResult, i: int) -> None:
+        req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
         req.output_ids.append(result.next_token_ids_cpu[i])
         if req.return_logprob:
             req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])
@@ -539,7 +614,10 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_wri
         return
     pipe_writer.send(scheduler.ready_info())
     try:
-        scheduler.event_loop_normal()
+        if scheduler.enable_overlap:
+            scheduler.event_loop_overlap()
+        else:
+            scheduler.event_loop_normal()
     except Exception:
         logger.exception("Scheduler hit an exception")
         raise

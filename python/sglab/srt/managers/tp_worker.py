@@ -29,20 +29,64 @@ class GenerationBatchResult:
     input_top_logprobs_val_cpu: list | None = None
     input_top_logprobs_idx_cpu: list | None = None
 
+    copy_done: torch.cuda.Event | None = None
+    _host: dict | None = None
+
     def copy_to_cpu(self) -> None:
-        """The one device→host read of a step."""
+        """Start the one device→host copy of a step (non-blocking on an accelerator)."""
         s, lo = self.sample_output, self.logits_output
-        self.next_token_ids_cpu = s.next_token_ids.tolist()
-        self.next_token_logprobs_cpu = _tolist(s.next_token_logprobs)
-        self.top_logprobs_val_cpu = _tolist(s.top_logprobs_val)
-        self.top_logprobs_idx_cpu = _tolist(s.top_logprobs_idx)
-        self.input_token_logprobs_cpu = _tolist(lo.input_token_logprobs)
-        self.input_top_logprobs_val_cpu = _tolist(lo.input_top_logprobs_val)
-        self.input_top_logprobs_idx_cpu = _tolist(lo.input_top_logprobs_idx)
+        tensors = {
+            "next_token_ids_cpu": s.next_token_ids,
+            "next_token_logprobs_cpu": s.next_token_logprobs,
+            "top_logprobs_val_cpu": s.top_logprobs_val,
+            "top_logprobs_idx_cpu": s.top_logprobs_idx,
+            "input_token_logprobs_cpu": lo.input_token_logprobs,
+            "input_top_logprobs_val_cpu": lo.input_top_logprobs_val,
+            "input_top_logprobs_idx_cpu": lo.input_top_logprobs_idx,
+        }
+        on_device = s.next_token_ids.is_cuda
+        self._host = {k: _to_host(v, on_device) for k, v in tensors.items()}
+        if on_device:
+            self.copy_done = torch.cuda.Event()
+            self.copy_done.record()
+
+    def synchronize(self) -> None:
+        """Wait for the copy and expose the host values as lists."""
+        if self.copy_done is not None:
+            self.copy_done.synchronize()
+        for name, value in self._host.items():
+            setattr(self, name, None if value is None else value.tolist())
 
 
-def _tolist(t: torch.Tensor | None):
-    return None if t is None else t.cpu().tolist()
+def _to_host(t: torch.Tensor | None, on_device: bool) -> torch.Tensor | None:
+    if t is None or not on_device:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+class FutureMap:
+    """Device ring of sampled token ids that the next batch reads before the host sees them."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.token_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.ct = 0
+
+    def store(self, next_token_ids: torch.Tensor) -> int:
+        """Write a batch's tokens; returns the ring index of its first one."""
+        n = next_token_ids.numel()
+        if self.ct + n > self.size:
+            self.ct = 0
+        start = self.ct
+        self.token_ids[start:start + n] = next_token_ids
+        self.ct += n
+        return start
+
+    def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Replace future references (-(index + 1)) by the tokens stored there."""
+        refs = (-input_ids - 1).clamp(min=0)
+        return torch.where(input_ids < 0, self.token_ids[refs], input_ids)
 
 
 class TpModelWorker:
@@ -51,9 +95,14 @@ class TpModelWorker:
                                         server_args.context_length, server_args.device,
                                         server_args.trust_remote_code)
         self.model_runner = ModelRunner(self.model_config, server_args)
+        # Room for several batches in flight: a slot is rewritten only after the ring wraps.
+        runner = self.model_runner
+        self.future_map = FutureMap(4 * runner.max_running_requests + 64, runner.device)
 
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
         forward_batch = ForwardBatch.init_new(batch, self.model_runner)
+        if batch.has_future_input_ids:
+            forward_batch.input_ids = self.future_map.resolve(forward_batch.input_ids)
         logits_output = self.model_runner.forward(forward_batch)
         sample_output = self.model_runner.sample(logits_output, forward_batch)
         return GenerationBatchResult(logits_output, sample_output)

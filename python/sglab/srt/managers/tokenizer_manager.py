@@ -1,0 +1,610 @@
+"""The TokenizerManager: validates and tokenizes requests, tracks them by rid, builds outputs.
+
+It lives in the main process on an asyncio loop: requests go to the scheduler over a PUSH
+socket, and outputs (text from the detokenizer, or token ids straight from the scheduler with
+--skip-tokenizer-init) come back on a PULL socket read by one receive task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from sglab.srt.managers.io_struct import (
+    AbortReq,
+    BatchStrOutput,
+    BatchTokenIDOutput,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    GenerateReqInput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    ProfileReq,
+    ProfileReqOutput,
+    TokenizedGenerateReqInput,
+)
+from sglab.srt.sampling.sampling_params import SamplingParams
+from sglab.srt.server_args import PortArgs, ServerArgs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 128
+_DISCONNECT_POLL_S = 2.0
+_CONTROL_TIMEOUT_S = 300.0
+_BOOL_SAMPLING_PARAMS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                         "no_stop_trim")
+_GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# (meta_info key, BatchTokenIDOutput value field, id field, is a top-k list per position)
+_LOGPROB_KINDS = (
+    ("input_token_logprobs", "input_token_logprobs_val", "input_token_logprobs_idx", False),
+    ("output_token_logprobs", "output_token_logprobs_val", "output_token_logprobs_idx", False),
+    ("input_top_logprobs", "input_top_logprobs_val", "input_top_logprobs_idx", True),
+    ("output_top_logprobs", "output_top_logprobs_val", "output_top_logprobs_idx", True),
+)
+KV_STAT_KEYS = ("max_total_num_tokens", "available_kv_tokens", "evictable_kv_tokens",
+                "num_running_reqs", "num_waiting_reqs", "last_gen_throughput", "memory_usage")
+
+
+class RequestRefusedError(ValueError):
+    """The scheduler refused a request; `status_code` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class EngineDeadError(RuntimeError):
+    """A child process died, so no request can be served any more."""
+
+
+@dataclass
+class ReqState:
+    """Everything the TokenizerManager knows about one request in flight."""
+
+    rid: str
+    event: asyncio.Event  # shared by the requests of one generate_request call
+    prompt_tokens: int
+    return_logprob: bool
+    top_logprobs_num: int
+    return_text_in_logprobs: bool
+    created_time: float
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    total_retractions: int = 0
+    finished_reason: dict | None = None
+    finished_time: float | None = None
+    last_output_time: float | None = None
+    dirty: bool = False  # output changed since the consumer last looked
+    abandoned: bool = False  # consumer gone; the state waits for the scheduler's abort
+    logprobs: dict[str, list] = field(default_factory=dict)
+
+
+class _Communicator:
+    """One control request to the scheduler at a time, answered by one reply type."""
+
+    def __init__(self, tm: "TokenizerManager"):
+        self.tm = tm
+        self.lock: asyncio.Lock | None = None
+        self.future: asyncio.Future | None = None
+
+    async def __call__(self, req: Any, timeout: float = _CONTROL_TIMEOUT_S) -> Any:
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            self.tm.check_alive()
+            self.future = asyncio.get_running_loop().create_future()
+            self.tm.send_to_scheduler.send_pyobj(req)
+            try:
+                return await asyncio.wait_for(self.future, timeout)
+            except asyncio.TimeoutError:
+                raise RuntimeError(
+                    f"The scheduler did not answer {type(req).__name__} in {timeout:.0f} s."
+                ) from None
+            finally:
+                self.future = None
+
+    def handle(self, reply: Any) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(reply)
+
+    def fail(self, error: BaseException) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(error)
+
+
+class TokenizerManager:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs):
+        self.server_args = server_args
+        self.port_args = port_args
+        self.model_path = server_args.model_path
+        self.served_model_name = server_args.served_model_name
+        self.hf_config = _read_json(os.path.join(server_args.model_path, "config.json"))
+        self.generation_defaults = _generation_defaults(server_args.model_path)
+        self.tokenizer = None
+        if not server_args.skip_tokenizer_init:
+            from sglab.srt.utils.hf_transformers_utils import get_tokenizer
+
+            self.tokenizer = get_tokenizer(server_args.tokenizer_path,
+                                           server_args.trust_remote_code)
+        # Filled by set_scheduler_info() once the scheduler is ready.
+        self.scheduler_info: dict = {}
+        self.context_len: int | None = None
+        self.max_req_input_len: int | None = None
+        self.max_total_num_tokens: int | None = None
+        self.vocab_size: int | None = None
+
+        self.zmq_context = zmq.Context(1)
+        self.send_to_scheduler = self.zmq_context.socket(zmq.PUSH)
+        self.send_to_scheduler.setsockopt(zmq.SNDHWM, 0)
+        self.send_to_scheduler.bind(port_args.scheduler_input_ipc_name)
+        self.async_zmq_context = zmq.asyncio.Context(1)
+        self.recv_from_detokenizer = self.async_zmq_context.socket(zmq.PULL)
+        self.recv_from_detokenizer.setsockopt(zmq.RCVHWM, 0)
+        self.recv_from_detokenizer.bind(port_args.tokenizer_ipc_name)
+
+        self.rid_to_state: dict[str, ReqState] = {}
+        self.event_loop: asyncio.AbstractEventLoop | None = None
+        self.handle_loop_task: asyncio.Task | None = None
+        self.dead_message: str | None = None
+        self.last_receive_tstamp = 0.0
+        self.server_status = "Starting"  # "Starting" -> "Up"; "UnHealthy" once a child dies
+        self.flush_cache_communicator = _Communicator(self)
+        self.internal_state_communicator = _Communicator(self)
+        self.profile_communicator = _Communicator(self)
+        self.metrics = None
+        if server_args.enable_metrics:
+            from sglab.srt.metrics.collector import TokenizerMetricsCollector
+
+            self.metrics = TokenizerMetricsCollector({"model_name": self.served_model_name})
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def set_scheduler_info(self, info: dict) -> None:
+        self.scheduler_info = dict(info)
+        self.max_total_num_tokens = info["max_total_num_tokens"]
+        self.max_req_input_len = info["max_req_input_len"]
+        self.context_len = info.get("context_len") or self.max_req_input_len + 1
+        self.vocab_size = info.get("vocab_size")
+
+    def auto_create_handle_loop(self) -> None:
+        """Start the receive task on the running loop (once)."""
+        if self.handle_loop_task is not None:
+            return
+        self.event_loop = asyncio.get_running_loop()
+        self.handle_loop_task = self.event_loop.create_task(self.handle_loop())
+
+    def notify_dead(self, message: str) -> None:
+        """Fail every pending and future request; callable from any thread."""
+        loop = self.event_loop
+        if loop is not None and loop.is_running() and not _in_loop_thread(loop):
+            loop.call_soon_threadsafe(self._set_dead, message)
+        else:
+            self._set_dead(message)
+
+    def _set_dead(self, message: str) -> None:
+        if self.dead_message is not None:
+            return
+        self.dead_message = message
+        self.server_status = "UnHealthy"
+        for state in self.rid_to_state.values():
+            state.event.set()
+        error = EngineDeadError(message)
+        for communicator in (self.flush_cache_communicator, self.internal_state_communicator,
+                             self.profile_communicator):
+            communicator.fail(error)
+
+    def check_alive(self) -> None:
+        if self.dead_message is not None:
+            raise EngineDeadError(self.dead_message)
+
+    def close(self) -> None:
+        if self.handle_loop_task is not None and self.event_loop is not None \
+                and not self.event_loop.is_closed():
+            self.event_loop.call_soon_threadsafe(self.handle_loop_task.cancel)
+        self.send_to_scheduler.close(linger=0)
+        self.recv_from_detokenizer.close(linger=0)
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def handle_loop(self) -> None:
+        while True:
+            recv = await self.recv_from_detokenizer.recv_pyobj()
+            self.last_receive_tstamp = time.time()
+            for obj in recv if isinstance(recv, list) else [recv]:
+                try:
+                    self._dispatch(obj)
+                except Exception:  # noqa: BLE001 - one bad message must not stop the loop
+                    logger.exception("Failed to handle %s", type(obj).__name__)
+
+    def _dispatch(self, obj: Any) -> None:
+        if isinstance(obj, (BatchStrOutput, BatchTokenIDOutput)):
+            self._handle_batch_output(obj)
+        elif isinstance(obj, FlushCacheReqOutput):
+            self.flush_cache_communicator.handle(obj)
+        elif isinstance(obj, GetInternalStateReqOutput):
+            self.internal_state_communicator.handle(obj)
+        elif isinstance(obj, ProfileReqOutput):
+            self.profile_communicator.handle(obj)
+        else:
+            logger.warning("TokenizerManager ignores an unknown message: %r", type(obj).__name__)
+
+    def _handle_batch_output(self, recv: BatchStrOutput | BatchTokenIDOutput) -> None:
+        tok = recv.token_output if isinstance(recv, BatchStrOutput) else recv
+        texts = recv.output_strs if isinstance(recv, BatchStrOutput) else None
+        now = time.time()
+        for i, rid in enumerate(tok.rids):
+            state = self.rid_to_state.get(rid)
+            if state is None:
+                continue
+            state.output_ids.extend(tok.output_ids[i])
+            if texts is not None:
+                state.text += texts[i]
+            state.prompt_tokens = tok.prompt_tokens[i]
+            state.completion_tokens = tok.completion_tokens[i]
+            state.cached_tokens = tok.cached_tokens[i]
+            if i < len(tok.total_retractions):
+                state.total_retractions = tok.total_retractions[i]
+            if state.return_logprob:
+                self._append_logprobs(state, tok, i)
+            self._observe_output(state, now, len(tok.output_ids[i]))
+            if tok.finished_reasons[i] is not None:
+                state.finished_reason = tok.finished_reasons[i]
+                state.finished_time = now
+                del self.rid_to_state[rid]
+                self._observe_finished(state)
+            state.dirty = True
+            state.event.set()
+
+    def _append_logprobs(self, state: ReqState, tok: BatchTokenIDOutput, i: int) -> None:
+        for key, val_field, idx_field, is_top in _LOGPROB_KINDS:
+            if is_top and state.top_logprobs_num == 0:
+                continue
+            vals, idxs = _at(getattr(tok, val_field), i), _at(getattr(tok, idx_field), i)
+            if not vals:
+                continue
+            dst = state.logprobs.setdefault(key, [])
+            with_text = state.return_text_in_logprobs
+            if is_top:
+                dst.extend(None if v is None else self._logprob_tuples(v, ix, with_text)
+                           for v, ix in zip(vals, idxs))
+            else:
+                dst.extend(self._logprob_tuples(vals, idxs, with_text))
+
+    def _logprob_tuples(self, vals: list, ids: list, with_text: bool) -> list[list]:
+        if with_text and self.tokenizer is not None:
+            texts = self.tokenizer.batch_decode([[t] for t in ids])
+        else:
+            texts = [None] * len(ids)
+        return [[v, t, s] for v, t, s in zip(vals, ids, texts)]
+
+    def _observe_output(self, state: ReqState, now: float, num_new: int) -> None:
+        if self.metrics is not None and num_new:
+            if state.last_output_time is None:
+                self.metrics.observe_first_token(now - state.created_time)
+            else:
+                self.metrics.observe_inter_token(now - state.last_output_time, num_new)
+        if num_new:
+            state.last_output_time = now
+
+    def _observe_finished(self, state: ReqState) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finished(
+                state.prompt_tokens, state.completion_tokens, state.cached_tokens,
+                state.finished_time - state.created_time,
+                aborted=state.finished_reason.get("type") == "abort")
+
+    # --- generate ----------------------------------------------------------------------------
+
+    async def generate_request(
+        self, obj: GenerateReqInput, request: Any = None
+    ) -> AsyncIterator[dict | list[dict]]:
+        """Yield upstream-shaped outputs.
+
+        Single request: one dict per update when streaming (cumulative text and output_ids),
+        else one final dict. Batch: dicts carrying "index" when streaming, else one final list.
+        Invalid input raises ValueError before anything reaches the scheduler. `request` (a
+        Starlette request) is polled so a disconnected client aborts its requests.
+        """
+        self.auto_create_handle_loop()
+        self.check_alive()
+        if self.context_len is None:
+            raise RuntimeError("The scheduler is not ready yet.")
+        obj.normalize_batch_and_arguments()
+        tokenized = [self._tokenize_one_request(obj, i) for i in range(obj.batch_size)]
+        for req in tokenized:
+            if req.rid in self.rid_to_state:
+                raise ValueError(f"Duplicate request ID: {req.rid!r} is already in flight.")
+        event = asyncio.Event()
+        now = time.time()
+        states = [ReqState(req.rid, event, len(req.input_ids), req.return_logprob,
+                           req.top_logprobs_num, bool(obj.return_text_in_logprobs), now)
+                  for req in tokenized]
+        for state in states:
+            self.rid_to_state[state.rid] = state
+        self.send_to_scheduler.send_pyobj(tokenized[0] if obj.is_single else tokenized)
+        try:
+            if obj.is_single:
+                async for _, state, finished in self._updates(states, event, request):
+                    if obj.stream or finished:
+                        yield self._build_output(state)
+            elif obj.stream:
+                async for i, state, _ in self._updates(states, event, request):
+                    yield {**self._build_output(state), "index": i}
+            else:
+                async for _ in self._updates(states, event, request):
+                    pass
+                yield [self._build_output(state) for state in states]
+        finally:
+            self._abort_unfinished(states)
+
+    async def _updates(self, states: list[ReqState], event: asyncio.Event,
+                       request: Any) -> AsyncIterator[tuple[int, ReqState, bool]]:
+        """(index, state, finished) for each request whose output changed, until all finish."""
+        pending = list(range(len(states)))
+        while pending:
+            await self._wait_event(event, request)
+            self.check_alive()
+            for i in list(pending):
+                state = states[i]
+                if not state.dirty:
+                    continue
+                state.dirty = False
+                finished = state.finished_reason is not None
+                if finished:
+                    pending.remove(i)
+                    _raise_if_refused(state.finished_reason)
+                yield i, state, finished
+
+    async def _wait_event(self, event: asyncio.Event, request: Any) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(event.wait(), timeout=_DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ValueError(
+                        "Request is disconnected from the client side. Abort request."
+                    ) from None
+                continue
+            event.clear()
+            return
+
+    def _abort_unfinished(self, states: list[ReqState]) -> None:
+        for state in states:
+            if state.finished_reason is not None or state.abandoned:
+                continue
+            if self.dead_message is not None:
+                self.rid_to_state.pop(state.rid, None)
+                continue
+            state.abandoned = True
+            self.abort_request(state.rid)
+
+    def abort_request(self, rid: str) -> None:
+        """Ask the scheduler to finish `rid` with an abort; its state goes when that arrives."""
+        if rid in self.rid_to_state and self.dead_message is None:
+            self.send_to_scheduler.send_pyobj(AbortReq(rid=rid))
+
+    def _build_output(self, state: ReqState) -> dict:
+        meta: dict[str, Any] = {
+            "id": state.rid,
+            "finish_reason": state.finished_reason,
+            "prompt_tokens": state.prompt_tokens,
+            "weight_version": "default",
+            "total_retractions": state.total_retractions,
+            "reasoning_tokens": 0,
+            "completion_tokens": state.completion_tokens,
+            "cached_tokens": state.cached_tokens,
+        }
+        if state.finished_time is not None:
+            meta["e2e_latency"] = state.finished_time - state.created_time
+        if state.return_logprob:
+            for key, _, _, is_top in _LOGPROB_KINDS:
+                if not is_top or state.top_logprobs_num > 0:
+                    meta[key] = list(state.logprobs.get(key, []))
+        out: dict[str, Any] = {}
+        if self.tokenizer is not None:
+            out["text"] = state.text
+        out["output_ids"] = list(state.output_ids)
+        out["meta_info"] = meta
+        return out
+
+    # --- validation and tokenization ---------------------------------------------------------
+
+    def _tokenize_one_request(self, obj: GenerateReqInput, i: int) -> TokenizedGenerateReqInput:
+        item = obj.item(i)
+        text, input_ids = item["text"], item["input_ids"]
+        if input_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("The server runs with --skip-tokenizer-init: send input_ids, "
+                                 "not text.")
+            if text == "":
+                raise ValueError("The prompt is empty.")
+            input_ids = self.tokenizer.encode(text)
+        input_ids = list(input_ids)
+        self._validate_input_ids(input_ids)
+        sampling_params = self._make_sampling_params(item["sampling_params"], len(input_ids))
+        self._validate_logprob_args(item, len(input_ids))
+        if item["lora_path"] is not None and not getattr(self.server_args, "enable_lora", False):
+            raise ValueError("LoRA is not enabled. Please set `--enable-lora` to enable LoRA.")
+        return TokenizedGenerateReqInput(
+            rid=item["rid"], input_text=text, input_ids=input_ids,
+            sampling_params=sampling_params, return_logprob=item["return_logprob"],
+            logprob_start_len=item["logprob_start_len"],
+            top_logprobs_num=item["top_logprobs_num"], stream=obj.stream,
+            lora_path=item["lora_path"],
+        )
+
+    def _validate_input_ids(self, input_ids: list[int]) -> None:
+        n = len(input_ids)
+        if n == 0:
+            raise ValueError("The input is empty: the prompt has no tokens.")
+        if n > self.max_req_input_len:
+            raise ValueError(
+                f"The input ({n} tokens) is longer than the model's context length "
+                f"({self.context_len} tokens; at most {self.max_req_input_len} input tokens)."
+            )
+        if self.max_total_num_tokens is not None and n >= self.max_total_num_tokens:
+            raise ValueError(f"The input ({n} tokens) does not fit in the KV cache "
+                             f"({self.max_total_num_tokens} tokens).")
+        if self.vocab_size is not None:
+            bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"Token id {bad} in input_ids is out of the vocabulary [0, {self.vocab_size})."
+                )
+
+    def _make_sampling_params(self, params: dict, prompt_len: int) -> SamplingParams:
+        try:
+            sampling_params = SamplingParams.from_dict(params)
+            sampling_params.verify(self.vocab_size)
+        except TypeError as e:
+            raise ValueError(f"Invalid sampling parameters: {e}") from None
+        for name in _BOOL_SAMPLING_PARAMS:
+            if not isinstance(getattr(sampling_params, name), bool):
+                raise ValueError(f"{name} must be a boolean.")
+        interval = sampling_params.stream_interval
+        if interval is not None and (not _is_int(interval) or interval < 1):
+            raise ValueError(f"stream_interval must be a positive integer, got {interval!r}.")
+        budget = min(self.context_len, self.max_total_num_tokens or self.context_len) - prompt_len
+        max_new = sampling_params.max_new_tokens
+        if "max_new_tokens" not in params:
+            sampling_params.max_new_tokens = max(0, min(DEFAULT_MAX_NEW_TOKENS, budget))
+        elif max_new is None:
+            sampling_params.max_new_tokens = max(0, budget)
+        elif prompt_len + max_new > self.context_len:
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of "
+                f"{self.context_len} tokens. You requested a total of {prompt_len + max_new} "
+                f"tokens: {prompt_len} tokens from the input messages and {max_new} tokens for "
+                f"the completion. Please reduce the number of tokens in the input messages or "
+                f"the completion to fit within the limit."
+            )
+        else:
+            sampling_params.max_new_tokens = max(0, min(max_new, budget))
+        sampling_params.normalize(self.tokenizer)
+        return sampling_params
+
+    def _validate_logprob_args(self, item: dict, prompt_len: int) -> None:
+        if not item["return_logprob"]:
+            return
+        start = item["logprob_start_len"]
+        if start != -1 and not 0 <= start < prompt_len:
+            raise ValueError(f"logprob_start_len ({start}) must be -1 or in [0, {prompt_len}) "
+                             f"for an input of {prompt_len} tokens.")
+        top = item["top_logprobs_num"]
+        limit = self.vocab_size or top
+        if not 0 <= top <= limit:
+            raise ValueError(f"top_logprobs_num must be in [0, {limit}], got {top}.")
+
+    # --- control -----------------------------------------------------------------------------
+
+    async def flush_cache(self) -> FlushCacheReqOutput:
+        self.auto_create_handle_loop()
+        return await self.flush_cache_communicator(FlushCacheReqInput())
+
+    async def get_internal_state(self) -> dict:
+        self.auto_create_handle_loop()
+        reply = await self.internal_state_communicator(GetInternalStateReq())
+        return reply.internal_state
+
+    async def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
+                            activities: list[str] | None = None, with_stack: bool | None = None,
+                            record_shapes: bool | None = None,
+                            profile_prefix: str | None = None) -> ProfileReqOutput:
+        self.auto_create_handle_loop()
+        req = ProfileReq(type="start", output_dir=output_dir, num_steps=num_steps,
+                         activities=activities, with_stack=with_stack,
+                         record_shapes=record_shapes, profile_prefix=profile_prefix)
+        return await self.profile_communicator(req)
+
+    async def stop_profile(self) -> ProfileReqOutput:
+        self.auto_create_handle_loop()
+        return await self.profile_communicator(ProfileReq(type="stop"))
+
+    def get_model_info(self) -> dict:
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.server_args.tokenizer_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": self.hf_config.get("model_type"),
+            "architectures": self.hf_config.get("architectures"),
+        }
+
+    async def get_server_info(self) -> dict:
+        internal_state = await self.get_internal_state()
+        if self.metrics is not None:
+            self.metrics.update_scheduler_state(internal_state)
+        args = self.server_args.to_dict()
+        if args.get("api_key"):
+            args["api_key"] = "<hidden>"
+        info = {**args, **self.scheduler_info, "internal_states": [internal_state],
+                "version": _version(), "active_patches": active_patches(self.server_args)}
+        for key in KV_STAT_KEYS:
+            if key in internal_state:
+                info[key] = internal_state[key]
+        return info
+
+
+def active_patches(server_args: ServerArgs) -> list[str]:
+    """The ids of the patches that are on, from the patch registry when it exists."""
+    if importlib.util.find_spec("sglab.srt.patches") is None:
+        return []
+    from sglab.srt.patches import active_patch_ids
+
+    return list(active_patch_ids(server_args))
+
+
+def _raise_if_refused(reason: dict) -> None:
+    if reason.get("type") == "abort" and reason.get("status_code") is not None:
+        raise RequestRefusedError(reason.get("message", "Request refused."),
+                                  int(reason["status_code"]))
+
+
+def _at(values: list, i: int) -> Any:
+    return values[i] if i < len(values) else None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _generation_defaults(model_path: str) -> dict:
+    """Sampling defaults from generation_config.json (upstream's `--sampling-defaults model`)."""
+    config = _read_json(os.path.join(model_path, "generation_config.json"))
+    return {k: config[k] for k in _GENERATION_DEFAULT_KEYS if config.get(k) is not None}
+
+
+def _version() -> str:
+    from sglab import __version__
+
+    return __version__
+
