@@ -69,6 +69,9 @@ class ServerArgs:
     random_seed: int | None = None
     enable_deterministic_inference: bool = False
     disable_overlap_schedule: bool = False
+    cuda_graph_max_bs: int | None = None
+    cuda_graph_bs: list[int] | None = None
+    disable_cuda_graph: bool = False
     watchdog_timeout: float = 300.0
     # Internal.
     enable_integrity_check: bool = False
@@ -109,6 +112,12 @@ class ServerArgs:
             self.chunked_prefill_size = 8192 if self.device == "cuda" else 4096
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.85
+        if self.device != "cuda":
+            self.disable_cuda_graph = True
+        if self.cuda_graph_bs:
+            self.cuda_graph_max_bs = max(self.cuda_graph_bs)
+        elif self.cuda_graph_max_bs is None:
+            self.cuda_graph_max_bs = 256
 
     def _check(self) -> None:
         choices = {
@@ -130,6 +139,9 @@ class ServerArgs:
         self._check_positive("max_prefill_tokens", self.max_prefill_tokens)
         self._check_positive("context_length", self.context_length)
         self._check_positive("stream_interval", self.stream_interval)
+        self._check_positive("cuda_graph_max_bs", self.cuda_graph_max_bs)
+        if self.cuda_graph_bs and min(self.cuda_graph_bs) <= 0:
+            raise ServerArgsError(f"--cuda-graph-bs must be positive, got {self.cuda_graph_bs}")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1:
             self._check_positive("chunked_prefill_size", self.chunked_prefill_size)
             if self.chunked_prefill_size % self.page_size:
@@ -197,6 +209,9 @@ class ServerArgs:
           choices=ATTENTION_BACKEND_CHOICES)
         a("--random-seed", type=int, default=d.random_seed)
         a("--enable-deterministic-inference", action="store_true")
+        a("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
+        a("--cuda-graph-bs", type=int, nargs="+", default=d.cuda_graph_bs)
+        a("--disable-cuda-graph", action="store_true")
         a("--disable-overlap-schedule", action="store_true",
           help="Process each step's result before scheduling the next one.")
         a("--watchdog-timeout", type=float, default=d.watchdog_timeout)

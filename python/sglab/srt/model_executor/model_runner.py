@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -41,6 +42,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.init_memory_pool()
         self.attn_backend = self._make_attn_backend()
+        self.graph_runner = None
+        if not server_args.disable_cuda_graph:
+            from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+            self.graph_runner = CudaGraphRunner(self)
 
     # --- memory -------------------------------------------------------------------------------
 
@@ -87,6 +93,9 @@ class ModelRunner:
         if name == "torch_native":
             return TorchNativeAttnBackend(self)
         if name == "triton":
+            if self.device.type == "cpu":
+                # Triton picks its CPU interpreter when kernels are defined (first import).
+                os.environ.setdefault("TRITON_INTERPRET", "1")
             from sglab.srt.layers.attention.triton_backend import TritonAttnBackend
 
             return TritonAttnBackend(self)
@@ -96,6 +105,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+        if self.graph_runner is not None and self.graph_runner.can_run(forward_batch):
+            return self.graph_runner.replay(forward_batch)
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model.forward(forward_batch.input_ids, forward_batch.positions,
                                   forward_batch)
