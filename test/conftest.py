@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels run in Triton's CPU interpreter. triton.jit picks the interpreter
+# when a kernel is defined, so this must happen before any sglab kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sglab.srt.utils.dummy_model import make_dummy_model
 

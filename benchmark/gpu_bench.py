@@ -1,0 +1,257 @@
+"""GPU benchmark driver: sglab vs the HBM roofline and HF transformers, measured in one run.
+
+    python benchmark/gpu_bench.py all --out DIR [--presets qwen3-0.6b llama-3.1-8b]
+
+Each measurement runs in its own process so the engines never share GPU memory. Writes
+DIR/gpu_bench.json and DIR/gpu_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+DECODE_BS = [1, 8, 64]
+INPUT_LEN = 256
+OUTPUT_LEN = 64
+CONCURRENCY = 64
+THROUGHPUT_OUTPUT_LEN = 256
+
+
+def measure_bandwidth() -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second), median of 20."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    t = statistics.median(times[5:])
+    return {"copy_bytes": n, "median_s": t, "bandwidth_gbps": 2 * n / t / 1e9}
+
+
+def _model_dir(preset: str) -> str:
+    from sglab.srt.utils.dummy_model import make_dummy_model
+
+    path = os.path.join(tempfile.gettempdir(), "sglab-bench-models", preset)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_dummy_model(preset, path)
+    return path
+
+
+def _scheduler(preset: str, **kwargs):
+    from sglab.srt.managers.scheduler import Scheduler
+    from sglab.srt.server_args import ServerArgs
+
+    args = ServerArgs(model_path=_model_dir(preset), load_format="dummy", dtype="bfloat16",
+                      random_seed=0, **kwargs)
+    return Scheduler(args)
+
+
+def _submit(scheduler, n: int, input_len: int, output_len: int, tag: str) -> None:
+    import numpy as np
+
+    from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglab.srt.sampling.sampling_params import SamplingParams
+
+    rng = np.random.default_rng(0)
+    vocab = scheduler.model_config.vocab_size
+    for i in range(n):
+        params = SamplingParams(max_new_tokens=output_len, temperature=0, ignore_eos=True)
+        params.normalize(None)
+        scheduler.handle_generate_request(TokenizedGenerateReqInput(
+            rid=f"{tag}-{i}", input_text=None,
+            input_ids=rng.integers(0, vocab, input_len).tolist(), sampling_params=params))
+
+
+def _drain(scheduler) -> int:
+    steps = 0
+    while scheduler.run_step():
+        steps += 1
+    scheduler.outputs.clear()
+    torch.cuda.synchronize()
+    return steps
+
+
+def run_sglab(preset: str) -> dict:
+    from sglab.bench_one_batch import run_one
+
+    out: dict = {"preset": preset}
+    sched = _scheduler(preset, disable_overlap_schedule=True)
+    out["weight_bytes"] = sched.model_config.weight_bytes()
+    run_one(sched, 1, 16, 8, seed=99)
+    out["one_batch"] = [run_one(sched, bs, INPUT_LEN, OUTPUT_LEN).__dict__ for bs in DECODE_BS]
+    sched.enable_overlap = True
+    out["throughput"] = _throughput(sched)
+    out["idle"] = _idle_fraction(sched)
+    sched.enable_overlap = False
+    out["throughput_no_overlap"] = _throughput(sched)
+    return out
+
+
+def _throughput(sched) -> dict:
+    _submit(sched, CONCURRENCY, INPUT_LEN, THROUGHPUT_OUTPUT_LEN, f"tp{time.time()}")
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    _drain(sched)
+    elapsed = time.perf_counter() - tic
+    sched.flush_cache()
+    tokens = CONCURRENCY * THROUGHPUT_OUTPUT_LEN
+    return {"requests": CONCURRENCY, "input_len": INPUT_LEN,
+            "output_len": THROUGHPUT_OUTPUT_LEN, "seconds": elapsed,
+            "output_throughput": tokens / elapsed}
+
+
+def _idle_fraction(sched, batch_size: int = 8) -> dict:
+    """GPU idle share between decode steps (overlap on), from a profiler trace."""
+    from torch.autograd import DeviceType
+
+    _submit(sched, batch_size, INPUT_LEN, 200, f"idle{time.time()}")
+    for _ in range(20):  # prefill and a few decodes before the window
+        sched.run_step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(60):
+            sched.run_step()
+        torch.cuda.synchronize()
+    _drain(sched)
+    sched.flush_cache()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, cur_start, cur_end = 0.0, None, None
+    for s, e in spans:
+        if cur_end is None or s > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_end is not None:
+        busy += cur_end - cur_start
+    window = spans[-1][1] - spans[0][0] if spans else 0.0
+    return {"batch_size": batch_size, "steps": 60, "gpu_busy_us": busy, "window_us": window,
+            "idle_fraction": 1 - busy / window if window else None}
+
+
+def run_hf(preset: str) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(_model_dir(preset))
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    vocab = config.vocab_size
+
+    def generate(bs: int, new_tokens: int) -> float:
+        ids = torch.randint(0, vocab, (bs, INPUT_LEN), device="cuda")
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - tic
+
+    generate(1, 4)
+    t1, t_long = generate(1, 1), generate(1, OUTPUT_LEN + 1)
+    itl = (t_long - t1) / OUTPUT_LEN
+    t_batch = generate(CONCURRENCY, THROUGHPUT_OUTPUT_LEN)
+    return {"preset": preset, "itl_bs1_s": itl,
+            "output_throughput": CONCURRENCY * THROUGHPUT_OUTPUT_LEN / t_batch,
+            "batch": CONCURRENCY, "input_len": INPUT_LEN,
+            "output_len": THROUGHPUT_OUTPUT_LEN}
+
+
+def _child(kind: str, preset: str) -> dict:
+    cmd = [sys.executable, __file__, kind, "--preset", preset]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_all(presets: list[str], out_dir: str) -> dict:
+    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "commit": _commit(), "bandwidth": measure_bandwidth(), "models": {}}
+    for preset in presets:
+        report["models"][preset] = {"sglab": _child("sglab", preset),
+                                    "hf": _child("hf", preset)}
+        print(json.dumps(report["models"][preset])[:2000], flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
+        f.write(to_markdown(report))
+    print(to_markdown(report))
+    return report
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def to_markdown(report: dict) -> str:
+    bw = report["bandwidth"]["bandwidth_gbps"]
+    lines = [f"GPU: {report['gpu']}, torch {report['torch']}, commit {report['commit']}",
+             f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
+             "| model | bs | decode step (ms) | roofline (ms) | ratio | prefill (ms) |",
+             "|---|---|---|---|---|---|"]
+    for preset, m in report["models"].items():
+        s = m["sglab"]
+        if "error" in s:
+            lines.append(f"| {preset} | error | | | | |")
+            continue
+        roof = s["weight_bytes"] / (bw * 1e9)
+        for r in s["one_batch"]:
+            step = r["median_decode_latency_s"]
+            lines.append(f"| {preset} | {r['batch_size']} | {step * 1e3:.3f} | "
+                         f"{roof * 1e3:.3f} | {step / roof:.2f} | "
+                         f"{r['prefill_latency_s'] * 1e3:.2f} |")
+    lines += ["", "| model | sglab out tok/s (64 concurrent, overlap) | no overlap | "
+              "HF tok/s | ratio vs HF | HF ITL bs1 (ms) | GPU idle (overlap) |",
+              "|---|---|---|---|---|---|---|"]
+    for preset, m in report["models"].items():
+        s, h = m["sglab"], m["hf"]
+        if "error" in s or "error" in h:
+            lines.append(f"| {preset} | error | | | | | |")
+            continue
+        ours = s["throughput"]["output_throughput"]
+        lines.append(
+            f"| {preset} | {ours:.0f} | {s['throughput_no_overlap']['output_throughput']:.0f} | "
+            f"{h['output_throughput']:.0f} | {ours / h['output_throughput']:.2f} | "
+            f"{h['itl_bs1_s'] * 1e3:.2f} | {s['idle']['idle_fraction']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["all", "sglab", "hf", "bandwidth"])
+    parser.add_argument("--preset", default="qwen3-0.6b")
+    parser.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    if args.kind == "all":
+        run_all(args.presets, args.out)
+        return
+    fn = {"sglab": run_sglab, "hf": run_hf}.get(args.kind)
+    result = measure_bandwidth() if fn is None else fn(args.preset)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Triton attention: paged split-KV decode, 2-stage extend, and the 1-stage unified extend.
+
+Per-step metadata (kv_indptr / kv_indices / split counts) is built once per forward in
+`init_forward_metadata` from device tensors and host-known sizes only, so no host sync happens
+here. Under CUDA graphs the same metadata is written into static buffers before replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglab.srt.layers.attention.triton_ops.create_kv_indices import create_kv_indices
+from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+from sglab.srt.layers.attention.triton_ops.extend_attention import (
+    build_unified_kv_indices,
+    extend_attention_fwd,
+    extend_attention_fwd_unified,
+)
+
+if TYPE_CHECKING:
+    from sglab.srt.layers.radix_attention import RadixAttention
+    from sglab.srt.model_executor.forward_batch_info import ForwardBatch
+
+# Deterministic decode: a fixed key tile per split, so a request's split count depends only on
+# its own length (batch-invariant reduction order).
+DETERMINISTIC_SPLIT_TILE_SIZE = 256
+MAX_KV_SPLITS = 16
+MIN_KEYS_PER_SPLIT = 64
+
+
+@dataclass
+class ForwardMetadata:
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    # Decode only.
+    attn_logits: torch.Tensor | None = None
+    attn_lse: torch.Tensor | None = None
+    num_kv_splits: torch.Tensor | None = None
+    # Extend only.
+    qo_indptr: torch.Tensor | None = None
+    max_extend_len: int = 0
+
+
+def _indptr(lens: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros(1, dtype=torch.int32, device=lens.device)
+    return torch.cat([zero, torch.cumsum(lens, dim=0, dtype=torch.int32)])
+
+
+class TritonAttnBackend(AttentionBackend):
+    def __init__(self, model_runner):
+        mc = model_runner.model_config
+        self.device = model_runner.device
+        self.num_q_heads = mc.num_attention_heads
+        self.head_dim = mc.head_dim
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.enable_deterministic = model_runner.server_args.enable_deterministic_inference
+        if self.enable_deterministic:
+            self.max_kv_splits = -(-mc.context_len // DETERMINISTIC_SPLIT_TILE_SIZE)
+        else:
+            self.max_kv_splits = MAX_KV_SPLITS
+        self.forward_metadata: ForwardMetadata | None = None
+        self.graph_state: dict[str, torch.Tensor] | None = None
+
+    # --- metadata -----------------------------------------------------------------------------
+
+    def _num_kv_splits(self, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """Splits per request, on the device; `max_seq_len` is a host int."""
+        if self.enable_deterministic:
+            tile = DETERMINISTIC_SPLIT_TILE_SIZE
+        else:
+            tile = max(MIN_KEYS_PER_SPLIT, -(-max_seq_len // self.max_kv_splits))
+        splits = (seq_lens + tile - 1) // tile
+        return splits.clamp(1, self.max_kv_splits).to(torch.int32)
+
+    def _decode_scratch(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (bs, self.num_q_heads, self.max_kv_splits)
+        logits = torch.empty((*shape, self.head_dim), dtype=torch.float32, device=self.device)
+        lse = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return logits, lse
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
+        fb = forward_batch
+        if fb.forward_mode.is_decode():
+            kv_indptr = _indptr(fb.seq_lens)
+            kv_indices = torch.empty(fb.seq_lens_sum, dtype=torch.int64, device=self.device)
+            create_kv_indices(self.req_to_token, fb.req_pool_indices, fb.seq_lens, kv_indptr,
+                              None, kv_indices)
+            logits, lse = self._decode_scratch(fb.batch_size)
+            splits = self._num_kv_splits(fb.seq_lens, int(fb.seq_lens_cpu.max()))
+            self.forward_metadata = ForwardMetadata(kv_indptr, kv_indices, logits, lse, splits)
+            return
+        prefix_lens = fb.extend_prefix_lens
+        kv_indptr = _indptr(prefix_lens)
+        kv_indices = torch.empty(sum(fb.extend_prefix_lens_cpu), dtype=torch.int64,
+                                 device=self.device)
+        create_kv_indices(self.req_to_token, fb.req_pool_indices, prefix_lens, kv_indptr, None,
+                          kv_indices)
+        self.forward_metadata = ForwardMetadata(
+            kv_indptr, kv_indices, qo_indptr=_indptr(fb.extend_seq_lens),
+            max_extend_len=max(fb.extend_seq_lens_cpu))
+
+    # --- CUDA graphs --------------------------------------------------------------------------
+
+    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+        logits, lse = self._decode_scratch(max_bs)
+        self.graph_state = {
+            "kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+            "kv_indices": torch.zeros(max_bs * max_context_len, dtype=torch.int64,
+                                      device=self.device),
+            "num_kv_splits": torch.ones(max_bs, dtype=torch.int32, device=self.device),
+            "attn_logits": logits,
+            "attn_lse": lse,
+        }
+
+    def init_forward_metadata_capture_cuda_graph(self, bs: int) -> None:
+        g = self.graph_state
+        self.forward_metadata = ForwardMetadata(
+            g["kv_indptr"][: bs + 1], g["kv_indices"], g["attn_logits"][:bs],
+            g["attn_lse"][:bs], g["num_kv_splits"][:bs])
+
+    def init_forward_metadata_replay_cuda_graph(self, bs: int, req_pool_indices: torch.Tensor,
+                                                seq_lens: torch.Tensor,
+                                                max_seq_len: int) -> None:
+        """Fill the static buffers for a replay of the graph captured at batch size `bs`."""
+        g = self.graph_state
+        g["kv_indptr"][: bs + 1].copy_(_indptr(seq_lens[:bs]))
+        create_kv_indices(self.req_to_token, req_pool_indices[:bs], seq_lens[:bs],
+                          g["kv_indptr"], None, g["kv_indices"])
+        g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens[:bs], max_seq_len))
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                       save_kv_cache: bool = True) -> torch.Tensor:
+        fb, md = forward_batch, self.forward_metadata
+        if save_kv_cache:  # before the unified kernel, which reads the new keys from the pool
+            fb.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty_like(q)
+        if self.enable_deterministic:
+            self._forward_extend_unified(q, o, layer, fb)
+        else:
+            k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            extend_attention_fwd(q, k.contiguous(), v.contiguous(), o, k_buf, v_buf,
+                                 md.qo_indptr, md.kv_indptr, md.kv_indices, None, True, None,
+                                 md.max_extend_len, layer.scaling, layer.logit_cap)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _forward_extend_unified(self, q: torch.Tensor, o: torch.Tensor, layer: "RadixAttention",
+                                fb: "ForwardBatch") -> None:
+        """1-stage extend over prefix ++ extend keys read from the pool (deterministic mode)."""
+        md = self.forward_metadata
+        unified_indptr, unified_indices, prefix_lens = build_unified_kv_indices(
+            md.kv_indptr, md.kv_indices, fb.extend_start_loc, fb.extend_seq_lens,
+            fb.out_cache_loc, fb.batch_size)
+        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        extend_attention_fwd_unified(q, o, k_buf, v_buf, md.qo_indptr, unified_indptr,
+                                     unified_indices, prefix_lens, md.max_extend_len,
+                                     layer.scaling, layer.logit_cap)
+
+    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                       save_kv_cache: bool = True) -> torch.Tensor:
+        fb, md = forward_batch, self.forward_metadata
+        if save_kv_cache:
+            fb.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty_like(q)
+        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        decode_attention_fwd(q, k_buf, v_buf, o, md.kv_indptr, md.kv_indices, md.attn_logits,
+                             md.attn_lse, md.num_kv_splits, self.max_kv_splits, layer.scaling,
+                             layer.logit_cap)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -1,0 +1,402 @@
+"""Split-KV flash-decoding: one query token per request against its paged KV.
+
+Stage 1 splits each request's keys into `num_kv_splits[i]` ranges (each a multiple of
+`_MIN_BLOCK_KV` long) and writes a partial output and its log-sum-exp per range into the
+preallocated `attn_logits` / `attn_lse`. Stage 2 merges the ranges in order. Grids depend only on
+host ints (`bs`, heads, `max_kv_splits`), so the launch is CUDA-graph safe and never syncs.
+Split boundaries depend only on a request's own length and split count, so a request's output
+does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MIN_BLOCK_KV = 32
+_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
+
+
+@triton.jit
+def _tanh(x):
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _dot(a, b, PORTABLE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a [M, K] @ b [K, N] with fp32 accumulation; PORTABLE_DOT for Triton's interpreter, whose
+    tl.dot cannot take bf16."""
+    if PORTABLE_DOT:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV: tl.constexpr):
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), MIN_BLOCK_KV) * MIN_BLOCK_KV
+    split_start = per_split * split_id
+    split_end = tl.minimum(split_start + per_split, seq_len)
+    return split_start, split_end
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    Q,
+    K_Buffer,
+    V_Buffer,
+    sm_scale,
+    kv_indptr,
+    kv_indices,
+    Att_Out,
+    Att_Lse,
+    num_kv_splits,
+    stride_qbs,
+    stride_qh,
+    stride_buf_kbs,
+    stride_buf_kh,
+    stride_buf_vbs,
+    stride_buf_vh,
+    stride_mid_ob,
+    stride_mid_oh,
+    stride_mid_os,
+    stride_lse_b,
+    stride_lse_h,
+    kv_group_num: tl.constexpr,
+    Lk: tl.constexpr,
+    Lv: tl.constexpr,
+    BLOCK_DMODEL: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_BLOCK_KV: tl.constexpr,
+    LOGIT_CAP: tl.constexpr,
+):
+    """One q head per program; vector math (no tl.dot), for MHA."""
+    cur_batch = tl.program_id(0)
+    cur_head = tl.program_id(1)
+    split_id = tl.program_id(2)
+    cur_kv_head = cur_head // kv_group_num
+
+    offs_d = tl.arange(0, BLOCK_DMODEL)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < Lk
+    mask_dv = offs_dv < Lv
+
+    kv_start = tl.load(kv_indptr + cur_batch)
+    seq_len = tl.load(kv_indptr + cur_batch + 1) - kv_start
+    num_splits = tl.load(num_kv_splits + cur_batch)
+    split_start, split_end = _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV)
+    if split_end > split_start:
+        q = tl.load(
+            Q + cur_batch * stride_qbs + cur_head * stride_qh + offs_d, mask=mask_d, other=0.0
+        )
+        q = q.to(tl.float32)
+        e_max = -float("inf")
+        e_sum = 0.0
+        acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for start_n in range(split_start, split_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < split_end
+            kv_loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
+            k = tl.load(
+                K_Buffer
+                + kv_loc[:, None] * stride_buf_kbs
+                + cur_kv_head * stride_buf_kh
+                + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :],
+                other=0.0,
+            )
+            qk = tl.sum(q[None, :] * k.to(tl.float32), 1) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+            qk = tl.where(mask_n, qk, float("-inf"))
+            v = tl.load(
+                V_Buffer
+                + kv_loc[:, None] * stride_buf_vbs
+                + cur_kv_head * stride_buf_vh
+                + offs_dv[None, :],
+                mask=mask_n[:, None] & mask_dv[None, :],
+                other=0.0,
+            )
+            n_max = tl.maximum(tl.max(qk, 0), e_max)
+            re_scale = tl.exp(e_max - n_max)
+            p = tl.exp(qk - n_max)
+            acc = acc * re_scale + tl.sum(p[:, None] * v.to(tl.float32), 0)
+            e_sum = e_sum * re_scale + tl.sum(p, 0)
+            e_max = n_max
+        mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh + split_id * stride_mid_os
+        tl.store(Att_Out + mid + offs_dv, acc / e_sum, mask=mask_dv)
+        lse = cur_batch * stride_lse_b + cur_head * stride_lse_h + split_id
+        tl.store(Att_Lse + lse, e_max + tl.log(e_sum))
+
+
+@triton.jit
+def _decode_grouped_stage1_kernel(
+    Q,
+    K_Buffer,
+    V_Buffer,
+    sm_scale,
+    kv_indptr,
+    kv_indices,
+    Att_Out,
+    Att_Lse,
+    num_kv_splits,
+    stride_qbs,
+    stride_qh,
+    stride_buf_kbs,
+    stride_buf_kh,
+    stride_buf_vbs,
+    stride_buf_vh,
+    stride_mid_ob,
+    stride_mid_oh,
+    stride_mid_os,
+    stride_lse_b,
+    stride_lse_h,
+    q_head_num,
+    kv_group_num: tl.constexpr,
+    Lk: tl.constexpr,
+    Lv: tl.constexpr,
+    BLOCK_DMODEL: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    MIN_BLOCK_KV: tl.constexpr,
+    LOGIT_CAP: tl.constexpr,
+    PORTABLE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Up to BLOCK_H q heads sharing one kv head per program; q @ k^T and p @ v via tl.dot."""
+    cur_batch = tl.program_id(0)
+    cur_head_id = tl.program_id(1)
+    split_id = tl.program_id(2)
+    if kv_group_num > BLOCK_H:
+        VALID_BLOCK_H: tl.constexpr = BLOCK_H
+    else:
+        VALID_BLOCK_H: tl.constexpr = kv_group_num
+    cur_kv_head = cur_head_id // tl.cdiv(kv_group_num, BLOCK_H)
+    cur_head = cur_head_id * VALID_BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = (cur_head < (cur_head_id + 1) * VALID_BLOCK_H) & (cur_head < q_head_num)
+
+    offs_d = tl.arange(0, BLOCK_DMODEL)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < Lk
+    mask_dv = offs_dv < Lv
+
+    kv_start = tl.load(kv_indptr + cur_batch)
+    seq_len = tl.load(kv_indptr + cur_batch + 1) - kv_start
+    num_splits = tl.load(num_kv_splits + cur_batch)
+    split_start, split_end = _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV)
+    if split_end > split_start:
+        q = tl.load(
+            Q + cur_batch * stride_qbs + cur_head[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_h[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        e_max = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
+        e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+        for start_n in range(split_start, split_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < split_end
+            kv_loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
+            k = tl.load(
+                K_Buffer
+                + kv_loc[None, :] * stride_buf_kbs
+                + cur_kv_head * stride_buf_kh
+                + offs_d[:, None],
+                mask=mask_n[None, :] & mask_d[:, None],
+                other=0.0,
+            )
+            qk = _dot(q, k, PORTABLE_DOT, DOT_PRECISION) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+            qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+            v = tl.load(
+                V_Buffer
+                + kv_loc[:, None] * stride_buf_vbs
+                + cur_kv_head * stride_buf_vh
+                + offs_dv[None, :],
+                mask=mask_n[:, None] & mask_dv[None, :],
+                other=0.0,
+            )
+            n_max = tl.maximum(tl.max(qk, 1), e_max)
+            n_max_safe = tl.where(n_max == -float("inf"), 0.0, n_max)  # padded heads
+            re_scale = tl.exp(e_max - n_max_safe)
+            p = tl.exp(qk - n_max_safe[:, None])
+            acc = acc * re_scale[:, None] + _dot(p.to(v.dtype), v, PORTABLE_DOT, DOT_PRECISION)
+            e_sum = e_sum * re_scale + tl.sum(p, 1)
+            e_max = n_max
+        e_sum = tl.where(mask_h, e_sum, 1.0)
+        mid = (
+            cur_batch * stride_mid_ob + cur_head[:, None] * stride_mid_oh + split_id * stride_mid_os
+        )
+        tl.store(
+            Att_Out + mid + offs_dv[None, :],
+            acc / e_sum[:, None],
+            mask=mask_h[:, None] & mask_dv[None, :],
+        )
+        lse = cur_batch * stride_lse_b + cur_head * stride_lse_h + split_id
+        tl.store(Att_Lse + lse, e_max + tl.log(e_sum), mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    Att_Out,
+    Att_Lse,
+    O,
+    kv_indptr,
+    num_kv_splits,
+    stride_mid_ob,
+    stride_mid_oh,
+    stride_mid_os,
+    stride_lse_b,
+    stride_lse_h,
+    stride_obs,
+    stride_oh,
+    Lv: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MIN_BLOCK_KV: tl.constexpr,
+):
+    cur_batch = tl.program_id(0)
+    cur_head = tl.program_id(1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < Lv
+
+    seq_len = tl.load(kv_indptr + cur_batch + 1) - tl.load(kv_indptr + cur_batch)
+    num_splits = tl.load(num_kv_splits + cur_batch)
+    e_max = -float("inf")
+    e_sum = 0.0
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
+    lse = cur_batch * stride_lse_b + cur_head * stride_lse_h
+    for split_id in range(num_splits):
+        split_start, split_end = _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV)
+        if split_end > split_start:
+            part = tl.load(
+                Att_Out + mid + split_id * stride_mid_os + offs_dv, mask=mask_dv, other=0.0
+            )
+            part_lse = tl.load(Att_Lse + lse + split_id)
+            n_max = tl.maximum(part_lse, e_max)
+            old_scale = tl.exp(e_max - n_max)
+            part_scale = tl.exp(part_lse - n_max)
+            acc = acc * old_scale + part_scale * part
+            e_sum = e_sum * old_scale + part_scale
+            e_max = n_max
+    tl.store(O + cur_batch * stride_obs + cur_head * stride_oh + offs_dv, acc / e_sum, mask=mask_dv)
+
+
+def _portable_dot(t: torch.Tensor) -> bool:
+    """Triton's interpreter (TRITON_INTERPRET=1 when the kernels were defined): see _dot."""
+    return not t.is_cuda or not isinstance(
+        _decode_grouped_stage1_kernel, triton.runtime.JITFunction
+    )
+
+
+def decode_attention_fwd(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    o: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    attn_logits: torch.Tensor,
+    attn_lse: torch.Tensor,
+    num_kv_splits: torch.Tensor,
+    max_kv_splits: int,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    *,
+    block_n: int | None = None,
+) -> None:
+    """o[i] = softmax(q[i] k^T * sm_scale) v over the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]].
+
+    q, o: [bs, num_q_heads, head_dim]; k_buffer, v_buffer: [num_slots, num_kv_heads, head_dim];
+    num_kv_splits: [bs] int32, each in [1, max_kv_splits]; attn_logits:
+    [bs, num_q_heads, >= max_kv_splits, head_dim_v] fp32; attn_lse: [bs, num_q_heads, >=
+    max_kv_splits] fp32. Every request needs at least one key.
+    """
+    bs, head_num, Lk = q.shape
+    Lv = v_buffer.shape[-1]
+    kv_group_num = head_num // k_buffer.shape[1]
+    assert head_num == kv_group_num * k_buffer.shape[1], "q heads must be a multiple of kv heads"
+    assert attn_logits.shape[2] >= max_kv_splits and attn_lse.shape[2] >= max_kv_splits
+    assert attn_logits.dtype == torch.float32 and attn_lse.dtype == torch.float32
+    for t in (q, k_buffer, v_buffer, o):
+        assert t.dim() == 3 and t.stride(-1) == 1, "expected [tokens, heads, dim], dim contiguous"
+    assert attn_logits.stride(-1) == 1 and attn_lse.stride(-1) == 1
+    if bs == 0:
+        return
+    on_cuda = q.is_cuda
+    BLOCK_DMODEL = triton.next_power_of_2(Lk)
+    BLOCK_DV = triton.next_power_of_2(Lv)
+    common = {
+        "Lk": Lk,
+        "Lv": Lv,
+        "BLOCK_DMODEL": BLOCK_DMODEL,
+        "BLOCK_DV": BLOCK_DV,
+        "MIN_BLOCK_KV": _MIN_BLOCK_KV,
+        "LOGIT_CAP": logit_cap,
+        "num_warps": 4,
+    }
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        attn_logits.stride(0),
+        attn_logits.stride(1),
+        attn_logits.stride(2),
+        attn_lse.stride(0),
+        attn_lse.stride(1),
+    )
+    args = (
+        q,
+        k_buffer,
+        v_buffer,
+        sm_scale,
+        kv_indptr,
+        kv_indices,
+        attn_logits,
+        attn_lse,
+        num_kv_splits,
+        *strides,
+    )
+    if kv_group_num == 1:
+        block = block_n or (64 if on_cuda else 32)
+        grid = (bs, head_num, max_kv_splits)
+        _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block, **common)
+    else:
+        block = block_n or (32 if on_cuda else 16)
+        grid = (bs, triton.cdiv(head_num, min(_BLOCK_H, kv_group_num)), max_kv_splits)
+        _decode_grouped_stage1_kernel[grid](
+            *args,
+            head_num,
+            kv_group_num=kv_group_num,
+            BLOCK_N=block,
+            BLOCK_H=_BLOCK_H,
+            PORTABLE_DOT=_portable_dot(q),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_stages=2 if on_cuda else 1,
+            **common,
+        )
+    _decode_stage2_kernel[(bs, head_num)](
+        attn_logits,
+        attn_lse,
+        o,
+        kv_indptr,
+        num_kv_splits,
+        attn_logits.stride(0),
+        attn_logits.stride(1),
+        attn_logits.stride(2),
+        attn_lse.stride(0),
+        attn_lse.stride(1),
+        o.stride(0),
+        o.stride(1),
+        Lv=Lv,
+        BLOCK_DV=BLOCK_DV,
+        MIN_BLOCK_KV=_MIN_BLOCK_KV,
+        num_warps=4,
+    )
