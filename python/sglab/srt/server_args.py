@@ -17,6 +17,7 @@ DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 LOAD_FORMAT_CHOICES = ["auto", "safetensors", "dummy"]
 ATTENTION_BACKEND_CHOICES = ["torch_native", "triton"]
 SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm"]
+UNIFIED_INDEX_BUILD_CHOICES = ["batched", "kernel"]
 LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
 
 
@@ -73,6 +74,13 @@ class ServerArgs:
     cuda_graph_bs: list[int] | None = None
     disable_cuda_graph: bool = False
     watchdog_timeout: float = 300.0
+    # Patches (see sglab.srt.patches): None = decided by --patches.
+    patches: str = "all"
+    enable_pinned_h2d: bool | None = None
+    enable_sync_free_unified_extend: bool | None = None
+    enable_sync_free_logits_metadata: bool | None = None
+    unified_index_build: str = "batched"
+    enable_sync_audit: bool = False
     # Internal.
     enable_integrity_check: bool = False
     extra: dict = field(default_factory=dict, repr=False)
@@ -81,6 +89,7 @@ class ServerArgs:
         self._handle_model_path()
         self._handle_device()
         self._handle_defaults()
+        self._handle_patches()
         self._check()
 
     # --- resolution -------------------------------------------------------------------------
@@ -118,6 +127,21 @@ class ServerArgs:
             self.cuda_graph_max_bs = max(self.cuda_graph_bs)
         elif self.cuda_graph_max_bs is None:
             self.cuda_graph_max_bs = 256
+
+    def _handle_patches(self) -> None:
+        from sglab.srt.patches import PATCHES, parse_patch_list
+
+        try:
+            selected = parse_patch_list(self.patches)
+        except ValueError as e:
+            raise ServerArgsError(str(e)) from e
+        for patch in PATCHES:
+            if getattr(self, patch.field) is None:
+                setattr(self, patch.field, patch.id in selected)
+        if self.unified_index_build not in UNIFIED_INDEX_BUILD_CHOICES:
+            raise ServerArgsError(
+                f"--unified-index-build: invalid choice {self.unified_index_build!r} "
+                f"(choose from {', '.join(UNIFIED_INDEX_BUILD_CHOICES)})")
 
     def _check(self) -> None:
         choices = {
@@ -215,6 +239,7 @@ class ServerArgs:
         a("--disable-overlap-schedule", action="store_true",
           help="Process each step's result before scheduling the next one.")
         a("--watchdog-timeout", type=float, default=d.watchdog_timeout)
+        _add_patch_args(parser)
         a("--enable-integrity-check", action="store_true",
           help="Check that every KV slot and pool row is accounted for whenever idle.")
 
@@ -231,6 +256,27 @@ class ServerArgs:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+
+def _add_patch_args(parser: argparse.ArgumentParser) -> None:
+    from sglab.srt.patches import PATCHES
+
+    parser.add_argument("--patches", type=str, default=ServerArgs.patches,
+                        help="Patches to turn on: all, none, or ids such as 0001,0003a. "
+                             "--enable-X / --disable-X override it per patch.")
+    for patch in PATCHES:
+        parser.add_argument(f"--enable-{patch.cli}", dest=patch.field, action="store_const",
+                            const=True, default=None,
+                            help=f"Patch {patch.id} ({patch.upstream}): {patch.title}.")
+        parser.add_argument(f"--disable-{patch.cli}", dest=patch.field, action="store_const",
+                            const=False, help=f"Turn patch {patch.id} off.")
+    parser.add_argument("--unified-index-build", type=str,
+                        default=ServerArgs.unified_index_build,
+                        choices=UNIFIED_INDEX_BUILD_CHOICES,
+                        help="With patch 0002 on: batched = the PR's single D2H per call; "
+                             "kernel = upstream main's zero-sync build, once per forward.")
+    parser.add_argument("--enable-sync-audit", action="store_true",
+                        help="Count host syncs and pageable H2D copies per step and call site.")
 
 
 def _flag(name: str) -> str:

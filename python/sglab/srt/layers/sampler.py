@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from sglab.srt.debug.sync_audit import h2d
 from sglab.srt.sampling.sampling_params import TOP_K_ALL
 
 
@@ -44,11 +45,11 @@ class SamplingBatchInfo:
             need_top_p_top_k=any(k != TOP_K_ALL for k in top_ks) or any(p < 1 for p in top_ps),
         )
 
-    def to_device(self, device) -> "SamplingBatchInfo":
+    def to_device(self, device, pin: bool) -> "SamplingBatchInfo":
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            kw[f.name] = h2d(v, v.dtype, device, pin) if isinstance(v, torch.Tensor) else v
         return SamplingBatchInfo(**kw)
 
 

@@ -169,6 +169,7 @@ class ModelWorkerBatch:
     req_pool_indices: torch.Tensor
     seq_lens_cpu: torch.Tensor
     seq_lens_sum: int
+    seq_lens_max: int
     out_cache_loc: torch.Tensor
     sampling_info: SamplingBatchInfo
     return_logprob: bool = False
@@ -360,6 +361,7 @@ class ScheduleBatch:
             req_pool_indices=self.req_pool_indices,
             seq_lens_cpu=self.seq_lens_cpu,
             seq_lens_sum=int(self.seq_lens_cpu.sum()),
+            seq_lens_max=int(self.seq_lens_cpu.max()),
             out_cache_loc=self.out_cache_loc,
             sampling_info=sampling_info,
             return_logprob=self.return_logprob,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import zmq
 
+from sglab.srt.debug.sync_audit import AUDIT
 from sglab.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOutput,
@@ -76,6 +77,9 @@ class Scheduler:
         self.profile_steps_left: int | None = None
         self.outputs: list[BatchTokenIDOutput] = []
         self.enable_overlap = not server_args.disable_overlap_schedule
+        if server_args.enable_sync_audit:
+            AUDIT.enabled = True
+            AUDIT.reset()
         # Overlap: launched batches whose results were not processed yet (at most one old one).
         self.result_queue: deque[tuple[ScheduleBatch, GenerationBatchResult]] = deque()
         self._init_sockets(port_args)
@@ -353,6 +357,7 @@ class Scheduler:
         if self.enable_overlap:
             self._mark_pending(batch, result)
         result.copy_to_cpu()
+        AUDIT.step_end()
         self._profile_step()
         return result
 
@@ -555,6 +560,7 @@ class Scheduler:
             "integrity_error": self.check_integrity(),
             "memory_usage": self._memory_usage(),
             "effective_max_running_requests_per_dp": self.max_running_requests,
+            "sync_audit": AUDIT.report(),
         }
 
     def _memory_usage(self) -> dict:

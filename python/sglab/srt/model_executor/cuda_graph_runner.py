@@ -103,6 +103,6 @@ class CudaGraphRunner:
         self.out_cache_loc[:raw_bs].copy_(fb.out_cache_loc)
         self.positions[:raw_bs].copy_(fb.positions)
         self.model_runner.attn_backend.init_forward_metadata_replay_cuda_graph(
-            bs, self.req_pool_indices, self.seq_lens, int(fb.seq_lens_cpu.max()))
+            bs, self.req_pool_indices, self.seq_lens, fb.seq_lens_max)
         self.graphs[bs].replay()
         return LogitsProcessorOutput(next_token_logits=self.outputs[bs][:raw_bs])

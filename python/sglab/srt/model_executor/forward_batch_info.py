@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sglab.srt.debug.sync_audit import audit_region, h2d
+
 if TYPE_CHECKING:
     from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
     from sglab.srt.layers.sampler import SamplingBatchInfo
@@ -39,13 +41,6 @@ class ForwardMode(IntEnum):
         return self == ForwardMode.IDLE
 
 
-def h2d(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """Upload host data for this step: pageable source, non_blocking (upstream's pre-pinning form)."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device=device, dtype=dtype, non_blocking=True)
-    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
-
-
 @dataclass
 class ForwardBatch:
     forward_mode: ForwardMode
@@ -57,6 +52,7 @@ class ForwardBatch:
     positions: torch.Tensor  # [num_tokens] int64, device
     seq_lens_sum: int
     seq_lens_cpu: torch.Tensor  # [bs] int64
+    seq_lens_max: int = 0
     # Extend only (None for decode).
     extend_num_tokens: int | None = None
     extend_seq_lens: torch.Tensor | None = None
@@ -79,18 +75,26 @@ class ForwardBatch:
 
     @classmethod
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
+        with audit_region("ForwardBatch.init_new"):
+            return cls._init_new(batch, model_runner)
+
+    @classmethod
+    def _init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
+        # Patch 0001: pinned + non_blocking uploads; off = pageable + non_blocking, as before.
+        pin = model_runner.server_args.enable_pinned_h2d
         device = model_runner.device
         mode = batch.forward_mode
         fb = cls(
             forward_mode=mode,
             batch_size=len(batch.seq_lens_cpu),
-            input_ids=h2d(batch.input_ids, torch.int64, device),
-            req_pool_indices=h2d(batch.req_pool_indices, torch.int64, device),
-            seq_lens=h2d(batch.seq_lens_cpu, torch.int64, device),
-            out_cache_loc=h2d(batch.out_cache_loc, torch.int64, device),
+            input_ids=h2d(batch.input_ids, torch.int64, device, pin),
+            req_pool_indices=h2d(batch.req_pool_indices, torch.int64, device, pin),
+            seq_lens=h2d(batch.seq_lens_cpu, torch.int64, device, pin),
+            out_cache_loc=h2d(batch.out_cache_loc, torch.int64, device, pin),
             positions=None,  # type: ignore[arg-type]
-            seq_lens_sum=int(batch.seq_lens_sum),
+            seq_lens_sum=batch.seq_lens_sum,
             seq_lens_cpu=batch.seq_lens_cpu,
+            seq_lens_max=batch.seq_lens_max,
             return_logprob=batch.return_logprob,
             top_logprobs_nums=batch.top_logprobs_nums,
             sampling_info=batch.sampling_info,
@@ -101,35 +105,35 @@ class ForwardBatch:
         if mode.is_decode():
             fb.positions = (fb.seq_lens - 1).clamp(min=0)
         else:
-            fb._init_extend(batch, device)
-        fb._write_req_to_token(batch, device)
+            fb._init_extend(batch, device, pin)
+        fb._write_req_to_token(batch, device, pin)
         if fb.sampling_info is not None:
-            fb.sampling_info = fb.sampling_info.to_device(device)
+            fb.sampling_info = fb.sampling_info.to_device(device, pin)
         return fb
 
-    def _init_extend(self, batch: "ModelWorkerBatch", device) -> None:
+    def _init_extend(self, batch: "ModelWorkerBatch", device, pin: bool) -> None:
         self.extend_num_tokens = int(batch.extend_num_tokens)
         self.extend_seq_lens_cpu = list(batch.extend_seq_lens)
         self.extend_prefix_lens_cpu = list(batch.extend_prefix_lens)
         self.extend_logprob_start_lens_cpu = list(batch.extend_logprob_start_lens)
         self.extend_logprob_pruned_lens_cpu = list(batch.extend_logprob_pruned_lens)
-        self.extend_seq_lens = h2d(batch.extend_seq_lens, torch.int32, device)
-        self.extend_prefix_lens = h2d(batch.extend_prefix_lens, torch.int32, device)
+        self.extend_seq_lens = h2d(batch.extend_seq_lens, torch.int32, device, pin)
+        self.extend_prefix_lens = h2d(batch.extend_prefix_lens, torch.int32, device, pin)
         if batch.extend_input_logprob_token_ids is not None:
             self.extend_input_logprob_token_ids_gpu = h2d(
-                batch.extend_input_logprob_token_ids, torch.int64, device
+                batch.extend_input_logprob_token_ids, torch.int64, device, pin
             )
         self.positions, self.extend_start_loc = compute_position(
             self.extend_prefix_lens, self.extend_seq_lens, self.extend_num_tokens
         )
 
-    def _write_req_to_token(self, batch: "ModelWorkerBatch", device) -> None:
+    def _write_req_to_token(self, batch: "ModelWorkerBatch", device, pin: bool) -> None:
         """Apply the host's queued row writes, then record the new tokens' slots, in stream order."""
         pool = self.req_to_token_pool
         if batch.req_to_token_writes is not None:
             flat_idx, values = batch.req_to_token_writes
             pool.req_to_token.view(-1).index_copy_(
-                0, h2d(flat_idx, torch.int64, device), h2d(values, torch.int32, device)
+                0, h2d(flat_idx, torch.int64, device, pin), h2d(values, torch.int32, device, pin)
             )
         num_tokens = self.out_cache_loc.numel()
         if num_tokens == 0:

@@ -8,6 +8,7 @@ import os
 import torch
 
 from sglab.srt.configs.model_config import ModelConfig
+from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, Sampler
@@ -107,7 +108,8 @@ class ModelRunner:
     def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
         if self.graph_runner is not None and self.graph_runner.can_run(forward_batch):
             return self.graph_runner.replay(forward_batch)
-        self.attn_backend.init_forward_metadata(forward_batch)
+        with audit_region("attn_backend.init_forward_metadata"):
+            self.attn_backend.init_forward_metadata(forward_batch)
         return self.model.forward(forward_batch.input_ids, forward_batch.positions,
                                   forward_batch)
 

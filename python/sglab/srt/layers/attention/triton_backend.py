@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sglab.srt.debug.sync_audit import audit_region, list_to_device
 from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglab.srt.layers.attention.triton_ops.create_kv_indices import create_kv_indices
 from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
@@ -43,6 +44,8 @@ class ForwardMetadata:
     # Extend only.
     qo_indptr: torch.Tensor | None = None
     max_extend_len: int = 0
+    # Unified extend, "kernel" index build: built once per forward, on first use.
+    unified: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _indptr(lens: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,11 @@ class TritonAttnBackend(AttentionBackend):
         self.num_q_heads = mc.num_attention_heads
         self.head_dim = mc.head_dim
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
-        self.enable_deterministic = model_runner.server_args.enable_deterministic_inference
+        args = model_runner.server_args
+        self.enable_deterministic = args.enable_deterministic_inference
+        # Patch 0002: how _forward_extend_unified builds its indices.
+        self.unified_index_build = (args.unified_index_build
+                                    if args.enable_sync_free_unified_extend else "loop")
         if self.enable_deterministic:
             self.max_kv_splits = -(-mc.context_len // DETERMINISTIC_SPLIT_TILE_SIZE)
         else:
@@ -90,7 +97,7 @@ class TritonAttnBackend(AttentionBackend):
             create_kv_indices(self.req_to_token, fb.req_pool_indices, fb.seq_lens, kv_indptr,
                               None, kv_indices)
             logits, lse = self._decode_scratch(fb.batch_size)
-            splits = self._num_kv_splits(fb.seq_lens, int(fb.seq_lens_cpu.max()))
+            splits = self._num_kv_splits(fb.seq_lens, fb.seq_lens_max)
             self.forward_metadata = ForwardMetadata(kv_indptr, kv_indices, logits, lse, splits)
             return
         prefix_lens = fb.extend_prefix_lens
@@ -153,14 +160,52 @@ class TritonAttnBackend(AttentionBackend):
     def _forward_extend_unified(self, q: torch.Tensor, o: torch.Tensor, layer: "RadixAttention",
                                 fb: "ForwardBatch") -> None:
         """1-stage extend over prefix ++ extend keys read from the pool (deterministic mode)."""
+        with audit_region("_forward_extend_unified"):
+            build = {"loop": self._build_unified_loop, "batched": self._build_unified_batched,
+                     "kernel": self._build_unified_kernel}[self.unified_index_build]
+            unified_indptr, unified_indices, prefix_lens = build(fb)
+            md = self.forward_metadata
+            k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            extend_attention_fwd_unified(q, o, k_buf, v_buf, md.qo_indptr, unified_indptr,
+                                         unified_indices, prefix_lens, md.max_extend_len,
+                                         layer.scaling, layer.logit_cap)
+
+    def _build_unified_loop(self, fb: "ForwardBatch"):
+        """Before sglang#11536: per layer, per request scalar reads (4 syncs each) + 2 H2D."""
         md = self.forward_metadata
-        unified_indptr, unified_indices, prefix_lens = build_unified_kv_indices(
-            md.kv_indptr, md.kv_indices, fb.extend_start_loc, fb.extend_seq_lens,
-            fb.out_cache_loc, fb.batch_size)
-        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        extend_attention_fwd_unified(q, o, k_buf, v_buf, md.qo_indptr, unified_indptr,
-                                     unified_indices, prefix_lens, md.max_extend_len,
-                                     layer.scaling, layer.logit_cap)
+        parts, indptr, plens = [], [0], []
+        for i in range(fb.batch_size):
+            ps, pe = md.kv_indptr[i].item(), md.kv_indptr[i + 1].item()
+            s, n = fb.extend_start_loc[i].item(), fb.extend_seq_lens[i].item()
+            parts += [md.kv_indices[ps:pe], fb.out_cache_loc[s:s + n]]
+            plens.append(pe - ps)
+            indptr.append(indptr[-1] + (pe - ps) + n)
+        unified_indices = torch.cat(parts)
+        unified_indptr = list_to_device(indptr, torch.int32, self.device)
+        prefix_lens = list_to_device(plens, torch.int32, self.device)
+        return unified_indptr, unified_indices, prefix_lens
+
+    def _build_unified_batched(self, fb: "ForwardBatch"):
+        """sglang#11536: lengths on the device, one D2H of the per-request offsets per call."""
+        md, bs = self.forward_metadata, fb.batch_size
+        plens = md.kv_indptr[1:bs + 1] - md.kv_indptr[:bs]
+        unified_indptr = _indptr(plens + fb.extend_seq_lens[:bs])
+        meta = torch.stack([md.kv_indptr[:bs], md.kv_indptr[1:bs + 1],
+                            fb.extend_start_loc[:bs].to(md.kv_indptr.dtype),
+                            fb.extend_seq_lens[:bs].to(md.kv_indptr.dtype)]).tolist()
+        parts = []
+        for ps, pe, s, n in zip(*meta):
+            parts += [md.kv_indices[ps:pe], fb.out_cache_loc[s:s + n]]
+        return unified_indptr, torch.cat(parts), plens.to(torch.int32)
+
+    def _build_unified_kernel(self, fb: "ForwardBatch"):
+        """Upstream main: a copy kernel sized from host-known numels, once per forward."""
+        md = self.forward_metadata
+        if md.unified is None:
+            md.unified = build_unified_kv_indices(md.kv_indptr, md.kv_indices,
+                                                  fb.extend_start_loc, fb.extend_seq_lens,
+                                                  fb.out_cache_loc, fb.batch_size)
+        return md.unified
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True) -> torch.Tensor:

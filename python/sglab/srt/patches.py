@@ -1,0 +1,63 @@
+"""The patch registry: every carried upstream change, its flag and its document.
+
+Each patch has one `ServerArgs` field (`enable_<flag>`, on by default), the CLI pair
+`--enable-<flag>` / `--disable-<flag>`, and can be set in bulk with `--patches none|all|<ids>`.
+Explicit per-patch flags win over `--patches`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Patch:
+    id: str
+    slug: str
+    flag: str  # ServerArgs field is f"enable_{flag}"; CLI is --enable-/--disable-<flag with dashes>
+    upstream: str
+    title: str
+
+    @property
+    def field(self) -> str:
+        return f"enable_{self.flag}"
+
+    @property
+    def cli(self) -> str:
+        return self.flag.replace("_", "-")
+
+    @property
+    def doc(self) -> str:
+        return f"patches/{self.id}-{self.slug}.md"
+
+
+PATCHES: list[Patch] = [
+    Patch("0001", "pinned-h2d-forward-batch", "pinned_h2d", "sglang#21360",
+          "pinned + non_blocking H2D in ForwardBatch.init_new"),
+    Patch("0002", "sync-free-unified-extend", "sync_free_unified_extend", "sglang#11536",
+          "_forward_extend_unified index build without per-request GPU->CPU syncs"),
+    Patch("0003a", "sync-free-logits-metadata", "sync_free_logits_metadata",
+          "sglang#19190 / #24627",
+          "logits processor: pinned index tensors, repeat_interleave(output_size=)"),
+]
+
+PATCH_BY_ID: dict[str, Patch] = {p.id: p for p in PATCHES}
+
+
+def parse_patch_list(value: str) -> set[str]:
+    """`none`, `all`, or comma-separated ids; raises ValueError naming the unknown id."""
+    value = value.strip().lower()
+    if value == "all":
+        return set(PATCH_BY_ID)
+    if value in ("none", ""):
+        return set()
+    ids = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = sorted(ids - set(PATCH_BY_ID))
+    if unknown:
+        raise ValueError(f"--patches: unknown patch id(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(PATCH_BY_ID)}, or all/none)")
+    return ids
+
+
+def active_patch_ids(server_args) -> list[str]:
+    return [p.id for p in PATCHES if getattr(server_args, p.field, False)]

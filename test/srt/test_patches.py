@@ -1,0 +1,96 @@
+"""Patches: flags and registry, sync-audit counts off vs on, identical outputs off vs on."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sglab.srt.debug.sync_audit import AUDIT
+from sglab.srt.patches import PATCHES, active_patch_ids
+from sglab.srt.server_args import ServerArgs, ServerArgsError, prepare_server_args
+from sglab.test.runners import SchedulerRunner
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def path(tiny_model_dir):
+    return tiny_model_dir("tiny-qwen3")
+
+
+@pytest.fixture
+def audit():
+    yield AUDIT
+    AUDIT.enabled = False
+    AUDIT.reset()
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(1000) for _ in range(40)]
+    return [shared + [rng.randrange(1000) for _ in range(n)] for n in (5, 11, 23)]
+
+
+def test_patch_flags(path):
+    assert set(active_patch_ids(ServerArgs(model_path=path))) == {p.id for p in PATCHES}
+    assert active_patch_ids(ServerArgs(model_path=path, patches="none")) == []
+    args = prepare_server_args(["--model-path", path, "--patches", "0001,0003a",
+                                "--disable-pinned-h2d", "--enable-sync-free-unified-extend"])
+    assert active_patch_ids(args) == ["0002", "0003a"]
+    with pytest.raises(ServerArgsError, match="unknown patch id.*0042"):
+        ServerArgs(model_path=path, patches="0001,0042")
+    for patch in PATCHES:
+        assert hasattr(ServerArgs, patch.field), patch.field
+
+
+def _run(path: str, prompts, **kwargs):
+    runner = SchedulerRunner(model_path=path, enable_sync_audit=True, **kwargs)
+    first = runner.generate(prompts[:1], GREEDY, return_logprob=True)
+    rest = runner.generate(prompts[1:], GREEDY, return_logprob=True)
+    outs = first + rest
+    assert rest[0].cached_tokens >= 40
+    assert runner.integrity_error() is None
+    return outs, list(AUDIT.steps)
+
+
+def _same_outputs(a, b) -> None:
+    assert [o.output_ids for o in a] == [o.output_ids for o in b]
+    assert [o.logprobs for o in a] == [o.logprobs for o in b]
+
+
+def test_0001_pinned_h2d(path, audit):
+    prompts = _prompts()
+    off, off_steps = _run(path, prompts, patches="none")
+    AUDIT.reset()
+    on, on_steps = _run(path, prompts, patches="0001")
+    _same_outputs(off, on)
+    region = "ForwardBatch.init_new"
+    assert all(step.get((region, "pageable_h2d"), 0) == 0 for step in on_steps)
+    # Before the patch: every upload in init_new is a pageable copy; a decode step makes
+    # 4 batch tensors + 5 sampling tensors.
+    counts = [step.get((region, "pageable_h2d"), 0) for step in off_steps]
+    assert min(counts) == 9 and all(c >= 9 for c in counts)
+
+
+@pytest.mark.parametrize("build", ["batched", "kernel"])
+def test_0002_unified_extend_index_build(path, audit, build):
+    prompts = _prompts(1)
+    kwargs = {"attention_backend": "triton", "enable_deterministic_inference": True}
+    off, off_steps = _run(path, prompts, patches="none", **kwargs)
+    AUDIT.reset()
+    on, on_steps = _run(path, prompts, patches="0002", unified_index_build=build, **kwargs)
+    _same_outputs(off, on)
+    layers = 2
+    region = "_forward_extend_unified"
+    extend_steps = [s for s in off_steps if (region, "d2h") in s]
+    assert len(extend_steps) == 2  # the two prefill batches
+    for step, bs in zip(extend_steps, (1, 2)):
+        assert step[(region, "d2h")] == layers * 4 * bs
+        assert step[(region, "blocking_h2d")] == layers * 2
+    on_extend = [s for s in on_steps if any(r == region for r, _ in s)]
+    if build == "batched":
+        assert [s.get((region, "d2h")) for s in on_extend] == [layers, layers]
+        assert all(k == "d2h" for s in on_extend for (r, k) in s if r == region)
+    else:
+        assert on_extend == [] or all(r != region for s in on_extend for (r, _) in s)
