@@ -1,0 +1,180 @@
+"""A/B a patch end to end: the same server and workload with the patch off and on.
+
+    python -m sglab.bench_ab --patch 0001 --model-path DIR [--server-args "..."] \\
+        [--repeats 2] [--out-dir DIR] -- --dataset-name random-ids --num-prompts 64 ...
+
+Rounds alternate off, on, off, on; each launches a fresh server with `--enable-sync-audit`,
+runs bench_serving (fixed seed, greedy, `--output-details`), reads the audit from
+`/get_server_info`, and stops the server. The report gives medians per variant, the on/off ratio
+and its spread across rounds, syncs per step, and whether outputs were token-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import tempfile
+import time
+
+import requests
+
+from sglab import bench_serving
+from sglab.srt.patches import PATCH_BY_ID
+from sglab.srt.utils.process import kill_server, popen_launch_server
+
+METRICS = ["median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p95_itl_ms",
+           "output_throughput"]
+
+
+def variant_flags(patch: str, on: bool) -> list[str]:
+    if patch == "all":
+        return ["--patches", "all" if on else "none"]
+    p = PATCH_BY_ID[patch]
+    return [f"--{'enable' if on else 'disable'}-{p.cli}"]
+
+
+def run_variant(args: argparse.Namespace, on: bool, bench_argv: list[str]) -> dict:
+    server_argv = ["--model-path", args.model_path, "--enable-sync-audit",
+                   *shlex.split(args.server_args), *variant_flags(args.patch, on)]
+    server = popen_launch_server(server_argv, timeout=args.launch_timeout)
+    try:
+        out_file = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
+        bargs = bench_serving.parse_args([
+            "--backend", "sglab", "--base-url", server.base_url, "--output-file", out_file,
+            "--output-details", "--disable-tqdm", *bench_argv])
+        result = bench_serving.run_benchmark(bargs)
+        info = requests.get(f"{server.base_url}/get_server_info", timeout=30).json()
+    finally:
+        kill_server(server)
+    states = info.get("internal_states") or [{}]
+    return {"on": on, "result": {k: result.get(k) for k in METRICS + ["completed"]},
+            "itls": [x for per_req in result.get("itls", []) for x in per_req],
+            "generated_texts": result.get("generated_texts", []),
+            "output_lens": result.get("output_lens", []),
+            "sync_audit": states[0].get("sync_audit"),
+            "active_patches": info.get("active_patches")}
+
+
+def summarize(runs: list[dict]) -> dict:
+    off = [r for r in runs if not r["on"]]
+    on = [r for r in runs if r["on"]]
+    summary = {}
+    for m in METRICS:
+        off_v = [r["result"][m] for r in off if r["result"][m] is not None]
+        on_v = [r["result"][m] for r in on if r["result"][m] is not None]
+        if not off_v or not on_v:
+            continue
+        ratios = [b / a for a, b in zip(off_v, on_v) if a]
+        summary[m] = {"off": statistics.median(off_v), "on": statistics.median(on_v),
+                      "ratio": statistics.median(ratios) if ratios else None,
+                      "ratio_min": min(ratios, default=None),
+                      "ratio_max": max(ratios, default=None)}
+    summary["syncs_per_step"] = {
+        "off": statistics.median(_syncs(r) for r in off),
+        "on": statistics.median(_syncs(r) for r in on)}
+    reference = off[0]
+    summary["outputs_identical"] = all(
+        r["generated_texts"] == reference["generated_texts"]
+        and r["output_lens"] == reference["output_lens"] for r in runs)
+    return summary
+
+
+def _syncs(run: dict) -> float:
+    audit = run.get("sync_audit") or {}
+    return float(audit.get("syncs_per_step", 0.0))
+
+
+def to_markdown(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"# bench_ab: patch {report['patch']}", "",
+             f"model `{report['model_path']}`, server args `{report['server_args']}`, "
+             f"bench args `{' '.join(report['bench_args'])}`, {report['repeats']} rounds "
+             f"(off/on alternating), commit {report.get('commit', 'unknown')}", "",
+             "| metric | off (median) | on (median) | on/off | spread across rounds |",
+             "|---|---|---|---|---|"]
+    for m in METRICS:
+        if m in s:
+            v = s[m]
+            lines.append(f"| {m} | {v['off']:.3f} | {v['on']:.3f} | {v['ratio']:.3f} | "
+                         f"{v['ratio_min']:.3f} – {v['ratio_max']:.3f} |")
+    sy = s["syncs_per_step"]
+    lines += ["", f"Audited host syncs + pageable H2D per step: off {sy['off']:.2f}, "
+              f"on {sy['on']:.2f}", f"Outputs token-identical off vs on: "
+              f"{'yes' if s['outputs_identical'] else 'NO'}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_itls(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for on, label in ((False, "patch off"), (True, "patch on")):
+        itls = [x * 1e3 for r in runs if r["on"] == on for x in r["itls"]]
+        if itls:
+            ax.hist(itls, bins=60, alpha=0.55, label=label)
+    ax.set_xlabel("inter-token latency (ms)")
+    ax.set_ylabel("count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m sglab.bench_ab")
+    parser.add_argument("--patch", required=True, help="patch id, or all")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--server-args", default="", help="extra launch_server arguments")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out-dir", default="benchmark/results")
+    parser.add_argument("--tag", default=None, help="file name stem (default: date + patch)")
+    parser.add_argument("--launch-timeout", type=float, default=600.0)
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER,
+                        help="after --: bench_serving arguments")
+    args = parser.parse_args(argv)
+    if args.patch != "all" and args.patch not in PATCH_BY_ID:
+        parser.error(f"--patch: unknown patch id {args.patch!r} "
+                     f"(known: {', '.join(PATCH_BY_ID)}, all)")
+    bench_argv = [a for a in args.bench_args if a != "--"]
+    if "--seed" not in bench_argv:
+        bench_argv += ["--seed", "1"]
+    runs = []
+    for _ in range(args.repeats):
+        for on in (False, True):
+            runs.append(run_variant(args, on, bench_argv))
+    report = {"patch": args.patch, "model_path": args.model_path,
+              "server_args": args.server_args, "bench_args": bench_argv,
+              "repeats": args.repeats, "commit": _commit(), "summary": summarize(runs),
+              "runs": [{k: v for k, v in r.items() if k not in ("itls", "generated_texts")}
+                       for r in runs]}
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, args.tag or
+                        f"{time.strftime('%Y-%m-%d')}-bench-ab-{args.patch}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(to_markdown(report))
+    plot_itls(runs, stem + ".png")
+    print(to_markdown(report))
+    return report
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

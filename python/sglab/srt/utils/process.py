@@ -1,0 +1,78 @@
+"""Launching and stopping `python -m sglab.launch_server` processes (benchmarks and tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import psutil
+import requests
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    base_url: str
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def popen_launch_server(args: list[str], timeout: float = 600.0,
+                        env: dict | None = None) -> ServerProcess:
+    """Start a server on a free port and wait until GET /health_generate answers 200."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w", prefix="sglab-server-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "sglab.launch_server", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
+    http = requests.Session()
+    http.trust_env = False
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if http.get(f"{server.base_url}/health_generate", timeout=5).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    kill_server(server)
+    raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log()[-4000:]}")
+
+
+def kill_server(server: ServerProcess, grace_s: float = 30.0) -> None:
+    """SIGTERM (a clean shutdown), then SIGKILL whatever is left of the process tree."""
+    proc = server.process
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
