@@ -94,3 +94,24 @@ def test_0002_unified_extend_index_build(path, audit, build):
         assert all(k == "d2h" for s in on_extend for (r, k) in s if r == region)
     else:
         assert on_extend == [] or all(r != region for s in on_extend for (r, _) in s)
+
+
+def test_0003a_logits_metadata(path, audit):
+    prompts = _prompts(2)
+    runs = {}
+    for patches in ("none", "0003a"):
+        AUDIT.reset()
+        runner = SchedulerRunner(model_path=path, enable_sync_audit=True, patches=patches)
+        outs = runner.generate(prompts, GREEDY, return_logprob=True, logprob_start_len=3,
+                               top_logprobs_num=2)
+        runs[patches] = (outs, list(AUDIT.steps))
+    _same_outputs(runs["none"][0], runs["0003a"][0])
+    assert all(len(o.logprobs["input_token_logprobs_val"]) == len(p) - 3
+               for o, p in zip(runs["0003a"][0], prompts))
+    region = "LogitsProcessor"
+    prefill = [s for s in runs["none"][1] if any(r == region for r, _ in s)]
+    assert len(prefill) == 1
+    # Before: three lists uploaded with blocking copies, one repeat_interleave that syncs.
+    assert prefill[0][(region, "blocking_h2d")] == 3
+    assert prefill[0][(region, "repeat_interleave_no_output_size")] == 1
+    assert all(r != region for s in runs["0003a"][1] for (r, _) in s)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sglab.srt.debug.sync_audit import audit_region, h2d, list_to_device
+
 if TYPE_CHECKING:
     from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 
@@ -26,18 +28,21 @@ class LogitsProcessor(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.logit_scale = logit_scale
+        # Patch 0003a, set once by the ModelRunner from --enable-sync-free-logits-metadata.
+        self.sync_free_metadata = True
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, lm_head: nn.Module,
                 forward_batch: "ForwardBatch") -> LogitsProcessorOutput:
         fb = forward_batch
         if fb.forward_mode.is_decode():
             return LogitsProcessorOutput(self._get_logits(hidden_states, lm_head))
-        last_index = fb.extend_start_loc + fb.extend_seq_lens.to(torch.int64) - 1
-        out = LogitsProcessorOutput(self._get_logits(hidden_states[last_index], lm_head))
-        pruned_lens = fb.extend_logprob_pruned_lens_cpu
-        if fb.return_logprob and pruned_lens is not None and sum(pruned_lens) > 0:
-            self._input_logprobs(out, hidden_states, lm_head, fb, pruned_lens)
-        return out
+        with audit_region("LogitsProcessor"):
+            pruned_lens = fb.extend_logprob_pruned_lens_cpu
+            if not (fb.return_logprob and pruned_lens is not None and sum(pruned_lens) > 0):
+                last_index = fb.extend_start_loc + fb.extend_seq_lens.to(torch.int64) - 1
+                return LogitsProcessorOutput(self._get_logits(hidden_states[last_index],
+                                                              lm_head))
+            return self._with_input_logprobs(hidden_states, lm_head, fb, pruned_lens)
 
     def _get_logits(self, hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         # The head may be the (tied) input embedding: project through its weight directly.
@@ -46,25 +51,38 @@ class LogitsProcessor(nn.Module):
             logits.mul_(self.logit_scale)
         return logits[:, : self.vocab_size]
 
-    def _input_logprobs(self, out: LogitsProcessorOutput, hidden_states: torch.Tensor,
-                        lm_head: nn.Module, fb: "ForwardBatch", pruned_lens: list[int]) -> None:
-        device = hidden_states.device
-        indices = []
-        for start_loc, offset, n in zip(_prefix_sums(fb.extend_seq_lens_cpu),
-                                        fb.extend_logprob_start_lens_cpu, pruned_lens):
-            indices.extend(range(start_loc + offset, start_loc + offset + n))
-        input_logprob_indices = torch.tensor(indices, dtype=torch.int64, device=device)
-        logits = self._get_logits(hidden_states[input_logprob_indices], lm_head)
-        temps = fb.sampling_info.temperatures
-        pruned = torch.tensor(pruned_lens, device=device)
-        logits = logits / torch.repeat_interleave(temps.view(-1), pruned).unsqueeze(1)
+    def _with_input_logprobs(self, hidden_states: torch.Tensor, lm_head: nn.Module,
+                             fb: "ForwardBatch", pruned_lens: list[int]) -> LogitsProcessorOutput:
+        """Next-token logits plus the logprobs of the prompt tokens each request asked for."""
+        sample_indices, input_logprob_indices = [], []
+        for start_loc, offset, n, ext in zip(_prefix_sums(fb.extend_seq_lens_cpu),
+                                             fb.extend_logprob_start_lens_cpu, pruned_lens,
+                                             fb.extend_seq_lens_cpu):
+            sample_indices.append(start_loc + ext - 1)
+            input_logprob_indices.extend(range(start_loc + offset, start_loc + offset + n))
+        device, num_logprob_tokens = hidden_states.device, len(input_logprob_indices)
+        if self.sync_free_metadata:
+            # Patch 0003a: pinned + non_blocking uploads; output_size from the host list.
+            sample_idx = h2d(sample_indices, torch.int64, device, pin=True)
+            logprob_idx = h2d(input_logprob_indices, torch.int64, device, pin=True)
+            pruned = h2d(pruned_lens, torch.int64, device, pin=True)
+            temps = torch.repeat_interleave(fb.sampling_info.temperatures.view(-1), pruned,
+                                            output_size=num_logprob_tokens)
+        else:
+            # Before sglang#19190: blocking uploads from lists, repeat_interleave that syncs.
+            sample_idx = list_to_device(sample_indices, torch.int64, device)
+            logprob_idx = list_to_device(input_logprob_indices, torch.int64, device)
+            pruned = list_to_device(pruned_lens, torch.int64, device)
+            temps = torch.repeat_interleave(fb.sampling_info.temperatures.view(-1), pruned)
+        out = LogitsProcessorOutput(self._get_logits(hidden_states[sample_idx], lm_head))
+        logits = self._get_logits(hidden_states[logprob_idx], lm_head) / temps.unsqueeze(1)
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = fb.extend_input_logprob_token_ids_gpu
         out.input_token_logprobs = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
         max_k = max(fb.top_logprobs_nums or [0])
         if max_k > 0:
-            val, idx = logprobs.topk(max_k, dim=-1)
-            out.input_top_logprobs_val, out.input_top_logprobs_idx = val, idx
+            out.input_top_logprobs_val, out.input_top_logprobs_idx = logprobs.topk(max_k, dim=-1)
+        return out
 
 
 def _prefix_sums(lens: list[int]) -> list[int]:

@@ -40,6 +40,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.model = get_model(model_config, server_args.load_format, server_args.device)
+        self.model.logits_processor.sync_free_metadata = (
+            server_args.enable_sync_free_logits_metadata)
         self.sampler = Sampler()
         self.init_memory_pool()
         self.attn_backend = self._make_attn_backend()
