@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from sglab.srt.debug.sync_audit import AUDIT
 from sglab.srt.patches import PATCHES, active_patch_ids
@@ -115,3 +116,26 @@ def test_0003a_logits_metadata(path, audit):
     assert prefill[0][(region, "blocking_h2d")] == 3
     assert prefill[0][(region, "repeat_interleave_no_output_size")] == 1
     assert all(r != region for s in runs["0003a"][1] for (r, _) in s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_sync_debug_mode_sees_the_syncs(path, audit):
+    """On CUDA the audit counts what torch.cuda.set_sync_debug_mode reports."""
+    prompts = _prompts(3)
+    kwargs = {"device": "cuda", "attention_backend": "triton",
+              "enable_deterministic_inference": True, "disable_cuda_graph": True}
+    counts = {}
+    for patches in ("none", "all"):
+        AUDIT.reset()
+        runner = SchedulerRunner(model_path=path, enable_sync_audit=True, patches=patches,
+                                 unified_index_build="kernel", **kwargs)
+        outs = runner.generate(prompts, GREEDY, return_logprob=True, logprob_start_len=0)
+        counts[patches] = (outs, AUDIT.report()["totals"])
+    _same_outputs(counts["none"][0], counts["all"][0])
+    off, on = counts["none"][1], counts["all"][1]
+    assert off["_forward_extend_unified"]["cuda_sync"] > 0
+    assert off["LogitsProcessor"]["cuda_sync"] > 0
+    assert off["ForwardBatch.init_new"]["pageable_h2d"] > 0
+    for region in ("_forward_extend_unified", "LogitsProcessor", "ForwardBatch.init_new"):
+        assert not on.get(region), (region, on.get(region))
