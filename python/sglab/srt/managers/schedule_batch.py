@@ -45,7 +45,7 @@ class Req:
     def __init__(self, rid: str, origin_input_text: str | None, origin_input_ids: list[int],
                  sampling_params: SamplingParams, seed: int, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
-                 eos_token_ids: set[int] | None = None):
+                 eos_token_ids: set[int] | None = None, lora_id: str | None = None):
         self.rid = rid
         self.origin_input_text = origin_input_text
         self.origin_input_ids = origin_input_ids
@@ -53,6 +53,7 @@ class Req:
         self.seed = seed
         self.stream = stream
         self.eos_token_ids = eos_token_ids or set()
+        self.lora_id = lora_id  # the adapter's id (not its name); None = the base model
         self.output_ids: list[int] = []
         # Overlap scheduling: a token sampled on the device that the host has not read yet,
         # addressed by its slot in the worker's future map.
@@ -137,7 +138,7 @@ class Req:
         if params.max_new_tokens is not None and len(self.output_ids) >= params.max_new_tokens:
             self.finished_reason = finish_length(params.max_new_tokens)
             return
-        if self.seqlen >= context_len:
+        if len(self.origin_input_ids) + len(self.output_ids) >= context_len:
             self.finished_reason = finish_length(len(self.output_ids))
             return
         if len(self.output_ids) < params.min_new_tokens:
@@ -182,6 +183,9 @@ class ModelWorkerBatch:
     extend_input_logprob_token_ids: torch.Tensor | None = None
     req_to_token_writes: tuple[torch.Tensor, torch.Tensor] | None = None
     has_future_input_ids: bool = False
+    # LoRA: each request's adapter id, and the adapters of the batch still in flight.
+    lora_ids: list[str | None] | None = None
+    lora_inflight_ids: set[str | None] | None = None
 
 
 @dataclass
@@ -368,6 +372,7 @@ class ScheduleBatch:
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             req_to_token_writes=self.req_to_token_pool.pop_pending_writes(),
             has_future_input_ids=any(r.num_pending_tokens for r in reqs),
+            lora_ids=[r.lora_id for r in reqs],
         )
         if self.forward_mode.is_extend():
             mwb.extend_num_tokens = self.extend_num_tokens

@@ -209,11 +209,15 @@ class TokenizerManager:
             raise EngineDeadError(self.dead_message)
 
     def close(self) -> None:
+        """Close the sockets and terminate the ZMQ contexts (a context collected with open
+        sockets would block the garbage collector forever)."""
         if self.handle_loop_task is not None and self.event_loop is not None \
                 and not self.event_loop.is_closed():
             self.event_loop.call_soon_threadsafe(self.handle_loop_task.cancel)
         self.send_to_scheduler.close(linger=0)
         self.recv_from_detokenizer.close(linger=0)
+        self.zmq_context.term()
+        self.async_zmq_context.term()
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -475,13 +479,15 @@ class TokenizerManager:
         interval = sampling_params.stream_interval
         if interval is not None and (not _is_int(interval) or interval < 1):
             raise ValueError(f"stream_interval must be a positive integer, got {interval!r}.")
-        budget = min(self.context_len, self.max_total_num_tokens or self.context_len) - prompt_len
+        # As upstream: prompt + output stays below the context length (and the KV pool).
+        max_req_len = min(self.context_len, self.max_total_num_tokens or self.context_len) - 1
+        budget = max_req_len - prompt_len
         max_new = sampling_params.max_new_tokens
         if "max_new_tokens" not in params:
             sampling_params.max_new_tokens = max(0, min(DEFAULT_MAX_NEW_TOKENS, budget))
         elif max_new is None:
             sampling_params.max_new_tokens = max(0, budget)
-        elif prompt_len + max_new > self.context_len:
+        elif prompt_len + max_new >= self.context_len:
             raise ValueError(
                 f"Requested token count exceeds the model's maximum context length of "
                 f"{self.context_len} tokens. You requested a total of {prompt_len + max_new} "

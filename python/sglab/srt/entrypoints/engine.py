@@ -1,0 +1,388 @@
+"""Process launching shared by the offline Engine and the HTTP server, and the Engine itself.
+
+The Engine runs the TokenizerManager's asyncio loop in a background thread, so `generate` is
+a plain blocking call that works from any thread (also inside a running event loop, as in a
+notebook), and `async_generate` can be awaited on the caller's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from sglab.srt.managers.io_struct import FlushCacheReqOutput, GenerateReqInput
+from sglab.srt.managers.tokenizer_manager import TokenizerManager
+from sglab.srt.server_args import PortArgs, ServerArgs
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class ChildProcesses:
+    """The scheduler and detokenizer processes of one server, and the thread watching them."""
+
+    def __init__(self, processes: list[mp.process.BaseProcess], ipc_dir: str | None):
+        self.processes = processes
+        self.ipc_dir = ipc_dir
+        self._stopping = threading.Event()
+        self._killed = False
+
+    def start_watchdog(self, on_death: Callable[[str], None]) -> None:
+        """Call `on_death(message)` (from a thread) if a child exits before kill()."""
+        threading.Thread(target=self._watch, args=(on_death,), name="sglab-child-watchdog",
+                         daemon=True).start()
+
+    def _watch(self, on_death: Callable[[str], None]) -> None:
+        sentinels = {p.sentinel: p for p in self.processes}
+        while not self._stopping.is_set():
+            ready = mp.connection.wait(list(sentinels), timeout=1.0)
+            if not ready or self._stopping.is_set():
+                continue
+            proc = sentinels[ready[0]]
+            proc.join(1.0)
+            message = (f"Child process {proc.name} (pid {proc.pid}) exited unexpectedly with "
+                       f"exit code {proc.exitcode}; see its log above.")
+            logger.error(message)
+            on_death(message)
+            return
+
+    def kill(self) -> None:
+        """Terminate every child and its descendants; idempotent."""
+        if self._killed:
+            return
+        self._killed = True
+        self._stopping.set()
+        for proc in self.processes:
+            _kill_process_tree(proc)
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def _kill_process_tree(proc: mp.process.BaseProcess) -> None:
+    """SIGKILL `proc` and its descendants (children ignore SIGTERM, see _run_child)."""
+    if proc.pid is None:
+        return
+    try:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001 - the process may be gone already
+        pass
+    if proc.is_alive():
+        proc.kill()
+    proc.join(5.0)
+
+
+def _run_child(target: Callable[..., None], *args: Any) -> None:
+    """Process entry point: the parent alone decides when we stop, and we die with it.
+
+    SIGINT and SIGTERM sent to the whole process group (Ctrl-C, `kill -- -PGID`) are ignored,
+    so the parent can shut down in order instead of seeing its children crash.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _set_process_name(mp.current_process().name)
+    parent_pid = os.getppid()
+
+    def watch_parent() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch_parent, name="sglab-parent-watch", daemon=True).start()
+    target(*args)
+
+
+def _set_process_name(name: str) -> None:
+    """Show `name` (cut to 15 bytes) in ps/top, as upstream's setproctitle does."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _ipc_dir(port_args: PortArgs) -> str | None:
+    path = os.path.dirname(port_args.tokenizer_ipc_name.removeprefix("ipc://"))
+    tmp = os.path.realpath(tempfile.gettempdir())
+    if os.path.basename(path).startswith("sglab-ipc-") and \
+            os.path.realpath(os.path.dirname(path)) == tmp:
+        return path
+    return None
+
+
+def _launch_subprocesses(server_args: ServerArgs) -> tuple[TokenizerManager, dict]:
+    """Start the scheduler and detokenizer, build the TokenizerManager, wait for readiness.
+
+    The returned TokenizerManager carries the children as `tokenizer_manager.child_processes`.
+    Raises RuntimeError with the scheduler's message if it fails or dies while starting.
+    """
+    from sglab.srt.managers.detokenizer_manager import run_detokenizer_process
+    from sglab.srt.managers.scheduler import run_scheduler_process
+
+    port_args = PortArgs.init_new(server_args)
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    scheduler = ctx.Process(target=_run_child, name="sglab::scheduler",
+                            args=(run_scheduler_process, server_args, port_args, writer))
+    scheduler.start()
+    writer.close()
+    processes = [scheduler]
+    if not server_args.skip_tokenizer_init:
+        detokenizer = ctx.Process(target=_run_child, name="sglab::detokenizer",
+                                  args=(run_detokenizer_process, server_args, port_args))
+        detokenizer.start()
+        processes.append(detokenizer)
+    children = ChildProcesses(processes, _ipc_dir(port_args))
+    # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO).
+    atexit.register(children.kill)
+    tokenizer_manager = None
+    try:
+        tokenizer_manager = TokenizerManager(server_args, port_args)
+        scheduler_info = _wait_for_scheduler(reader, scheduler, processes)
+    except BaseException:
+        children.kill()
+        if tokenizer_manager is not None:
+            tokenizer_manager.close()
+        raise
+    finally:
+        reader.close()
+    tokenizer_manager.set_scheduler_info(scheduler_info)
+    tokenizer_manager.child_processes = children
+    return tokenizer_manager, scheduler_info
+
+
+def _wait_for_scheduler(reader: Any, scheduler: mp.process.BaseProcess,
+                        processes: list[mp.process.BaseProcess]) -> dict:
+    while not reader.poll(0.5):
+        for proc in processes:
+            if not proc.is_alive() and not (proc is scheduler and reader.poll(0)):
+                proc.join(1.0)
+                raise RuntimeError(f"{proc.name} died during initialization (exit code "
+                                   f"{proc.exitcode}); see its log above.")
+    try:
+        message = reader.recv()
+    except EOFError:
+        scheduler.join(5.0)
+        raise RuntimeError(f"The scheduler process died during initialization (exit code "
+                           f"{scheduler.exitcode}); see its log above.") from None
+    if message.get("status") != "ready":
+        raise RuntimeError(f"The scheduler failed to start: {message.get('message')}")
+    return message
+
+
+def _shutdown(tokenizer_manager: TokenizerManager, loop: asyncio.AbstractEventLoop,
+              thread: threading.Thread) -> None:
+    tokenizer_manager.child_processes.kill()
+    tokenizer_manager.notify_dead("The engine was shut down.")
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all_tasks(), loop).result(timeout=5.0)
+        except Exception:  # noqa: BLE001 - best effort; the loop stops below anyway
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5.0)
+    tokenizer_manager.close()
+
+
+async def _cancel_all_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _first(agen: AsyncIterator) -> Any:
+    try:
+        return await agen.__anext__()
+    finally:
+        await agen.aclose()
+
+
+async def _aclose(agen: AsyncIterator) -> None:
+    await agen.aclose()
+
+
+async def _anext(agen: AsyncIterator) -> Any:
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        return _DONE
+
+
+class Engine:
+    """The offline, in-process entry point: `Engine(model_path=...).generate(prompt, params)`.
+
+    Takes ServerArgs fields as keyword arguments, or `server_args=ServerArgs(...)`.
+    """
+
+    def __init__(self, **kwargs: Any):
+        server_args = kwargs.pop("server_args", None)
+        if server_args is None:
+            server_args = ServerArgs(**kwargs)
+        elif kwargs:
+            raise TypeError("Pass either server_args or ServerArgs fields, not both.")
+        self.server_args = server_args
+        self._closed = True
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglab-engine-loop",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self.tokenizer_manager, self.scheduler_info = _launch_subprocesses(server_args)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+        self.tokenizer_manager.server_status = "Up"
+        self.tokenizer_manager.child_processes.start_watchdog(self.tokenizer_manager.notify_dead)
+        self._finalizer = weakref.finalize(self, _shutdown, self.tokenizer_manager, self._loop,
+                                           self._thread)
+        atexit.register(self._finalizer)
+        self._closed = False
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        stream: bool = False,
+        lora_path: str | list[str | None] | None = None,
+        rid: str | list[str] | None = None,
+        return_text_in_logprobs: bool = False,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """One request (a dict back) or a batch (a list back); stream=True gives an iterator."""
+        obj = _make_request(prompt, sampling_params, input_ids, return_logprob,
+                            logprob_start_len, top_logprobs_num, stream, lora_path, rid,
+                            return_text_in_logprobs)
+        agen = self.tokenizer_manager.generate_request(obj, None)
+        if stream:
+            return self._iterate(agen)
+        return self._run(_first(agen))
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        stream: bool = False,
+        lora_path: str | list[str | None] | None = None,
+        rid: str | list[str] | None = None,
+        return_text_in_logprobs: bool = False,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        obj = _make_request(prompt, sampling_params, input_ids, return_logprob,
+                            logprob_start_len, top_logprobs_num, stream, lora_path, rid,
+                            return_text_in_logprobs)
+        agen = self.tokenizer_manager.generate_request(obj, None)
+        if stream:
+            return self._aiterate(agen)
+        return await self._await(_first(agen))
+
+    def _iterate(self, agen: AsyncIterator) -> Iterator[dict]:
+        try:
+            while (out := self._run(_anext(agen))) is not _DONE:
+                yield out
+        finally:
+            self._close_agen(agen)
+
+    async def _aiterate(self, agen: AsyncIterator) -> AsyncIterator[dict]:
+        try:
+            while (out := await self._await(_anext(agen))) is not _DONE:
+                yield out
+        finally:
+            if not self._closed:
+                await self._await(_aclose(agen))
+
+    def _close_agen(self, agen: AsyncIterator) -> None:
+        """Close a stream left early (this aborts its requests); never blocks the loop."""
+        if self._closed:
+            return
+        future = self._submit(_aclose(agen))
+        if threading.current_thread() is not self._thread:
+            try:
+                future.result(timeout=5.0)
+            except Exception:  # noqa: BLE001 - the stream is being dropped anyway
+                pass
+
+    def _run(self, coro: Any) -> Any:
+        """Run `coro` on the engine loop and block for its result."""
+        future = self._submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def _await(self, coro: Any) -> Any:
+        return await asyncio.wrap_future(self._submit(coro))
+
+    def _submit(self, coro: Any) -> Any:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("The engine is shut down.")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # --- control -----------------------------------------------------------------------------
+
+    def flush_cache(self) -> FlushCacheReqOutput:
+        return self._run(self.tokenizer_manager.flush_cache())
+
+    def get_server_info(self) -> dict:
+        return self._run(self.tokenizer_manager.get_server_info())
+
+    def start_profile(self, **kwargs: Any) -> Any:
+        return self._run(self.tokenizer_manager.start_profile(**kwargs))
+
+    def stop_profile(self) -> Any:
+        return self._run(self.tokenizer_manager.stop_profile())
+
+    def shutdown(self) -> None:
+        """Stop the children and the loop; idempotent, also run at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _make_request(prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: Any,
+                  logprob_start_len: Any, top_logprobs_num: Any, stream: bool, lora_path: Any,
+                  rid: Any, return_text_in_logprobs: bool) -> GenerateReqInput:
+    return GenerateReqInput(
+        text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
+        stream=stream, return_logprob=return_logprob,
+        logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
+        top_logprobs_num=0 if top_logprobs_num is None else top_logprobs_num,
+        return_text_in_logprobs=return_text_in_logprobs, lora_path=lora_path,
+    )

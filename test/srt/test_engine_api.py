@@ -1,0 +1,157 @@
+"""The offline Engine's API and lifecycle: sync, async and streaming generation, errors that
+leave the engine usable, aborts of abandoned streams, startup failures, a dying child, and no
+orphan processes after shutdown or interpreter exit."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from conftest import alive_pids
+from sglab import Engine
+from sglab.srt.managers.tokenizer_manager import EngineDeadError
+from sglab.srt.utils.dummy_model import get_default_model_path, make_dummy_model
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+LONG = {"max_new_tokens": 3500, "ignore_eos": True}
+
+
+def _children() -> list[int]:
+    """This process's sglab children (not multiprocessing's shared resource tracker)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name().startswith("sglab::"):
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _wait_pool_full(engine: Engine, timeout: float = 30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = engine.get_server_info()
+        if info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0:
+            assert info["available_kv_tokens"] + info["evictable_kv_tokens"] == \
+                info["max_total_num_tokens"]
+            return info
+        time.sleep(0.1)
+    raise AssertionError("engine not idle")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    before = set(_children())
+    eng = Engine(model_path=get_default_model_path(), log_level="warning")
+    pids = [p for p in _children() if p not in before]
+    yield eng
+    eng.shutdown()
+    eng.shutdown()  # idempotent
+    assert alive_pids(pids) == []
+
+
+def test_sync_async_and_stream_agree(engine):
+    single = engine.generate("Hello there", GREEDY)
+    batch = engine.generate(["Hello there", "Bye"], GREEDY)
+    assert batch[0]["output_ids"] == single["output_ids"]
+    assert len(single["output_ids"]) == 8 and single["meta_info"]["finish_reason"]["type"] == \
+        "length"
+
+    async def run():
+        one = await engine.async_generate("Hello there", GREEDY)
+        stream = await engine.async_generate("Hello there", GREEDY, stream=True)
+        outs = [o async for o in stream]
+        return one, outs
+
+    one, outs = asyncio.run(run())
+    assert one["output_ids"] == single["output_ids"]
+    assert outs[-1]["text"] == single["text"]
+    assert all(o["meta_info"]["finish_reason"] is None for o in outs[:-1])
+    streamed = list(engine.generate("Hello there", GREEDY, stream=True))
+    assert streamed[-1]["output_ids"] == single["output_ids"]
+
+
+def test_input_errors_raise_and_engine_keeps_working(engine):
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate("x", {"top_p": 5})
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        engine.generate(input_ids=[10**9])
+    with pytest.raises(ValueError, match="Exactly one of"):
+        engine.generate()
+    assert engine.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_abandoned_stream_is_aborted(engine):
+    assert engine.flush_cache().success
+    stream = engine.generate("an abandoned stream", LONG, stream=True)
+    first = next(stream)
+    assert first["meta_info"]["finish_reason"] is None
+    stream.close()
+    info = _wait_pool_full(engine)
+    assert info["evictable_kv_tokens"] < 3500  # a finished request would have cached more
+
+
+def test_logprobs_through_engine(engine):
+    out = engine.generate("Hi", GREEDY, return_logprob=True, logprob_start_len=0,
+                          top_logprobs_num=2)
+    meta = out["meta_info"]
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == out["output_ids"]
+    assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+
+
+def test_scheduler_start_failure_is_a_clear_error(tmp_path):
+    path = make_dummy_model("tiny-qwen3", str(tmp_path / "no-weights"), weights=False)
+    before = set(_children())
+    with pytest.raises(RuntimeError, match="scheduler failed to start"):
+        Engine(model_path=path, load_format="safetensors", log_level="error")
+    time.sleep(0.5)
+    assert alive_pids([p for p in _children() if p not in before]) == []
+
+
+def test_dying_scheduler_fails_pending_and_later_requests():
+    before = set(_children())
+    eng = Engine(model_path=get_default_model_path(), log_level="error")
+    try:
+        pids = [p for p in _children() if p not in before]
+        scheduler = next(psutil.Process(p) for p in pids
+                         if psutil.Process(p).name().startswith("sglab::sched"))
+        stream = eng.generate("doomed", LONG, stream=True)
+        next(stream)
+        scheduler.kill()
+        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+            for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            eng.generate("after", GREEDY)
+    finally:
+        eng.shutdown()
+    assert alive_pids(pids) == []
+
+
+def test_interpreter_exit_without_shutdown_leaves_no_orphans(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import psutil
+        from sglab import Engine
+        if __name__ == "__main__":
+            engine = Engine(model_path={get_default_model_path()!r}, log_level="error")
+            print(engine.generate("hi", {{"max_new_tokens": 2}})["meta_info"]["completion_tokens"])
+            kids = psutil.Process().children(recursive=True)
+            print(" ".join(str(p.pid) for p in kids if p.name().startswith("sglab::")))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[0] == "2"
+    pids = [int(p) for p in lines[1].split()]
+    assert len(pids) == 2  # scheduler and detokenizer
+    time.sleep(0.5)
+    assert alive_pids(pids) == []
