@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +13,7 @@ import psutil
 import pytest
 import requests
 from sglab.srt.utils.dummy_model import get_default_model_path
+from sglab.srt.utils.process import free_port, kill_server
 
 LAUNCH_TIMEOUT_S = 300.0
 
@@ -34,12 +33,6 @@ class ServerProcess:
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session() -> requests.Session:
@@ -76,27 +69,6 @@ def popen_launch_server(args: list[str], api_key: str | None = None,
         time.sleep(0.5)
     kill_server(server)
     raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log()[-4000:]}")
-
-
-def kill_server(server: ServerProcess) -> None:
-    """SIGTERM the server (a clean shutdown), then SIGKILL whatever is left of its tree."""
-    proc = server.process
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 def alive_pids(pids: list[int]) -> list[int]:

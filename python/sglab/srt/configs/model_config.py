@@ -65,7 +65,7 @@ class ModelConfig:
 def _resolve_dtype(cfg: PretrainedConfig, dtype: str, device: str) -> torch.dtype:
     if dtype != "auto":
         return _STR_TO_DTYPE[dtype]
-    cfg_dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None)
+    cfg_dtype = getattr(cfg, "dtype", None)
     if isinstance(cfg_dtype, str):
         cfg_dtype = _STR_TO_DTYPE.get(cfg_dtype, torch.float32)
     if cfg_dtype is None:
