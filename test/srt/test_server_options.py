@@ -1,0 +1,37 @@
+"""Server options: --skip-tokenizer-init, --served-model-name, --stream-interval."""
+
+from __future__ import annotations
+
+import json
+
+SERVER_ARGS = ["--skip-server-warmup", "--skip-tokenizer-init", "--served-model-name", "tiny",
+               "--stream-interval", "3"]
+
+
+def test_served_model_name(server, http):
+    models = http.get(f"{server.base_url}/v1/models").json()
+    assert models["data"][0]["id"] == "tiny"
+
+
+def test_token_ids_in_and_out(server, http):
+    body = {"input_ids": [5, 6, 7, 8],
+            "sampling_params": {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}}
+    out = http.post(f"{server.base_url}/generate", json=body).json()
+    assert len(out["output_ids"]) == 5 and "text" not in out
+    assert out["meta_info"]["completion_tokens"] == 5
+    refused = http.post(f"{server.base_url}/generate", json={"text": "hello"})
+    assert refused.status_code == 400 and "error" in refused.json()
+
+
+def test_stream_interval(server, http):
+    body = {"input_ids": [9, 10, 11], "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}}
+    with http.post(f"{server.base_url}/generate", json=body, stream=True) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines(decode_unicode=True)
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    counts = [c["meta_info"]["completion_tokens"] for c in chunks]
+    assert counts[-1] == 8 and chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    # Chunks come for the first token, every 3rd token and the finish (consecutive updates
+    # may be coalesced by the client-side reader, as upstream does).
+    assert counts == sorted(set(counts)) and counts[0] == 1
+    assert all(c in (1, 8) or c % 3 == 0 for c in counts), counts
