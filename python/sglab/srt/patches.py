@@ -39,6 +39,10 @@ PATCHES: list[Patch] = [
     Patch("0003a", "sync-free-logits-metadata", "sync_free_logits_metadata",
           "sglang#19190 / #24627",
           "logits processor: pinned index tensors, repeat_interleave(output_size=)"),
+    Patch("0005", "lora-cache-qkv-offset", "lora_cache_qkv_offset", "sglang#6960",
+          "LoRA set_lora_info: qkv output_offset built once, no per-forward H2D"),
+    Patch("0005b", "lora-async-batch-info", "lora_async_batch_info", "sglang#6994",
+          "LoRA batch info built on the host, pinned, copied non_blocking"),
 ]
 
 PATCH_BY_ID: dict[str, Patch] = {p.id: p for p in PATCHES}

@@ -74,11 +74,21 @@ class ServerArgs:
     cuda_graph_bs: list[int] | None = None
     disable_cuda_graph: bool = False
     watchdog_timeout: float = 300.0
+    # LoRA (sglab.srt.lora.lora_args): lora_paths become LoRARefs.
+    enable_lora: bool | None = None
+    lora_paths: list | None = None
+    max_loras_per_batch: int = 8
+    max_loaded_loras: int | None = None
+    max_lora_rank: int | None = None
+    lora_target_modules: list[str] | None = None
+    lora_backend: str | None = None
     # Patches (see sglab.srt.patches): None = decided by --patches.
     patches: str = "all"
     enable_pinned_h2d: bool | None = None
     enable_sync_free_unified_extend: bool | None = None
     enable_sync_free_logits_metadata: bool | None = None
+    enable_lora_cache_qkv_offset: bool | None = None
+    enable_lora_async_batch_info: bool | None = None
     unified_index_build: str = "batched"
     enable_sync_audit: bool = False
     # Internal.
@@ -90,6 +100,7 @@ class ServerArgs:
         self._handle_device()
         self._handle_defaults()
         self._handle_patches()
+        self._handle_lora()
         self._check()
 
     # --- resolution -------------------------------------------------------------------------
@@ -143,6 +154,11 @@ class ServerArgs:
                 f"--unified-index-build: invalid choice {self.unified_index_build!r} "
                 f"(choose from {', '.join(UNIFIED_INDEX_BUILD_CHOICES)})")
 
+    def _handle_lora(self) -> None:
+        from sglab.srt.lora.lora_args import resolve_lora_args
+
+        resolve_lora_args(self)
+
     def _check(self) -> None:
         choices = {
             "device": (self.device, ["cuda", "cpu"]),
@@ -173,6 +189,7 @@ class ServerArgs:
                     f"--chunked-prefill-size ({self.chunked_prefill_size}) must be a multiple "
                     f"of --page-size ({self.page_size})"
                 )
+        self._check_deterministic_inference()
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ServerArgsError(
                 f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
@@ -189,6 +206,14 @@ class ServerArgs:
             )
         if not os.path.isfile(os.path.join(self.model_path, "config.json")):
             raise ServerArgsError(f"--model-path: no config.json in {self.model_path!r}")
+
+    def _check_deterministic_inference(self) -> None:
+        """Every attention backend (torch_native, triton) has a batch-invariant path and sampling
+        is sglab's seeded row-wise torch sampler; the LoRA deltas are not covered."""
+        if self.enable_deterministic_inference and self.enable_lora:
+            raise ServerArgsError(
+                "--enable-deterministic-inference does not cover LoRA adapters: the LoRA "
+                "segment GEMMs are not batch invariant (drop --enable-lora / --lora-paths)")
 
     @staticmethod
     def _check_positive(name: str, value: int | None) -> None:
@@ -240,6 +265,9 @@ class ServerArgs:
           help="Process each step's result before scheduling the next one.")
         a("--watchdog-timeout", type=float, default=d.watchdog_timeout)
         _add_patch_args(parser)
+        from sglab.srt.lora.lora_args import add_lora_cli_args
+
+        add_lora_cli_args(parser)
         a("--enable-integrity-check", action="store_true",
           help="Check that every KV slot and pool row is accounted for whenever idle.")
 

@@ -39,14 +39,15 @@ class SchedulerRunner:
 
     def submit(self, input_ids: list[int], sampling_params: dict | None = None,
                return_logprob: bool = False, logprob_start_len: int = -1,
-               top_logprobs_num: int = 0, rid: str | None = None) -> str:
+               top_logprobs_num: int = 0, rid: str | None = None,
+               lora_path: str | None = None) -> str:
         params = SamplingParams.from_dict(sampling_params)
         params.normalize(self.tokenizer)
         rid = rid or f"r{next(self._rids)}"
         self.scheduler.handle_generate_request(TokenizedGenerateReqInput(
             rid=rid, input_text=None, input_ids=list(input_ids), sampling_params=params,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num))
+            top_logprobs_num=top_logprobs_num, lora_path=lora_path))
         return rid
 
     def abort(self, rid: str) -> None:
@@ -95,10 +96,14 @@ class SchedulerRunner:
 class HFRunner:
     """HF transformers on the same model directory, fp32, as the numerical reference."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, lora_path: str | None = None):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        if lora_path is not None:  # HF + PEFT, unmerged: the LoRA reference
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, lora_path).eval()
 
     @torch.no_grad()
     def logits(self, input_ids: list[int]) -> torch.Tensor:

@@ -21,7 +21,13 @@ import time
 import weakref
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from sglab.srt.managers.io_struct import FlushCacheReqOutput, GenerateReqInput
+from sglab.srt.managers.io_struct import (
+    FlushCacheReqOutput,
+    GenerateReqInput,
+    LoadLoRAAdapterReqInput,
+    LoRAUpdateOutput,
+    UnloadLoRAAdapterReqInput,
+)
 from sglab.srt.managers.tokenizer_manager import TokenizerManager
 from sglab.srt.server_args import PortArgs, ServerArgs
 
@@ -361,6 +367,15 @@ class Engine:
 
     def stop_profile(self) -> Any:
         return self._run(self.tokenizer_manager.stop_profile())
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str,
+                          pinned: bool = False) -> LoRAUpdateOutput:
+        obj = LoadLoRAAdapterReqInput(lora_name=lora_name, lora_path=lora_path, pinned=pinned)
+        return self._run(self.tokenizer_manager.load_lora_adapter(obj))
+
+    def unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
+        obj = UnloadLoRAAdapterReqInput(lora_name=lora_name)
+        return self._run(self.tokenizer_manager.unload_lora_adapter(obj))
 
     def shutdown(self) -> None:
         """Stop the children and the loop; idempotent, also run at interpreter exit."""

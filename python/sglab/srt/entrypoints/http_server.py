@@ -46,7 +46,12 @@ from sglab.srt.entrypoints.openai.serving_base import (
 )
 from sglab.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglab.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
-from sglab.srt.managers.io_struct import GenerateReqInput
+from sglab.srt.managers.io_struct import (
+    GenerateReqInput,
+    LoadLoRAAdapterReqInput,
+    LoRAUpdateOutput,
+    UnloadLoRAAdapterReqInput,
+)
 from sglab.srt.managers.tokenizer_manager import TokenizerManager
 from sglab.srt.server_args import ServerArgs
 
@@ -352,17 +357,69 @@ async def openai_v1_chat_completions(request: ChatCompletionRequest,
 
 @app.get("/v1/models")
 async def available_models() -> Response:
-    return Response(ModelList(data=[_model_card()]).model_dump_json(),
-                    media_type="application/json")
+    cards = [_model_card()] + [_lora_card(name) for name in _tm().loaded_lora_adapters]
+    return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
 
 @app.get("/v1/models/{model:path}")
 async def retrieve_model(model: str) -> Response:
     tm = _tm()
+    if model in tm.loaded_lora_adapters:
+        return Response(_lora_card(model).model_dump_json(), media_type="application/json")
     if model not in (tm.served_model_name, tm.model_path):
         return create_error_response(f"The model '{model}' does not exist", 404,
                                      param="model", code="model_not_found")
     return Response(_model_card().model_dump_json(), media_type="application/json")
+
+
+def _lora_card(name: str) -> ModelCard:
+    tm = _tm()
+    return ModelCard(id=name, root=tm.loaded_lora_adapters[name], parent=tm.served_model_name,
+                     max_model_len=None)
+
+
+# --- LoRA adapters -------------------------------------------------------------------------
+
+
+@app.post("/load_lora_adapter")
+async def load_lora_adapter(raw_request: Request) -> Response:
+    try:
+        body = await _json_body(raw_request)
+        obj = LoadLoRAAdapterReqInput(lora_name=_body_str(body, "lora_name"),
+                                      lora_path=_body_str(body, "lora_path"),
+                                      pinned=bool(body.get("pinned", False)))
+    except ValueError as e:
+        return _lora_update_response(LoRAUpdateOutput(success=False, error_message=str(e)))
+    return await _lora_update(_tm().load_lora_adapter(obj))
+
+
+@app.post("/unload_lora_adapter")
+async def unload_lora_adapter(raw_request: Request) -> Response:
+    try:
+        body = await _json_body(raw_request)
+        obj = UnloadLoRAAdapterReqInput(lora_name=_body_str(body, "lora_name"))
+    except ValueError as e:
+        return _lora_update_response(LoRAUpdateOutput(success=False, error_message=str(e)))
+    return await _lora_update(_tm().unload_lora_adapter(obj))
+
+
+async def _lora_update(coro: Any) -> Response:
+    try:
+        return _lora_update_response(await coro)
+    except Exception as e:  # noqa: BLE001
+        return error_for_exception(e)
+
+
+def _lora_update_response(result: LoRAUpdateOutput) -> Response:
+    """Upstream's body: the LoRAUpdateOutput fields; 200 on success, 400 otherwise."""
+    return json_response(dataclasses.asdict(result), 200 if result.success else 400)
+
+
+def _body_str(body: Any, key: str) -> str:
+    value = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string.")
+    return value
 
 
 def _model_card() -> ModelCard:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglab.srt.batch_invariant_ops import linear_batch_invariant
+
 
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype: torch.dtype):
@@ -25,8 +27,12 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        # Set once by the ModelRunner under --enable-deterministic-inference.
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return linear_batch_invariant(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:

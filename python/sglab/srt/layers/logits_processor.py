@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.debug.sync_audit import audit_region, h2d, list_to_device
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class LogitsProcessor(nn.Module):
         self.logit_scale = logit_scale
         # Patch 0003a, set once by the ModelRunner from --enable-sync-free-logits-metadata.
         self.sync_free_metadata = True
+        # Set once by the ModelRunner under --enable-deterministic-inference.
+        self.batch_invariant = False
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, lm_head: nn.Module,
                 forward_batch: "ForwardBatch") -> LogitsProcessorOutput:
@@ -46,7 +49,10 @@ class LogitsProcessor(nn.Module):
 
     def _get_logits(self, hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         # The head may be the (tied) input embedding: project through its weight directly.
-        logits = torch.nn.functional.linear(hidden_states, lm_head.weight).float()
+        if self.batch_invariant:
+            logits = linear_batch_invariant(hidden_states, lm_head.weight).float()
+        else:
+            logits = torch.nn.functional.linear(hidden_states, lm_head.weight).float()
         if self.logit_scale is not None:
             logits.mul_(self.logit_scale)
         return logits[:, : self.vocab_size]

@@ -215,3 +215,26 @@ class ProfileReq:
 class ProfileReqOutput:
     success: bool
     message: str = ""
+
+
+@dataclass
+class LoadLoRAAdapterReqInput:
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+@dataclass
+class UnloadLoRAAdapterReqInput:
+    lora_name: str
+
+
+@dataclass
+class LoRAUpdateOutput:
+    """Reply to a load/unload; serialized as the HTTP body, upstream's field order."""
+
+    rid: str | None = None
+    http_worker_ipc: str | None = None
+    success: bool = True
+    error_message: str = ""
+    loaded_adapters: dict[str, str] | None = None

@@ -22,9 +22,12 @@ from sglab.srt.managers.io_struct import (
     FlushCacheReqOutput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    LoadLoRAAdapterReqInput,
+    LoRAUpdateOutput,
     ProfileReq,
     ProfileReqOutput,
     TokenizedGenerateReqInput,
+    UnloadLoRAAdapterReqInput,
 )
 from sglab.srt.managers.schedule_batch import (
     Req,
@@ -57,6 +60,7 @@ class Scheduler:
         self.max_total_num_tokens = runner.max_total_num_tokens
         self.max_running_requests = runner.max_running_requests
         self.page_size = server_args.page_size
+        self.lora_manager = runner.lora_manager  # None unless --enable-lora
         self.tree_cache = RadixCache(self.req_to_token_pool, self.token_to_kv_pool_allocator,
                                      self.page_size, disable=server_args.disable_radix_cache)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
@@ -136,6 +140,8 @@ class Scheduler:
             "context_len": self.context_len,
             "vocab_size": self.model_config.vocab_size,
             "max_running_requests": self.max_running_requests,
+            "loaded_lora_adapters": (self.lora_manager.loaded_adapters()
+                                     if self.lora_manager is not None else {}),
         }
 
     # --- the loop -----------------------------------------------------------------------------
@@ -227,6 +233,10 @@ class Scheduler:
             self._reply(GetInternalStateReqOutput(internal_state=self.get_internal_state()))
         elif isinstance(obj, ProfileReq):
             self._reply(self.profile(obj))
+        elif isinstance(obj, LoadLoRAAdapterReqInput):
+            self._reply(self.load_lora_adapter(obj))
+        elif isinstance(obj, UnloadLoRAAdapterReqInput):
+            self._reply(self.unload_lora_adapter(obj))
         else:
             logger.warning("Ignoring unknown message %r", type(obj).__name__)
 
@@ -243,7 +253,7 @@ class Scheduler:
         req = Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
                   recv_req.return_logprob, recv_req.logprob_start_len,
                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)
-        error = self._validate(req)
+        error = self._resolve_lora(req, recv_req.lora_path) or self._validate(req)
         if error is not None:
             req.finished_reason = finish_abort(error, status_code=400)
             self.stream_output([req])
@@ -285,6 +295,8 @@ class Scheduler:
     # --- batching -----------------------------------------------------------------------------
 
     def get_next_batch_to_run(self) -> ScheduleBatch | None:
+        if self.lora_manager is not None and self.lora_manager.unloading:
+            self.lora_manager.release_unloaded(self._lora_ids_in_use())
         last = self.last_batch
         self.last_batch = None
         if last is not None and last.forward_mode.is_extend():
@@ -314,7 +326,14 @@ class Scheduler:
         if self.chunked_req is not None:
             self.chunked_req.init_next_round_input(None)
             self.chunked_req = adder.add_chunked_req(self.chunked_req)
+        lora_set = self._lora_ids_in_batches() if self.lora_manager is not None else None
         for req in list(self.waiting_queue):
+            if lora_set is not None:
+                # At most --max-loras-per-batch adapters (base included) among the running,
+                # in-flight and new requests: each needs a slot, and slots in use stay put.
+                ids = lora_set | {r.lora_id for r in adder.can_run_list} | {req.lora_id}
+                if len(ids) > self.lora_manager.max_loras_per_batch:
+                    break
             if not adder.add_one_req(req):
                 break
         if adder.new_chunked_req is not None:
@@ -353,7 +372,11 @@ class Scheduler:
 
     def run_batch(self, batch: ScheduleBatch) -> GenerationBatchResult:
         self.forward_ct += 1
-        result = self.tp_worker.forward_batch_generation(batch.get_model_worker_batch())
+        worker_batch = batch.get_model_worker_batch()
+        if self.lora_manager is not None:
+            worker_batch.lora_inflight_ids = {r.lora_id for b, _ in self.result_queue
+                                              for r in b.reqs}
+        result = self.tp_worker.forward_batch_generation(worker_batch)
         if self.enable_overlap:
             self._mark_pending(batch, result)
         result.copy_to_cpu()
@@ -498,6 +521,66 @@ class Scheduler:
             for out in self.outputs:
                 self.send_to_detokenizer.send_pyobj(out)
             self.outputs = []
+
+    # --- LoRA ---------------------------------------------------------------------------------
+
+    def _resolve_lora(self, req: Req, lora_name: str | None) -> str | None:
+        """Bind the request to the adapter registered under `lora_name`; an error message if
+        there is none."""
+        if lora_name is None:
+            return None
+        if self.lora_manager is None:
+            return "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+        req.lora_id = self.lora_manager.get_lora_id(lora_name)
+        if req.lora_id is None:
+            loaded = ", ".join(sorted(self.lora_manager.loaded_adapters())) or "none"
+            return (f"The requested LoRA adapter {lora_name!r} is not loaded. "
+                    f"Loaded adapters: {loaded}.")
+        return None
+
+    def _lora_ids_in_batches(self) -> set[str | None]:
+        """Adapters of the running batch, the chunked request and the batches in flight."""
+        reqs = list(self.running_batch.reqs)
+        if self.chunked_req is not None:
+            reqs.append(self.chunked_req)
+        for batch, _ in self.result_queue:
+            reqs.extend(batch.reqs)
+        return {r.lora_id for r in reqs}
+
+    def _lora_ids_in_use(self) -> set[str | None]:
+        """Adapters any request still needs: waiting, running, or not yet processed."""
+        ids = self._lora_ids_in_batches() | {r.lora_id for r in self.waiting_queue}
+        if self.last_batch is not None:
+            ids |= {r.lora_id for r in self.last_batch.reqs}
+        return ids
+
+    def load_lora_adapter(self, recv_req: LoadLoRAAdapterReqInput) -> LoRAUpdateOutput:
+        from sglab.srt.lora.lora_registry import LoRARef
+
+        if self.lora_manager is None:
+            return LoRAUpdateOutput(success=False, error_message=(
+                "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."))
+        ref = LoRARef(recv_req.lora_name, recv_req.lora_path, bool(recv_req.pinned))
+        try:
+            self.lora_manager.load_lora_adapter(ref, self._lora_ids_in_use())
+        except Exception as e:  # noqa: BLE001 - a bad adapter is the client's error, not ours
+            if not isinstance(e, ValueError):
+                logger.exception("Loading LoRA adapter %r failed", recv_req.lora_name)
+            logger.warning("Loading LoRA adapter %r failed: %s", recv_req.lora_name, e)
+            return LoRAUpdateOutput(success=False, error_message=str(e))
+        logger.info("Loaded LoRA adapter %r from %s", ref.lora_name, ref.lora_path)
+        return LoRAUpdateOutput(loaded_adapters=self.lora_manager.loaded_adapters())
+
+    def unload_lora_adapter(self, recv_req: UnloadLoRAAdapterReqInput) -> LoRAUpdateOutput:
+        if self.lora_manager is None:
+            return LoRAUpdateOutput(success=False, error_message=(
+                "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."))
+        try:
+            self.lora_manager.unload_lora_adapter(recv_req.lora_name, self._lora_ids_in_use())
+        except ValueError as e:
+            return LoRAUpdateOutput(success=False, error_message=str(e))
+        logger.info("Unloaded LoRA adapter %r", recv_req.lora_name)
+        return LoRAUpdateOutput(loaded_adapters=self.lora_manager.loaded_adapters())
 
     # --- control ------------------------------------------------------------------------------
 

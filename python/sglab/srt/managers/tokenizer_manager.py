@@ -28,9 +28,12 @@ from sglab.srt.managers.io_struct import (
     GenerateReqInput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    LoadLoRAAdapterReqInput,
+    LoRAUpdateOutput,
     ProfileReq,
     ProfileReqOutput,
     TokenizedGenerateReqInput,
+    UnloadLoRAAdapterReqInput,
 )
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs
@@ -162,6 +165,9 @@ class TokenizerManager:
         self.flush_cache_communicator = _Communicator(self)
         self.internal_state_communicator = _Communicator(self)
         self.profile_communicator = _Communicator(self)
+        self.lora_update_communicator = _Communicator(self)
+        # LoRA adapters by name -> path, as the scheduler last reported them.
+        self.loaded_lora_adapters: dict[str, str] = {}
         self.metrics = None
         if server_args.enable_metrics:
             from sglab.srt.metrics.collector import TokenizerMetricsCollector
@@ -176,6 +182,7 @@ class TokenizerManager:
         self.max_req_input_len = info["max_req_input_len"]
         self.context_len = info.get("context_len") or self.max_req_input_len + 1
         self.vocab_size = info.get("vocab_size")
+        self.loaded_lora_adapters = dict(info.get("loaded_lora_adapters") or {})
 
     def auto_create_handle_loop(self) -> None:
         """Start the receive task on the running loop (once)."""
@@ -201,7 +208,7 @@ class TokenizerManager:
             state.event.set()
         error = EngineDeadError(message)
         for communicator in (self.flush_cache_communicator, self.internal_state_communicator,
-                             self.profile_communicator):
+                             self.profile_communicator, self.lora_update_communicator):
             communicator.fail(error)
 
     def check_alive(self) -> None:
@@ -240,6 +247,8 @@ class TokenizerManager:
             self.internal_state_communicator.handle(obj)
         elif isinstance(obj, ProfileReqOutput):
             self.profile_communicator.handle(obj)
+        elif isinstance(obj, LoRAUpdateOutput):
+            self.lora_update_communicator.handle(obj)
         else:
             logger.warning("TokenizerManager ignores an unknown message: %r", type(obj).__name__)
 
@@ -438,8 +447,7 @@ class TokenizerManager:
         self._validate_input_ids(input_ids)
         sampling_params = self._make_sampling_params(item["sampling_params"], len(input_ids))
         self._validate_logprob_args(item, len(input_ids))
-        if item["lora_path"] is not None and not getattr(self.server_args, "enable_lora", False):
-            raise ValueError("LoRA is not enabled. Please set `--enable-lora` to enable LoRA.")
+        self._validate_lora_path(item["lora_path"])
         return TokenizedGenerateReqInput(
             rid=item["rid"], input_text=text, input_ids=input_ids,
             sampling_params=sampling_params, return_logprob=item["return_logprob"],
@@ -536,6 +544,35 @@ class TokenizerManager:
     async def stop_profile(self) -> ProfileReqOutput:
         self.auto_create_handle_loop()
         return await self.profile_communicator(ProfileReq(type="stop"))
+
+    # --- LoRA --------------------------------------------------------------------------------
+
+    def _validate_lora_path(self, lora_name: str | None) -> None:
+        """A request's `lora_path` names a loaded adapter (the scheduler checks it again)."""
+        if lora_name is None:
+            return
+        if not getattr(self.server_args, "enable_lora", False):
+            raise ValueError("LoRA is not enabled. Please set `--enable-lora` to enable LoRA.")
+        if lora_name not in self.loaded_lora_adapters:
+            loaded = ", ".join(sorted(self.loaded_lora_adapters)) or "none"
+            raise ValueError(f"The requested LoRA adapter {lora_name!r} is not loaded. "
+                             f"Loaded adapters: {loaded}.")
+
+    async def load_lora_adapter(self, obj: LoadLoRAAdapterReqInput) -> LoRAUpdateOutput:
+        return await self._update_lora(obj)
+
+    async def unload_lora_adapter(self, obj: UnloadLoRAAdapterReqInput) -> LoRAUpdateOutput:
+        return await self._update_lora(obj)
+
+    async def _update_lora(self, obj: Any) -> LoRAUpdateOutput:
+        if not getattr(self.server_args, "enable_lora", False):
+            return LoRAUpdateOutput(success=False, error_message=(
+                "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."))
+        self.auto_create_handle_loop()
+        result = await self.lora_update_communicator(obj)
+        if result.success:
+            self.loaded_lora_adapters = dict(result.loaded_adapters or {})
+        return result
 
     def get_model_info(self) -> dict:
         return {

@@ -46,6 +46,8 @@ class CudaGraphRunner:
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
         model_runner.attn_backend.init_cuda_graph_state(
             self.max_bs, model_runner.req_to_token_pool.max_context_len)
+        if model_runner.lora_manager is not None:
+            model_runner.lora_manager.init_cuda_graph_batch_info(self.max_bs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -69,6 +71,11 @@ class CudaGraphRunner:
             backend.init_forward_metadata_capture_cuda_graph(bs)
             backend.init_forward_metadata_replay_cuda_graph(bs, self.req_pool_indices,
                                                             self.seq_lens, 1)
+            if self.model_runner.lora_manager is not None:
+                # Capture on the static LoRA batch info; before each replay,
+                # ForwardBatch.init_new refills it for the real batch.
+                fb.lora_ids = [None] * bs
+                self.model_runner.lora_manager.prepare_lora_batch(fb)
 
             def run() -> torch.Tensor:
                 return self.model_runner.model.forward(fb.input_ids, fb.positions,

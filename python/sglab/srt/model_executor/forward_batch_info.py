@@ -72,11 +72,18 @@ class ForwardBatch:
     req_to_token_pool: "ReqToTokenPool | None" = None
     token_to_kv_pool: "MHATokenToKVPool | None" = None
     attn_backend: "AttentionBackend | None" = None
+    # LoRA: each request's adapter id (None = base model); see LoRAManager.prepare_lora_batch.
+    lora_ids: list[str | None] | None = None
 
     @classmethod
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
         with audit_region("ForwardBatch.init_new"):
-            return cls._init_new(batch, model_runner)
+            fb = cls._init_new(batch, model_runner)
+        lora_manager = getattr(model_runner, "lora_manager", None)
+        if lora_manager is not None:  # its own audit regions, apart from patch 0001's
+            fb.lora_ids = batch.lora_ids
+            lora_manager.prepare_lora_batch(fb, batch.lora_inflight_ids)
+        return fb
 
     @classmethod
     def _init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":

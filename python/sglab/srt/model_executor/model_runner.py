@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from sglab.srt.batch_invariant_ops import enable_batch_invariant_layers
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -42,7 +43,12 @@ class ModelRunner:
         self.model = get_model(model_config, server_args.load_format, server_args.device)
         self.model.logits_processor.sync_free_metadata = (
             server_args.enable_sync_free_logits_metadata)
+        if server_args.enable_deterministic_inference:
+            enable_batch_invariant_layers(self.model)
         self.sampler = Sampler()
+        self.lora_manager = None
+        if server_args.enable_lora:
+            self.init_lora_manager()
         self.init_memory_pool()
         self.attn_backend = self._make_attn_backend()
         self.graph_runner = None
@@ -50,6 +56,14 @@ class ModelRunner:
             from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
+
+    def init_lora_manager(self) -> None:
+        """Swap LoRA wrappers into the model and allocate the adapter slots (before the KV pool
+        is sized, so the slots count as used memory)."""
+        from sglab.srt.lora.lora_manager import LoRAManager
+
+        self.lora_manager = LoRAManager(self.model, self.server_args, self.model_config.dtype,
+                                        self.device)
 
     # --- memory -------------------------------------------------------------------------------
 

@@ -153,17 +153,20 @@ class OpenAIServingBase:
         self._lora_path(model, None)
 
     def _lora_path(self, model: str, lora_path: str | None) -> str | None:
-        """The adapter a request asks for: `lora_path`, or the `base:adapter` model name."""
+        """The adapter a request asks for: `lora_path`, the `base:adapter` model name, or a
+        loaded adapter's name as the model (as vLLM clients send it)."""
         tm = self.tokenizer_manager
         bases = (tm.served_model_name, tm.model_path, DEFAULT_MODEL_NAME)
         if model in bases:
             return lora_path
+        if model in getattr(tm, "loaded_lora_adapters", {}):
+            return lora_path or model
         base, _, adapter = model.rpartition(":")
         if base in bases and adapter:
             if not getattr(tm.server_args, "enable_lora", False):
                 raise ParamError("LoRA is not enabled. Please set `--enable-lora` to enable "
                                  "LoRA.", "model")
-            return adapter
+            return lora_path or adapter
         raise ParamError(f"The model '{model}' does not exist. This server serves "
                          f"'{tm.served_model_name}'.", "model")
 

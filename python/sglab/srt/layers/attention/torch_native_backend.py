@@ -1,6 +1,9 @@
 """Reference attention: per request, gather its KV from the pool and run softmax attention.
 
-Slow and simple on purpose: every other backend is tested against it.
+Slow and simple on purpose: every other backend is tested against it. Under
+--enable-deterministic-inference it switches to `attend_batch_invariant`, whose result for a
+query row does not depend on how many other rows of its request share the pass (a radix hit or
+a prefill chunk changes that), nor on whether the row is a prefill or a decode token.
 """
 
 from __future__ import annotations
@@ -34,9 +37,69 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
     return out.transpose(0, 1).to(q.dtype)
 
 
+# Deterministic mode: query rows per tile, and keys per tile at absolute positions 0, N, 2N...
+ATTN_BLOCK_M = 16
+ATTN_BLOCK_N = 64
+
+
+def attend_batch_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                           prefix_len: int, logit_cap: float = 0.0) -> torch.Tensor:
+    """Same contract as `attend`, computed so that a query row's bits depend only on its
+    position and the keys up to it.
+
+    Every matmul is one [ATTN_BLOCK_M, D] x [D, ATTN_BLOCK_N] (or [M, N] x [N, D]) tile per
+    head, key tiles start at absolute positions, and the softmax is folded online in key order.
+    A tile that is wholly in a row's future adds exact zeros to it, so the number of key tiles a
+    query tile visits (which follows its last row) does not change the others.
+    """
+    n, num_q_heads, head_dim = q.shape
+    num_keys = k.shape[0]
+    group = num_q_heads // k.shape[1]
+    q_tiles = _tiles(q.float().transpose(0, 1), ATTN_BLOCK_M)  # [nq, Hq, BM, D]
+    k_tiles = _tiles(k.float().repeat_interleave(group, dim=1).transpose(0, 1), ATTN_BLOCK_N)
+    v_tiles = _tiles(v.float().repeat_interleave(group, dim=1).transpose(0, 1), ATTN_BLOCK_N)
+    out = torch.empty(q_tiles.shape, dtype=torch.float32, device=q.device)
+    rows = torch.arange(ATTN_BLOCK_M, device=q.device)
+    key_offsets = torch.arange(ATTN_BLOCK_N, device=q.device)
+    for t in range(q_tiles.shape[0]):
+        first = prefix_len + t * ATTN_BLOCK_M
+        # Pad rows repeat the last real row's position, so no row is fully masked.
+        query_pos = (first + rows).clamp(max=prefix_len + n - 1)
+        m_i = torch.full((num_q_heads, ATTN_BLOCK_M, 1), float("-inf"), device=q.device)
+        l_i = torch.zeros((num_q_heads, ATTN_BLOCK_M, 1), device=q.device)
+        acc = torch.zeros((num_q_heads, ATTN_BLOCK_M, head_dim), device=q.device)
+        for j in range(-(-min(first + ATTN_BLOCK_M, num_keys) // ATTN_BLOCK_N)):
+            scores = torch.bmm(q_tiles[t], k_tiles[j].transpose(1, 2)) * scaling
+            if logit_cap > 0:
+                scores = logit_cap * torch.tanh(scores / logit_cap)
+            future = (j * ATTN_BLOCK_N + key_offsets)[None, :] > query_pos[:, None]
+            scores = scores.masked_fill(future, float("-inf"))
+            m_new = torch.maximum(m_i, scores.amax(dim=-1, keepdim=True))
+            alpha = torch.exp(m_i - m_new)
+            p = torch.exp(scores - m_new)
+            l_i = l_i * alpha + p.sum(dim=-1, keepdim=True)
+            acc = acc * alpha + torch.bmm(p, v_tiles[j])
+            m_i = m_new
+        out[t] = acc / l_i
+    out = out.permute(1, 0, 2, 3).reshape(num_q_heads, -1, head_dim)[:, :n]
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def _tiles(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[H, L, D] -> contiguous [ceil(L / size), H, size, D], zero-padded: every tile has the
+    same shape and strides."""
+    num_heads, length, dim = x.shape
+    pad = -length % size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(num_heads, -1, size, dim).transpose(0, 1).contiguous()
+
+
 class TorchNativeAttnBackend(AttentionBackend):
     def __init__(self, model_runner=None):
-        pass
+        args = getattr(model_runner, "server_args", None)
+        deterministic = args is not None and args.enable_deterministic_inference
+        self.attend = attend_batch_invariant if deterministic else attend
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         pass
@@ -57,8 +120,8 @@ class TorchNativeAttnBackend(AttentionBackend):
             zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
         ):
             k_i, v_i = self._kv_of(layer, fb, i, prefix_len + ext_len)
-            out[start:start + ext_len] = attend(q[start:start + ext_len], k_i, v_i,
-                                                layer.scaling, prefix_len, layer.logit_cap)
+            out[start:start + ext_len] = self.attend(q[start:start + ext_len], k_i, v_i,
+                                                     layer.scaling, prefix_len, layer.logit_cap)
             start += ext_len
         return out.view(-1, layer.tp_q_head_num * layer.head_dim)
 
@@ -70,6 +133,6 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = torch.empty_like(q)
         for i, seq_len in enumerate(fb.seq_lens_cpu.tolist()):
             k_i, v_i = self._kv_of(layer, fb, i, seq_len)
-            out[i:i + 1] = attend(q[i:i + 1], k_i, v_i, layer.scaling, seq_len - 1,
-                                  layer.logit_cap)
+            out[i:i + 1] = self.attend(q[i:i + 1], k_i, v_i, layer.scaling, seq_len - 1,
+                                       layer.logit_cap)
         return out.view(-1, layer.tp_q_head_num * layer.head_dim)

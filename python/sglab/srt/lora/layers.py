@@ -1,0 +1,143 @@
+"""LoRA wrappers around the fused linear layers, swapped into a loaded model.
+
+Each wrapper runs its base layer unchanged, then adds the batch's LoRA deltas through the
+backend: `out = base(x) + s * x A^T B^T` per request. `set_lora_info` hands the wrapper its
+layer's slot buffers; it runs for every module before every forward (outside CUDA-graph
+replay), as upstream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sglab.srt.debug.sync_audit import list_to_device
+from sglab.srt.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from sglab.srt.lora.backend.base_backend import BaseLoRABackend
+
+
+class BaseLayerWithLoRA(nn.Module):
+    def __init__(self, base_layer: LinearBase, lora_backend: BaseLoRABackend):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_backend = lora_backend
+        self.set_lora = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.base_layer(x)
+        if self.set_lora:
+            shape = output.shape
+            output = self.apply_lora(output.reshape(-1, shape[-1]),
+                                     x.reshape(-1, x.shape[-1])).view(shape)
+        return output
+
+    def apply_lora(self, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
+    def set_lora_info(self, A_buffer: torch.Tensor, B_buffer: torch.Tensor) -> None:
+        self.set_lora = True
+        self.A_buffer = A_buffer
+        self.B_buffer = B_buffer
+
+    def apply_lora(self, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        lora_a_output = self.lora_backend.run_lora_a_sgemm(x, self.A_buffer)
+        return self.lora_backend.run_lora_b_sgemm(lora_a_output, self.B_buffer, base_output)
+
+
+class RowParallelLinearWithLoRA(ColumnParallelLinearWithLoRA):
+    """o_proj / down_proj. With tensor parallelism the delta would be added to the local shard
+    before the all-reduce; sglab runs one rank, so it is the column case."""
+
+
+class MergedColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
+    """gate_up_proj: A holds the gate and up rank blocks, B the gate then the up rows."""
+
+    def __init__(self, base_layer: MergedColumnParallelLinear, lora_backend: BaseLoRABackend):
+        super().__init__(base_layer, lora_backend)
+        sizes = base_layer.output_sizes
+        self.output_offset_cpu = [0, sizes[0], sizes[0] + sizes[1]]
+        self.output_dim = max(sizes)
+        self.output_offset = torch.tensor(self.output_offset_cpu, dtype=torch.int32,
+                                          device=base_layer.weight.device)
+
+    def set_lora_info(self, A_buffer_gate_up: torch.Tensor,
+                      B_buffer_gate_up: torch.Tensor) -> None:
+        self.set_lora = True
+        self.A_buffer_gate_up = A_buffer_gate_up
+        self.B_buffer_gate_up = B_buffer_gate_up
+
+    def apply_lora(self, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_backend.run_gate_up_lora(
+            x, self.A_buffer_gate_up, self.B_buffer_gate_up, self.output_offset,
+            self.output_offset_cpu, self.output_dim, base_output)
+
+
+class QKVParallelLinearWithLoRA(BaseLayerWithLoRA):
+    """qkv_proj: A holds the q, k, v rank blocks; B the q, k, v rows at `output_offset`."""
+
+    def __init__(self, base_layer: QKVParallelLinear, lora_backend: BaseLoRABackend,
+                 cache_qkv_offset: bool = True):
+        super().__init__(base_layer, lora_backend)
+        q, kv = base_layer.q_size, base_layer.kv_size
+        self.output_offset_cpu = [0, q, q + kv, q + 2 * kv]
+        self.max_qkv_out_dim = max(q, kv)
+        self.cache_qkv_offset = cache_qkv_offset  # patch 0005 (sglang#6960)
+        device = base_layer.weight.device
+        # One tensor object for the layer's lifetime: CUDA graphs read it by address.
+        if cache_qkv_offset:
+            self.output_offset = torch.tensor(self.output_offset_cpu, dtype=torch.int32,
+                                              device=device)
+        else:
+            self.output_offset = torch.empty(4, dtype=torch.int32, device=device)
+
+    def set_lora_info(self, A_buffer_qkv: torch.Tensor, B_buffer_qkv: torch.Tensor) -> None:
+        self.set_lora = True
+        self.A_buffer_qkv = A_buffer_qkv
+        self.B_buffer_qkv = B_buffer_qkv
+        if not self.cache_qkv_offset:
+            # Before sglang#6960: the offsets are rebuilt from a Python list on every call, a
+            # blocking host->device copy per layer per forward.
+            self.output_offset[:4] = list_to_device(self.output_offset_cpu, torch.int32,
+                                                    self.output_offset.device)
+
+    def apply_lora(self, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_backend.run_qkv_lora(
+            x, self.A_buffer_qkv, self.B_buffer_qkv, self.output_offset, self.output_offset_cpu,
+            self.max_qkv_out_dim, base_output)
+
+
+def get_lora_layer(layer: nn.Module, lora_backend: BaseLoRABackend,
+                   cache_qkv_offset: bool = True) -> BaseLayerWithLoRA:
+    """The wrapper for a base layer, most specific type first."""
+    if isinstance(layer, QKVParallelLinear):
+        return QKVParallelLinearWithLoRA(layer, lora_backend, cache_qkv_offset)
+    if isinstance(layer, MergedColumnParallelLinear):
+        return MergedColumnParallelLinearWithLoRA(layer, lora_backend)
+    if isinstance(layer, RowParallelLinear):
+        return RowParallelLinearWithLoRA(layer, lora_backend)
+    if isinstance(layer, ColumnParallelLinear):
+        return ColumnParallelLinearWithLoRA(layer, lora_backend)
+    raise TypeError(f"no LoRA wrapper for {type(layer).__name__}")
+
+
+def replace_submodule(model: nn.Module, module_name: str, new_module: nn.Module) -> nn.Module:
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new_module)
+    return new_module
