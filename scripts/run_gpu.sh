@@ -30,4 +30,13 @@ if [[ $what == ab || $what == all ]]; then
     --repeats 2 --out-dir "$OUT" --tag ab-0003a -- $bench --num-prompts 64 \
     --random-input-len 256 --random-output-len 16 --return-logprob --logprob-start-len 0 \
     2>&1 | tail -n 14
+  lora=/tmp/sglab-ab-lora
+  python3 -m sglab.test.lora_utils --model-path $model --out $lora --rank 16
+  for p in 0005 0005b; do for rate in 1 8; do
+    python3 -m sglab.bench_ab --patch $p --model-path $model \
+      --server-args "$common --lora-paths lora=$lora --max-loras-per-batch 1" --repeats 2 \
+      --out-dir "$OUT" --tag ab-$p-rate$rate -- $bench --num-prompts 96 \
+      --random-input-len 256 --random-output-len 128 --request-rate $rate --lora-name lora \
+      2>&1 | tail -n 14
+  done; done
 fi
