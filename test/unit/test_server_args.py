@@ -1,0 +1,74 @@
+"""ServerArgs: upstream flag names, defaults, and startup errors that name the flag."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from sglab.srt.configs.model_config import ModelConfig
+from sglab.srt.models.registry import resolve_model_cls
+from sglab.srt.server_args import ServerArgs, ServerArgsError, prepare_server_args
+from sglab.srt.utils.dummy_model import make_dummy_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_dummy_model("tiny-llama", str(tmp_path_factory.mktemp("m") / "tiny-llama"))
+
+
+def test_cli_names_and_defaults(model_dir):
+    args = prepare_server_args(["--model", model_dir, "--max-total-tokens", "2k",
+                                "--chunked-prefill-size", "-1", "--schedule-policy", "lpm"])
+    assert args.model_path == args.tokenizer_path == args.served_model_name == model_dir
+    assert args.max_total_tokens == 2000 and args.chunked_prefill_size == -1
+    assert args.device == "cpu" and args.attention_backend == "torch_native"
+    assert args.page_size == 1 and args.load_format == "auto" and args.port == 30000
+    assert args.disable_cuda_graph  # no CUDA graphs without CUDA
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    ({"page_size": 0}, "--page-size"),
+    ({"page_size": 16, "chunked_prefill_size": 24}, "--chunked-prefill-size"),
+    ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
+    ({"max_total_tokens": -5}, "--max-total-tokens"),
+    ({"attention_backend": "flashinfer"}, "--attention-backend"),
+    ({"dtype": "int4"}, "--dtype"),
+    ({"load_format": "gguf"}, "--load-format"),
+    ({"schedule_policy": "random"}, "--schedule-policy"),
+    ({"device": "cuda"}, "--device"),
+])
+def test_bad_values_name_the_flag(model_dir, kwargs, flag):
+    with pytest.raises(ServerArgsError, match=flag):
+        ServerArgs(model_path=model_dir, **kwargs)
+
+
+def test_bad_model_dirs(tmp_path, model_dir):
+    with pytest.raises(ServerArgsError, match="--model-path.*not a local model directory"):
+        ServerArgs(model_path=str(tmp_path / "missing"))
+    with pytest.raises(ServerArgsError, match="no config.json"):
+        ServerArgs(model_path=str(tmp_path))
+    odd = tmp_path / "odd"
+    shutil.copytree(model_dir, odd)
+    with open(odd / "config.json") as f:
+        config = json.load(f)
+    config["architectures"] = ["MambaForCausalLM"]
+    with open(odd / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="Unsupported model architecture.*MambaForCausalLM"):
+        resolve_model_cls(ModelConfig(str(odd)).architectures)
+
+
+def test_cli_rejects_unknown_choice(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        prepare_server_args(["--model-path", model_dir, "--dtype", "int4"])
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_default_model_is_built(monkeypatch, tmp_path):
+    monkeypatch.setenv("SGLAB_CACHE_DIR", str(tmp_path))
+    args = ServerArgs()
+    assert os.path.isfile(os.path.join(args.model_path, "config.json"))
+    assert args.model_path.startswith(str(tmp_path))
