@@ -155,3 +155,28 @@ def test_interpreter_exit_without_shutdown_leaves_no_orphans(tmp_path):
     assert len(pids) == 2  # scheduler and detokenizer
     time.sleep(0.5)
     assert alive_pids(pids) == []
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ("", {}, "empty"),
+    ("word " * 5000, {}, "context length"),
+    ("x", {"max_new_tokens": -1}, "max_new_tokens"),
+    ("x", {"temperature": -0.1}, "temperature"),
+    ("x", {"top_p": 0.0}, "top_p"),
+    ("x", {"top_p": 1.01}, "top_p"),
+])
+def test_bad_inputs_are_clear_errors(engine, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompt, params)
+    out = engine.generate("x", {"max_new_tokens": 2})
+    assert set(out["meta_info"]) >= {"id", "prompt_tokens", "completion_tokens",
+                                      "cached_tokens", "finish_reason", "e2e_latency"}
+    _wait_pool_full(engine)
+    assert engine.get_server_info()["internal_states"][0]["integrity_error"] is None
+
+
+def test_unknown_model_directory(tmp_path):
+    from sglab.srt.server_args import ServerArgsError
+
+    with pytest.raises(ServerArgsError, match="--model-path"):
+        Engine(model_path=str(tmp_path / "nowhere"))

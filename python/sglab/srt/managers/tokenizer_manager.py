@@ -8,7 +8,6 @@ socket, and outputs (text from the detokenizer, or token ids straight from the s
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from sglab.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
 )
+from sglab.srt.patches import active_patch_ids
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs
 
@@ -595,20 +595,13 @@ class TokenizerManager:
         if args.get("api_key"):
             args["api_key"] = "<hidden>"
         info = {**args, **self.scheduler_info, "internal_states": [internal_state],
-                "version": _version(), "active_patches": active_patches(self.server_args)}
+                "version": _version(), "active_patches": active_patch_ids(self.server_args)}
         for key in KV_STAT_KEYS:
             if key in internal_state:
                 info[key] = internal_state[key]
         return info
 
 
-def active_patches(server_args: ServerArgs) -> list[str]:
-    """The ids of the patches that are on, from the patch registry when it exists."""
-    if importlib.util.find_spec("sglab.srt.patches") is None:
-        return []
-    from sglab.srt.patches import active_patch_ids
-
-    return list(active_patch_ids(server_args))
 
 
 def _raise_if_refused(reason: dict) -> None:
