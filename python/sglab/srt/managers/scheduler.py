@@ -626,8 +626,9 @@ class Scheduler:
         if held.numel() and held.unique().numel() != held.numel():
             return "A KV slot is held twice by the radix cache"
         if held.numel() and alloc.page_size == 1:
-            free = set(alloc.free_pages.tolist())
-            if any(s in free for s in held.tolist()):
+            free = torch.zeros(alloc.num_pages + 1, dtype=torch.bool)
+            free[alloc.free_pages] = True
+            if bool(free[held].any()):
                 return "A KV slot is both free and held by the radix cache"
         return None
 

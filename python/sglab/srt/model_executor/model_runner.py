@@ -29,6 +29,7 @@ GiB = 1 << 30
 # KV pool size on CPU when --max-total-tokens is not given: at most this many tokens/bytes.
 CPU_DEFAULT_MAX_TOKENS = 65536
 CPU_DEFAULT_KV_BYTES = 4 * GiB
+GPU_MAX_TOKENS = 1 << 23
 
 
 class ModelRunner:
@@ -39,7 +40,7 @@ class ModelRunner:
         self.page_size = server_args.page_size
         torch.manual_seed(server_args.random_seed)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device.index or 0)
         self.model = get_model(model_config, server_args.load_format, server_args.device)
         self.model.logits_processor.sync_free_metadata = (
             server_args.enable_sync_free_logits_metadata)
@@ -77,7 +78,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             rest = free - total * (1 - self.server_args.mem_fraction_static)
-            return max(int(rest) // cell, 0)
+            # Real models stay far below the cap; tiny test models would otherwise get pools
+            # of 10^8 slots whose host-side free lists cost more than they serve.
+            return min(max(int(rest) // cell, 0), GPU_MAX_TOKENS)
         return min(CPU_DEFAULT_MAX_TOKENS, CPU_DEFAULT_KV_BYTES // cell)
 
     def init_memory_pool(self) -> None:
