@@ -53,7 +53,9 @@ class ModelRunner:
         self.init_memory_pool()
         self.attn_backend = self._make_attn_backend()
         self.graph_runner = None
-        if not server_args.disable_cuda_graph:
+        # The torch_native reference has no static-metadata hooks: it always runs eagerly.
+        if not server_args.disable_cuda_graph and hasattr(self.attn_backend,
+                                                          "init_cuda_graph_state"):
             from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
