@@ -311,12 +311,8 @@ class ScheduleBatch:
         self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
         self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
 
-    def new_tokens_needed_for_decode(self) -> int:
-        """KV slots the next decode step may take (whole pages when page_size > 1)."""
-        return _decode_need(self.reqs, self._page_size())
-
     def check_decode_mem(self) -> bool:
-        need = self.new_tokens_needed_for_decode()
+        need = _decode_need(self.reqs, self._page_size())
         self._evict_for(need)
         return self.token_to_kv_pool_allocator.available_size() >= need
 
@@ -385,6 +381,7 @@ class ScheduleBatch:
 
 
 def _decode_need(reqs: list[Req], page: int) -> int:
+    """KV slots the next decode step may take (whole pages when page_size > 1)."""
     if page == 1:
         return len(reqs)
     return sum(page for r in reqs if (r.seqlen - 1) % page == 0)

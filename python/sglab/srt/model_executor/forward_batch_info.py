@@ -79,7 +79,7 @@ class ForwardBatch:
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
         with audit_region("ForwardBatch.init_new"):
             fb = cls._init_new(batch, model_runner)
-        lora_manager = getattr(model_runner, "lora_manager", None)
+        lora_manager = model_runner.lora_manager
         if lora_manager is not None:  # its own audit regions, apart from patch 0001's
             fb.lora_ids = batch.lora_ids
             lora_manager.prepare_lora_batch(fb, batch.lora_inflight_ids)

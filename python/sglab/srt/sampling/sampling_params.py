@@ -55,10 +55,6 @@ class SamplingParams:
         d.pop("stop_str_max_len")
         return d
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.top_k == 1
-
     def verify(self, vocab_size: int | None = None) -> None:
         """Raise ValueError with a message naming the parameter when a value is out of range."""
         _check_type("max_new_tokens", self.max_new_tokens, int, allow_none=True)

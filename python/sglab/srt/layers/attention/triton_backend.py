@@ -65,6 +65,7 @@ class TritonAttnBackend(AttentionBackend):
         # Patch 0002: how _forward_extend_unified builds its indices.
         self.unified_index_build = (args.unified_index_build
                                     if args.enable_sync_free_unified_extend else "loop")
+        self._build_unified = getattr(self, f"_build_unified_{self.unified_index_build}")
         if self.enable_deterministic:
             self.max_kv_splits = -(-mc.context_len // DETERMINISTIC_SPLIT_TILE_SIZE)
         else:
@@ -161,9 +162,7 @@ class TritonAttnBackend(AttentionBackend):
                                 fb: "ForwardBatch") -> None:
         """1-stage extend over prefix ++ extend keys read from the pool (deterministic mode)."""
         with audit_region("_forward_extend_unified"):
-            build = {"loop": self._build_unified_loop, "batched": self._build_unified_batched,
-                     "kernel": self._build_unified_kernel}[self.unified_index_build]
-            unified_indptr, unified_indices, prefix_lens = build(fb)
+            unified_indptr, unified_indices, prefix_lens = self._build_unified(fb)
             md = self.forward_metadata
             k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
             extend_attention_fwd_unified(q, o, k_buf, v_buf, md.qo_indptr, unified_indptr,
