@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sglab.srt.layers.elementwise import rmsnorm, use_fused_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype = torch.float32):
@@ -12,6 +14,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if use_fused_kernels(x):
+            return rmsnorm(x, self.weight, self.variance_epsilon, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is not None:
             x = x + residual
             residual = x

@@ -61,9 +61,9 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
         sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(shape[0], -1, self.head_size)
         half = self.head_size // 2

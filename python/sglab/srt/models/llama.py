@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sglab.srt.layers.activation import SiluAndMul
+from sglab.srt.layers.elementwise import qk_norm_rope, use_fused_kernels
 from sglab.srt.layers.layernorm import RMSNorm
 from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglab.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
@@ -63,13 +64,22 @@ class LlamaAttention(nn.Module):
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         return q, k
 
+    def _fused_qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if not self.qk_norm:
+            return qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin_cache, self.head_dim)
+        return qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin_cache, self.head_dim,
+                            self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon)
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 forward_batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:
-            q, k = self._apply_qk_norm(q, k)
-        q, k = self.rotary_emb(positions, q, k)
+        if use_fused_kernels(q):
+            q, k = self._fused_qk_norm_rope(positions, q, k)
+        else:
+            if self.qk_norm:
+                q, k = self._apply_qk_norm(q, k)
+            q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, forward_batch))
 
 

@@ -1,0 +1,137 @@
+"""Fused row-wise Triton kernels for the decoder's small ops: RMSNorm (with the residual add),
+per-head q/k RMSNorm + neox RoPE, and SiLU-and-mul.
+
+Each replaces a chain of 5-20 eager kernels with one launch, which is what bounds a small-batch
+decode step (and its CUDA-graph launch). They round to the storage dtype at the same points as
+the eager torch code in layernorm.py / rotary_embedding.py / activation.py, which stays the
+reference (and the CPU path). Every program reads one row (or one head): batch invariant.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, stride_x, stride_r,
+                    stride_ro, stride_o, n_cols, eps, HAS_RES: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    y = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None = None):
+    """norm(x) * weight, or with residual (norm(x + residual) * weight, x + residual)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    n_rows, n_cols = x2.shape
+    out = torch.empty_like(x2)
+    res2 = residual.reshape(-1, n_cols) if residual is not None else x2
+    res_out = torch.empty_like(x2) if residual is not None else out
+    if n_rows:
+        _rmsnorm_kernel[(n_rows,)](
+            x2, res2, res_out, weight, out, x2.stride(0), res2.stride(0), res_out.stride(0),
+            out.stride(0), n_cols, eps, HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(n_cols), num_warps=4 if n_cols <= 4096 else 8)
+    out = out.view(x.shape)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr,
+                         stride_q, stride_k, num_q_heads, eps, HAS_NORM: tl.constexpr,
+                         HALF: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1) - num_q_heads
+    offs = tl.arange(0, HALF)
+    if head < num_q_heads:
+        src = q_ptr + tok * stride_q + head * 2 * HALF
+        dst = q_out_ptr + (tok * num_q_heads + head) * 2 * HALF
+        w_ptr = qw_ptr
+    else:
+        src = k_ptr + tok * stride_k + (head - num_q_heads) * 2 * HALF
+        dst = k_out_ptr + (tok * num_kv_heads + head - num_q_heads) * 2 * HALF
+        w_ptr = kw_ptr
+    dtype = q_out_ptr.dtype.element_ty
+    x1 = tl.load(src + offs)
+    x2 = tl.load(src + HALF + offs)
+    if HAS_NORM:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w1 = tl.load(w_ptr + offs).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
+        x1 = ((f1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype)
+        x2 = ((f2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype)
+    pos = tl.load(pos_ptr + tok)
+    cos = tl.load(cs_ptr + pos * 2 * HALF + offs).to(dtype).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * 2 * HALF + HALF + offs).to(dtype).to(tl.float32)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = (f1 * cos).to(dtype).to(tl.float32) + (-f2 * sin).to(dtype).to(tl.float32)
+    o2 = (f2 * cos).to(dtype).to(tl.float32) + (f1 * sin).to(dtype).to(tl.float32)
+    tl.store(dst + offs, o1.to(dtype))
+    tl.store(dst + HALF + offs, o2.to(dtype))
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor, head_dim: int,
+                 q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional per-head RMSNorm of q and k, then neox RoPE; one launch for both.
+
+    q: [T, Hq*D], k: [T, Hkv*D], row-strided views are fine (e.g. splits of a fused qkv).
+    """
+    num_tokens = q.shape[0]
+    hq, hkv = q.shape[1] // head_dim, k.shape[1] // head_dim
+    q_out = torch.empty((num_tokens, hq * head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((num_tokens, hkv * head_dim), dtype=k.dtype, device=k.device)
+    if num_tokens:
+        has_norm = q_weight is not None
+        _qk_norm_rope_kernel[(num_tokens, hq + hkv)](
+            q, k, q_out, k_out, q_weight if has_norm else q, k_weight if has_norm else k,
+            positions, cos_sin_cache, q.stride(0), k.stride(0), hq, eps, HAS_NORM=has_norm,
+            HALF=head_dim // 2, num_warps=1)
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    dtype = out_ptr.dtype.element_ty
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (s * u).to(dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    d = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(triton.next_power_of_2(d), 1024)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], d)
