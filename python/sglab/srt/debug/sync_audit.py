@@ -19,6 +19,7 @@ when off, the helpers cost one attribute check.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections import defaultdict
@@ -170,6 +171,7 @@ def audit_region(name: str):
     return AUDIT.region(name)
 
 
+@functools.lru_cache(maxsize=None)
 def is_pin_memory_available(device: torch.device | str) -> bool:
     """Pinned host memory only helps (and only works) with an accelerator as the target."""
     return torch.device(device).type == "cuda" and torch.cuda.is_available()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -115,9 +114,6 @@ class ModelRunner:
         if name == "torch_native":
             return TorchNativeAttnBackend(self)
         if name == "triton":
-            if self.device.type == "cpu":
-                # Triton picks its CPU interpreter when kernels are defined (first import).
-                os.environ.setdefault("TRITON_INTERPRET", "1")
             from sglab.srt.layers.attention.triton_backend import TritonAttnBackend
 
             return TritonAttnBackend(self)

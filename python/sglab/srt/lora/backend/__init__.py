@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -17,9 +16,6 @@ def get_backend_from_name(name: str, device: torch.device) -> BaseLoRABackend:
 
         return TorchNativeLoRABackend()
     if name == "triton":
-        if torch.device(device).type == "cpu":
-            # Triton picks its CPU interpreter when kernels are defined (first import).
-            os.environ.setdefault("TRITON_INTERPRET", "1")
         from sglab.srt.lora.backend.triton_backend import TritonLoRABackend
 
         return TritonLoRABackend()
