@@ -3,10 +3,15 @@
     python -m sglab.bench_ab --patch 0001 --model-path DIR [--server-args "..."] \\
         [--repeats 2] [--out-dir DIR] -- --dataset-name random-ids --num-prompts 64 ...
 
-Rounds alternate off, on, off, on; each launches a fresh server with `--enable-sync-audit`,
-runs bench_serving (fixed seed, greedy, `--output-details`), reads the audit from
-`/get_server_info`, and stops the server. The report gives medians per variant, the on/off ratio
-and its spread across rounds, syncs per step, and whether outputs were token-identical.
+Rounds alternate off, on, off, on; each launches a fresh server, runs bench_serving (fixed
+seed, greedy, `--output-details`), reads `/get_server_info`, and stops the server. The report
+gives medians per variant, the on/off ratio and its spread across rounds, syncs per step, and
+whether outputs were token-identical.
+
+The sync audit itself costs time per sync it sees (on CUDA each one is a Python warning), which
+would slow the patch-off variant only. So by default (`--audit first`) only the first round
+runs with `--enable-sync-audit` and gives the sync counts, and the timings come from the other
+rounds; with a single round, or `--audit all`, every round is both audited and timed.
 """
 
 from __future__ import annotations
@@ -36,32 +41,64 @@ def variant_flags(patch: str, on: bool) -> list[str]:
     return [f"--{'enable' if on else 'disable'}-{p.cli}"]
 
 
-def run_variant(args: argparse.Namespace, on: bool, bench_argv: list[str]) -> dict:
-    server_argv = ["--model-path", args.model_path, "--enable-sync-audit",
-                   *shlex.split(args.server_args), *variant_flags(args.patch, on)]
+def run_variant(args: argparse.Namespace, on: bool, workloads: list[list[str]],
+                audited: bool = True) -> list[dict]:
+    """One server launch; each workload (a bench_serving argv) runs against it in turn."""
+    server_argv = ["--model-path", args.model_path, *shlex.split(args.server_args),
+                   *variant_flags(args.patch, on)]
+    if audited:
+        server_argv.append("--enable-sync-audit")
     server = popen_launch_server(server_argv, timeout=args.launch_timeout)
     try:
-        out_file = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
-        bargs = bench_serving.parse_args([
-            "--backend", "sglab", "--base-url", server.base_url, "--output-file", out_file,
-            "--output-details", "--disable-tqdm", *bench_argv])
-        result = bench_serving.run_benchmark(bargs)
-        info = requests.get(f"{server.base_url}/get_server_info", timeout=30).json()
+        return [_run_workload(server.base_url, on, audited, argv) for argv in workloads]
     finally:
         kill_server(server)
-    states = info.get("internal_states") or [{}]
-    return {"on": on, "result": {k: result.get(k) for k in METRICS + ["completed"]},
+
+
+def _audit(base_url: str) -> tuple[dict, dict | None]:
+    info = requests.get(f"{base_url}/get_server_info", timeout=30).json()
+    return info, (info.get("internal_states") or [{}])[0].get("sync_audit")
+
+
+def _audit_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The audit of one workload: counts since `before` (warmup, earlier workloads)."""
+    if not after:
+        return after
+    before = before or {"steps": 0, "totals": {}}
+    steps = after["steps"] - before["steps"]
+    totals = {region: {kind: n - before["totals"].get(region, {}).get(kind, 0)
+                       for kind, n in kinds.items()}
+              for region, kinds in after["totals"].items()}
+    total = sum(sum(k.values()) for k in totals.values())
+    return {"enabled": after["enabled"], "steps": steps,
+            "syncs_per_step": total / steps if steps else 0.0, "totals": totals,
+            "per_step": {r: {k: n / steps for k, n in kinds.items()}
+                         for r, kinds in totals.items()} if steps else {}}
+
+
+def _run_workload(base_url: str, on: bool, audited: bool, bench_argv: list[str]) -> dict:
+    _, audit_before = _audit(base_url)
+    out_file = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
+    bargs = bench_serving.parse_args([
+        "--backend", "sglab", "--base-url", base_url, "--output-file", out_file,
+        "--output-details", "--disable-tqdm", *bench_argv])
+    result = bench_serving.run_benchmark(bargs)
+    info, audit_after = _audit(base_url)
+    return {"on": on, "audited": audited,
+            "result": {k: result.get(k) for k in METRICS + ["completed"]},
             "itls": [x for per_req in result.get("itls", []) for x in per_req],
             "generated_texts": result.get("generated_texts", []),
             "output_lens": result.get("output_lens", []),
-            "sync_audit": states[0].get("sync_audit"),
+            "sync_audit": _audit_delta(audit_before, audit_after),
             "active_patches": info.get("active_patches")}
 
 
 def summarize(runs: list[dict]) -> dict:
-    off = [r for r in runs if not r["on"]]
-    on = [r for r in runs if r["on"]]
-    summary = {}
+    timed = [r for r in runs if not r["audited"]] or runs
+    audited = [r for r in runs if r["audited"]] or runs
+    off = [r for r in timed if not r["on"]]
+    on = [r for r in timed if r["on"]]
+    summary = {"timed_runs": len(timed)}
     for m in METRICS:
         off_v = [r["result"][m] for r in off if r["result"][m] is not None]
         on_v = [r["result"][m] for r in on if r["result"][m] is not None]
@@ -73,9 +110,9 @@ def summarize(runs: list[dict]) -> dict:
                       "ratio_min": min(ratios, default=None),
                       "ratio_max": max(ratios, default=None)}
     summary["syncs_per_step"] = {
-        "off": statistics.median(_syncs(r) for r in off),
-        "on": statistics.median(_syncs(r) for r in on)}
-    reference = off[0]
+        "off": statistics.median(_syncs(r) for r in audited if not r["on"]),
+        "on": statistics.median(_syncs(r) for r in audited if r["on"])}
+    reference = runs[0]
     summary["outputs_identical"] = all(
         r["generated_texts"] == reference["generated_texts"]
         and r["output_lens"] == reference["output_lens"] for r in runs)
@@ -92,7 +129,8 @@ def to_markdown(report: dict) -> str:
     lines = [f"# bench_ab: patch {report['patch']}", "",
              f"model `{report['model_path']}`, server args `{report['server_args']}`, "
              f"bench args `{' '.join(report['bench_args'])}`, {report['repeats']} rounds "
-             f"(off/on alternating), commit {report.get('commit', 'unknown')}", "",
+             f"(off/on alternating), commit {report.get('commit', 'unknown')}; timings from "
+             f"{s['timed_runs']} runs{_timed_note(report)}", "",
              "| metric | off (median) | on (median) | on/off | spread across rounds |",
              "|---|---|---|---|---|"]
     for m in METRICS:
@@ -107,15 +145,23 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timed_note(report: dict) -> str:
+    audited = sum(r["audited"] for r in report["runs"])
+    if audited == len(report["runs"]):
+        return " (all audited)"
+    return f" (without the audit; {audited} audited runs gave the sync counts)"
+
+
 def plot_itls(runs: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timed = [r for r in runs if not r["audited"]] or runs
     fig, ax = plt.subplots(figsize=(7, 4))
     for on, label in ((False, "patch off"), (True, "patch on")):
-        itls = [x * 1e3 for r in runs if r["on"] == on for x in r["itls"]]
+        itls = [x * 1e3 for r in timed if r["on"] == on for x in r["itls"]]
         if itls:
             ax.hist(itls, bins=60, alpha=0.55, label=label)
     ax.set_xlabel("inter-token latency (ms)")
@@ -135,6 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", default="benchmark/results")
     parser.add_argument("--tag", default=None, help="file name stem (default: date + patch)")
     parser.add_argument("--launch-timeout", type=float, default=600.0)
+    parser.add_argument("--audit", choices=["first", "all"], default="first",
+                        help="rounds run with --enable-sync-audit (first: round 1 only, and "
+                             "timings from the others when there are others)")
+    parser.add_argument("--request-rates", type=float, nargs="+", default=None,
+                        help="one workload per rate against the same server launch (each "
+                             "gets its own report, file stem + -rate<R>)")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER,
                         help="after --: bench_serving arguments")
     args = parser.parse_args(argv)
@@ -144,24 +196,38 @@ def main(argv: list[str] | None = None) -> dict:
     bench_argv = [a for a in args.bench_args if a != "--"]
     if "--seed" not in bench_argv:
         bench_argv += ["--seed", "1"]
-    runs = []
-    for _ in range(args.repeats):
+    workloads = [(f"-rate{_fmt_rate(r)}", bench_argv + ["--request-rate", str(r)])
+                 for r in args.request_rates] if args.request_rates else [("", bench_argv)]
+    launches = []
+    for i in range(args.repeats):
         for on in (False, True):
-            runs.append(run_variant(args, on, bench_argv))
+            launches.append(run_variant(args, on, [w for _, w in workloads],
+                                        args.audit == "all" or i == 0))
+    stem = os.path.join(args.out_dir, args.tag or
+                        f"{time.strftime('%Y-%m-%d')}-bench-ab-{args.patch}")
+    reports = [_write_report(args, w, [launch[j] for launch in launches], stem + suffix)
+               for j, (suffix, w) in enumerate(workloads)]
+    return reports[0] if len(reports) == 1 else {"reports": reports}
+
+
+def _fmt_rate(rate: float) -> str:
+    return str(int(rate)) if float(rate).is_integer() else str(rate)
+
+
+def _write_report(args: argparse.Namespace, bench_argv: list[str], runs: list[dict],
+                  stem: str) -> dict:
     report = {"patch": args.patch, "model_path": args.model_path,
               "server_args": args.server_args, "bench_args": bench_argv,
               "repeats": args.repeats, "commit": _commit(), "summary": summarize(runs),
               "runs": [{k: v for k, v in r.items() if k not in ("itls", "generated_texts")}
                        for r in runs]}
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, args.tag or
-                        f"{time.strftime('%Y-%m-%d')}-bench-ab-{args.patch}")
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(to_markdown(report))
     plot_itls(runs, stem + ".png")
-    print(to_markdown(report))
+    print(to_markdown(report), flush=True)
     return report
 
 
