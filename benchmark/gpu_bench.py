@@ -95,6 +95,7 @@ def run_sglab(preset: str) -> dict:
     run_one(sched, 1, 16, 8, seed=99)
     out["one_batch"] = [run_one(sched, bs, INPUT_LEN, OUTPUT_LEN).__dict__ for bs in DECODE_BS]
     sched.enable_overlap = True
+    out["decode_bs1_overlap"] = _steady_decode(sched, 1)
     out["throughput"] = _throughput(sched)
     out["idle"] = _idle_fraction(sched)
     sched.enable_overlap = False
@@ -113,6 +114,22 @@ def _throughput(sched) -> dict:
     return {"requests": CONCURRENCY, "input_len": INPUT_LEN,
             "output_len": THROUGHPUT_OUTPUT_LEN, "seconds": elapsed,
             "output_throughput": tokens / elapsed}
+
+
+def _steady_decode(sched, batch_size: int, steps: int = 200) -> dict:
+    """Decode step time (= ITL) in steady state with the server's loop, overlap as configured."""
+    _submit(sched, batch_size, INPUT_LEN, steps + 100, f"steady{time.time()}")
+    for _ in range(30):
+        sched.run_step()
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        sched.run_step()
+    torch.cuda.synchronize()
+    step = (time.perf_counter() - tic) / steps
+    _drain(sched)
+    sched.flush_cache()
+    return {"batch_size": batch_size, "steps": steps, "step_s": step}
 
 
 def _idle_fraction(sched, batch_size: int = 8) -> dict:
@@ -209,6 +226,7 @@ def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [f"GPU: {report['gpu']}, torch {report['torch']}, commit {report['commit']}",
              f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
+             "Decode step with a host sync after every step (bench_one_batch, overlap off):", "",
              "| model | bs | decode step (ms) | roofline (ms) | ratio | prefill (ms) |",
              "|---|---|---|---|---|---|"]
     for preset, m in report["models"].items():
@@ -222,6 +240,18 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {preset} | {r['batch_size']} | {step * 1e3:.3f} | "
                          f"{roof * 1e3:.3f} | {step / roof:.2f} | "
                          f"{r['prefill_latency_s'] * 1e3:.2f} |")
+    lines += ["", "Decode ITL at batch 1 with the overlap loop (steady state, 200 steps):", "",
+              "| model | ITL bs1 (ms) | roofline (ms) | ratio | HF ITL bs1 (ms) |",
+              "|---|---|---|---|---|"]
+    for preset, m in report["models"].items():
+        s, h = m["sglab"], m["hf"]
+        if "error" in s or "decode_bs1_overlap" not in s:
+            continue
+        roof = s["weight_bytes"] / (bw * 1e9)
+        itl = s["decode_bs1_overlap"]["step_s"]
+        hf_itl = f"{h['itl_bs1_s'] * 1e3:.2f}" if "itl_bs1_s" in h else "error"
+        lines.append(f"| {preset} | {itl * 1e3:.3f} | {roof * 1e3:.3f} | {itl / roof:.2f} | "
+                     f"{hf_itl} |")
     lines += ["", "| model | sglab out tok/s (64 concurrent, overlap) | no overlap | "
               "HF tok/s | ratio vs HF | HF ITL bs1 (ms) | GPU idle (overlap) |",
               "|---|---|---|---|---|---|---|"]

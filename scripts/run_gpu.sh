@@ -1,42 +1,72 @@
 #!/usr/bin/env bash
-# One complete GPU run: GPU tests, engine benchmarks, then patch A/Bs. Results land in $OUT
-# (the device tool's output folder) and are copied into benchmark/results/ afterwards.
-#   bash scripts/run_gpu.sh [tests|bench|ab|all]
+# GPU run: tests, engine benchmarks, patch A/Bs. Results land in $OUT/r (packed into
+# $OUT/r.tgz at the end) and are copied into benchmark/results/ afterwards.
+#   bash scripts/run_gpu.sh STEP...   STEP: tests bench unified profile ab ab-lora ab-8b, or all
+# Each step has its own time limit, so one slow step never loses the others' results.
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
-mkdir -p "$OUT"
-what=${1:-all}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -m gpu test 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30
-fi
-if [[ $what == bench || $what == all ]]; then
-  python3 benchmark/gpu_bench.py all --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" | tail -n 30
-fi
-if [[ $what == ab || $what == all ]]; then
-  model=/tmp/sglab-ab-qwen3-0.6b
-  python3 scripts/make_dummy_model.py --preset qwen3-0.6b --out $model
-  common="--load-format dummy"
-  bench="--dataset-name random-ids --random-range-ratio 1 --tokenizer $model --disable-tqdm"
-  python3 -m sglab.bench_ab --patch 0001 --model-path $model --server-args "$common" \
-    --repeats 2 --out-dir "$OUT" --tag ab-0001 -- $bench --num-prompts 64 \
-    --random-input-len 128 --random-output-len 128 --max-concurrency 4 2>&1 | tail -n 14
-  python3 -m sglab.bench_ab --patch 0002 --model-path $model \
-    --server-args "$common --enable-deterministic-inference" --repeats 2 --out-dir "$OUT" \
-    --tag ab-0002 -- --dataset-name generated-shared-prefix --gsp-num-groups 8 \
-    --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 --gsp-question-len 64 \
-    --gsp-output-len 16 --tokenizer $model --disable-tqdm 2>&1 | tail -n 14
-  python3 -m sglab.bench_ab --patch 0003a --model-path $model --server-args "$common" \
-    --repeats 2 --out-dir "$OUT" --tag ab-0003a -- $bench --num-prompts 64 \
-    --random-input-len 256 --random-output-len 16 --return-logprob --logprob-start-len 0 \
-    2>&1 | tail -n 14
-  lora=/tmp/sglab-ab-lora
-  python3 -m sglab.test.lora_utils --model-path $model --out $lora --rank 16
-  for p in 0005 0005b; do for rate in 1 8; do
-    python3 -m sglab.bench_ab --patch $p --model-path $model \
-      --server-args "$common --lora-paths lora=$lora --max-loras-per-batch 1" --repeats 2 \
-      --out-dir "$OUT" --tag ab-$p-rate$rate -- $bench --num-prompts 96 \
-      --random-input-len 256 --random-output-len 128 --request-rate $rate --lora-name lora \
-      2>&1 | tail -n 14
-  done; done
-fi
+R=$OUT/r
+mkdir -p "$R"
+steps=("$@")
+[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && \
+  steps=(tests bench unified profile ab ab-lora ab-8b)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$R/gpu.txt"
+git rev-parse HEAD >> "$R/gpu.txt" 2>/dev/null
+
+models=/tmp/sglab-ab-models
+mk() { [[ -f $models/$1/config.json ]] || python3 scripts/make_dummy_model.py --preset "$1" \
+  --out "$models/$1" > /dev/null; echo "$models/$1"; }
+rnd() { echo "--dataset-name random-ids --random-range-ratio 1 --tokenizer $1 --disable-tqdm"; }
+
+for step in "${steps[@]}"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+  tests)
+    timeout 330 python3 -m pytest -q -m gpu test 2>&1 | tee "$R/gpu_tests.log" | tail -n 15 ;;
+  bench)
+    timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
+  unified)
+    for p in qwen3-0.6b llama-3.1-8b; do
+      timeout 150 python3 benchmark/bench_unified_extend.py --preset $p --out "$R/unified-$p" \
+        2>&1 | tail -n 8
+    done ;;
+  profile)
+    timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
+      --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
+    grep '^==' "$R/profile-qwen3-0.6b-bs1.txt" ;;
+  ab)
+    m=$(mk qwen3-0.6b)
+    timeout 200 python3 -m sglab.bench_ab --patch 0001 --model-path $m --repeats 2 \
+      --server-args "--load-format dummy --cuda-graph-max-bs 8" --out-dir "$R" --tag ab-0001 \
+      -- $(rnd $m) --num-prompts 32 --random-input-len 128 --random-output-len 128 \
+      --max-concurrency 4 2>&1 | tail -n 14
+    timeout 220 python3 -m sglab.bench_ab --patch 0002 --model-path $m --repeats 2 \
+      --server-args "--load-format dummy --enable-deterministic-inference --cuda-graph-max-bs 32" \
+      --out-dir "$R" --tag ab-0002 -- --dataset-name generated-shared-prefix \
+      --gsp-num-groups 8 --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 \
+      --gsp-question-len 64 --gsp-output-len 16 --tokenizer $m --disable-tqdm 2>&1 | tail -n 14
+    timeout 160 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 2 \
+      --server-args "--load-format dummy --cuda-graph-max-bs 64" --out-dir "$R" \
+      --tag ab-0003a -- $(rnd $m) --num-prompts 64 --random-input-len 256 \
+      --random-output-len 16 --return-logprob --logprob-start-len 0 2>&1 | tail -n 14 ;;
+  ab-lora)
+    m=$(mk qwen3-0.6b)
+    lora=/tmp/sglab-ab-lora
+    python3 -m sglab.test.lora_utils --model-path $m --out $lora --rank 16 > /dev/null
+    for p in 0005 0005b; do
+      timeout 270 python3 -m sglab.bench_ab --patch $p --model-path $m --repeats 2 \
+        --server-args "--load-format dummy --lora-paths lora=$lora --max-loras-per-batch 1 \
+        --cuda-graph-max-bs 16" --out-dir "$R" --tag ab-$p --request-rates 1 8 \
+        -- $(rnd $m) --num-prompts 16 --random-input-len 256 --random-output-len 128 \
+        --lora-name lora 2>&1 | tail -n 30
+    done ;;
+  ab-8b)
+    m=$(mk llama-3.1-8b)
+    timeout 240 python3 -m sglab.bench_ab --patch 0001 --model-path $m --repeats 2 \
+      --server-args "--load-format dummy --cuda-graph-max-bs 8" --out-dir "$R" \
+      --tag ab-0001-llama-3.1-8b -- $(rnd $m) --num-prompts 16 --random-input-len 128 \
+      --random-output-len 128 --max-concurrency 2 2>&1 | tail -n 14 ;;
+  *) echo "unknown step $step" ;;
+  esac
+done
+tar czf "$OUT/r.tgz" -C "$OUT" r && rm -rf "$R"
