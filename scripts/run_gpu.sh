@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU run: tests, engine benchmarks, patch A/Bs. Results land in $OUT/r (packed into
-# $OUT/r.tgz at the end) and are copied into benchmark/results/ afterwards.
+# $OUT/r.tgz after every step) and are copied into benchmark/results/ afterwards.
 #   bash scripts/run_gpu.sh STEP...   STEP: tests bench unified profile ab ab-lora ab-8b, or all
 # Each step has its own time limit, so one slow step never loses the others' results.
 set -o pipefail
@@ -22,7 +22,7 @@ for step in "${steps[@]}"; do
   echo "=== $step $(date +%T)"
   case $step in
   tests)
-    timeout 330 python3 -m pytest -q -m gpu test 2>&1 | tee "$R/gpu_tests.log" | tail -n 15 ;;
+    timeout 180 python3 -m pytest -q -m gpu test 2>&1 | tee "$R/gpu_tests.log" | tail -n 15 ;;
   bench)
     timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
   unified)
@@ -36,16 +36,16 @@ for step in "${steps[@]}"; do
     grep '^==' "$R/profile-qwen3-0.6b-bs1.txt" ;;
   ab)
     m=$(mk qwen3-0.6b)
-    timeout 200 python3 -m sglab.bench_ab --patch 0001 --model-path $m --repeats 2 \
+    timeout 140 python3 -m sglab.bench_ab --patch 0001 --model-path $m --repeats 2 \
       --server-args "--load-format dummy --cuda-graph-max-bs 8" --out-dir "$R" --tag ab-0001 \
       -- $(rnd $m) --num-prompts 32 --random-input-len 128 --random-output-len 128 \
       --max-concurrency 4 2>&1 | tail -n 14
-    timeout 220 python3 -m sglab.bench_ab --patch 0002 --model-path $m --repeats 2 \
+    timeout 150 python3 -m sglab.bench_ab --patch 0002 --model-path $m --repeats 2 \
       --server-args "--load-format dummy --enable-deterministic-inference --cuda-graph-max-bs 32" \
       --out-dir "$R" --tag ab-0002 -- --dataset-name generated-shared-prefix \
-      --gsp-num-groups 8 --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 \
+      --gsp-num-groups 4 --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 \
       --gsp-question-len 64 --gsp-output-len 16 --tokenizer $m --disable-tqdm 2>&1 | tail -n 14
-    timeout 160 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 2 \
+    timeout 110 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 2 \
       --server-args "--load-format dummy --cuda-graph-max-bs 64" --out-dir "$R" \
       --tag ab-0003a -- $(rnd $m) --num-prompts 64 --random-input-len 256 \
       --random-output-len 16 --return-logprob --logprob-start-len 0 2>&1 | tail -n 14 ;;
@@ -68,5 +68,6 @@ for step in "${steps[@]}"; do
       --random-output-len 128 --max-concurrency 2 2>&1 | tail -n 14 ;;
   *) echo "unknown step $step" ;;
   esac
+  tar czf "$OUT/r.tgz" -C "$OUT" r  # after every step: a later timeout loses nothing
 done
-tar czf "$OUT/r.tgz" -C "$OUT" r && rm -rf "$R"
+rm -rf "$R"
