@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU run: tests, engine benchmarks, patch A/Bs. Results land in $OUT/r (packed into
 # $OUT/r.tgz after every step) and are copied into benchmark/results/ afterwards.
-#   bash scripts/run_gpu.sh STEP...   STEP: tests bench unified profile ab ab-lora ab-8b, or all
+#   bash scripts/run_gpu.sh STEP...   STEP: tests bench unified profile ab (= ab-0001 ab-0002
+#   ab-0003a) ab-lora ab-8b, or all
 # Each step has its own time limit, so one slow step never loses the others' results.
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
@@ -10,6 +11,11 @@ mkdir -p "$R"
 steps=("$@")
 [[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && \
   steps=(tests bench unified profile ab ab-lora ab-8b)
+expanded=()
+for st in "${steps[@]}"; do
+  [[ $st == ab ]] && expanded+=(ab-0001 ab-0002 ab-0003a) || expanded+=("$st")
+done
+steps=("${expanded[@]}")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$R/gpu.txt"
 git rev-parse HEAD >> "$R/gpu.txt" 2>/dev/null
 
@@ -22,7 +28,7 @@ for step in "${steps[@]}"; do
   echo "=== $step $(date +%T)"
   case $step in
   tests)
-    timeout 180 python3 -m pytest -q -m gpu test 2>&1 | tee "$R/gpu_tests.log" | tail -n 15 ;;
+    timeout 140 python3 -m pytest -q -m gpu --continue-on-collection-errors test 2>&1 | tee "$R/gpu_tests.log" | tail -n 15 ;;
   bench)
     timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
   unified)
@@ -34,30 +40,34 @@ for step in "${steps[@]}"; do
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
     grep '^==' "$R/profile-qwen3-0.6b-bs1.txt" ;;
-  ab)
+  ab-0001)
     m=$(mk qwen3-0.6b)
     timeout 140 python3 -m sglab.bench_ab --patch 0001 --model-path $m --repeats 2 \
       --server-args "--load-format dummy --cuda-graph-max-bs 8" --out-dir "$R" --tag ab-0001 \
       -- $(rnd $m) --num-prompts 32 --random-input-len 128 --random-output-len 128 \
-      --max-concurrency 4 2>&1 | tail -n 14
+      --max-concurrency 4 2>&1 | tail -n 14 ;;
+  ab-0002)
+    m=$(mk qwen3-0.6b)
     timeout 150 python3 -m sglab.bench_ab --patch 0002 --model-path $m --repeats 2 \
       --server-args "--load-format dummy --enable-deterministic-inference --cuda-graph-max-bs 32" \
       --out-dir "$R" --tag ab-0002 -- --dataset-name generated-shared-prefix \
       --gsp-num-groups 4 --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 \
-      --gsp-question-len 64 --gsp-output-len 16 --tokenizer $m --disable-tqdm 2>&1 | tail -n 14
-    timeout 110 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 2 \
+      --gsp-question-len 64 --gsp-output-len 16 --tokenizer $m --disable-tqdm 2>&1 | tail -n 14 ;;
+  ab-0003a)
+    m=$(mk qwen3-0.6b)
+    timeout 120 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 2 \
       --server-args "--load-format dummy --cuda-graph-max-bs 64" --out-dir "$R" \
-      --tag ab-0003a -- $(rnd $m) --num-prompts 64 --random-input-len 256 \
+      --tag ab-0003a -- $(rnd $m) --num-prompts 32 --random-input-len 256 \
       --random-output-len 16 --return-logprob --logprob-start-len 0 2>&1 | tail -n 14 ;;
   ab-lora)
     m=$(mk qwen3-0.6b)
     lora=/tmp/sglab-ab-lora
     python3 -m sglab.test.lora_utils --model-path $m --out $lora --rank 16 > /dev/null
     for p in 0005 0005b; do
-      timeout 270 python3 -m sglab.bench_ab --patch $p --model-path $m --repeats 2 \
+      timeout 160 python3 -m sglab.bench_ab --patch $p --model-path $m --repeats 2 \
         --server-args "--load-format dummy --lora-paths lora=$lora --max-loras-per-batch 1 \
         --cuda-graph-max-bs 16" --out-dir "$R" --tag ab-$p --request-rates 1 8 \
-        -- $(rnd $m) --num-prompts 16 --random-input-len 256 --random-output-len 128 \
+        -- $(rnd $m) --num-prompts 12 --random-input-len 256 --random-output-len 128 \
         --lora-name lora 2>&1 | tail -n 30
     done ;;
   ab-8b)

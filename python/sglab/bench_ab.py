@@ -17,6 +17,7 @@ rounds; with a single round, or `--audit all`, every round is both audited and t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -210,6 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
     return reports[0] if len(reports) == 1 else {"reports": reports}
 
 
+def _digest(run: dict) -> str:
+    """Which runs produced the same tokens, when outputs are not identical across all."""
+    data = json.dumps([run["generated_texts"], run["output_lens"]]).encode()
+    return hashlib.sha1(data).hexdigest()[:12]
+
+
 def _fmt_rate(rate: float) -> str:
     return str(int(rate)) if float(rate).is_integer() else str(rate)
 
@@ -219,8 +226,8 @@ def _write_report(args: argparse.Namespace, bench_argv: list[str], runs: list[di
     report = {"patch": args.patch, "model_path": args.model_path,
               "server_args": args.server_args, "bench_args": bench_argv,
               "repeats": args.repeats, "commit": _commit(), "summary": summarize(runs),
-              "runs": [{k: v for k, v in r.items() if k not in ("itls", "generated_texts")}
-                       for r in runs]}
+              "runs": [{**{k: v for k, v in r.items() if k not in ("itls", "generated_texts")},
+                        "output_digest": _digest(r)} for r in runs]}
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
