@@ -76,8 +76,26 @@ for step in "${steps[@]}"; do
       --server-args "--load-format dummy --cuda-graph-max-bs 8" --out-dir "$R" \
       --tag ab-0001-llama-3.1-8b -- $(rnd $m) --num-prompts 16 --random-input-len 128 \
       --random-output-len 128 --max-concurrency 2 2>&1 | tail -n 14 ;;
+  ab-quick)  # one round each, no audit (the GPU tests check the syncs)
+    m=$(mk qwen3-0.6b)
+    lora=/tmp/sglab-ab-lora
+    python3 -m sglab.test.lora_utils --model-path $m --out $lora --rank 16 > /dev/null
+    for p in 0005 0005b; do
+      timeout 100 python3 -m sglab.bench_ab --patch $p --model-path $m --repeats 1 --audit none \
+        --server-args "--load-format dummy --lora-paths lora=$lora --max-loras-per-batch 1 \
+        --cuda-graph-max-bs 16" --out-dir "$R" --tag ab-$p --request-rates 1 8 \
+        -- $(rnd $m) --num-prompts 12 --random-input-len 256 --random-output-len 128 \
+        --lora-name lora 2>&1 | grep -E "^\| |identical"
+      nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+    done
+    timeout 80 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 1 --audit none \
+      --server-args "--load-format dummy --cuda-graph-max-bs 64" --out-dir "$R" \
+      --tag ab-0003a -- $(rnd $m) --num-prompts 32 --random-input-len 256 \
+      --random-output-len 16 --return-logprob --logprob-start-len 0 2>&1 | grep -E "^\| |identical" ;;
   *) echo "unknown step $step" ;;
   esac
+  # A step stopped at its limit leaves its server behind, holding GPU memory.
+  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
   tar czf "$OUT/r.tgz" -C "$OUT" r  # after every step: a later timeout loses nothing
 done
 rm -rf "$R"

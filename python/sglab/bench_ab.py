@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", default="benchmark/results")
     parser.add_argument("--tag", default=None, help="file name stem (default: date + patch)")
     parser.add_argument("--launch-timeout", type=float, default=600.0)
-    parser.add_argument("--audit", choices=["first", "all"], default="first",
+    parser.add_argument("--audit", choices=["first", "all", "none"], default="first",
                         help="rounds run with --enable-sync-audit (first: round 1 only, and "
                              "timings from the others when there are others)")
     parser.add_argument("--request-rates", type=float, nargs="+", default=None,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.repeats):
         for on in (False, True):
             launches.append(run_variant(args, on, [w for _, w in workloads],
-                                        args.audit == "all" or i == 0))
+                                        args.audit == "all" or (i == 0 and args.audit == "first")))
     stem = os.path.join(args.out_dir, args.tag or
                         f"{time.strftime('%Y-%m-%d')}-bench-ab-{args.patch}")
     reports = [_write_report(args, w, [launch[j] for launch in launches], stem + suffix)
