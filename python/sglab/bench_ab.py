@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import statistics
+import sys
 import tempfile
 import time
 
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("bench_args", nargs=argparse.REMAINDER,
                         help="after --: bench_serving arguments")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds through run_variant's finally, which stops the
+    # server; otherwise the server outlives us holding its GPU memory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.patch != "all" and args.patch not in PATCH_BY_ID:
         parser.error(f"--patch: unknown patch id {args.patch!r} "
                      f"(known: {', '.join(PATCH_BY_ID)}, all)")

@@ -75,7 +75,9 @@ def _check_qk_norm_rope(tokens: int, hq: int, hkv: int, head_dim: int, dtype,
     assert q_out.shape == q_ref.shape and k_out.shape == k_ref.shape
     _close(q_out, q_ref, dtype)
     _close(k_out, k_ref, dtype)
-    if not with_norm and _exact(dtype):  # no reduction: the same bits as the eager code
+    if not with_norm and DEVICE == "cpu" and dtype == torch.float32:
+        # No reduction: the interpreter gives the eager bits. On a GPU the compiler may contract
+        # the multiply-adds, which moves the last bit, so the GPU check is the tolerance above.
         assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
 
 

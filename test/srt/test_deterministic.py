@@ -356,3 +356,40 @@ def test_gpu_checks_differ_without_deterministic_mode(tiny_model_dir):
         pytest.skip("the default GPU kernels gave identical bits for these tiny shapes, so the "
                     "GPU checks are not shown to discriminate here")
     assert max(counts) > 1
+
+
+def _shared_prefix_prompts(vocab: int, groups: int = 3, per_group: int = 8,
+                           prefix_len: int = 700, question_len: int = 40) -> list[list[int]]:
+    rng = random.Random(7)
+    tok = lambda n: [rng.randrange(vocab - 64) for _ in range(n)]  # noqa: E731
+    return [prefix + tok(question_len) for prefix in (tok(prefix_len) for _ in range(groups))
+            for _ in range(per_group)]
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_serving_conditions_match_alone_for_every_index_build(tmp_path):
+    """Real hidden sizes (the qwen3-0.6b shape, dummy weights) under serving conditions: all
+    prompts at once (radix hits on shared prefixes, chunked prefill, decode batches above the
+    largest CUDA graph, overlap) give each prompt the bits it gets alone; and the three
+    `_forward_extend_unified` index builds (patch 0002 off, batched, kernel) agree."""
+    from sglab.srt.utils.dummy_model import make_dummy_model
+    path = make_dummy_model("qwen3-0.6b", str(tmp_path / "m"), weights=False)
+    variants = {"loop": {"enable_sync_free_unified_extend": False},
+                "batched": {"unified_index_build": "batched"},
+                "kernel": {"unified_index_build": "kernel"}}
+    results = {}
+    for name, kw in variants.items():
+        _free_gpu()
+        runner = _gpu_runner(path, True, load_format="dummy", chunked_prefill_size=512,
+                             cuda_graph_max_bs=8, **kw)
+        prompts = _shared_prefix_prompts(runner.scheduler.model_config.vocab_size)
+        together = [_sample(o) for o in _generate(runner, prompts, GREEDY)]
+        alone = []
+        for p in prompts:
+            assert runner.scheduler.flush_cache()
+            alone += [_sample(o) for o in _generate(runner, [p], GREEDY)]
+        assert together == alone, name
+        results[name] = together
+        del runner
+    assert results["loop"] == results["batched"] == results["kernel"]
