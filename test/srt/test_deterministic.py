@@ -306,9 +306,9 @@ def gpu_samples(path: str, deterministic: bool, n_trials: int = 4) -> tuple[list
 
 def _gpu_runner(path: str, deterministic: bool, **kw) -> SchedulerRunner:
     # A small KV pool: the idle integrity check walks every slot.
+    kw = {"cuda_graph_max_bs": MAX_BS, **kw}
     return SchedulerRunner(model_path=path, device="cuda", dtype="bfloat16",
-                           attention_backend="triton", cuda_graph_max_bs=MAX_BS,
-                           max_total_tokens=32768,
+                           attention_backend="triton", max_total_tokens=32768,
                            enable_deterministic_inference=deterministic, **kw)
 
 
