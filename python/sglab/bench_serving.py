@@ -561,10 +561,16 @@ def sample_sharegpt_requests(
     return rows
 
 
+def vocab_ids_of(tokenizer: Any) -> list[int]:
+    # Sorted: a fast tokenizer's get_vocab() order changes from process to process, and the
+    # same --seed must give the same prompts on every run.
+    return sorted(tokenizer.get_vocab().values())
+
+
 def gen_prompt(tokenizer: Any, token_num: int, vocab_ids: list[int] | None = None) -> str:
     """Random vocabulary ids decoded to text."""
     if vocab_ids is None:
-        vocab_ids = list(tokenizer.get_vocab().values())
+        vocab_ids = vocab_ids_of(tokenizer)
     return tokenizer.decode(random.choices(vocab_ids, k=token_num))
 
 
@@ -586,7 +592,7 @@ def sample_generated_shared_prefix_requests(
     system_lens = compute_random_lens(system_prompt_len, range_ratio, num_groups)
     question_lens = compute_random_lens(question_len, range_ratio, num_groups * prompts_per_group)
     output_lens = compute_random_lens(output_len, range_ratio, num_groups * prompts_per_group)
-    vocab_ids = list(tokenizer.get_vocab().values())
+    vocab_ids = vocab_ids_of(tokenizer)
     system_prompts = [gen_prompt(tokenizer, n, vocab_ids) for n in system_lens]
     questions = [gen_prompt(tokenizer, n, vocab_ids) for n in question_lens]
 

@@ -382,6 +382,30 @@ def test_generated_shared_prefix_structure(tokenizer):
     assert groups == [groups[0]] * 4 + [groups[4]] * 4 + [groups[8]] * 4
 
 
+_GSP_SCRIPT = """
+import random, sys
+import numpy as np
+from transformers import AutoTokenizer
+from sglab import bench_serving as bs
+random.seed(1); np.random.seed(1)
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = bs.sample_generated_shared_prefix_requests(2, 3, 30, 6, 4, 1.0, tok)
+print(repr([r.prompt for r in rows]))
+"""
+
+
+def test_generated_shared_prefix_same_prompts_in_every_process(tokenizer_dir):
+    """The same seed gives the same prompts in a fresh process (bench_ab compares outputs
+    across server runs; the tokenizer's vocab order alone changes between processes)."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _GSP_SCRIPT, tokenizer_dir], check=True,
+                           capture_output=True, text=True).stdout.splitlines()[-1]
+            for _ in range(3)]
+    assert runs[0].startswith("['") and runs[0] == runs[1] == runs[2]
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
