@@ -55,9 +55,9 @@ for step in "${steps[@]}"; do
       --gsp-question-len 128 --gsp-output-len 32 --tokenizer $m --disable-tqdm 2>&1 | tail -n 14 ;;
   ab-0003a)
     m=$(mk qwen3-0.6b)
-    timeout 150 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 2 \
+    timeout 220 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 3 \
       --server-args "--load-format dummy --cuda-graph-max-bs 64" --out-dir "$R" \
-      --tag ab-0003a -- $(rnd $m) --num-prompts 32 --random-input-len 256 \
+      --tag ab-0003a -- $(rnd $m) --num-prompts 64 --random-input-len 256 \
       --random-output-len 16 --return-logprob --logprob-start-len 0 2>&1 | tail -n 14 ;;
   ab-lora)
     m=$(mk qwen3-0.6b)
