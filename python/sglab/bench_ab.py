@@ -91,6 +91,7 @@ def _run_workload(base_url: str, on: bool, audited: bool, bench_argv: list[str])
             "result": {k: result.get(k) for k in METRICS + ["completed"]},
             "itls": [x for per_req in result.get("itls", []) for x in per_req],
             "generated_texts": result.get("generated_texts", []),
+            "output_ids": result.get("output_ids", []),
             "output_lens": result.get("output_lens", []),
             "sync_audit": _audit_delta(audit_before, audit_after),
             "active_patches": info.get("active_patches")}
@@ -115,11 +116,16 @@ def summarize(runs: list[dict]) -> dict:
     summary["syncs_per_step"] = {
         "off": statistics.median(_syncs(r) for r in audited if not r["on"]),
         "on": statistics.median(_syncs(r) for r in audited if r["on"])}
-    reference = runs[0]
-    summary["outputs_identical"] = all(
-        r["generated_texts"] == reference["generated_texts"]
-        and r["output_lens"] == reference["output_lens"] for r in runs)
+    summary["outputs_identical"] = all(_outputs(r) == _outputs(runs[0]) for r in runs)
     return summary
+
+
+def _outputs(run: dict) -> list:
+    """Token ids where the server reports them (native /generate), else the texts: streamed
+    text can differ between runs with identical tokens, by where chunks split invalid UTF-8."""
+    if any(run.get("output_ids") or []):
+        return run["output_ids"]
+    return [run["generated_texts"], run["output_lens"]]
 
 
 def _syncs(run: dict) -> float:
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _digest(run: dict) -> str:
     """Which runs produced the same tokens, when outputs are not identical across all."""
-    data = json.dumps([run["generated_texts"], run["output_lens"]]).encode()
+    data = json.dumps(_outputs(run)).encode()
     return hashlib.sha1(data).hexdigest()[:12]
 
 
@@ -231,7 +237,7 @@ def _write_report(args: argparse.Namespace, bench_argv: list[str], runs: list[di
     report = {"patch": args.patch, "model_path": args.model_path,
               "server_args": args.server_args, "bench_args": bench_argv,
               "repeats": args.repeats, "commit": _commit(), "summary": summarize(runs),
-              "runs": [{**{k: v for k, v in r.items() if k not in ("itls", "generated_texts")},
+              "runs": [{**{k: v for k, v in r.items() if k not in ("itls", "generated_texts", "output_ids")},
                         "output_digest": _digest(r)} for r in runs]}
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:

@@ -113,6 +113,7 @@ class RequestFuncOutput:
     error: str = ""
     output_len: int = 0
     start_time: float = 0.0  # perf_counter() when the request was sent
+    output_ids: list[int] = field(default_factory=list)  # native /generate only
 
     @staticmethod
     def init_new(request_func_input: RequestFuncInput) -> RequestFuncOutput:
@@ -300,6 +301,7 @@ async def async_request_sglang_generate(
             data = json.loads(chunk)
             if "error" in data and "text" not in data:
                 raise _StreamError(_error_message(data))
+            output.output_ids = data.get("output_ids", output.output_ids)
             if not data.get("text"):
                 continue
             timestamp = time.perf_counter()
@@ -1224,6 +1226,8 @@ def report(
         "ttfts": [o.ttft for o in outputs],
         "itls": [o.itl for o in outputs],
         "generated_texts": [o.generated_text for o in outputs],
+        # Token ids compare runs exactly: streamed text depends on how tokens were chunked.
+        "output_ids": [o.output_ids for o in outputs],
         "errors": [o.error for o in outputs],
     }
     output_file = args.output_file or default_output_file_name(args)

@@ -74,3 +74,10 @@ def test_summary_times_unaudited_rounds_and_counts_audited_ones():
     assert s1["timed_runs"] == 2 and s1["median_itl_ms"]["off"] == 50.0
     runs[3]["generated_texts"] = ["b"]
     assert bench_ab.summarize(runs)["outputs_identical"] is False
+    # Token ids, where reported, decide: streamed text may split differently between runs.
+    for r in runs:
+        r["output_ids"] = [[5, 6]]
+    assert bench_ab.summarize(runs)["outputs_identical"] is True
+    runs[2]["output_ids"] = [[5, 7]]
+    assert bench_ab.summarize(runs)["outputs_identical"] is False
+    assert bench_ab._digest(runs[2]) != bench_ab._digest(runs[0])

@@ -633,7 +633,8 @@ UPSTREAM_JSONL_KEYS = [
     "max_output_tokens_per_s",
     "max_concurrent_requests",
 ]
-DETAIL_KEYS = ["input_lens", "output_lens", "ttfts", "itls", "generated_texts", "errors"]
+DETAIL_KEYS = ["input_lens", "output_lens", "ttfts", "itls", "generated_texts", "output_ids",
+               "errors"]
 
 
 def test_result_record_keys_and_active_patches():
@@ -972,6 +973,8 @@ def test_run_benchmark_backends(fresh_server, quick, tmp_path, backend, path):
     result = bs.run_benchmark(args)
     assert result["completed"] == 3 and result["total_output_tokens"] == 12
     assert result["generated_texts"] == [result["generated_texts"][0]] * 3
+    native = backend == "sglang"
+    assert result["output_ids"] == [[0, 1, 2, 3] if native else []] * 3
     assert fresh_server.paths().count(path) == 4  # warmup + 3
     assert json.loads((tmp_path / "r.jsonl").read_text())["backend"] == backend
     assert list(result) == UPSTREAM_JSONL_KEYS + ["active_patches"] + DETAIL_KEYS
