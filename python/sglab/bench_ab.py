@@ -151,6 +151,10 @@ def to_markdown(report: dict) -> str:
     lines += ["", f"Audited host syncs + pageable H2D per step: off {sy['off']:.2f}, "
               f"on {sy['on']:.2f}", f"Outputs token-identical off vs on: "
               f"{'yes' if s['outputs_identical'] else 'NO'}"]
+    if not s["outputs_identical"]:  # which runs differ: off vs on, or run to run
+        lines.append("Output digests by run: " + ", ".join(
+            f"{'on' if r['on'] else 'off'} r{i // 2 + 1} `{r['output_digest']}`"
+            for i, r in enumerate(report["runs"])))
     return "\n".join(lines) + "\n"
 
 

@@ -81,3 +81,10 @@ def test_summary_times_unaudited_rounds_and_counts_audited_ones():
     runs[2]["output_ids"] = [[5, 7]]
     assert bench_ab.summarize(runs)["outputs_identical"] is False
     assert bench_ab._digest(runs[2]) != bench_ab._digest(runs[0])
+    report = {"patch": "0001", "model_path": "m", "server_args": "", "bench_args": [],
+              "repeats": 2, "summary": bench_ab.summarize(runs),
+              "runs": [{**r, "output_digest": bench_ab._digest(r)} for r in runs]}
+    md = bench_ab.to_markdown(report)
+    d0, d2 = bench_ab._digest(runs[0]), bench_ab._digest(runs[2])
+    assert "Outputs token-identical off vs on: NO" in md
+    assert f"off r1 `{d0}`, on r1 `{d0}`, off r2 `{d2}`, on r2 `{d0}`" in md
