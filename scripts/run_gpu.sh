@@ -2,7 +2,7 @@
 # GPU run: tests, engine benchmarks, patch A/Bs. Results land in $OUT/r (packed into
 # $OUT/r.tgz after every step) and are copied into benchmark/results/ afterwards.
 #   bash scripts/run_gpu.sh STEP...   STEP: tests bench unified profile ab (= ab-0001 ab-0002
-#   ab-0003a) ab-lora ab-8b, or all
+#   ab-0003a) ab-0002-noaudit ab-lora ab-8b, or all
 # Each step has its own time limit, so one slow step never loses the others' results.
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
@@ -53,6 +53,13 @@ for step in "${steps[@]}"; do
       --out-dir "$R" --tag ab-0002 -- --dataset-name generated-shared-prefix \
       --gsp-num-groups 8 --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 \
       --gsp-question-len 128 --gsp-output-len 32 --tokenizer $m --disable-tqdm 2>&1 | tail -n 14 ;;
+  ab-0002-noaudit)  # the same, no audited round: is output identity broken by the audit's schedule?
+    m=$(mk qwen3-0.6b)
+    timeout 240 python3 -m sglab.bench_ab --patch 0002 --model-path $m --repeats 2 --audit none \
+      --server-args "--load-format dummy --enable-deterministic-inference --cuda-graph-max-bs 32" \
+      --out-dir "$R" --tag ab-0002-noaudit -- --dataset-name generated-shared-prefix \
+      --gsp-num-groups 8 --gsp-prompts-per-group 16 --gsp-system-prompt-len 1024 \
+      --gsp-question-len 128 --gsp-output-len 32 --tokenizer $m --disable-tqdm 2>&1 | tail -n 16 ;;
   ab-0003a)
     m=$(mk qwen3-0.6b)
     timeout 220 python3 -m sglab.bench_ab --patch 0003a --model-path $m --repeats 3 \
