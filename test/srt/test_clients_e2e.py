@@ -13,8 +13,6 @@ from sglab import bench_serving
 from sglab.test import few_shot_gsm8k
 
 SERVER_ARGS = ["--skip-server-warmup"]
-GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "gsm8k",
-                     "test.jsonl")
 UPSTREAM_JSONL_KEYS = [
     "tag", "backend", "dataset_name", "request_rate", "max_concurrency", "sharegpt_output_len",
     "random_input_len", "random_output_len", "random_range_ratio", "server_info", "duration",
@@ -66,11 +64,24 @@ def test_bench_serving_token_counts_match_server(server):
     assert result["total_output_tokens"] == sum(result["output_lens"])
 
 
+def _write_gsm8k_style(path, n: int = 12) -> str:
+    """GSM8K's jsonl layout (question, worked answer ending in '#### N'), made up here so the
+    test needs no dataset checkout."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = 3 + i, 7 + 2 * i
+            f.write(json.dumps({
+                "question": f"Sam has {a} apples and buys {b} more. How many apples does he have?",
+                "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+            }) + "\n")
+    return str(path)
+
+
 def test_gsm8k_end_to_end(server, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     port = int(server.base_url.rsplit(":", 1)[1])
     args = few_shot_gsm8k.build_parser().parse_args([
-        "--data-path", GSM8K, "--num-questions", "10", "--num-shots", "2", "--parallel", "4",
+        "--data-path", _write_gsm8k_style(tmp_path / "gsm8k.jsonl"), "--num-questions", "10", "--num-shots", "2", "--parallel", "4",
         "--port", str(port), "--max-new-tokens", "16"])
     metrics = few_shot_gsm8k.run_eval(args)
     printed = capsys.readouterr().out
