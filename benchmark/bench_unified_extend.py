@@ -23,31 +23,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import _commit, _scheduler  # noqa: E402
+from gpu_bench import _commit, _drain, _scheduler, _submit_ids  # noqa: E402
 
 MODES = ["loop", "batched", "kernel"]
-
-
-def _submit(sched, ids_list: list[list[int]], tag: str) -> None:
-    from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
-    from sglab.srt.sampling.sampling_params import SamplingParams
-
-    for i, ids in enumerate(ids_list):
-        params = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
-        params.normalize(None)
-        sched.handle_generate_request(TokenizedGenerateReqInput(
-            rid=f"{tag}-{i}", input_text=None, input_ids=ids, sampling_params=params))
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _drain(sched) -> None:
-    while sched.run_step():
-        pass
-    sched.outputs.clear()
 
 
 def main() -> None:
@@ -78,7 +61,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vocab = sched.model_config.vocab_size
     prefix = rng.integers(0, vocab, args.prefix_len).tolist()
-    _submit(sched, [prefix], "prefix")
+    _submit_ids(sched, [prefix], 1, "prefix")
     _drain(sched)
     backend._forward_extend_unified = timed
     for rnd in range(args.rounds + 1):  # round 0 warms every mode up and is dropped
@@ -88,7 +71,7 @@ def main() -> None:
             n_before = len(timings[m])
             prompts = [prefix + rng.integers(0, vocab, args.extend_len).tolist()
                        for _ in range(args.batch_size)]
-            _submit(sched, prompts, f"r{rnd}-{m}")
+            _submit_ids(sched, prompts, 1, f"r{rnd}-{m}")
             _sync()
             tic = time.perf_counter()
             _drain(sched)

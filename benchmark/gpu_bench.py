@@ -64,17 +64,32 @@ def _scheduler(preset: str, **kwargs):
 def _submit(scheduler, n: int, input_len: int, output_len: int, tag: str) -> None:
     import numpy as np
 
+    rng = np.random.default_rng(0)
+    vocab = scheduler.model_config.vocab_size
+    _submit_ids(scheduler, [rng.integers(0, vocab, input_len).tolist() for _ in range(n)],
+                output_len, tag)
+
+
+def _submit_ids(scheduler, ids_list: list[list[int]], output_len: int, tag: str) -> None:
+    """Greedy requests with the given token ids, rids `tag-i`."""
     from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
     from sglab.srt.sampling.sampling_params import SamplingParams
 
-    rng = np.random.default_rng(0)
-    vocab = scheduler.model_config.vocab_size
-    for i in range(n):
+    for i, ids in enumerate(ids_list):
         params = SamplingParams(max_new_tokens=output_len, temperature=0, ignore_eos=True)
         params.normalize(None)
         scheduler.handle_generate_request(TokenizedGenerateReqInput(
-            rid=f"{tag}-{i}", input_text=None,
-            input_ids=rng.integers(0, vocab, input_len).tolist(), sampling_params=params))
+            rid=f"{tag}-{i}", input_text=None, input_ids=ids, sampling_params=params))
+
+
+def _time_steps(scheduler, steps: int) -> float:
+    """Seconds per scheduler step over `steps` steps, device work included."""
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        scheduler.run_step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - tic) / steps
 
 
 def _drain(scheduler) -> int:
@@ -121,12 +136,7 @@ def _steady_decode(sched, batch_size: int, steps: int = 200) -> dict:
     _submit(sched, batch_size, INPUT_LEN, steps + 100, f"steady{time.time()}")
     for _ in range(30):
         sched.run_step()
-    torch.cuda.synchronize()
-    tic = time.perf_counter()
-    for _ in range(steps):
-        sched.run_step()
-    torch.cuda.synchronize()
-    step = (time.perf_counter() - tic) / steps
+    step = _time_steps(sched, steps)
     _drain(sched)
     sched.flush_cache()
     return {"batch_size": batch_size, "steps": steps, "step_s": step}

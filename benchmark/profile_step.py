@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import _scheduler, _submit  # noqa: E402
+from gpu_bench import _scheduler, _submit, _time_steps  # noqa: E402
 
 
 def _kernel_us(prof) -> float:
@@ -59,15 +59,6 @@ def _cprofile_steps(sched, steps: int, label: str) -> None:
     print(f"== {label} cProfile: {wall * 1e3:.3f} ms/step\n{buf.getvalue()[-9000:]}")
 
 
-def _timed_steps(sched, steps: int) -> float:
-    torch.cuda.synchronize()
-    tic = time.perf_counter()
-    for _ in range(steps):
-        sched.run_step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - tic) / steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="qwen3-0.6b")
@@ -92,7 +83,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     for _ in range(10):
         sched.run_step()
-    print(f"== unprofiled decode: {_timed_steps(sched, args.steps) * 1e3:.3f} ms/step")
+    print(f"== unprofiled decode: {_time_steps(sched, args.steps) * 1e3:.3f} ms/step")
     _profile_steps(sched, args.steps, "decode")
     _cprofile_steps(sched, args.steps, "decode")
 

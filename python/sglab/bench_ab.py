@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
     return reports[0] if len(reports) == 1 else {"reports": reports}
 
 
+# Per-request lists kept out of the JSON report (the digest stands for the outputs).
+_PER_TOKEN_KEYS = ("itls", "generated_texts", "output_ids")
+
+
 def _digest(run: dict) -> str:
     """Which runs produced the same tokens, when outputs are not identical across all."""
     data = json.dumps(_outputs(run)).encode()
@@ -241,7 +245,7 @@ def _write_report(args: argparse.Namespace, bench_argv: list[str], runs: list[di
     report = {"patch": args.patch, "model_path": args.model_path,
               "server_args": args.server_args, "bench_args": bench_argv,
               "repeats": args.repeats, "commit": _commit(), "summary": summarize(runs),
-              "runs": [{**{k: v for k, v in r.items() if k not in ("itls", "generated_texts", "output_ids")},
+              "runs": [{**{k: v for k, v in r.items() if k not in _PER_TOKEN_KEYS},
                         "output_digest": _digest(r)} for r in runs]}
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:

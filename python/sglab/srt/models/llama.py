@@ -46,6 +46,9 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        half = self.head_dim // 2
+        # The fused q/k norm + RoPE kernel spans half a head with one power-of-two range.
+        self.fused_qk_rope_ok = half > 0 and half & (half - 1) == 0
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
@@ -74,7 +77,7 @@ class LlamaAttention(nn.Module):
                 forward_batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if use_fused_kernels(q):
+        if self.fused_qk_rope_ok and use_fused_kernels(q):
             q, k = self._fused_qk_norm_rope(positions, q, k)
         else:
             if self.qk_norm:

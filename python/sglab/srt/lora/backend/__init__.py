@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from sglab.srt.lora.backend.base_backend import BaseLoRABackend
