@@ -17,6 +17,11 @@ class Patch:
     flag: str  # ServerArgs field is f"enable_{flag}"; CLI is --enable-/--disable-<flag with dashes>
     upstream: str
     title: str
+    # Sub-modes of "on" (ServerArgs field and its choices, the first is the default): the PR
+    # itself and, where sglab goes further, its own modes beyond the PR (see the patch doc).
+    mode_field: str | None = None
+    modes: tuple[str, ...] = ()
+    mode_help: str = ""
 
     @property
     def field(self) -> str:
@@ -30,12 +35,23 @@ class Patch:
     def doc(self) -> str:
         return f"patches/{self.id}-{self.slug}.md"
 
+    @property
+    def mode_cli(self) -> str | None:
+        return f"--{self.mode_field.replace('_', '-')}" if self.mode_field else None
+
 
 PATCHES: list[Patch] = [
     Patch("0001", "pinned-h2d-forward-batch", "pinned_h2d", "sglang#21360",
-          "pinned + non_blocking H2D in ForwardBatch.init_new"),
+          "pinned + non_blocking H2D in ForwardBatch.init_new",
+          mode_field="pinned_h2d_mode", modes=("pr", "packed"),
+          mode_help="With patch 0001 on: pr = each upload built in pinned memory (upstream's "
+                    "final form); packed = sglab's own mode beyond the PR, one pinned staging "
+                    "buffer and one H2D copy per step."),
     Patch("0002", "sync-free-unified-extend", "sync_free_unified_extend", "sglang#11536",
-          "_forward_extend_unified index build without per-request GPU->CPU syncs"),
+          "_forward_extend_unified index build without per-request GPU->CPU syncs",
+          mode_field="unified_index_build", modes=("batched", "kernel"),
+          mode_help="With patch 0002 on: batched = the PR's single D2H per call; kernel = "
+                    "upstream main's zero-sync build, once per forward."),
     Patch("0003a", "sync-free-logits-metadata", "sync_free_logits_metadata",
           "sglang#19190 / #24627",
           "logits processor: pinned index tensors, repeat_interleave(output_size=)"),

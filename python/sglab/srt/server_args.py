@@ -17,7 +17,6 @@ DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 LOAD_FORMAT_CHOICES = ["auto", "safetensors", "dummy"]
 ATTENTION_BACKEND_CHOICES = ["torch_native", "triton"]
 SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm"]
-UNIFIED_INDEX_BUILD_CHOICES = ["batched", "kernel"]
 LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
 
 
@@ -90,6 +89,7 @@ class ServerArgs:
     enable_lora_cache_qkv_offset: bool | None = None
     enable_lora_async_batch_info: bool | None = None
     unified_index_build: str = "batched"
+    pinned_h2d_mode: str = "pr"
     enable_sync_audit: bool = False
     # Internal.
     enable_integrity_check: bool = False
@@ -149,10 +149,11 @@ class ServerArgs:
         for patch in PATCHES:
             if getattr(self, patch.field) is None:
                 setattr(self, patch.field, patch.id in selected)
-        if self.unified_index_build not in UNIFIED_INDEX_BUILD_CHOICES:
-            raise ServerArgsError(
-                f"--unified-index-build: invalid choice {self.unified_index_build!r} "
-                f"(choose from {', '.join(UNIFIED_INDEX_BUILD_CHOICES)})")
+            value = getattr(self, patch.mode_field) if patch.mode_field else None
+            if patch.mode_field and value not in patch.modes:
+                raise ServerArgsError(
+                    f"{patch.mode_cli}: invalid choice {value!r} "
+                    f"(choose from {', '.join(patch.modes)})")
 
     def _handle_lora(self) -> None:
         from sglab.srt.lora.lora_args import resolve_lora_args
@@ -298,11 +299,11 @@ def _add_patch_args(parser: argparse.ArgumentParser) -> None:
                             help=f"Patch {patch.id} ({patch.upstream}): {patch.title}.")
         parser.add_argument(f"--disable-{patch.cli}", dest=patch.field, action="store_const",
                             const=False, help=f"Turn patch {patch.id} off.")
-    parser.add_argument("--unified-index-build", type=str,
-                        default=ServerArgs.unified_index_build,
-                        choices=UNIFIED_INDEX_BUILD_CHOICES,
-                        help="With patch 0002 on: batched = the PR's single D2H per call; "
-                             "kernel = upstream main's zero-sync build, once per forward.")
+    for patch in PATCHES:
+        if patch.mode_field:
+            parser.add_argument(patch.mode_cli, type=str,
+                                default=getattr(ServerArgs, patch.mode_field),
+                                choices=list(patch.modes), help=patch.mode_help)
     parser.add_argument("--enable-sync-audit", action="store_true",
                         help="Count host syncs and pageable H2D copies per step and call site.")
 
