@@ -19,6 +19,7 @@ from sglab.srt.batch_invariant_ops import (
 from sglab.srt.layers.attention.torch_native_backend import attend, attend_batch_invariant
 from sglab.srt.layers.linear import LinearBase
 from sglab.srt.server_args import ServerArgs, ServerArgsError
+from sglab.test import schedule_invariance as sched
 from sglab.test import test_deterministic as client
 from sglab.test.runners import SchedulerRunner
 
@@ -188,6 +189,55 @@ def test_deterministic_inference_rejects_lora(model_path):
                    lora_paths=[f"a={model_path}"])
 
 
+# --- schedule invariance --------------------------------------------------------------------
+
+# patch 0002 off, the PR, upstream main: how _forward_extend_unified builds its indices
+INDEX_BUILDS = {"loop": {"enable_sync_free_unified_extend": False},
+                "batched": {"unified_index_build": "batched"},
+                "kernel": {"unified_index_build": "kernel"}}
+
+
+CPU_WORKLOAD = {"num_groups": 2, "per_group": 3, "prefix_len": 20, "question_lens": (2, 12),
+                "max_new_tokens": 5}
+
+
+def _cpu_triton(model_path: str, deterministic: bool = True, **kw) -> SchedulerRunner:
+    return SchedulerRunner(model_path=model_path, attention_backend="triton",
+                           enable_deterministic_inference=deterministic, chunked_prefill_size=16,
+                           **kw)
+
+
+@pytest.fixture(scope="module")
+def cpu_workload_reference(model_path):
+    """The CPU workload and each request's bits alone (patch 0002's batched build)."""
+    runner = _cpu_triton(model_path)
+    workload = sched.make_workload(runner.scheduler.model_config.vocab_size, **CPU_WORKLOAD)
+    return workload, sched.alone_reference(runner, workload)
+
+
+@pytest.mark.parametrize("build", list(INDEX_BUILDS))
+def test_schedule_invariance_triton(model_path, cpu_workload_reference, build):
+    """Triton's kernels (CPU: the interpreter), chunked at 16 tokens: each request gets its
+    alone-bits all at once, staggered, on a warm radix cache (and with hits on generated
+    tokens) and with forced retraction; every index build gives the same bits. The builds
+    differ only in prefill, so the other two run the prefill-heavy schedules."""
+    workload, reference = cpu_workload_reference
+    runner = _cpu_triton(model_path, **INDEX_BUILDS[build])
+    schedules = sched.SCHEDULES if build == "batched" else ("all at once", "warm radix")
+    _, mismatches = sched.check_schedules(runner, workload, reference, schedules)
+    assert [str(m) for m in mismatches] == []
+    assert runner.integrity_error() is None
+
+
+def test_schedule_invariance_check_can_fail(model_path, cpu_workload_reference):
+    """Without deterministic mode (2-stage extend, split-KV decode, plain GEMMs) the same
+    comparison sees different bits, so the test above is not vacuous."""
+    workload, reference = cpu_workload_reference
+    runner = _cpu_triton(model_path, deterministic=False)
+    _, mismatches = sched.check_schedules(runner, workload, reference, ("all at once",))
+    assert mismatches
+
+
 # --- CPU: ops ------------------------------------------------------------------------------
 
 
@@ -253,7 +303,7 @@ def test_client_counts_samples():
     no_logprob = {"text": "a b", "output_ids": [5, 6], "meta_info": {}}
     keys = [client.sample_key(r) for r in (ret, dict(ret), other_bits, no_logprob)]
     assert client.count_unique(keys) == 3
-    assert client.summary(keys) == "Total samples: 4, Unique samples: 3"
+    assert client.summary(keys) == "total samples: 4, Unique samples: 3"
     args = client.DeterministicArgs.from_cli_args(_parse(
         ["--test-mode", "radix_cache", "--n-trials", "3", "--port", "31000"]))
     assert (args.test_mode, args.n_trials, args.port, args.sampling_seed) == (
@@ -276,11 +326,17 @@ def test_client_against_server(server, capsys):
     base = ["--port", str(port), "--max-new-tokens", "8", "--return-logprob"]
     assert client.main([*base, "--test-mode", "single", "--n-trials", "6"]) == [1]
     assert "Total samples: 21, Unique samples: 1" in capsys.readouterr().out
+    assert client.main([*base, "--test-mode", "mixed", "--n-trials", "12"]) == [1, 1, 1]
+    out = capsys.readouterr().out
+    assert "Long prompt: total samples: " in out and out.count("Unique samples: 1") == 3
     prefix = ["--prefix-lengths", "1", "150", "400", "--n-start", "3"]
     assert client.main([*base, "--test-mode", "prefix", "--n-trials", "3", *prefix,
                         "--temperature", "0.5"]) == [1, 1, 1]
+    assert "Prompt 2 with prefix length 400: total samples: " in capsys.readouterr().out
     assert client.main([*base, "--test-mode", "radix_cache", "--n-trials", "2", *prefix]) == [1]
     assert "Total samples: 4, Unique samples: 1" in capsys.readouterr().out
+    assert client.main([*base, "--test-mode", "p_vs_d", "--n-trials", "3"]) == [1] * 6
+    assert "Matching sequences: 6/6" in capsys.readouterr().out
 
 
 # --- GPU: triton backend, bf16 -------------------------------------------------------------
@@ -358,38 +414,54 @@ def test_gpu_checks_differ_without_deterministic_mode(tiny_model_dir):
     assert max(counts) > 1
 
 
-def _shared_prefix_prompts(vocab: int, groups: int = 3, per_group: int = 8,
-                           prefix_len: int = 700, question_len: int = 40) -> list[list[int]]:
-    rng = random.Random(7)
-    tok = lambda n: [rng.randrange(vocab - 64) for _ in range(n)]  # noqa: E731
-    return [prefix + tok(question_len) for prefix in (tok(prefix_len) for _ in range(groups))
-            for _ in range(per_group)]
+GPU_WORKLOAD = {"num_groups": 3, "per_group": 12, "prefix_len": 600, "question_lens": (8, 200),
+                "max_new_tokens": 24}
+
+
+def _gpu_real_shape_runner(path: str, build: str, **kw) -> SchedulerRunner:
+    """The qwen3-0.6b shape (dummy weights, bf16), chunked at 512 tokens, decode batches above
+    the largest CUDA graph (16), overlap on."""
+    return _gpu_runner(path, True, load_format="dummy", chunked_prefill_size=512,
+                       cuda_graph_max_bs=16, **INDEX_BUILDS[build], **kw)
 
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_serving_conditions_match_alone_for_every_index_build(tmp_path):
-    """Real hidden sizes (the qwen3-0.6b shape, dummy weights) under serving conditions: all
-    prompts at once (radix hits on shared prefixes, chunked prefill, decode batches above the
-    largest CUDA graph, overlap) give each prompt the bits it gets alone; and the three
-    `_forward_extend_unified` index builds (patch 0002 off, batched, kernel) agree."""
+def test_gpu_schedule_invariance_for_every_index_build(tmp_path):
+    """Real hidden sizes: every request gets the bits it gets alone, all at once, staggered,
+    on a warm radix cache (with hits on generated tokens) and with forced retraction, for every
+    `_forward_extend_unified` index build (patch 0002 off, batched, kernel); the builds agree
+    (one reference for all three)."""
     from sglab.srt.utils.dummy_model import make_dummy_model
+
     path = make_dummy_model("qwen3-0.6b", str(tmp_path / "m"), weights=False)
-    variants = {"loop": {"enable_sync_free_unified_extend": False},
-                "batched": {"unified_index_build": "batched"},
-                "kernel": {"unified_index_build": "kernel"}}
-    results = {}
-    for name, kw in variants.items():
+    reference, failures = None, {}
+    for build in INDEX_BUILDS:
         _free_gpu()
-        runner = _gpu_runner(path, True, load_format="dummy", chunked_prefill_size=512,
-                             cuda_graph_max_bs=8, **kw)
-        prompts = _shared_prefix_prompts(runner.scheduler.model_config.vocab_size)
-        together = [_sample(o) for o in _generate(runner, prompts, GREEDY)]
-        alone = []
-        for p in prompts:
-            assert runner.scheduler.flush_cache()
-            alone += [_sample(o) for o in _generate(runner, [p], GREEDY)]
-        assert together == alone, name
-        results[name] = together
+        runner = _gpu_real_shape_runner(path, build)
+        workload = sched.make_workload(runner.scheduler.model_config.vocab_size,
+                                       **GPU_WORKLOAD)
+        reference, mismatches = sched.check_schedules(runner, workload, reference)
+        failures[build] = [str(m) for m in mismatches]
+        assert runner.integrity_error() is None
         del runner
-    assert results["loop"] == results["batched"] == results["kernel"]
+    assert failures == {build: [] for build in INDEX_BUILDS}
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_schedule_invariance_catches_split_kv_decode(tmp_path):
+    """The check can fail: decoding through the split-KV kernel (as outside deterministic
+    mode) gives generated tokens other KV bits than a prefill of them, which the radix hits on
+    generated tokens and the retraction schedule see."""
+    from sglab.srt.utils.dummy_model import make_dummy_model
+
+    path = make_dummy_model("qwen3-0.6b", str(tmp_path / "m"), weights=False)
+    _free_gpu()
+    runner = _gpu_real_shape_runner(path, "batched", disable_cuda_graph=True)
+    runner.scheduler.tp_worker.model_runner.attn_backend.unified_decode = False
+    workload = sched.make_workload(runner.scheduler.model_config.vocab_size, **GPU_WORKLOAD)
+    _, mismatches = sched.check_schedules(runner, workload,
+                                          schedules=("warm radix", "retraction"))
+    assert mismatches
+    del runner

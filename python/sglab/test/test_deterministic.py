@@ -1,17 +1,23 @@
 """Determinism check against a running server, as upstream's `sglang.test.test_deterministic`.
 
-    python -m sglab.test.test_deterministic --test-mode single|prefix|radix_cache --n-trials N \
-        [--host 127.0.0.1 --port 30000] [--temperature 0.5] [--return-logprob]
+    python -m sglab.test.test_deterministic --test-mode single|mixed|prefix|radix_cache|p_vs_d \
+        --n-trials N [--host 127.0.0.1 --port 30000] [--temperature 0.5] [--return-logprob]
 
 * single: one /generate with the same prompt `bs` times, for bs = 1..N.
-* prefix: per trial, /flush_cache, then a batch of `bs` random picks among prefixes of one long
-  prompt (bs = n_start .. n_start + N - 1); counted per prefix.
+* mixed: per trial a batch of bs = 1..N mixing two short prompts and (bs > 10) 1-10 copies of a
+  long one.
+* prefix: per trial, /flush_cache, then a batch of `bs` random picks among prefixes of the long
+  prompt (1, 511, 2048 and 4097 characters, as upstream; bs = n_start .. n_start + N - 1).
 * radix_cache: per trial, the prompt uncached (after /flush_cache), then the same prompt after a
   prefix of it was cached (meta_info.cached_tokens > 0).
+* p_vs_d: prefill vs decode: per trial a batch of bs prompts generates; then, from an empty
+  cache, the prompts plus their outputs are prefilled, and the logprobs the decode gave each
+  output token must equal the ones the prefill gives it.
 
-Every batch carries sampling_seed (42 unless told). A sample is the output text and token ids,
-plus the output token logprobs when --return-logprob; the server is deterministic when each
-count prints `Unique samples: 1`.
+Every request carries sampling_seed (42 unless told). A sample is the output text and token
+ids, plus the output token logprobs when --return-logprob; the server is deterministic when each
+count prints `Unique samples: 1` (p_vs_d: `Matching sequences: N/N`). The printed lines follow
+upstream's, so upstream tooling that reads them works.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from dataclasses import dataclass, field
 import requests
 
 PROMPT_1 = "Tell me about Richard Feynman: "
+PROMPT_2 = ("Generate 1000 random numbers. Go directly into it, don't say Sure and don't say "
+            "here are numbers. Just start with a number.")
 PREFIX_LENGTHS = [1, 511, 2048, 4097]  # characters of LONG_PROMPT, as upstream
-TEST_MODES = ["single", "prefix", "radix_cache"]
+TEST_MODES = ["single", "mixed", "prefix", "radix_cache", "p_vs_d"]
 _WORDS = [
     "the", "quantum", "electrodynamics", "of", "light", "and", "matter", "was", "explained",
     "with", "diagrams", "that", "show", "how", "particles", "move", "interact", "scatter",
@@ -92,7 +100,7 @@ def count_unique(samples: list[tuple]) -> int:
 
 
 def summary(samples: list[tuple]) -> str:
-    return f"Total samples: {len(samples)}, Unique samples: {count_unique(samples)}"
+    return f"total samples: {len(samples)}, Unique samples: {count_unique(samples)}"
 
 
 class Client:
@@ -102,15 +110,18 @@ class Client:
         self.http = requests.Session()
         self.http.trust_env = False  # a local server is never behind a proxy
 
-    def generate(self, texts: list[str], max_new_tokens: int | None = None) -> list[dict]:
+    def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int | None = None,
+                 **extra) -> list[dict]:
         a = self.args
         params = {"temperature": a.temperature,
                   "max_new_tokens": a.max_new_tokens if max_new_tokens is None
                   else max_new_tokens}
         if a.sampling_seed is not None:
             params["sampling_seed"] = a.sampling_seed
-        resp = self.http.post(f"{self.base_url}/generate", json={
-            "text": texts, "sampling_params": params, "return_logprob": a.return_logprob})
+        key = "input_ids" if prompts and isinstance(prompts[0], list) else "text"
+        body = {key: prompts, "sampling_params": params,
+                "return_logprob": a.return_logprob, **extra}
+        resp = self.http.post(f"{self.base_url}/generate", json=body)
         if resp.status_code != 200:
             raise RuntimeError(f"/generate answered {resp.status_code}: {resp.text}")
         return resp.json()
@@ -120,15 +131,38 @@ class Client:
         if resp.status_code != 200:
             raise RuntimeError(f"/flush_cache answered {resp.status_code}: {resp.text}")
 
+    def warmup(self) -> None:
+        for _ in range(3):  # as upstream: compile and capture before anything is counted
+            self.generate([PROMPT_1] * 16)
+
 
 def run_single(client: Client) -> list[int]:
     samples = []
     for bs in range(1, client.args.n_trials + 1):
         rets = client.generate([PROMPT_1] * bs)
         samples.extend(sample_key(r) for r in rets)
-        print(f"Trial {bs} with batch size {bs}: {rets[0]['text']!r}")
-    print(summary(samples))
+        text = rets[0]["text"].replace("\n", " ")
+        print(f"Trial {bs} with batch size {bs}: {text}")
+    print(f"Total samples: {len(samples)}, Unique samples: {count_unique(samples)}")
     return [count_unique(samples)]
+
+
+def run_mixed(client: Client) -> list[int]:
+    rng = random.Random(client.args.seed)
+    kinds = [("Prompt 1", PROMPT_1), ("Prompt 2", PROMPT_2), ("Long prompt", LONG_PROMPT)]
+    samples: list[list[tuple]] = [[] for _ in kinds]
+    for bs in range(1, client.args.n_trials + 1):
+        num_long = 0 if bs <= 10 else rng.randint(1, 10)
+        num_1 = rng.randint(1, bs - num_long)
+        counts = [num_1, bs - num_1 - num_long, num_long]
+        rets = iter(client.generate([p for (_, p), n in zip(kinds, counts) for _ in range(n)]))
+        for got, n in zip(samples, counts):
+            got.extend(sample_key(next(rets)) for _ in range(n))
+        print(f"Testing Trial {bs} with batch size {bs}, number of prompt 1: {counts[0]}, "
+              f"number of prompt 2: {counts[1]}, number of long prompt: {counts[2]}")
+    for (name, _), got in zip(kinds, samples):
+        print(f"{name}: {summary(got)}")
+    return [count_unique(got) for got in samples]
 
 
 def run_prefix(client: Client) -> list[int]:
@@ -141,11 +175,11 @@ def run_prefix(client: Client) -> list[int]:
         picks = [rng.randrange(len(prompts)) for _ in range(bs)]
         for i, ret in zip(picks, client.generate([prompts[i] for i in picks])):
             samples[i].append(sample_key(ret))
-        counts = ", ".join(f"prefix length {n}: {picks.count(i)}"
-                           for i, n in enumerate(a.prefix_lengths))
-        print(f"Trial with batch size {bs}: {counts}")
-    for n, got in zip(a.prefix_lengths, samples):
-        print(f"Prompt with prefix length {n}: {summary(got)}")
+        counts = "".join(f" # prefix length {n}: {picks.count(i)},"
+                         for i, n in enumerate(a.prefix_lengths))
+        print(f"Testing Trial {bs} with batch size {bs},{counts}")
+    for i, (n, got) in enumerate(zip(a.prefix_lengths, samples)):
+        print(f"Prompt {i} with prefix length {n}: {summary(got)}")
     return [count_unique(got) for got in samples]
 
 
@@ -168,15 +202,49 @@ def run_radix_cache(client: Client) -> list[int]:
                                f"and {hit}")
         samples += [sample_key(uncached), sample_key(cached)]
         print(f"Trial {trial}: prefix of {cut} chars cached, {hit} tokens hit")
-    print(summary(samples))
+    print(f"Total samples: {len(samples)}, Unique samples: {count_unique(samples)}")
     return [count_unique(samples)]
 
 
+def _logprob_values(entries: list) -> list:
+    return [e[0] for e in entries]
+
+
+def _token_ids(entries: list) -> list[int]:
+    return [e[1] for e in entries]
+
+
+def run_p_vs_d(client: Client) -> list[int]:
+    """1 per sequence whose decode logprobs equal its prefill logprobs, bit for bit."""
+    rng = random.Random(client.args.seed)
+    matches = []
+    for bs in range(1, client.args.n_trials + 1):
+        prompts = [PROMPT_1, PROMPT_2] + [
+            LONG_PROMPT[b:rng.randrange(b + 1, b + 4096)]
+            for b in (rng.randrange(0, 2048) for _ in range(max(bs - 2, 0)))]
+        client.flush_cache()
+        decoded = client.generate(prompts[:bs], return_logprob=True, logprob_start_len=0)
+        client.flush_cache()
+        prefilled = client.generate([_token_ids(r["meta_info"]["input_token_logprobs"])
+                                     + r["output_ids"] for r in decoded], max_new_tokens=1,
+                                    return_logprob=True, logprob_start_len=0)
+        for d, p in zip(decoded, prefilled):
+            n = len(d["output_ids"])
+            out = _logprob_values(d["meta_info"]["output_token_logprobs"])
+            matches.append(int(out == _logprob_values(p["meta_info"]["input_token_logprobs"])
+                               [-n:]))
+        print(f"Trial {bs} with batch size {bs}: {sum(matches[-bs:])}/{bs} sequences match")
+    print(f"Matching sequences: {sum(matches)}/{len(matches)}")
+    return matches
+
+
 def run(args: DeterministicArgs) -> list[int]:
-    """Unique-sample counts (one per prompt); all 1 when the server is deterministic."""
-    runner = {"single": run_single, "prefix": run_prefix,
-              "radix_cache": run_radix_cache}[args.test_mode]
-    return runner(Client(args))
+    """Unique-sample counts (one per prompt; p_vs_d: 1 per matching sequence)."""
+    runner = {"single": run_single, "mixed": run_mixed, "prefix": run_prefix,
+              "radix_cache": run_radix_cache, "p_vs_d": run_p_vs_d}[args.test_mode]
+    client = Client(args)
+    client.warmup()
+    return runner(client)
 
 
 def main(argv: list[str] | None = None) -> list[int]:

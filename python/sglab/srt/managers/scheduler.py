@@ -42,6 +42,8 @@ from sglab.srt.server_args import PortArgs, ServerArgs, configure_logging
 
 logger = logging.getLogger(__name__)
 
+DETERMINISTIC_DEFAULT_SEED = 42
+
 _LOGPROB_FIELDS = (
     "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
     "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
@@ -248,8 +250,12 @@ class Scheduler:
 
     def handle_generate_request(self, recv_req: TokenizedGenerateReqInput) -> Req:
         params = recv_req.sampling_params
-        seed = params.sampling_seed if params.sampling_seed is not None else \
-            self.seed_rng.randrange(1 << 30)
+        seed = params.sampling_seed
+        if seed is None:
+            # Deterministic mode: upstream's default seed, so a request's samples never depend
+            # on its arrival order; otherwise one draw per request from --random-seed.
+            seed = DETERMINISTIC_DEFAULT_SEED if self.server_args.enable_deterministic_inference \
+                else self.seed_rng.randrange(1 << 30)
         req = Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
                   recv_req.return_logprob, recv_req.logprob_start_len,
                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)

@@ -3,6 +3,11 @@
 Per-step metadata (kv_indptr / kv_indices / split counts) is built once per forward in
 `init_forward_metadata` from device tensors and host-known sizes only, so no host sync happens
 here. Under CUDA graphs the same metadata is written into static buffers before replay.
+
+Deterministic mode runs every attention, decode included, through the unified extend kernel:
+a decode step is a one-token extend over the request's keys, so a token's KV and logits have
+the same bits whether the token was decoded or (after a radix hit on generated tokens, or a
+retraction) prefilled, and whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglab.srt.debug.sync_audit import audit_region, list_to_device
+from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.utils.h2d import list_to_device
 from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglab.srt.layers.attention.triton_ops.create_kv_indices import create_kv_indices
 from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
@@ -26,9 +32,6 @@ if TYPE_CHECKING:
     from sglab.srt.layers.radix_attention import RadixAttention
     from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 
-# Deterministic decode: a fixed key tile per split, so a request's split count depends only on
-# its own length (batch-invariant reduction order).
-DETERMINISTIC_SPLIT_TILE_SIZE = 256
 MAX_KV_SPLITS = 16
 MIN_KEYS_PER_SPLIT = 64
 
@@ -41,10 +44,11 @@ class ForwardMetadata:
     attn_logits: torch.Tensor | None = None
     attn_lse: torch.Tensor | None = None
     num_kv_splits: torch.Tensor | None = None
-    # Extend only.
+    # Extend (and deterministic decode: one query row per request).
     qo_indptr: torch.Tensor | None = None
     max_extend_len: int = 0
-    # Unified extend, "kernel" index build: built once per forward, on first use.
+    # Unified (indptr, indices, prefix_lens): the "kernel" index build, once per forward on
+    # first use; deterministic decode: the decode kv indices with prefix_lens = seq_lens - 1.
     unified: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
@@ -62,14 +66,15 @@ class TritonAttnBackend(AttentionBackend):
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         args = model_runner.server_args
         self.enable_deterministic = args.enable_deterministic_inference
+        # Decode as a one-token unified extend (deterministic mode; see the module docstring).
+        self.unified_decode = self.enable_deterministic
         # Patch 0002: how _forward_extend_unified builds its indices.
         self.unified_index_build = (args.unified_index_build
                                     if args.enable_sync_free_unified_extend else "loop")
-        self._build_unified = getattr(self, f"_build_unified_{self.unified_index_build}")
-        if self.enable_deterministic:
-            self.max_kv_splits = -(-mc.context_len // DETERMINISTIC_SPLIT_TILE_SIZE)
-        else:
-            self.max_kv_splits = MAX_KV_SPLITS
+        self._build_unified = {"loop": self._build_unified_loop,
+                               "batched": self._build_unified_batched,
+                               "kernel": self._build_unified_kernel}[self.unified_index_build]
+        self.max_kv_splits = MAX_KV_SPLITS
         self.forward_metadata: ForwardMetadata | None = None
         self.graph_state: dict[str, torch.Tensor] | None = None
 
@@ -77,10 +82,7 @@ class TritonAttnBackend(AttentionBackend):
 
     def _num_kv_splits(self, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
         """Splits per request, on the device; `max_seq_len` is a host int."""
-        if self.enable_deterministic:
-            tile = DETERMINISTIC_SPLIT_TILE_SIZE
-        else:
-            tile = max(MIN_KEYS_PER_SPLIT, -(-max_seq_len // self.max_kv_splits))
+        tile = max(MIN_KEYS_PER_SPLIT, -(-max_seq_len // self.max_kv_splits))
         splits = (seq_lens + tile - 1) // tile
         return splits.clamp(1, self.max_kv_splits).to(torch.int32)
 
@@ -97,6 +99,14 @@ class TritonAttnBackend(AttentionBackend):
             kv_indices = torch.empty(fb.seq_lens_sum, dtype=torch.int64, device=self.device)
             create_kv_indices(self.req_to_token, fb.req_pool_indices, fb.seq_lens, kv_indptr,
                               None, kv_indices)
+            if self.unified_decode:
+                self.forward_metadata = ForwardMetadata(
+                    kv_indptr, kv_indices,
+                    qo_indptr=torch.arange(fb.batch_size + 1, dtype=torch.int32,
+                                           device=self.device),
+                    max_extend_len=1,
+                    unified=(kv_indptr, kv_indices, (fb.seq_lens - 1).to(torch.int32)))
+                return
             logits, lse = self._decode_scratch(fb.batch_size)
             splits = self._num_kv_splits(fb.seq_lens, fb.seq_lens_max)
             self.forward_metadata = ForwardMetadata(kv_indptr, kv_indices, logits, lse, splits)
@@ -114,18 +124,25 @@ class TritonAttnBackend(AttentionBackend):
     # --- CUDA graphs --------------------------------------------------------------------------
 
     def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
-        logits, lse = self._decode_scratch(max_bs)
-        self.graph_state = {
-            "kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
-            "kv_indices": torch.zeros(max_bs * max_context_len, dtype=torch.int64,
-                                      device=self.device),
-            "num_kv_splits": torch.ones(max_bs, dtype=torch.int32, device=self.device),
-            "attn_logits": logits,
-            "attn_lse": lse,
-        }
+        g = {"kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+             "kv_indices": torch.zeros(max_bs * max_context_len, dtype=torch.int64,
+                                       device=self.device)}
+        if self.unified_decode:
+            g["qo_indptr"] = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
+            g["prefix_lens"] = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
+        else:
+            g["attn_logits"], g["attn_lse"] = self._decode_scratch(max_bs)
+            g["num_kv_splits"] = torch.ones(max_bs, dtype=torch.int32, device=self.device)
+        self.graph_state = g
 
     def init_forward_metadata_capture_cuda_graph(self, bs: int) -> None:
         g = self.graph_state
+        if self.unified_decode:
+            self.forward_metadata = ForwardMetadata(
+                g["kv_indptr"][: bs + 1], g["kv_indices"], qo_indptr=g["qo_indptr"][: bs + 1],
+                max_extend_len=1,
+                unified=(g["kv_indptr"][: bs + 1], g["kv_indices"], g["prefix_lens"][:bs]))
+            return
         self.forward_metadata = ForwardMetadata(
             g["kv_indptr"][: bs + 1], g["kv_indices"], g["attn_logits"][:bs],
             g["attn_lse"][:bs], g["num_kv_splits"][:bs])
@@ -138,7 +155,10 @@ class TritonAttnBackend(AttentionBackend):
         g["kv_indptr"][: bs + 1].copy_(_indptr(seq_lens[:bs]))
         create_kv_indices(self.req_to_token, req_pool_indices[:bs], seq_lens[:bs],
                           g["kv_indptr"], None, g["kv_indices"])
-        g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens[:bs], max_seq_len))
+        if self.unified_decode:
+            g["prefix_lens"][:bs].copy_(seq_lens[:bs] - 1)
+        else:
+            g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens[:bs], max_seq_len))
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -214,6 +234,10 @@ class TritonAttnBackend(AttentionBackend):
         q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q)
         k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        if self.unified_decode:  # the very kernel (and tiles) a prefill of it would use
+            extend_attention_fwd_unified(q, o, k_buf, v_buf, md.qo_indptr, *md.unified, 1,
+                                         layer.scaling, layer.logit_cap)
+            return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
         decode_attention_fwd(q, k_buf, v_buf, o, md.kv_indptr, md.kv_indices, md.attn_logits,
                              md.attn_lse, md.num_kv_splits, self.max_kv_splits, layer.scaling,
                              layer.logit_cap)
