@@ -60,11 +60,12 @@ def _same_outputs(a, b) -> None:
     assert [o.logprobs for o in a] == [o.logprobs for o in b]
 
 
-def test_0001_pinned_h2d(path, audit):
+@pytest.mark.parametrize("mode", ["pr", "packed"])
+def test_0001_pinned_h2d(path, audit, mode):
     prompts = _prompts()
     off, off_steps = _run(path, prompts, patches="none")
     AUDIT.reset()
-    on, on_steps = _run(path, prompts, patches="0001")
+    on, on_steps = _run(path, prompts, patches="0001", pinned_h2d_mode=mode)
     _same_outputs(off, on)
     region = "ForwardBatch.init_new"
     assert all(step.get((region, "pageable_h2d"), 0) == 0 for step in on_steps)

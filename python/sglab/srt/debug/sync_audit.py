@@ -13,13 +13,13 @@ Host mirrors must be read outside the regions (as Python ints), so that on CPU e
 read inside a region stands for a device tensor.
 
 The audit is process-wide debug instrumentation, switched on once (`--enable-sync-audit`);
-when off, the helpers cost one attribute check.
+when off, the copy helpers it observes (`srt/utils/h2d.py`) cost one call and one attribute
+check.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import warnings
 from collections import defaultdict
@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from sglab.srt.utils.h2d import COPY_OBSERVERS
 
 _aten = torch.ops.aten
 
@@ -165,38 +167,8 @@ class SyncAudit:
 
 
 AUDIT = SyncAudit()
+COPY_OBSERVERS.append(AUDIT.record)  # pageable / blocking uploads made by srt/utils/h2d.py
 
 
 def audit_region(name: str):
     return AUDIT.region(name)
-
-
-@functools.lru_cache(maxsize=None)
-def is_pin_memory_available(device: torch.device | str) -> bool:
-    """Pinned host memory only helps (and only works) with an accelerator as the target."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
-
-
-def h2d(data, dtype: torch.dtype, device: torch.device | str, pin: bool) -> torch.Tensor:
-    """Upload host data (a list or a CPU tensor) for this step, non_blocking.
-
-    `pin=True` builds the source in pinned memory (async DMA, when the target is an
-    accelerator); `pin=False` copies from pageable memory, which the driver may serialize with
-    the stream — counted as `pageable_h2d` by the audit.
-    """
-    if not pin:
-        AUDIT.record("pageable_h2d")
-    pin = pin and is_pin_memory_available(device)
-    if isinstance(data, torch.Tensor):
-        src = data.to(dtype)
-        if pin:
-            src = src.pin_memory()
-        return src.to(device, non_blocking=True)
-    return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
-
-
-def list_to_device(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """`torch.tensor(list, device=...)`: a blocking host→device copy on an accelerator."""
-    if torch.device(device).type == "cpu":
-        AUDIT.record("blocking_h2d")  # on CUDA, sync-debug mode reports it
-    return torch.tensor(data, dtype=dtype, device=device)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
-from sglab.srt.debug.sync_audit import audit_region, h2d, list_to_device
+from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.utils.h2d import h2d, list_to_device
 
 if TYPE_CHECKING:
     from sglab.srt.model_executor.forward_batch_info import ForwardBatch

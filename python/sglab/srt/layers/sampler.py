@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from sglab.srt.debug.sync_audit import h2d
 from sglab.srt.sampling.sampling_params import TOP_K_ALL
 
 
@@ -45,11 +44,15 @@ class SamplingBatchInfo:
             need_top_p_top_k=any(k != TOP_K_ALL for k in top_ks) or any(p < 1 for p in top_ps),
         )
 
-    def to_device(self, device, pin: bool) -> "SamplingBatchInfo":
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = h2d(v, v.dtype, device, pin) if isinstance(v, torch.Tensor) else v
+    def host_tensors(self) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+        """The per-request tensors to upload, keyed `sampling_<field>`."""
+        return {f"sampling_{f.name}": (v, v.dtype) for f in fields(self)
+                if isinstance(v := getattr(self, f.name), torch.Tensor)}
+
+    def with_tensors(self, device_tensors: dict[str, torch.Tensor]) -> "SamplingBatchInfo":
+        """A copy whose tensors are the uploaded ones from `device_tensors`."""
+        kw = {f.name: device_tensors.get(f"sampling_{f.name}", getattr(self, f.name))
+              for f in fields(self)}
         return SamplingBatchInfo(**kw)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sglab.srt.debug.sync_audit import list_to_device
+from sglab.srt.utils.h2d import list_to_device
 from sglab.srt.layers.linear import (
     ColumnParallelLinear,
     LinearBase,

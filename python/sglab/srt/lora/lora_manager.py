@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sglab.srt.debug.sync_audit import AUDIT, audit_region, h2d, is_pin_memory_available
+from sglab.srt.debug.sync_audit import AUDIT, audit_region
+from sglab.srt.utils.h2d import h2d, is_pin_memory_available
 from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglab.srt.lora.backend import get_backend_from_name
 from sglab.srt.lora.layers import BaseLayerWithLoRA, get_lora_layer, replace_submodule

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglab.srt.debug.sync_audit import audit_region, h2d
+from sglab.srt.debug.sync_audit import audit_region
 
 if TYPE_CHECKING:
     from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -87,61 +87,54 @@ class ForwardBatch:
 
     @classmethod
     def _init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
-        # Patch 0001: pinned + non_blocking uploads; off = pageable + non_blocking, as before.
-        pin = model_runner.server_args.enable_pinned_h2d
-        device = model_runner.device
+        # Patch 0001: how the step's uploads travel (pageable / pinned / one packed copy).
+        dev = model_runner.h2d_uploader.upload(_uploads(batch))
         mode = batch.forward_mode
         fb = cls(
             forward_mode=mode,
             batch_size=len(batch.seq_lens_cpu),
-            input_ids=h2d(batch.input_ids, torch.int64, device, pin),
-            req_pool_indices=h2d(batch.req_pool_indices, torch.int64, device, pin),
-            seq_lens=h2d(batch.seq_lens_cpu, torch.int64, device, pin),
-            out_cache_loc=h2d(batch.out_cache_loc, torch.int64, device, pin),
+            input_ids=dev["input_ids"],
+            req_pool_indices=dev["req_pool_indices"],
+            seq_lens=dev["seq_lens"],
+            out_cache_loc=dev["out_cache_loc"],
             positions=None,  # type: ignore[arg-type]
             seq_lens_sum=batch.seq_lens_sum,
             seq_lens_cpu=batch.seq_lens_cpu,
             seq_lens_max=batch.seq_lens_max,
             return_logprob=batch.return_logprob,
             top_logprobs_nums=batch.top_logprobs_nums,
-            sampling_info=batch.sampling_info,
             req_to_token_pool=model_runner.req_to_token_pool,
             token_to_kv_pool=model_runner.token_to_kv_pool,
             attn_backend=model_runner.attn_backend,
         )
+        if batch.sampling_info is not None:
+            fb.sampling_info = batch.sampling_info.with_tensors(dev)
         if mode.is_decode():
             fb.positions = (fb.seq_lens - 1).clamp(min=0)
         else:
-            fb._init_extend(batch, device, pin)
-        fb._write_req_to_token(batch, device, pin)
-        if fb.sampling_info is not None:
-            fb.sampling_info = fb.sampling_info.to_device(device, pin)
+            fb._init_extend(batch, dev)
+        fb._write_req_to_token(dev)
         return fb
 
-    def _init_extend(self, batch: "ModelWorkerBatch", device, pin: bool) -> None:
+    def _init_extend(self, batch: "ModelWorkerBatch", dev: dict[str, torch.Tensor]) -> None:
         self.extend_num_tokens = int(batch.extend_num_tokens)
         self.extend_seq_lens_cpu = list(batch.extend_seq_lens)
         self.extend_prefix_lens_cpu = list(batch.extend_prefix_lens)
         self.extend_logprob_start_lens_cpu = list(batch.extend_logprob_start_lens)
         self.extend_logprob_pruned_lens_cpu = list(batch.extend_logprob_pruned_lens)
-        self.extend_seq_lens = h2d(batch.extend_seq_lens, torch.int32, device, pin)
-        self.extend_prefix_lens = h2d(batch.extend_prefix_lens, torch.int32, device, pin)
-        if batch.extend_input_logprob_token_ids is not None:
-            self.extend_input_logprob_token_ids_gpu = h2d(
-                batch.extend_input_logprob_token_ids, torch.int64, device, pin
-            )
+        self.extend_seq_lens = dev["extend_seq_lens"]
+        self.extend_prefix_lens = dev["extend_prefix_lens"]
+        self.extend_input_logprob_token_ids_gpu = dev.get("extend_input_logprob_token_ids")
         self.positions, self.extend_start_loc = compute_position(
             self.extend_prefix_lens, self.extend_seq_lens, self.extend_num_tokens
         )
 
-    def _write_req_to_token(self, batch: "ModelWorkerBatch", device, pin: bool) -> None:
+    def _write_req_to_token(self, dev: dict[str, torch.Tensor]) -> None:
         """Apply the host's queued row writes, then record the new tokens' slots, in stream order."""
         pool = self.req_to_token_pool
-        if batch.req_to_token_writes is not None:
-            flat_idx, values = batch.req_to_token_writes
-            pool.req_to_token.view(-1).index_copy_(
-                0, h2d(flat_idx, torch.int64, device, pin), h2d(values, torch.int32, device, pin)
-            )
+        if "req_to_token_index" in dev:
+            pool.req_to_token.view(-1).index_copy_(0, dev["req_to_token_index"],
+                                                   dev["req_to_token_value"])
         num_tokens = self.out_cache_loc.numel()
         if num_tokens == 0:
             return
@@ -152,6 +145,29 @@ class ForwardBatch:
                 self.req_pool_indices, self.extend_seq_lens, output_size=num_tokens
             )
         pool.req_to_token[rows, self.positions] = self.out_cache_loc.to(torch.int32)
+
+
+def _uploads(batch: "ModelWorkerBatch") -> dict:
+    """Every host array this step's forward needs on the device, by name, with its dtype."""
+    items = {
+        "input_ids": (batch.input_ids, torch.int64),
+        "req_pool_indices": (batch.req_pool_indices, torch.int64),
+        "seq_lens": (batch.seq_lens_cpu, torch.int64),
+        "out_cache_loc": (batch.out_cache_loc, torch.int64),
+    }
+    if batch.forward_mode.is_extend():
+        items["extend_seq_lens"] = (batch.extend_seq_lens, torch.int32)
+        items["extend_prefix_lens"] = (batch.extend_prefix_lens, torch.int32)
+        if batch.extend_input_logprob_token_ids is not None:
+            items["extend_input_logprob_token_ids"] = (batch.extend_input_logprob_token_ids,
+                                                       torch.int64)
+    if batch.req_to_token_writes is not None:
+        flat_index, values = batch.req_to_token_writes
+        items["req_to_token_index"] = (flat_index, torch.int64)
+        items["req_to_token_value"] = (values, torch.int32)
+    if batch.sampling_info is not None:
+        items.update(batch.sampling_info.host_tensors())
+    return items
 
 
 def compute_position(

@@ -21,8 +21,16 @@ from sglab.srt.mem_cache.memory_pool import (
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 from sglab.srt.model_loader.loader import get_model
 from sglab.srt.server_args import ServerArgs
+from sglab.srt.utils.h2d import StepUploader
 
 logger = logging.getLogger(__name__)
+
+
+def h2d_mode(server_args: ServerArgs) -> str:
+    """Patch 0001: off = pageable uploads; on = the PR (pinned) or sglab's packed mode."""
+    if not server_args.enable_pinned_h2d:
+        return "pageable"
+    return {"pr": "pinned", "packed": "packed"}[server_args.pinned_h2d_mode]
 
 GiB = 1 << 30
 # KV pool size on CPU when --max-total-tokens is not given: at most this many tokens/bytes.
@@ -46,6 +54,7 @@ class ModelRunner:
         if server_args.enable_deterministic_inference:
             enable_batch_invariant_layers(self.model)
         self.sampler = Sampler()
+        self.h2d_uploader = StepUploader(self.device, h2d_mode(server_args))
         self.lora_manager = None
         if server_args.enable_lora:
             self.init_lora_manager()
