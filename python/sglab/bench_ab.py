@@ -19,7 +19,7 @@ ids or text, sampling parameters), and bench_ab refuses to compare runs that dif
 requests. Outputs are compared by a digest of the token ids.
 
 The sync audit costs time per sync it sees (on CUDA each one is a Python warning), which would
-slow the patch-off variant only, so no timed round is audited: `--audit first` (default) counts
+slow the patch-off variant only, so by default no timed round is audited: `--audit first` counts
 syncs in one extra run per variant on its own audited server (with `--restart-each-round`, in
 the warm-up rounds); `--audit all` audits every server, timed rounds included; `none` skips it.
 """
@@ -52,6 +52,8 @@ ROUND_METRICS = [("output_throughput", True), ("median_ttft_ms", False),
 # Request metrics: per-request samples pooled over the timed rounds (name, run key, percentile).
 REQUEST_METRICS = [("pooled_ttft_p50_ms", "ttfts_ms", 50), ("pooled_ttft_p95_ms", "ttfts_ms", 95),
                    ("pooled_itl_p50_ms", "itls_ms", 50), ("pooled_itl_p95_ms", "itls_ms", 95)]
+# 7-9 GiB of KV for the Qwen3-0.6B / Llama-3.1-8B / Qwen3-8B shapes (112-144 KiB a token): three
+# 8B servers and their weights fit one H200; far above what the A/B workloads hold at once.
 DEFAULT_KV_CAP_TOKENS = 65536
 
 
