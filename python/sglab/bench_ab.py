@@ -339,24 +339,16 @@ def _digest(run: dict) -> str:
 
 
 def to_markdown(report: dict) -> str:
+    """Verdicts first (one table per on-variant), then method, rounds, syncs, outputs."""
     s = report["summary"]
     lines = [f"# bench_ab: patch {report['patch']}, {' vs '.join(report['variants'])}", "",
              provenance_line(report["provenance"]), ""]
     for variant, comps in s["comparisons"].items():
         lines += [f"## {variant} vs off", "",
                   f"| metric | over | off | {variant} | ratio | 95% CI | verdict | detectable |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [_comparison_row(c) for c in comps] + [""]
-    lines += ["## Method", "", _method(report), "", "## Rounds", "", "| run | variant | round | kind | completed | output tok/s | "
-              "median TTFT (ms) | median ITL (ms) | output digest |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(report["runs"], 1):
-        res = r["result"]
-        lines.append(f"| {i} | {r['variant']} | {r['round'] or '-'} | {_kind(r)} | "
-                     f"{res['completed']}/{res['requests']} | {_num(res['output_throughput'])} | "
-                     f"{_num(res['median_ttft_ms'])} | {_num(res['median_itl_ms'])} | "
-                     f"`{r['output_digest']}` |")
-    lines += ["", "## Syncs per step (sync audit)", ""]
+                  "|---|---|---|---|---|---|---|---|", *map(_comparison_row, comps), ""]
+    lines += ["## Method", "", _method(report), "", *_rounds_table(report["runs"]), "",
+              "## Syncs per step (sync audit)", ""]
     if s["syncs_per_step"]:
         lines += ["| variant | host syncs + pageable H2D per step |", "|---|---|"]
         lines += [f"| {v} | {n:.2f} |" for v, n in s["syncs_per_step"].items()]
@@ -367,6 +359,19 @@ def to_markdown(report: dict) -> str:
               f"Inputs identical across all runs (checked per request): yes, input digest "
               f"`{report['input_digest']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _rounds_table(runs: list[dict]) -> list[str]:
+    lines = ["## Rounds", "", "| run | variant | round | kind | completed | output tok/s | "
+             "median TTFT (ms) | median ITL (ms) | output digest |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(runs, 1):
+        res = r["result"]
+        lines.append(f"| {i} | {r['variant']} | {r['round'] or '-'} | {_kind(r)} | "
+                     f"{res['completed']}/{res['requests']} | {_num(res['output_throughput'])} | "
+                     f"{_num(res['median_ttft_ms'])} | {_num(res['median_itl_ms'])} | "
+                     f"`{r['output_digest']}` |")
+    return lines
 
 
 def _method(report: dict) -> str:
