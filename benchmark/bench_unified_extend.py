@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import _commit, _drain, _scheduler, _submit_ids  # noqa: E402
+from gpu_bench import _drain, _scheduler, _submit_ids  # noqa: E402
+
+from sglab.srt.utils.provenance import add_provenance_args, provenance, provenance_line
 
 MODES = ["loop", "batched", "kernel"]
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--extend-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", default=".")
+    add_provenance_args(parser)
     args = parser.parse_args()
     sched = _scheduler(args.preset, attention_backend="triton",
                        enable_deterministic_inference=True, disable_overlap_schedule=True,
@@ -79,9 +82,7 @@ def main() -> None:
                 del timings[m][n_before:]
             else:
                 step_times[m].append(time.perf_counter() - tic)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    report = {"gpu": gpu, "torch": torch.__version__,
-              "commit": _commit(), "preset": args.preset, "batch_size": args.batch_size,
+    report = {**provenance(args.commit), "preset": args.preset, "batch_size": args.batch_size,
               "prefix_len": args.prefix_len, "extend_len": args.extend_len,
               "rounds": args.rounds, "layers": sched.model_config.num_hidden_layers,
               "modes": {}}
@@ -101,7 +102,7 @@ def main() -> None:
 
 def _markdown(r: dict) -> str:
     base = r["modes"]["loop"]["median_us"]
-    lines = [f"GPU: {r['gpu']}, torch {r['torch']}, commit {r['commit']}",
+    lines = [provenance_line(r),
              f"{r['preset']}, deterministic inference, {r['batch_size']} requests x "
              f"(prefix {r['prefix_len']} cached + {r['extend_len']} new tokens), "
              f"{r['rounds']} rounds", "",

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from sglab.srt.utils.provenance import add_provenance_args, provenance, provenance_line
+
 DECODE_BS = [1, 8, 64]
 INPUT_LEN = 256
 OUTPUT_LEN = 64
@@ -208,9 +210,8 @@ def _child(kind: str, preset: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_all(presets: list[str], out_dir: str) -> dict:
-    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "commit": _commit(), "bandwidth": measure_bandwidth(), "models": {}}
+def run_all(presets: list[str], out_dir: str, commit: str | None = None) -> dict:
+    report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
     for preset in presets:
         report["models"][preset] = {"sglab": _child("sglab", preset),
                                     "hf": _child("hf", preset)}
@@ -224,17 +225,9 @@ def run_all(presets: list[str], out_dir: str) -> dict:
     return report
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
-    lines = [f"GPU: {report['gpu']}, torch {report['torch']}, commit {report['commit']}",
+    lines = [provenance_line(report),
              f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode step with a host sync after every step (bench_one_batch, overlap off):", "",
              "| model | bs | decode step (ms) | roofline (ms) | ratio | prefill (ms) |",
@@ -284,9 +277,10 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen3-0.6b")
     parser.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
     parser.add_argument("--out", default=".")
+    add_provenance_args(parser)
     args = parser.parse_args()
     if args.kind == "all":
-        run_all(args.presets, args.out)
+        run_all(args.presets, args.out, args.commit)
         return
     fn = {"sglab": run_sglab, "hf": run_hf}.get(args.kind)
     result = measure_bandwidth() if fn is None else fn(args.preset)

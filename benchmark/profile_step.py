@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_bench import _scheduler, _submit, _time_steps  # noqa: E402
 
+from sglab.srt.utils.provenance import add_provenance_args, provenance, provenance_line
+
 
 def _kernel_us(prof) -> float:
     from torch.autograd import DeviceType
@@ -66,7 +68,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--overlap", action="store_true")
     parser.add_argument("--steps", type=int, default=30)
+    add_provenance_args(parser)
     args = parser.parse_args()
+    print(f"== {provenance_line(provenance(args.commit))}")
     sched = _scheduler(args.preset, disable_overlap_schedule=not args.overlap)
     _submit(sched, args.batch_size, 16, 8, "warm")
     while sched.run_step():

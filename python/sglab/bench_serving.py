@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -36,6 +37,8 @@ import aiohttp
 import numpy as np
 import requests
 from tqdm.asyncio import tqdm
+
+from sglab.srt.utils.provenance import add_provenance_args, provenance
 
 ASSISTANT_SUFFIX = "Assistant:"
 
@@ -114,6 +117,7 @@ class RequestFuncOutput:
     output_len: int = 0
     start_time: float = 0.0  # perf_counter() when the request was sent
     output_ids: list[int] = field(default_factory=list)  # native /generate only
+    input_digest: str = ""  # of the exact payload sent (see request_digest)
 
     @staticmethod
     def init_new(request_func_input: RequestFuncInput) -> RequestFuncOutput:
@@ -255,6 +259,18 @@ def build_openai_chat_payload(inp: RequestFuncInput) -> dict[str, Any]:
     return payload
 
 
+def request_digest(payload: dict[str, Any]) -> str:
+    """Digest of one request body as sent: prompt (token ids or text), sampling parameters,
+    and every other field (stream, logprob options, adapter)."""
+    data = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def inputs_digest(request_digests: list[str]) -> str:
+    """Digest of a whole run's requests, in request order."""
+    return hashlib.sha256("\n".join(request_digests).encode()).hexdigest()[:16]
+
+
 async def _run_request(
     inp: RequestFuncInput,
     payload: dict[str, Any],
@@ -263,6 +279,7 @@ async def _run_request(
 ) -> RequestFuncOutput:
     """POST `payload`, let `read_body` fill the output; failures land in output.error."""
     output = RequestFuncOutput.init_new(inp)
+    output.input_digest = request_digest(payload)
     headers = get_auth_headers() | inp.options.headers
     async with _create_bench_client_session() as session:
         st = time.perf_counter()
@@ -902,9 +919,12 @@ def build_result_record(
     duration: float,
     metrics: BenchmarkMetrics,
     accept_length: float | None,
+    request_digests: list[str] | None = None,
 ) -> dict[str, Any]:
-    """One jsonl line: upstream's keys in upstream's order, then sglab's `active_patches`."""
+    """One jsonl line: upstream's keys in upstream's order, then sglab's: `active_patches`, the
+    digests of the requests sent (per request, in order, and overall) and `provenance`."""
     m = metrics
+    request_digests = request_digests or []
     active_patches = server_info.get("active_patches") if isinstance(server_info, dict) else None
     return {
         "tag": getattr(args, "tag", None),
@@ -951,6 +971,9 @@ def build_result_record(
         "max_output_tokens_per_s": m.max_output_tokens_per_s,
         "max_concurrent_requests": m.max_concurrent_requests,
         "active_patches": active_patches,
+        "input_digest": inputs_digest(request_digests),
+        "input_digests": request_digests,
+        "provenance": provenance(getattr(args, "commit", None)),
     }
 
 
@@ -1219,7 +1242,8 @@ def report(
     print(block)
 
     server_info = get_server_info(base_url, get_auth_headers())
-    result = build_result_record(args, server_info, duration, metrics, accept_length)
+    result = build_result_record(args, server_info, duration, metrics, accept_length,
+                                 [o.input_digest for o in outputs])
     details = {
         "input_lens": [o.prompt_len for o in outputs],
         "output_lens": output_lens,
@@ -1400,6 +1424,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--tag", type=str, default=None, help="Stored in the jsonl record.")
     add("--header", type=str, nargs="+", default=None, help="Extra request headers KEY=VALUE.")
+    add_provenance_args(parser)
     gsp = parser.add_argument_group("generated-shared-prefix dataset arguments")
     gsp.add_argument("--gsp-num-groups", type=int, default=64)
     gsp.add_argument("--gsp-prompts-per-group", type=int, default=16)

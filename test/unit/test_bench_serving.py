@@ -4,6 +4,7 @@ against an in-test HTTP server that streams in upstream SGLang's SSE formats."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import threading
@@ -633,6 +634,7 @@ UPSTREAM_JSONL_KEYS = [
     "max_output_tokens_per_s",
     "max_concurrent_requests",
 ]
+SGLAB_KEYS = ["active_patches", "input_digest", "input_digests", "provenance"]
 DETAIL_KEYS = ["input_lens", "output_lens", "ttfts", "itls", "generated_texts", "output_ids",
                "errors"]
 
@@ -640,7 +642,7 @@ DETAIL_KEYS = ["input_lens", "output_lens", "ttfts", "itls", "generated_texts", 
 def test_result_record_keys_and_active_patches():
     args = bs.get_default_args(tag="x", dataset_name="random-ids", request_rate=2.0)
     rec = bs.build_result_record(args, SERVER_INFO, 3.0, _sample_metrics(), None)
-    assert list(rec) == UPSTREAM_JSONL_KEYS + ["active_patches"]
+    assert list(rec) == UPSTREAM_JSONL_KEYS + SGLAB_KEYS
     assert rec["active_patches"] == ["0001", "0003a"] and rec["server_info"] == SERVER_INFO
     assert (rec["tag"], rec["request_rate"], rec["duration"]) == ("x", 2.0, 3.0)
     assert rec["max_concurrent_requests"] == 1000
@@ -936,7 +938,7 @@ def test_run_benchmark_native_end_to_end(fresh_server, quick, tmp_path, monkeypa
     lines = out_file.read_text().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
-    assert list(record) == UPSTREAM_JSONL_KEYS + ["active_patches"] + DETAIL_KEYS
+    assert list(record) == UPSTREAM_JSONL_KEYS + SGLAB_KEYS + DETAIL_KEYS
     assert record["tag"] == "e2e" and record["completed"] == 5
     assert record["request_rate"] == float("inf")
 
@@ -977,7 +979,7 @@ def test_run_benchmark_backends(fresh_server, quick, tmp_path, backend, path):
     assert result["output_ids"] == [[0, 1, 2, 3] if native else []] * 3
     assert fresh_server.paths().count(path) == 4  # warmup + 3
     assert json.loads((tmp_path / "r.jsonl").read_text())["backend"] == backend
-    assert list(result) == UPSTREAM_JSONL_KEYS + ["active_patches"] + DETAIL_KEYS
+    assert list(result) == UPSTREAM_JSONL_KEYS + SGLAB_KEYS + DETAIL_KEYS
 
 
 def test_run_benchmark_tokenize_prompt_and_max_concurrency(fresh_server, quick, tmp_path):
@@ -1024,3 +1026,42 @@ def test_ready_check_times_out_on_dead_server():
         port = s.getsockname()[1]
     with pytest.raises(RuntimeError, match="ready-check-timeout-sec 0"):
         bs.wait_for_server_ready(f"http://127.0.0.1:{port}/v1/models", 0.5, {})
+
+
+def _generate_bodies(server) -> list[dict]:
+    return [body for path, body, _ in server.calls if path == "/generate"]
+
+
+def test_input_digests_are_of_the_requests_sent(fresh_server, quick, tmp_path, monkeypatch):
+    """Per request, the digest of the body the server received (in request order: one request
+    at a time); the overall digest is of the list; the jsonl line carries both."""
+    monkeypatch.setenv("SGLAB_COMMIT", "abc123")
+    out_file = tmp_path / "r.jsonl"
+
+    def run(**kw):
+        fresh_server.calls.clear()
+        args = bs.get_default_args(
+            base_url=fresh_server.base_url, dataset_name="random-ids", num_prompts=4,
+            random_input_len=6, random_output_len=3, random_range_ratio=1.0, max_concurrency=1,
+            warmup_requests=1, output_file=str(out_file), disable_tqdm=True, **kw)
+        return bs.run_benchmark(args), _generate_bodies(fresh_server)[1:]
+
+    result, bodies = run(seed=5)
+    sent = [hashlib.sha256(json.dumps(b, sort_keys=True, separators=(",", ":")).encode())
+            .hexdigest()[:16] for b in bodies]
+    assert result["input_digests"] == sent and len(set(sent)) == 4
+    assert result["input_digest"] == bs.inputs_digest(sent)
+    line = json.loads(out_file.read_text().splitlines()[-1])
+    assert (line["input_digests"], line["input_digest"]) == (sent, result["input_digest"])
+    assert line["provenance"]["commit"] == "abc123"
+    assert line["provenance"]["commit_source"] == "SGLAB_COMMIT"
+
+    again, _ = run(seed=5)
+    assert again["input_digests"] == sent
+    # A sampling parameter changes every request's digest; another seed, the prompts.
+    hot_params = {"temperature": 1, "max_new_tokens": 3}
+    hot, hot_bodies = run(seed=5, extra_request_body=json.dumps({"sampling_params": hot_params}))
+    assert hot_bodies[0]["sampling_params"] == hot_params
+    assert all(a != b for a, b in zip(hot["input_digests"], sent))
+    other, _ = run(seed=6)
+    assert other["input_digest"] != result["input_digest"]

@@ -41,19 +41,30 @@ def popen_launch_server(args: list[str], timeout: float = 600.0,
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
+    try:
+        _wait_healthy(server, timeout)
+    except BaseException:
+        # Also when interrupted (SIGTERM, Ctrl-C): the server runs in its own session, so
+        # nothing else would stop it.
+        kill_server(server)
+        raise
+    return server
+
+
+def _wait_healthy(server: ServerProcess, timeout: float) -> None:
     http = requests.Session()
     http.trust_env = False
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n"
+                               f"{server.log()[-4000:]}")
         try:
             if http.get(f"{server.base_url}/health_generate", timeout=5).status_code == 200:
-                return server
+                return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    kill_server(server)
     raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log()[-4000:]}")
 
 

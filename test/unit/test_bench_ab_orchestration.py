@@ -1,0 +1,291 @@
+"""sglab.bench_ab's orchestration without a model: which servers are launched with which flags,
+which run goes to which server in which order, what is refused, what is always stopped.
+Servers and bench_serving runs are replaced by fakes that record what they were asked to do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+from sglab import bench_ab, bench_stats
+from sglab.srt.utils.process import ServerProcess
+
+DIGESTS = [f"{i:016x}" for i in range(6)]
+
+
+class Fakes:
+    """Launches, stops and bench_serving runs, recorded in order."""
+
+    def __init__(self, monkeypatch, values=None, digests=None):
+        self.launches: list[list[str]] = []
+        self.stopped: list[str] = []
+        self.rounds: list[tuple[str, str, int]] = []  # (server url, variant, round)
+        self.values = values or (lambda step: 10.0)
+        self.digests = digests or (lambda step: DIGESTS)
+        monkeypatch.setattr(bench_ab, "popen_launch_server", self.launch)
+        monkeypatch.setattr(bench_ab, "kill_server", self.kill)
+        monkeypatch.setattr(bench_ab, "run_workload", self.run)
+
+    def launch(self, argv, timeout):
+        self.launches.append(argv)
+        return ServerProcess(None, f"fake://{len(self.launches)}", "")
+
+    def kill(self, server):
+        self.stopped.append(server.base_url)
+
+    def run(self, base_url, step, bench_argv):
+        self.rounds.append((base_url, step.variant, step.round))
+        v = self.values(step)
+        return {"variant": step.variant, "round": step.round, "warmup": step.warmup,
+                "audited": step.audited, "timed": step.timed, "label": step.label,
+                "result": {m: v for m, _ in bench_ab.ROUND_METRICS} | {"completed": 6,
+                                                                       "requests": 6},
+                "ttfts_ms": [v] * 6, "itls_ms": [[v, v]] * 6, "generated_texts": ["a"] * 6,
+                "output_ids": [[1, 2]] * 6, "output_lens": [2] * 6,
+                "input_digests": self.digests(step), "input_digest": "d",
+                "sync_audit": {"syncs_per_step": 9.0 if step.variant == "off" else 0.0}
+                if step.audited else None,
+                "active_patches": [], "patch_modes": {}, "max_total_num_tokens": 4096}
+
+
+def _main(tmp_path, *extra, variants=("off", "on"), rounds="3"):
+    return bench_ab.main(["--patch", "0001", "--model-path", "m", "--out-dir", str(tmp_path),
+                          "--tag", "ab", "--rounds", rounds, "--variants", *variants, *extra,
+                          "--", "--num-prompts", "6"])
+
+
+def test_live_servers_launched_once_audit_runs_apart_and_kv_cap(tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    report = _main(tmp_path)
+    cap = ["--max-total-tokens", str(bench_ab.DEFAULT_KV_CAP_TOKENS)]
+    assert fakes.launches == [
+        ["--model-path", "m", *cap, "--disable-pinned-h2d", "--enable-sync-audit"],
+        ["--model-path", "m", *cap, "--enable-pinned-h2d", "--enable-sync-audit"],
+        ["--model-path", "m", *cap, "--disable-pinned-h2d"],
+        ["--model-path", "m", *cap, "--enable-pinned-h2d"]]
+    # Audit runs on their own servers, stopped at once; then ABBA against the two live ones.
+    assert fakes.rounds == [("fake://1", "off", 0), ("fake://2", "on", 0),
+                            ("fake://3", "off", 1), ("fake://4", "on", 1), ("fake://4", "on", 2),
+                            ("fake://3", "off", 2), ("fake://3", "off", 3), ("fake://4", "on", 3)]
+    assert fakes.stopped[:2] == ["fake://1", "fake://2"]
+    assert sorted(fakes.stopped[2:]) == ["fake://3", "fake://4"]
+    assert report["kv_cap"] == {"max_total_tokens": bench_ab.DEFAULT_KV_CAP_TOKENS,
+                                "reason": "2 servers at once"}
+    runs = report["runs"]
+    assert [(r["timed"], r["warmup"], r["audited"]) for r in runs] == (
+        [(False, False, True)] * 2 + [(False, True, False)] * 2 + [(True, False, False)] * 4)
+    assert report["summary"]["syncs_per_step"] == {"off": 9.0, "on": 0.0}
+    assert "--max-total-tokens" in (tmp_path / "ab.md").read_text()
+
+
+def test_restart_each_round_audits_warmups_and_needs_no_cap(tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    report = _main(tmp_path, "--restart-each-round", "--server-args", "--device cpu")
+    assert len(fakes.launches) == 6 and fakes.stopped == [f"fake://{i}" for i in range(1, 7)]
+    assert [a[-1] == "--enable-sync-audit" for a in fakes.launches] == [True, True] + [False] * 4
+    assert all("--max-total-tokens" not in a and a[2:4] == ["--device", "cpu"]
+               for a in fakes.launches)
+    assert [(v, r) for _, v, r in fakes.rounds] == [("off", 1), ("on", 1), ("on", 2), ("off", 2),
+                                                    ("off", 3), ("on", 3)]
+    assert report["kv_cap"] is None
+
+
+def test_user_kv_cap_is_kept_and_audit_all(tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    _main(tmp_path, "--audit", "all", "--server-args=--max-total-tokens=1000")
+    assert len(fakes.launches) == 2  # no separate audit runs: the live servers are audited
+    assert all(a.count("--max-total-tokens=1000") == 1 and "--max-total-tokens" not in a
+               and a[-1] == "--enable-sync-audit" for a in fakes.launches)
+    assert bench_ab.kv_cap_flags("", 2, 0) == [] and bench_ab.kv_cap_flags("", 1, 5) == []
+
+
+def test_three_way_each_on_variant_against_off(tmp_path, monkeypatch):
+    values = {"off": 10.0, "on:pr": 11.0, "on:packed": 9.0}
+    fakes = Fakes(monkeypatch, values=lambda step: values[step.variant] * (1 + 0.001 * step.round))
+    report = _main(tmp_path, "--audit", "none", variants=("off", "on:pr", "on:packed"),
+                   rounds="6")
+    assert [a[-1] for a in fakes.launches] == ["--disable-pinned-h2d", "pr", "packed"]
+    assert [v for _, v, _ in fakes.rounds[:6]] == ["off", "on:pr", "on:packed", "on:packed",
+                                                   "on:pr", "off"]
+    comps = report["summary"]["comparisons"]
+    assert list(comps) == ["on:pr", "on:packed"]
+    itl = {v: next(c for c in comps[v] if c["metric"] == "median_itl_ms") for v in comps}
+    assert itl["on:pr"]["verdict"] == bench_stats.SLOWER
+    assert itl["on:packed"]["verdict"] == bench_stats.FASTER
+    tput = next(c for c in comps["on:packed"] if c["metric"] == "output_throughput")
+    assert tput["verdict"] == bench_stats.SLOWER and tput["n_off"] == 5
+    md = (tmp_path / "ab.md").read_text()
+    assert md.index("## on:pr vs off") < md.index("## on:packed vs off") < md.index("## Rounds")
+
+
+def test_warmup_rounds_are_reported_but_not_counted(tmp_path, monkeypatch):
+    """Warm-up rounds 10x slower than the rest: the ratios see only the timed rounds."""
+    rng = np.random.default_rng(0)
+    noise = {(v, r): 1 + 0.01 * rng.standard_normal() for v in ("off", "on") for r in range(7)}
+
+    def values(step):
+        base = 10.0 if step.variant == "off" else 10.5
+        return base * noise[step.variant, step.round] * (10 if step.warmup else 1)
+
+    Fakes(monkeypatch, values=values)
+    report = _main(tmp_path, "--audit", "none", rounds="6")
+    comp = next(c for c in report["summary"]["comparisons"]["on"]
+                if c["metric"] == "median_itl_ms")
+    timed = {v: [values(bench_ab.Step(v, r, False, False)) for r in range(2, 7)]
+             for v in ("off", "on")}
+    assert comp["off"] == pytest.approx(np.median(timed["off"]))
+    assert comp["ratio"] == pytest.approx(np.median(timed["on"]) / np.median(timed["off"]))
+    assert comp["verdict"] == bench_stats.SLOWER
+    runs = report["runs"]
+    assert [r["warmup"] for r in runs] == [True, True] + [False] * 10
+    assert runs[0]["result"]["median_itl_ms"] == pytest.approx(100.0, rel=0.05)
+
+
+def test_differing_inputs_are_refused_with_the_request_indices(tmp_path, monkeypatch, capsys):
+    changed = DIGESTS[:2] + ["x" * 16] + DIGESTS[3:4] + ["y" * 16] + DIGESTS[5:]
+    fakes = Fakes(monkeypatch, digests=lambda s: changed if s.label == "on r2" else DIGESTS)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tmp_path, "--audit", "none")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "on r2 and off r1 sent different requests: 2 of 6 differ (request indices 2, 4)" in err
+    assert sorted(fakes.stopped) == ["fake://1", "fake://2"]
+    assert not (tmp_path / "ab.json").exists()
+    with pytest.raises(bench_ab.InputsDifferError, match="5 vs 6 requests"):
+        bench_ab.check_same_inputs({"label": "off r1", "input_digests": DIGESTS},
+                                   {"label": "on r1", "input_digests": DIGESTS[:5]})
+
+
+def test_a_failing_round_still_stops_every_server(tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+
+    def boom(base_url, step, bench_argv):
+        if step.variant == "on":
+            raise RuntimeError("server died")
+        return Fakes.run(fakes, base_url, step, bench_argv)
+
+    monkeypatch.setattr(bench_ab, "run_workload", boom)
+    with pytest.raises(RuntimeError, match="server died"):
+        _main(tmp_path, "--audit", "none")
+    assert sorted(fakes.stopped) == ["fake://1", "fake://2"]
+
+
+def test_report_leads_with_verdicts_then_rounds_with_digests(tmp_path, monkeypatch):
+    Fakes(monkeypatch, values=lambda s: 10.0 + 0.01 * s.round + (s.variant == "on"))
+    report = _main(tmp_path, "--commit", "c0ffee")
+    md = (tmp_path / "ab.md").read_text()
+    head = md.split("\n\n")
+    assert head[0] == "# bench_ab: patch 0001, off vs on"
+    assert head[1].startswith("commit `c0ffee` (--commit) · ")
+    table = md.index("| metric | over | off | on | ratio | 95% CI | verdict | detectable |")
+    assert head[2] == "## on vs off" and table < md.index("## Method") < md.index("## Rounds")
+    assert md.index("## Rounds") < md.index("## Syncs per step") < md.index("## Outputs")
+    assert "| median_itl_ms | 2+2 rounds |" in md  # 3 rounds, the first a warm-up
+    assert "| pooled_ttft_p50_ms | 12+12 requests |" in md
+    digest = report["runs"][0]["output_digest"]
+    assert md.count(f"`{digest}`") == 8 and "Token-identical across all 8 runs: yes" in md
+    saved = json.loads((tmp_path / "ab.json").read_text())
+    assert saved["provenance"]["commit"] == "c0ffee" and saved["input_digests"] == DIGESTS
+    assert "itls_ms" not in saved["runs"][0] and saved["runs"][0]["ttfts_ms"]
+    assert (tmp_path / "ab.png").stat().st_size > 1000
+
+
+def test_cli_errors_name_the_flag(tmp_path, capsys):
+    for extra, message in ((["--rounds", "1"], "--rounds: at least 2"),
+                           (["--variants", "off", "on:bogus"], "patch 0001 has no mode 'bogus'"),
+                           (["--variants", "on"], "need `off`")):
+        with pytest.raises(SystemExit):
+            bench_ab.main(["--patch", "0001", "--model-path", "m", *extra])
+        assert message in capsys.readouterr().err
+
+
+# A bench_ab whose "servers" are `sleep` processes in their own sessions (as real servers are):
+# it blocks in the first `on` round, both live servers up, until the test sends SIGTERM.
+_BENCH_AB_CHILD = """
+import os, subprocess, sys, time
+from sglab import bench_ab
+from sglab.srt.utils.process import ServerProcess
+
+def launch(argv, timeout):
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    print("launched", proc.pid, flush=True)
+    return ServerProcess(proc, f"fake://{proc.pid}", os.devnull)
+
+def run(base_url, step, bench_argv):
+    if step.variant == "on":
+        print("ready", flush=True)
+        time.sleep(600)
+    return {"label": step.label, "input_digests": []}
+
+bench_ab.popen_launch_server, bench_ab.run_workload = launch, run
+bench_ab.main(sys.argv[1:])
+"""
+
+# popen_launch_server with the server replaced by `sleep`: it never gets healthy, so the caller
+# is still waiting for it when the test sends SIGTERM.
+_LAUNCH_CHILD = """
+import signal, subprocess, sys
+import requests
+from sglab.srt.utils import process
+
+popen = subprocess.Popen
+
+def sleeper(cmd, **kwargs):
+    proc = popen(["sleep", "600"], **kwargs)
+    print("launched", proc.pid, flush=True)
+    return proc
+
+def health_check(self, url, **kwargs):
+    print("ready", flush=True)
+    raise requests.ConnectionError(url)
+
+subprocess.Popen, requests.Session.get = sleeper, health_check
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+process.popen_launch_server(["--model-path", "unused"], timeout=600)
+"""
+
+
+def _sigterm_when_ready(script: str, *argv: str) -> tuple[int, list[int]]:
+    """Run `script`, SIGTERM it once it prints `ready`; (exit code, pids it launched)."""
+    child = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE,
+                             text=True)
+    pids = []
+    for line in child.stdout:
+        if line.startswith("launched"):
+            pids.append(int(line.split()[1]))
+        if line.strip() == "ready":
+            break
+    child.terminate()
+    return child.wait(60), pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _survivors(pids: list[int]) -> list[int]:
+    """The pids still running; they are killed here, so a failing test leaves none behind."""
+    alive = [p for p in pids if _running(p)]
+    for pid in alive:
+        psutil.Process(pid).kill()
+    return alive
+
+
+def test_sigterm_stops_every_live_server(tmp_path):
+    rc, pids = _sigterm_when_ready(_BENCH_AB_CHILD, "--patch", "0001", "--model-path", "m",
+                                   "--audit", "none", "--out-dir", str(tmp_path))
+    assert _survivors(pids) == []
+    assert rc == 143 and len(pids) == 2
+
+
+def test_sigterm_while_a_server_launches_stops_it():
+    rc, pids = _sigterm_when_ready(_LAUNCH_CHILD)
+    assert _survivors(pids) == []
+    assert rc == 143 and len(pids) == 1

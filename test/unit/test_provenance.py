@@ -1,0 +1,64 @@
+"""sglab.srt.utils.provenance: where the commit comes from, what the machine runs, and that the
+benchmark scripts' reports lead with it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+from sglab.srt.utils import provenance as pv
+
+BENCHMARK_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmark")
+
+
+def test_commit_precedence_flag_env_git(monkeypatch):
+    monkeypatch.setenv(pv.COMMIT_ENV, "from-env")
+    assert pv.resolve_commit("from-flag") == {"commit": "from-flag", "commit_source": "--commit",
+                                              "commit_verified": True}
+    assert pv.resolve_commit(None) == {"commit": "from-env", "commit_source": "SGLAB_COMMIT",
+                                       "commit_verified": True}
+    monkeypatch.delenv(pv.COMMIT_ENV)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(pv.__file__)).stdout.strip()
+    assert pv.resolve_commit(None) == {"commit": head or "unknown",
+                                       "commit_source": "git rev-parse (unverified)",
+                                       "commit_verified": False}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU record")
+def test_software_stack_on_cpu():
+    assert pv.software_stack() == {"gpu": "cpu", "driver": None, "cuda": None,
+                                   "torch": torch.__version__, "triton": triton.__version__}
+
+
+def test_provenance_line():
+    p = {"commit": "abc", "commit_source": "SGLAB_COMMIT", "gpu": "NVIDIA H200",
+         "driver": "570.1", "cuda": "12.8", "torch": "2.9.0", "triton": None}
+    assert pv.provenance_line(p) == ("commit `abc` (SGLAB_COMMIT) · NVIDIA H200, driver 570.1, "
+                                     "CUDA 12.8, torch 2.9.0")
+
+
+def test_benchmark_reports_lead_with_provenance(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARK_DIR)
+    import bench_unified_extend
+    import gpu_bench
+
+    p = pv.provenance("c1")
+    line = pv.provenance_line(p)
+    engine = {**p, "bandwidth": {"bandwidth_gbps": 1000.0}, "models": {}}
+    assert gpu_bench.to_markdown(engine).splitlines()[0] == line
+    mode = {"calls": 1, "median_us": 1.0, "mean_us": 1.0, "prefill_round_ms": 1.0}
+    unified = {**p, "preset": "x", "batch_size": 1, "prefix_len": 1, "extend_len": 1,
+               "rounds": 1, "modes": {"loop": mode}}
+    assert bench_unified_extend._markdown(unified).splitlines()[0] == line
+
+
+def test_benchmark_scripts_take_a_commit():
+    for script in ("gpu_bench.py", "bench_unified_extend.py", "profile_step.py"):
+        out = subprocess.run([sys.executable, os.path.join(BENCHMARK_DIR, script), "--help"],
+                             capture_output=True, text=True, timeout=120)
+        assert "--commit" in out.stdout, (script, out.stderr[-500:])
