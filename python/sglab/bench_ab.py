@@ -499,9 +499,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-rates", type=float, nargs="+", default=None,
         help="one workload per rate against the same servers (each gets its own report, "
              "file stem + -rate<R>)")
+    add("--max-concurrencies", type=int, nargs="+", default=None,
+        help="one workload per concurrency, as --request-rates (file stem + -c<N>); with "
+             "both, every pair")
+    add("--save-outputs", action="store_true",
+        help="also write every run's output token ids (file stem + .outputs.json)")
     add_provenance_args(parser)
     add("bench_args", nargs=argparse.REMAINDER, help="after --: bench_serving arguments")
     return parser
+
+
+def _workloads(bench_argv: list[str], rates: list[float] | None,
+               concurrencies: list[int] | None) -> list[tuple[str, list[str]]]:
+    """(file stem suffix, bench_serving argv) per workload of the sweep."""
+    rate_opts = [(f"-rate{_fmt_rate(r)}", ["--request-rate", str(r)]) for r in rates or []]
+    conc_opts = [(f"-c{c}", ["--max-concurrency", str(c)]) for c in concurrencies or []]
+    return [(r[0] + c[0], bench_argv + r[1] + c[1])
+            for r in rate_opts or [("", [])] for c in conc_opts or [("", [])]]
 
 
 def _fmt_rate(rate: float) -> str:
@@ -526,8 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench_argv = [a for a in args.bench_args if a != "--"]
     if "--seed" not in bench_argv:
         bench_argv += ["--seed", "1"]
-    workloads = [(f"-rate{_fmt_rate(r)}", bench_argv + ["--request-rate", str(r)])
-                 for r in args.request_rates] if args.request_rates else [("", bench_argv)]
+    workloads = _workloads(bench_argv, args.request_rates, args.max_concurrencies)
     names = [v.name for v in variants]
     steps = plan_steps(names, args.rounds, args.audit, args.restart_each_round)
     live = 1 if args.restart_each_round else len(variants)
@@ -546,6 +559,10 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{time.strftime('%Y-%m-%d')}-bench-ab-{args.patch}")
     reports = [write_report(meta, w, runs[j], stem + suffix)
                for j, (suffix, w) in enumerate(workloads)]
+    if args.save_outputs:
+        for j, (suffix, _) in enumerate(workloads):
+            with open(stem + suffix + ".outputs.json", "w") as f:
+                json.dump({r["label"]: r["output_ids"] for r in runs[j]}, f)
     return reports[0] if len(reports) == 1 else {"reports": reports}
 
 

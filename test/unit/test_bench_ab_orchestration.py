@@ -289,3 +289,13 @@ def test_sigterm_while_a_server_launches_stops_it():
     rc, pids = _sigterm_when_ready(_LAUNCH_CHILD)
     assert _survivors(pids) == []
     assert rc == 143 and len(pids) == 1
+
+
+def test_workload_sweep_by_rate_and_concurrency():
+    from sglab.bench_ab import _workloads
+
+    assert _workloads(["x"], None, None) == [("", ["x"])]
+    assert [s for s, _ in _workloads(["x"], [1, 8], None)] == ["-rate1", "-rate8"]
+    sweep = _workloads(["x"], [0.5], [1, 32])
+    assert sweep == [("-rate0.5-c1", ["x", "--request-rate", "0.5", "--max-concurrency", "1"]),
+                     ("-rate0.5-c32", ["x", "--request-rate", "0.5", "--max-concurrency", "32"])]
