@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import zmq
 
+from sglab.srt.debug.schedule_trace import ScheduleTrace
 from sglab.srt.debug.sync_audit import AUDIT
 from sglab.srt.managers.io_struct import (
     AbortReq,
@@ -86,6 +87,7 @@ class Scheduler:
         if server_args.enable_sync_audit:
             AUDIT.enabled = True
             AUDIT.reset()
+        self.schedule_trace = ScheduleTrace()
         # Overlap: launched batches whose results were not processed yet (at most one old one).
         self.result_queue: deque[tuple[ScheduleBatch, GenerationBatchResult]] = deque()
         self._init_sockets(port_args)
@@ -378,6 +380,7 @@ class Scheduler:
 
     def run_batch(self, batch: ScheduleBatch) -> GenerationBatchResult:
         self.forward_ct += 1
+        self.schedule_trace.record(self.forward_ct, batch)
         worker_batch = batch.get_model_worker_batch()
         if self.lora_manager is not None:
             worker_batch.lora_inflight_ids = {r.lora_id for b, _ in self.result_queue
