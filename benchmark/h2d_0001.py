@@ -29,6 +29,11 @@ from gpu_bench import _scheduler, _submit  # noqa: E402
 
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch  # noqa: E402
 from sglab.srt.utils.h2d import H2D_MODES, StepUploader  # noqa: E402
+from sglab.srt.utils.provenance import (  # noqa: E402
+    add_provenance_args,
+    provenance,
+    provenance_line,
+)
 
 INPUT_LEN, DECODE_STEPS, WARMUP_STEPS = 128, 120, 20
 SLEEP_MS = 50.0
@@ -131,8 +136,10 @@ def run_preset(preset: str, batch_sizes: list[int], cycles_per_ms: float) -> lis
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Patch 0001: host cost of the per-step uploads, off vs PR vs packed", "",
-             f"GPU {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}; decode with "
-             "overlap and CUDA graphs; `python benchmark/h2d_0001.py`", "",
+             provenance_line(meta["provenance"]), "",
+             "Decode with overlap and CUDA graphs; `python benchmark/h2d_0001.py`; the "
+             "after-50-ms column is each probe's init_new time right after ~50 ms of GPU work "
+             "was queued (a host that blocks behind the stream shows ~50000).", "",
              "| preset | bs | mode | init_new µs (median) | p90 | init_new µs after 50 ms "
              "queued | HtoD pageable / pinned per step |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -151,12 +158,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
     parser.add_argument("--bs", type=int, nargs="+", default=[1, 4, 32])
-    parser.add_argument("--commit", default=os.environ.get("SGLAB_COMMIT", "unknown"))
+    add_provenance_args(parser)
     args = parser.parse_args()
     cycles = sleep_cycles_per_ms() if torch.cuda.is_available() else 0.0  # CPU: a smoke run
     rows = [r for p in args.presets for r in run_preset(p, args.bs, cycles)]
-    meta = {"gpu": torch.cuda.get_device_name() if cycles else "cpu", "torch": torch.__version__,
-            "commit": args.commit, "sleep_cycles_per_ms": cycles}
+    meta = {"provenance": provenance(args.commit), "sleep_cycles_per_ms": cycles}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "h2d_0001.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
