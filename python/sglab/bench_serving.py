@@ -1294,8 +1294,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     _validate_args(args)
     print(f"benchmark_args={args}")
     set_ulimit()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
     extra_request_body = json.loads(args.extra_request_body) if args.extra_request_body else {}
 
     base_url, api_url, model_url = _resolve_urls(args)
@@ -1311,6 +1309,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "Because when the tokenizer counts the output tokens, if there is gibberish, "
             "it might count incorrectly.\n"
         )
+    # Seeded right here: loading a tokenizer or waiting for the server may draw from the
+    # global generators (and only on a process's first run), which would change the prompts.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     input_requests = get_dataset(args, tokenizer)
     if not input_requests:
         raise ValueError("The dataset produced no requests.")

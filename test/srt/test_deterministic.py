@@ -450,18 +450,16 @@ def test_gpu_schedule_invariance_for_every_index_build(tmp_path):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_schedule_invariance_catches_split_kv_decode(tmp_path):
-    """The check can fail: decoding through the split-KV kernel (as outside deterministic
-    mode) gives generated tokens other KV bits than a prefill of them, which the radix hits on
-    generated tokens and the retraction schedule see."""
+def test_gpu_schedule_invariance_check_can_fail(tmp_path):
+    """The same comparison without deterministic mode (cuBLAS GEMMs, 2-stage extend, split-KV
+    decode whose split count follows the batch) sees other bits, so the test above can fail."""
     from sglab.srt.utils.dummy_model import make_dummy_model
 
     path = make_dummy_model("qwen3-0.6b", str(tmp_path / "m"), weights=False)
     _free_gpu()
-    runner = _gpu_real_shape_runner(path, "batched", disable_cuda_graph=True)
-    runner.scheduler.tp_worker.model_runner.attn_backend.unified_decode = False
+    runner = _gpu_runner(path, False, load_format="dummy", chunked_prefill_size=512,
+                         cuda_graph_max_bs=16)
     workload = sched.make_workload(runner.scheduler.model_config.vocab_size, **GPU_WORKLOAD)
-    _, mismatches = sched.check_schedules(runner, workload,
-                                          schedules=("warm radix", "retraction"))
+    _, mismatches = sched.check_schedules(runner, workload, schedules=("all at once",))
     assert mismatches
     del runner

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import socket
 import threading
 import time
@@ -1065,3 +1066,26 @@ def test_input_digests_are_of_the_requests_sent(fresh_server, quick, tmp_path, m
     assert all(a != b for a, b in zip(hot["input_digests"], sent))
     other, _ = run(seed=6)
     assert other["input_digest"] != result["input_digest"]
+
+
+def test_prompts_do_not_depend_on_random_draws_before_the_dataset(fresh_server, quick, tmp_path,
+                                                                monkeypatch):
+    """What runs before the dataset (tokenizer load, ready check) may draw from the global
+    generators, and may do so only on a process's first run: the prompts must not change."""
+
+    def run() -> list[str]:
+        args = bs.get_default_args(
+            base_url=fresh_server.base_url, dataset_name="random-ids", num_prompts=4,
+            random_input_len=6, random_output_len=3, random_range_ratio=0.5, max_concurrency=1,
+            output_file=str(tmp_path / "r.jsonl"), disable_tqdm=True, seed=3)
+        return bs.run_benchmark(args)["input_digests"]
+
+    plain = run()
+    load = bs.get_tokenizer
+
+    def drawing_load(*a, **kw):
+        random.random(), np.random.rand()
+        return load(*a, **kw)
+
+    monkeypatch.setattr(bs, "get_tokenizer", drawing_load)
+    assert run() == plain
