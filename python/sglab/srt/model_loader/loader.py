@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sglab.srt.configs.model_config import ModelConfig
+from sglab.srt.utils.dummy_model import init_std_mean
 from sglab.srt.models.registry import resolve_model_cls
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def get_model(model_config: ModelConfig, load_format: str, device: str) -> nn.Mo
         model = model_cls(model_config.hf_config, dtype=model_config.dtype)
     files = _safetensors_files(model_config.model_path)
     if load_format == "dummy":
-        load_dummy_weights(model)
+        load_dummy_weights(model, model_config.hidden_size)
     elif load_format in ("auto", "safetensors"):
         if not files:
             raise ValueError(
@@ -57,13 +58,17 @@ def _check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
 
 
 @torch.no_grad()
-def load_dummy_weights(model: nn.Module, low: float = -1e-3, high: float = 1e-3,
-                       seed: int = 1234) -> None:
-    """Fill every floating-point parameter with uniform noise, as upstream's dummy format does."""
-    for param in model.parameters():
+def load_dummy_weights(model: nn.Module, hidden_size: int, seed: int = 1234) -> None:
+    """Random weights drawn on the weights' device with sglab's scale-preserving init (see
+    `init_std_mean`). Upstream's dummy format draws uniform noise in [-1e-3, 1e-3] for every
+    parameter, norms included, which leaves a near-dead network: its greedy outputs cycle and
+    barely react to numerics, so neither its outputs nor its kernel inputs look like a real
+    model's. Each parameter has its own seed (seed + its index), so layers differ."""
+    for i, (name, param) in enumerate(model.named_parameters()):
         if not torch.is_floating_point(param):
             continue
-        gen = torch.Generator(device=param.device).manual_seed(seed)
+        gen = torch.Generator(device=param.device).manual_seed(seed + i)
+        std, mean = init_std_mean(name, tuple(param.shape), hidden_size)
         tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-        tmp.uniform_(low, high, generator=gen)
+        tmp.normal_(mean, std, generator=gen)
         param.data.copy_(tmp.to(param.dtype))

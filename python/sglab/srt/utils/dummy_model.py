@@ -633,18 +633,26 @@ def hf_param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def init_std_mean(name: str, shape: tuple[int, ...], hidden: int) -> tuple[float, float]:
+    """sglab's scale-preserving random init of a parameter: (std, mean) of its normal draw.
+
+    Projections keep activations O(1), norms sit near (not at) 1: a live network whose outputs
+    and numerics behave like a trained model's, unlike tiny uniform noise.
+    """
+    if name.endswith("norm.weight"):
+        return 0.1, 1.0
+    if name.endswith(".bias"):
+        return 0.1, 0.0
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return 1.0 / math.sqrt(hidden), 0.0
+    return 1.0 / math.sqrt(shape[1]), 0.0
+
+
 def _random_tensor(name: str, shape: tuple[int, ...], generator, hidden: int):
-    """Scale-preserving init: projections keep activations O(1), norms sit near (not at) 1."""
     import torch
 
-    values = torch.randn(shape, generator=generator, dtype=torch.float32)
-    if name.endswith("norm.weight"):
-        return values.mul_(0.1).add_(1.0)
-    if name.endswith(".bias"):
-        return values.mul_(0.1)
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return values.mul_(1.0 / math.sqrt(hidden))
-    return values.mul_(1.0 / math.sqrt(shape[1]))
+    std, mean = init_std_mean(name, shape, hidden)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std).add_(mean)
 
 
 def _write_weights(config: dict[str, Any], out_dir: str, seed: int, dtype: str) -> None:
