@@ -133,6 +133,35 @@ def test_chunked_prefill_matches_unchunked(qwen3_path, page_size):
     _check_idle(runner)
 
 
+@pytest.mark.parametrize("chunk,page_size", [(-1, 1), (16, 1), (16, 16)])
+def test_prompt_logprobs_same_with_cache_hit(qwen3_path, chunk, page_size):
+    """A cached prefix never drops or changes prompt logprobs, whatever logprob_start_len."""
+    prompt = list(range(100))
+    params = {"temperature": 0, "max_new_tokens": 4}
+    cold = SchedulerRunner(model_path=qwen3_path, disable_radix_cache=True,
+                           chunked_prefill_size=chunk, page_size=page_size)
+    warm = SchedulerRunner(model_path=qwen3_path, chunked_prefill_size=chunk,
+                           page_size=page_size)
+    warm.generate([prompt], params)  # caches the whole prompt
+    for start in (0, 1, 17, 50, 64, 99):
+        kwargs = {"return_logprob": True, "logprob_start_len": start, "top_logprobs_num": 2}
+        (ref,) = cold.generate([prompt], params, **kwargs)
+        (hit,) = warm.generate([prompt], params, **kwargs)
+        assert hit.cached_tokens > 0 or start <= 1
+        assert hit.logprobs["input_token_logprobs_idx"] == prompt[start:]
+        assert hit.logprobs["input_token_logprobs_idx"] == ref.logprobs["input_token_logprobs_idx"]
+        for name in ("input_token_logprobs_val", "input_top_logprobs_val"):
+            got, want = hit.logprobs[name], ref.logprobs[name]
+            assert len(got) == len(want) == len(prompt) - start
+            assert (got[0] is None) == (want[0] is None) == (start == 0)
+            torch.testing.assert_close(torch.tensor(got[start == 0:]),
+                                       torch.tensor(want[start == 0:]), atol=1e-5, rtol=1e-5)
+        assert hit.logprobs["input_top_logprobs_idx"] == ref.logprobs["input_top_logprobs_idx"]
+        assert hit.output_ids == ref.output_ids
+    _check_idle(warm)
+    _check_idle(cold)
+
+
 def test_retraction_keeps_outputs(qwen3_path):
     prompts = _prompts(1000, [40, 45, 50, 55, 60, 35], seed=8)
     params = {**GREEDY, "max_new_tokens": 48}

@@ -112,7 +112,9 @@ class Req:
         self.fill_ids = self.origin_input_ids + self.output_ids
         max_prefix_len = len(self.fill_ids) - 1
         if not self.input_logprobs_done:
-            max_prefix_len = min(max_prefix_len, self.logprob_start_len)
+            # The logprob of prompt token i comes from the hidden state at i - 1: recompute
+            # from logprob_start_len - 1 on.
+            max_prefix_len = min(max_prefix_len, max(self.logprob_start_len - 1, 0))
         if tree_cache is not None:
             match = tree_cache.match_prefix(self.fill_ids[:max(max_prefix_len, 0)])
             self.prefix_indices, self.last_node = match.device_indices, match.last_device_node
