@@ -237,6 +237,14 @@ def test_abort_frees_memory(qwen3_path):
     ({}, [], "empty"),
     ({}, [1] * 5000, "context length"),
     ({}, [10**9], "Token ids"),
+    ({"temperature": 0, "sampling_seed": 2**63}, [1, 2], "sampling_seed"),
+    ({"sampling_seed": -(2**63) - 1}, [1, 2], "sampling_seed"),
+    ({"temperature": float("nan")}, [1, 2], "temperature must be a finite"),
+    ({"top_p": float("nan")}, [1, 2], "top_p"),
+    ({"frequency_penalty": float("inf")}, [1, 2], "frequency_penalty"),
+    ({"repetition_penalty": float("nan")}, [1, 2], "repetition_penalty"),
+    ({"presence_penalty": "0.5"}, [1, 2], "presence_penalty has the wrong type"),
+    ({"stop_token_ids": [2**70]}, [1, 2], "stop_token_ids"),
 ])
 def test_bad_requests_are_refused(qwen3_path, params, ids, message):
     runner = SchedulerRunner(model_path=qwen3_path)

@@ -273,9 +273,12 @@ class Scheduler:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.origin_input_ids):
             return f"Token ids must be in [0, {vocab})."
+        top = req.top_logprobs_num
+        if req.return_logprob and not (isinstance(top, int) and 0 <= top <= vocab):
+            return f"top_logprobs_num must be an integer in [0, {vocab}], got {top!r}."
         try:
             req.sampling_params.verify(vocab)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             return str(e)
         return None
 
