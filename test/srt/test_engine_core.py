@@ -260,6 +260,22 @@ def test_bad_requests_are_refused(qwen3_path, params, ids, message):
     _check_idle(runner)
 
 
+def test_huge_ints_and_extreme_seeds_are_served(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path, context_length=48)
+    prompt = _prompts(1000, [8], seed=14)[0]
+    huge = {"max_new_tokens": 10**30, "top_k": 10**30, "min_new_tokens": 10**20,
+            "stop_token_ids": [5], "temperature": 0.8}
+    seeds = [2**63 - 1, -(2**63), 0]
+    outs = runner.generate([prompt] * 3, {**huge, "sampling_seed": seeds[0]})
+    again = [runner.generate([prompt], {**huge, "sampling_seed": s})[0] for s in seeds]
+    for out in outs + again:
+        assert out.finish_reason == {"type": "length", "length": 48 - len(prompt)}
+        assert 5 not in out.output_ids
+    assert outs[0].output_ids == outs[1].output_ids == again[0].output_ids
+    assert again[0].output_ids != again[1].output_ids
+    _check_idle(runner)
+
+
 def test_sampling_is_seeded_and_batch_invariant(qwen3_path):
     runner = SchedulerRunner(model_path=qwen3_path)
     prompts = _prompts(1000, [9, 21, 4], seed=12)

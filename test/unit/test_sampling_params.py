@@ -37,7 +37,7 @@ def _batch_info(params: list[SamplingParams]) -> SamplingBatchInfo:
     for p in params:
         p.verify(1000)
         p.normalize(None)
-    return SamplingBatchInfo.from_params(params, [p.sampling_seed or 0 for p in params])
+    return SamplingBatchInfo.from_params(params, [p.sampling_seed or 0 for p in params], None)
 
 
 def test_accepted_extremes_build_a_batch():

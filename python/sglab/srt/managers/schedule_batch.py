@@ -15,6 +15,7 @@ import torch
 
 from sglab.srt.layers.sampler import SamplingBatchInfo
 from sglab.srt.model_executor.forward_batch_info import ForwardMode
+from sglab.srt.sampling.penaltylib import PENALIZERS, BatchedPenalizerOrchestrator
 from sglab.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -196,7 +197,10 @@ class ScheduleBatch:
     req_to_token_pool: "ReqToTokenPool"
     token_to_kv_pool_allocator: "TokenToKVPoolAllocator"
     tree_cache: "RadixCache"
+    vocab_size: int
     forward_mode: ForwardMode = ForwardMode.DECODE
+    # Device state of the penalties, one row per request (None: no request has any).
+    penalizer_orchestrator: BatchedPenalizerOrchestrator | None = None
     # The request this prefill batch leaves half-prefilled (it yields no token this step).
     chunked_req: Req | None = None
     # Host tensors of the current step.
@@ -214,9 +218,10 @@ class ScheduleBatch:
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
-                 tree_cache) -> "ScheduleBatch":
+                 tree_cache, vocab_size: int) -> "ScheduleBatch":
         return cls(reqs=reqs, req_to_token_pool=req_to_token_pool,
-                   token_to_kv_pool_allocator=token_to_kv_pool_allocator, tree_cache=tree_cache)
+                   token_to_kv_pool_allocator=token_to_kv_pool_allocator, tree_cache=tree_cache,
+                   vocab_size=vocab_size)
 
     def batch_size(self) -> int:
         return len(self.reqs)
@@ -276,6 +281,7 @@ class ScheduleBatch:
         self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
         self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
         self._prepare_input_logprobs()
+        self.rebuild_penalizer()
 
     def _prepare_input_logprobs(self) -> None:
         """Which extend positions give prompt logprobs, and the prompt tokens they score."""
@@ -335,7 +341,7 @@ class ScheduleBatch:
             self._evict_for(needed)
             if self.token_to_kv_pool_allocator.available_size() >= needed:
                 break
-        self.reqs = [r for r in self.reqs if r not in retracted]
+        self.filter_batch([r for r in self.reqs if r not in retracted])
         return retracted
 
     def _page_size(self) -> int:
@@ -344,10 +350,23 @@ class ScheduleBatch:
     # --- batch composition --------------------------------------------------------------------
 
     def filter_batch(self, keep: list[Req] | None = None) -> None:
-        self.reqs = [r for r in self.reqs if not r.finished()] if keep is None else keep
+        """Keep `keep` (in order; default: the unfinished requests), with their penalty rows."""
+        keep = [r for r in self.reqs if not r.finished()] if keep is None else keep
+        if self.penalizer_orchestrator is not None and len(keep) != len(self.reqs):
+            row = {id(r): i for i, r in enumerate(self.reqs)}
+            self.penalizer_orchestrator = self.penalizer_orchestrator.filter(
+                [row[id(r)] for r in keep], keep)
+        self.reqs = keep
 
     def merge_batch(self, other: "ScheduleBatch") -> None:
+        self.penalizer_orchestrator = BatchedPenalizerOrchestrator.merge(
+            self.penalizer_orchestrator, self.reqs, other.penalizer_orchestrator, other.reqs)
         self.reqs = self.reqs + other.reqs
+
+    def rebuild_penalizer(self) -> None:
+        """Penalty state from the requests' host tokens (they must all be on the host)."""
+        self.penalizer_orchestrator = BatchedPenalizerOrchestrator.from_reqs(
+            PENALIZERS, self.reqs, self.vocab_size, self.req_to_token_pool.device)
 
     def copy(self) -> "ScheduleBatch":
         """A snapshot for processing this step's result after the batch moved on (overlap)."""
@@ -356,7 +375,8 @@ class ScheduleBatch:
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         reqs = self.reqs
         sampling_info = SamplingBatchInfo.from_params([r.sampling_params for r in reqs],
-                                                      [r.seed for r in reqs])
+                                                      [r.seed for r in reqs],
+                                                      self.penalizer_orchestrator)
         mwb = ModelWorkerBatch(
             forward_mode=self.forward_mode,
             input_ids=self.input_ids,

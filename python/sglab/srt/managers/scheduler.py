@@ -130,7 +130,8 @@ class Scheduler:
 
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
         return ScheduleBatch.init_new(reqs, self.req_to_token_pool,
-                                      self.token_to_kv_pool_allocator, self.tree_cache)
+                                      self.token_to_kv_pool_allocator, self.tree_cache,
+                                      self.model_config.vocab_size)
 
     def ready_info(self) -> dict:
         return {
@@ -303,15 +304,21 @@ class Scheduler:
         last = self.last_batch
         self.last_batch = None
         if last is not None and last.forward_mode.is_extend():
-            if last.chunked_req is not None:
-                self.tree_cache.cache_unfinished_req(last.chunked_req)
-            done = [r for r in last.reqs if not r.finished() and r is not last.chunked_req]
-            self.running_batch.merge_batch(self._new_batch(done))
+            self._merge_prefill(last)
         new_batch = self.get_new_batch_prefill()
         if new_batch is not None:
             return new_batch
         self.update_running_batch()
         return None if self.running_batch.is_empty() else self.running_batch
+
+    def _merge_prefill(self, batch: ScheduleBatch) -> None:
+        """After a prefill step: cache the chunked request's progress; the batch's other
+        unfinished requests join the running batch, with their penalty rows."""
+        chunked = batch.chunked_req
+        if chunked is not None:
+            self.tree_cache.cache_unfinished_req(chunked)
+        batch.filter_batch([r for r in batch.reqs if not r.finished() and r is not chunked])
+        self.running_batch.merge_batch(batch)
 
     def get_new_batch_prefill(self) -> ScheduleBatch | None:
         if not self.waiting_queue and self.chunked_req is None:
