@@ -62,7 +62,9 @@ class Req:
         self.future_idx = -1
         self.fill_ids: list[int] = []
         self.finished_reason: dict | None = None
-        self.to_abort_message: str | None = None
+        # A finish (abort) decided while the request is mid-step; it takes effect at its next
+        # output token.
+        self.to_finish: dict | None = None
         # Memory: pool row, the prefix whose KV is already in the row, and its tree node.
         self.req_pool_idx: int | None = None
         self.prefix_indices: torch.Tensor = _EMPTY
@@ -134,8 +136,8 @@ class Req:
     def check_finished(self, tokenizer: Any, context_len: int) -> None:
         if self.finished():
             return
-        if self.to_abort_message is not None:
-            self.finished_reason = finish_abort(self.to_abort_message)
+        if self.to_finish is not None:
+            self.finished_reason, self.to_finish = self.to_finish, None
             return
         params = self.sampling_params
         if params.max_new_tokens is not None and len(self.output_ids) >= params.max_new_tokens:
@@ -215,6 +217,10 @@ class ScheduleBatch:
     extend_logprob_start_lens: list[int] = field(default_factory=list)
     extend_logprob_pruned_lens: list[int] = field(default_factory=list)
     extend_input_logprob_token_ids: torch.Tensor | None = None
+    # What this step took, until it launches: (length before, new slots) per request, in
+    # out_cache_loc order, and the row writes it took from the pool (see rollback_step).
+    step_alloc: list[tuple[int, int]] = field(default_factory=list)
+    step_row_writes: list | None = None
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
@@ -259,6 +265,7 @@ class ScheduleBatch:
 
     def prepare_for_extend(self) -> None:
         self.forward_mode = ForwardMode.EXTEND
+        self._begin_step()
         reqs = self.reqs
         self._alloc_rows(reqs)
         self.prefix_lens = [len(r.prefix_indices) for r in reqs]
@@ -271,6 +278,7 @@ class ScheduleBatch:
         if out is None:
             raise RuntimeError("KV cache is out of memory during prefill")
         self.out_cache_loc = out
+        self.step_alloc = list(zip(self.prefix_lens, self.extend_lens))
         start = 0
         for req, prefix_len, ext in zip(reqs, self.prefix_lens, self.extend_lens):
             self.req_to_token_pool.write(req.req_pool_idx, prefix_len, out[start:start + ext],
@@ -303,6 +311,7 @@ class ScheduleBatch:
 
     def prepare_for_decode(self) -> None:
         self.forward_mode = ForwardMode.DECODE
+        self._begin_step()
         reqs = self.reqs
         prev_lens = [r.seqlen - 1 for r in reqs]
         last_locs = self._last_locs(prev_lens)
@@ -312,6 +321,7 @@ class ScheduleBatch:
         if out is None:
             raise RuntimeError("KV cache is out of memory during decode")
         self.out_cache_loc = out
+        self.step_alloc = [(n, 1) for n in prev_lens]
         for req, n, loc in zip(reqs, prev_lens, out):
             self.req_to_token_pool.write(req.req_pool_idx, n, loc.view(1), sync_device=False)
         self.input_ids = torch.tensor([r.decode_input_id() for r in reqs], dtype=torch.int64)
@@ -368,6 +378,26 @@ class ScheduleBatch:
         self.penalizer_orchestrator = BatchedPenalizerOrchestrator.from_reqs(
             PENALIZERS, self.reqs, self.vocab_size, self.req_to_token_pool.device)
 
+    # --- failure ------------------------------------------------------------------------------
+
+    def _begin_step(self) -> None:
+        self.out_cache_loc, self.step_alloc, self.step_row_writes = _EMPTY, [], None
+
+    def rollback_step(self) -> None:
+        """Undo what this step took before it launched: its KV slots (whole new pages only: a
+        request's partly filled page stays its own) and the queued row writes it popped."""
+        page, out, start = self._page_size(), self.out_cache_loc, 0
+        taken = []
+        for prev_len, n in self.step_alloc:
+            continued = min((-prev_len) % page, n)  # slots that fill the last partial page
+            taken.append(out[start + continued:start + n])
+            start += n
+        if taken:
+            self.token_to_kv_pool_allocator.free(torch.cat(taken))
+        if self.step_row_writes:
+            self.req_to_token_pool.restore_pending_writes(self.step_row_writes)
+        self._begin_step()
+
     def copy(self) -> "ScheduleBatch":
         """A snapshot for processing this step's result after the batch moved on (overlap)."""
         return dataclasses.replace(self, reqs=list(self.reqs))
@@ -377,6 +407,7 @@ class ScheduleBatch:
         sampling_info = SamplingBatchInfo.from_params([r.sampling_params for r in reqs],
                                                       [r.seed for r in reqs],
                                                       self.penalizer_orchestrator)
+        self.step_row_writes = self.req_to_token_pool.take_pending_writes()
         mwb = ModelWorkerBatch(
             forward_mode=self.forward_mode,
             input_ids=self.input_ids,
@@ -388,7 +419,7 @@ class ScheduleBatch:
             sampling_info=sampling_info,
             return_logprob=self.return_logprob,
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
-            req_to_token_writes=self.req_to_token_pool.pop_pending_writes(),
+            req_to_token_writes=self.req_to_token_pool.flatten_writes(self.step_row_writes),
             has_future_input_ids=any(r.num_pending_tokens for r in reqs),
             lora_ids=[r.lora_id for r in reqs],
         )
