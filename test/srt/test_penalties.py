@@ -177,3 +177,26 @@ def test_penalties_survive_retraction_and_chunked_prefill(path):
     assert sum(o.total_retractions for o in retracted) > 0
     assert [o.output_ids for o in retracted] == [o.output_ids for o in ref]
     assert [o.output_ids for o in chunked] == [o.output_ids for o in ref]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_penalties_with_cuda_graphs_and_overlap(path, hf):
+    """On the GPU: penalties match the reference decode, and CUDA graphs with overlap match
+    the eager normal loop token for token."""
+    prompts = _prompts([6, 19, 33], seed=5)
+    gpu = {"device": "cuda", "dtype": "float32"}
+    reference = SchedulerRunner(model_path=path, attention_backend="torch_native", **gpu)
+    eager = SchedulerRunner(model_path=path, attention_backend="triton", disable_cuda_graph=True,
+                            disable_overlap_schedule=True, **gpu)
+    graphs = SchedulerRunner(model_path=path, attention_backend="triton", **gpu)
+    assert graphs.scheduler.tp_worker.model_runner.graph_runner is not None
+    for name in ("repetition", "frequency", "both"):
+        params, process = CASES[name]
+        sp = {**GREEDY, **params}
+        outs = [o.output_ids for o in reference.generate(prompts, sp)]
+        assert outs == [hf_decode(hf, p, 16, process) for p in prompts]
+        want = [o.output_ids for o in eager.generate(prompts, sp)]
+        assert [o.output_ids for o in graphs.generate(prompts, sp)] == want
+    for runner in (reference, eager, graphs):
+        assert runner.integrity_error() is None

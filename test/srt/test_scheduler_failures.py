@@ -130,7 +130,7 @@ def _check_rows_after_recovery(monkeypatch, runner: SchedulerRunner) -> list[int
     def isolate(batch, error):
         real(batch, error)
         pool = sched.req_to_token_pool
-        device = pool.req_to_token.clone()
+        device = pool.req_to_token.cpu().clone()
         writes = pool.flatten_writes(list(pool._pending_writes))
         if writes is not None:
             device.view(-1)[writes[0]] = writes[1]
@@ -189,3 +189,22 @@ def test_a_device_fault_is_not_swallowed(path, monkeypatch):
     runner.submit([1, 2, 3], GREEDY)
     with pytest.raises(torch.AcceleratorError):
         runner.run()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage", ["prefill_worker_batch", "prepare_for_decode",
+                                   "decode_forward"])
+def test_gpu_failing_request_with_cuda_graphs_and_overlap(path, monkeypatch, stage):
+    kwargs = {"device": "cuda", "dtype": "float32", "attention_backend": "triton",
+              "chunked_prefill_size": 32}
+    baseline = [o.output_ids for o in _submit_all(SchedulerRunner(model_path=path, **kwargs),
+                                                  poison=False)]
+    runner = SchedulerRunner(model_path=path, **kwargs)
+    assert runner.scheduler.tp_worker.model_runner.graph_runner is not None
+    STAGES[stage](monkeypatch)
+    checked = _check_rows_after_recovery(monkeypatch, runner)
+    *others, bad = _submit_all(runner, poison=True)
+    assert checked and [o.output_ids for o in others] == baseline
+    assert bad.finish_reason["status_code"] == 500
+    assert runner.integrity_error() is None
