@@ -54,13 +54,12 @@ def _forward_fails_for(monkeypatch, test) -> None:
 
     def tagged(self):
         mwb = real_mwb(self)
-        mwb.lora_ids = list(mwb.lora_ids or [])  # a fresh list to carry the tag
-        mwb.__dict__["poisoned"] = any(test(r) for r in self.reqs)
+        mwb.poisoned = any(test(r) for r in self.reqs)
         return mwb
 
     monkeypatch.setattr(ScheduleBatch, "get_model_worker_batch", tagged)
     _wrap(monkeypatch, TpModelWorker, "forward_batch_generation",
-          lambda worker, batch: batch.__dict__.get("poisoned", False))
+          lambda worker, batch: getattr(batch, "poisoned", False))
 
 
 STAGES = {
@@ -80,8 +79,8 @@ STAGES = {
     "decode_forward": lambda mp: _forward_fails_for(mp, _in_decode),
     "result": lambda mp: _wrap(mp, scheduler_mod.Scheduler, "_append_token",
                                lambda s, req, result, i: _in_decode(req)),
-    "output": lambda mp: _wrap(mp, scheduler_mod.Scheduler, "_output_row",
-                               lambda s, req: _in_decode(req)),
+    "output": lambda mp: _wrap(mp, scheduler_mod.Scheduler, "_append_output",
+                               lambda s, out, req: _in_decode(req)),
 }
 
 

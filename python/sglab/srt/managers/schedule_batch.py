@@ -217,9 +217,9 @@ class ScheduleBatch:
     extend_logprob_start_lens: list[int] = field(default_factory=list)
     extend_logprob_pruned_lens: list[int] = field(default_factory=list)
     extend_input_logprob_token_ids: torch.Tensor | None = None
-    # What this step took, until it launches: (length before, new slots) per request, in
-    # out_cache_loc order, and the row writes it took from the pool (see rollback_step).
-    step_alloc: list[tuple[int, int]] = field(default_factory=list)
+    # What this step took, until it launches (see rollback_step): each request's length before
+    # its new KV slots (set once they are allocated) and the row writes taken from the pool.
+    step_prev_lens: list[int] | None = None
     step_row_writes: list | None = None
 
     @classmethod
@@ -277,8 +277,7 @@ class ScheduleBatch:
             self.prefix_lens, seq_lens, self._last_locs(self.prefix_lens), self.extend_num_tokens)
         if out is None:
             raise RuntimeError("KV cache is out of memory during prefill")
-        self.out_cache_loc = out
-        self.step_alloc = list(zip(self.prefix_lens, self.extend_lens))
+        self.out_cache_loc, self.step_prev_lens = out, self.prefix_lens
         start = 0
         for req, prefix_len, ext in zip(reqs, self.prefix_lens, self.extend_lens):
             self.req_to_token_pool.write(req.req_pool_idx, prefix_len, out[start:start + ext],
@@ -320,8 +319,7 @@ class ScheduleBatch:
         out = self.token_to_kv_pool_allocator.alloc_decode(seq_lens, last_locs)
         if out is None:
             raise RuntimeError("KV cache is out of memory during decode")
-        self.out_cache_loc = out
-        self.step_alloc = [(n, 1) for n in prev_lens]
+        self.out_cache_loc, self.step_prev_lens = out, prev_lens
         for req, n, loc in zip(reqs, prev_lens, out):
             self.req_to_token_pool.write(req.req_pool_idx, n, loc.view(1), sync_device=False)
         self.input_ids = torch.tensor([r.decode_input_id() for r in reqs], dtype=torch.int64)
@@ -381,19 +379,22 @@ class ScheduleBatch:
     # --- failure ------------------------------------------------------------------------------
 
     def _begin_step(self) -> None:
-        self.out_cache_loc, self.step_alloc, self.step_row_writes = _EMPTY, [], None
+        self.out_cache_loc, self.step_prev_lens, self.step_row_writes = _EMPTY, None, None
 
     def rollback_step(self) -> None:
         """Undo what this step took before it launched: its KV slots (whole new pages only: a
         request's partly filled page stays its own) and the queued row writes it popped."""
-        page, out, start = self._page_size(), self.out_cache_loc, 0
-        taken = []
-        for prev_len, n in self.step_alloc:
-            continued = min((-prev_len) % page, n)  # slots that fill the last partial page
-            taken.append(out[start + continued:start + n])
-            start += n
-        if taken:
-            self.token_to_kv_pool_allocator.free(torch.cat(taken))
+        if self.step_prev_lens is not None:
+            page, out, start = self._page_size(), self.out_cache_loc, 0
+            extend = self.forward_mode.is_extend()
+            taken = []
+            for i, prev_len in enumerate(self.step_prev_lens):
+                n = self.extend_lens[i] if extend else 1
+                continued = min((-prev_len) % page, n)  # slots that fill the last partial page
+                taken.append(out[start + continued:start + n])
+                start += n
+            if taken:
+                self.token_to_kv_pool_allocator.free(torch.cat(taken))
         if self.step_row_writes:
             self.req_to_token_pool.restore_pending_writes(self.step_row_writes)
         self._begin_step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import logging
 import os
@@ -623,38 +624,38 @@ class Scheduler:
             cached_tokens=[], skip_special_tokens=[], spaces_between_special_tokens=[],
             no_stop_trim=[], stop_strs=[], total_retractions=[])
         for req in chosen:
+            num_rows = len(out.rids)
             try:
-                row = self._output_row(req)
+                self._append_output(out, req)
             except Exception as e:  # noqa: BLE001 - aborts this request only
+                for f in dataclasses.fields(out):  # drop its partial entry
+                    del getattr(out, f.name)[num_rows:]
                 if not req.finished():  # it finishes, and is freed, at its next token
                     self._fail_in_place(req, e, "building its output", mid_step=True)
                     continue
                 logger.error("Output of request %s failed", req.rid, exc_info=e)
-                row = _failed_output_row(req, _internal_error("building its output", e))
-            for name, value in row.items():
-                getattr(out, name).append(value)
+                for name, value in _failed_output_row(
+                        req, _internal_error("building its output", e)).items():
+                    getattr(out, name).append(value)
         if out.rids:
             self.outputs.append(out)
 
-    def _output_row(self, req: Req) -> dict[str, Any]:
-        """The request's entry in each BatchTokenIDOutput field."""
+    def _append_output(self, out: BatchTokenIDOutput, req: Req) -> None:
         params = req.sampling_params
-        row = {
-            "rids": req.rid,
-            "finished_reasons": req.finished_reason,
-            "output_ids": self._delta(req, "output_ids", req.output_ids),
-            "prompt_tokens": len(req.origin_input_ids),
-            "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens,
-            "skip_special_tokens": params.skip_special_tokens,
-            "spaces_between_special_tokens": params.spaces_between_special_tokens,
-            "no_stop_trim": params.no_stop_trim,
-            "stop_strs": list(params.stop_strs),
-            "total_retractions": req.total_retractions,
-        }
+        out.rids.append(req.rid)
+        out.finished_reasons.append(req.finished_reason)
+        out.output_ids.append(self._delta(req, "output_ids", req.output_ids))
+        out.prompt_tokens.append(len(req.origin_input_ids))
+        out.completion_tokens.append(len(req.output_ids))
+        out.cached_tokens.append(req.cached_tokens)
+        out.skip_special_tokens.append(params.skip_special_tokens)
+        out.spaces_between_special_tokens.append(params.spaces_between_special_tokens)
+        out.no_stop_trim.append(params.no_stop_trim)
+        out.stop_strs.append(list(params.stop_strs))
+        out.total_retractions.append(req.total_retractions)
         for name in _LOGPROB_FIELDS:
-            row[name] = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
-        return row
+            value = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
+            getattr(out, name).append(value)
 
     @staticmethod
     def _delta(req: Req, name: str, values: list) -> list:

@@ -11,6 +11,7 @@ penalty has no orchestrator and pays nothing.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -44,14 +45,13 @@ class _BatchedPenalizer:
 
     def with_state(self, state: dict[str, torch.Tensor]) -> "_BatchedPenalizer":
         """A copy whose per-row tensors are `state` (rows filtered or merged)."""
-        other = object.__new__(type(self))
-        vars(other).update(vars(self))
+        other = copy.copy(self)
         vars(other).update(state)
         return other
 
 
 def token_counts(token_lists: list[list[int]], vocab_size: int,
-               device: torch.device | str) -> torch.Tensor:
+                 device: torch.device | str) -> torch.Tensor:
     """[rows, vocab] int32: how often each token occurs in each row's list (one upload)."""
     counts = torch.zeros((len(token_lists), vocab_size), dtype=torch.int32, device=device)
     rows = [i for i, tokens in enumerate(token_lists) for _ in tokens]
