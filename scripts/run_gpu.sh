@@ -7,7 +7,8 @@
 #   ab-0002-cold  deterministic 0002 A/B whose first server is the first on the machine (empty
 #                 Triton cache), outputs and schedule traces saved
 #   det-served    sglab.test.test_deterministic modes against a server, per 0002 index build
-#   tests-det     GPU tests of deterministic mode, patch 0001's uploads and the patch audits
+#   tests-det     GPU tests of deterministic mode, patch 0001's uploads, the patch audits,
+#                 penalties and a failing request under CUDA graphs
 #   tests         every GPU test
 #   h2d           patch 0001: host cost, host blocking and memcpy kinds per upload mode
 #   ab-0001       patch 0001 off / PR / packed, 0.6B and 8B shapes, concurrency 1, 4, 32
@@ -43,11 +44,11 @@ for step in "$@"; do
   det-served)
     m=$(mk qwen3-0.6b)
     timeout 420 python3 benchmark/deterministic_served.py --model-path $m --out "$R" \
-      --n-trials 12 --max-new-tokens 48 2>&1 | tail -n 8 ;;
+      --n-trials 10 --max-new-tokens 48 2>&1 | tail -n 8 ;;
   tests-det)
     timeout 420 python3 -m pytest -q -m gpu test/srt/test_deterministic.py test/unit/test_h2d.py \
-      test/srt/test_patches.py test/srt/test_triton_backend.py 2>&1 | tee "$R/gpu_tests_det.log" \
-      | tail -n 15 ;;
+      test/srt/test_patches.py test/srt/test_triton_backend.py test/srt/test_penalties.py \
+      test/srt/test_scheduler_failures.py 2>&1 | tee "$R/gpu_tests_det.log" | tail -n 15 ;;
   tests)
     timeout 540 python3 -m pytest -q -m gpu --continue-on-collection-errors test 2>&1 \
       | tee "$R/gpu_tests.log" | tail -n 15 ;;

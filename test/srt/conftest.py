@@ -32,11 +32,12 @@ def session() -> requests.Session:
 
 
 def popen_launch_server(args: list[str], api_key: str | None = None,
-                        timeout: float = LAUNCH_TIMEOUT_S) -> ServerProcess:
+                        timeout: float = LAUNCH_TIMEOUT_S,
+                        env: dict | None = None) -> ServerProcess:
     """Start a server on the tiny default model; returns once /health_generate answers 200."""
     model_path = get_default_model_path()
     extra = ["--api-key", api_key] if api_key else []
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     base = process.popen_launch_server(["--model-path", model_path, *args, *extra], timeout,
                                        env)
     server = ServerProcess(base.process, base.base_url, base.log_path, model_path, api_key)

@@ -133,6 +133,35 @@ def test_chunked_prefill_matches_unchunked(qwen3_path, page_size):
     _check_idle(runner)
 
 
+@pytest.mark.parametrize("chunk,page_size", [(-1, 1), (16, 1), (16, 16)])
+def test_prompt_logprobs_same_with_cache_hit(qwen3_path, chunk, page_size):
+    """A cached prefix never drops or changes prompt logprobs, whatever logprob_start_len."""
+    prompt = list(range(100))
+    params = {"temperature": 0, "max_new_tokens": 4}
+    cold = SchedulerRunner(model_path=qwen3_path, disable_radix_cache=True,
+                           chunked_prefill_size=chunk, page_size=page_size)
+    warm = SchedulerRunner(model_path=qwen3_path, chunked_prefill_size=chunk,
+                           page_size=page_size)
+    warm.generate([prompt], params)  # caches the whole prompt
+    for start in (0, 1, 17, 50, 64, 99):
+        kwargs = {"return_logprob": True, "logprob_start_len": start, "top_logprobs_num": 2}
+        (ref,) = cold.generate([prompt], params, **kwargs)
+        (hit,) = warm.generate([prompt], params, **kwargs)
+        assert hit.cached_tokens > 0 or start <= 1
+        assert hit.logprobs["input_token_logprobs_idx"] == prompt[start:]
+        assert hit.logprobs["input_token_logprobs_idx"] == ref.logprobs["input_token_logprobs_idx"]
+        for name in ("input_token_logprobs_val", "input_top_logprobs_val"):
+            got, want = hit.logprobs[name], ref.logprobs[name]
+            assert len(got) == len(want) == len(prompt) - start
+            assert (got[0] is None) == (want[0] is None) == (start == 0)
+            torch.testing.assert_close(torch.tensor(got[start == 0:]),
+                                       torch.tensor(want[start == 0:]), atol=1e-5, rtol=1e-5)
+        assert hit.logprobs["input_top_logprobs_idx"] == ref.logprobs["input_top_logprobs_idx"]
+        assert hit.output_ids == ref.output_ids
+    _check_idle(warm)
+    _check_idle(cold)
+
+
 def test_retraction_keeps_outputs(qwen3_path):
     prompts = _prompts(1000, [40, 45, 50, 55, 60, 35], seed=8)
     params = {**GREEDY, "max_new_tokens": 48}
@@ -208,6 +237,14 @@ def test_abort_frees_memory(qwen3_path):
     ({}, [], "empty"),
     ({}, [1] * 5000, "context length"),
     ({}, [10**9], "Token ids"),
+    ({"temperature": 0, "sampling_seed": 2**63}, [1, 2], "sampling_seed"),
+    ({"sampling_seed": -(2**63) - 1}, [1, 2], "sampling_seed"),
+    ({"temperature": float("nan")}, [1, 2], "temperature must be a finite"),
+    ({"top_p": float("nan")}, [1, 2], "top_p"),
+    ({"frequency_penalty": float("inf")}, [1, 2], "frequency_penalty"),
+    ({"repetition_penalty": float("nan")}, [1, 2], "repetition_penalty"),
+    ({"presence_penalty": "0.5"}, [1, 2], "presence_penalty has the wrong type"),
+    ({"stop_token_ids": [2**70]}, [1, 2], "stop_token_ids"),
 ])
 def test_bad_requests_are_refused(qwen3_path, params, ids, message):
     runner = SchedulerRunner(model_path=qwen3_path)
@@ -220,6 +257,22 @@ def test_bad_requests_are_refused(qwen3_path, params, ids, message):
     assert message in bad.finish_reason["message"]
     (good,) = runner.generate([[1, 2, 3]], {**GREEDY, "max_new_tokens": 4})
     assert len(good.output_ids) == 4
+    _check_idle(runner)
+
+
+def test_huge_ints_and_extreme_seeds_are_served(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path, context_length=48)
+    prompt = _prompts(1000, [8], seed=14)[0]
+    huge = {"max_new_tokens": 10**30, "top_k": 10**30, "min_new_tokens": 10**20,
+            "stop_token_ids": [5], "temperature": 0.8}
+    seeds = [2**63 - 1, -(2**63), 0]
+    outs = runner.generate([prompt] * 3, {**huge, "sampling_seed": seeds[0]})
+    again = [runner.generate([prompt], {**huge, "sampling_seed": s})[0] for s in seeds]
+    for out in outs + again:
+        assert out.finish_reason == {"type": "length", "length": 48 - len(prompt)}
+        assert 5 not in out.output_ids
+    assert outs[0].output_ids == outs[1].output_ids == again[0].output_ids
+    assert again[0].output_ids != again[1].output_ids
     _check_idle(runner)
 
 

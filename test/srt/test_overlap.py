@@ -24,6 +24,9 @@ def _workload(seed: int = 0) -> list[list[int]]:
 
 
 MAXTOK = 400
+# Penalty state lives on the device and is updated from the sampled tokens, never from the host.
+PENALTIES = [{}, {"repetition_penalty": 1.5}, {"frequency_penalty": 1.0, "presence_penalty": 0.5},
+             {"min_new_tokens": 8, "stop_token_ids": [7, 11]}]
 
 
 def _run(path: str, overlap: bool, page_size: int, watch_inflight: bool = False):
@@ -35,7 +38,8 @@ def _run(path: str, overlap: bool, page_size: int, watch_inflight: bool = False)
     prompts = _workload()
     rng = random.Random(1)
     rids = [runner.submit(p, {"temperature": 0, "ignore_eos": True,
-                              "max_new_tokens": rng.randrange(1, 60)}) for p in prompts]
+                              "max_new_tokens": rng.randrange(1, 60), **PENALTIES[i % 4]})
+            for i, p in enumerate(prompts)]
     doomed = [runner.submit(p, {"temperature": 0, "max_new_tokens": 30, "ignore_eos": True})
               for p in prompts[:3]]
     for step in range(6):

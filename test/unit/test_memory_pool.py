@@ -79,6 +79,26 @@ def test_req_to_token_pool_free_drops_the_rows_pending_writes():
     assert flat_index.tolist() == [rows[1] * 4] and values.tolist() == [3]
 
 
+def test_req_to_token_pool_restored_writes_land_before_newer_ones():
+    """A failed step gives back the writes it took: they replay, then the newer writes win."""
+    pool = ReqToTokenPool(size=3, max_context_len=4, device="cpu")
+    rows = pool.alloc(3)
+    pool.write(rows[0], 0, torch.tensor([1, 2, 3]))
+    pool.write(rows[1], 0, torch.tensor([4]))
+    taken = pool.take_pending_writes()
+    assert pool.pop_pending_writes() is None
+    pool.write(rows[0], 1, torch.tensor([20]))  # queued after the take
+    pool.write(rows[2], 0, torch.tensor([7]))
+    pool.restore_pending_writes(taken)
+    pool.free(rows[2])  # a row freed since: its writes must not reach the next owner
+    flat_index, values = pool.pop_pending_writes()
+    device_copy = torch.zeros((3, 4), dtype=torch.int32)
+    device_copy.view(-1)[flat_index] = values
+    assert device_copy[rows[0]].tolist() == [1, 20, 3, 0]
+    assert device_copy[rows[1]].tolist() == [4, 0, 0, 0]
+    assert device_copy[rows[2]].tolist() == [0, 0, 0, 0]
+
+
 def test_req_to_token_pool_pending_writes_random_replay():
     rng = random.Random(0)
     pool = ReqToTokenPool(size=5, max_context_len=16, device="cpu")

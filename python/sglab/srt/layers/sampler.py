@@ -8,11 +8,15 @@ Non-greedy draws use noise hashed from (seed, position, token id): reproducible 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sglab.srt.sampling.sampling_params import TOP_K_ALL
+
+if TYPE_CHECKING:
+    from sglab.srt.sampling.penaltylib import BatchedPenalizerOrchestrator
 
 
 @dataclass
@@ -25,9 +29,13 @@ class SamplingBatchInfo:
     is_all_greedy: bool
     need_min_p_sampling: bool
     need_top_p_top_k: bool
+    # The batch's penalty state (already on the device), or None.
+    penalizer_orchestrator: "BatchedPenalizerOrchestrator | None" = None
 
     @classmethod
-    def from_params(cls, params: list, seeds: list[int]) -> "SamplingBatchInfo":
+    def from_params(cls, params: list, seeds: list[int],
+                    penalizer_orchestrator: "BatchedPenalizerOrchestrator | None",
+                    ) -> "SamplingBatchInfo":
         """Host tensors from each request's (normalized) SamplingParams."""
         top_ks = [min(p.top_k, TOP_K_ALL) for p in params]
         top_ps = [p.top_p for p in params]
@@ -42,6 +50,7 @@ class SamplingBatchInfo:
             is_all_greedy=all(k == 1 for k in top_ks),
             need_min_p_sampling=any(m > 0 for m in min_ps),
             need_top_p_top_k=any(k != TOP_K_ALL for k in top_ks) or any(p < 1 for p in top_ps),
+            penalizer_orchestrator=penalizer_orchestrator,
         )
 
     def host_tensors(self) -> dict[str, tuple[torch.Tensor, torch.dtype]]:

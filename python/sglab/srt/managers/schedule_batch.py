@@ -15,6 +15,7 @@ import torch
 
 from sglab.srt.layers.sampler import SamplingBatchInfo
 from sglab.srt.model_executor.forward_batch_info import ForwardMode
+from sglab.srt.sampling.penaltylib import PENALIZERS, BatchedPenalizerOrchestrator
 from sglab.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -61,7 +62,9 @@ class Req:
         self.future_idx = -1
         self.fill_ids: list[int] = []
         self.finished_reason: dict | None = None
-        self.to_abort_message: str | None = None
+        # A finish (abort) decided while the request is mid-step; it takes effect at its next
+        # output token.
+        self.to_finish: dict | None = None
         # Memory: pool row, the prefix whose KV is already in the row, and its tree node.
         self.req_pool_idx: int | None = None
         self.prefix_indices: torch.Tensor = _EMPTY
@@ -112,7 +115,9 @@ class Req:
         self.fill_ids = self.origin_input_ids + self.output_ids
         max_prefix_len = len(self.fill_ids) - 1
         if not self.input_logprobs_done:
-            max_prefix_len = min(max_prefix_len, self.logprob_start_len)
+            # The logprob of prompt token i comes from the hidden state at i - 1: recompute
+            # from logprob_start_len - 1 on.
+            max_prefix_len = min(max_prefix_len, max(self.logprob_start_len - 1, 0))
         if tree_cache is not None:
             match = tree_cache.match_prefix(self.fill_ids[:max(max_prefix_len, 0)])
             self.prefix_indices, self.last_node = match.device_indices, match.last_device_node
@@ -131,8 +136,8 @@ class Req:
     def check_finished(self, tokenizer: Any, context_len: int) -> None:
         if self.finished():
             return
-        if self.to_abort_message is not None:
-            self.finished_reason = finish_abort(self.to_abort_message)
+        if self.to_finish is not None:
+            self.finished_reason, self.to_finish = self.to_finish, None
             return
         params = self.sampling_params
         if params.max_new_tokens is not None and len(self.output_ids) >= params.max_new_tokens:
@@ -194,7 +199,10 @@ class ScheduleBatch:
     req_to_token_pool: "ReqToTokenPool"
     token_to_kv_pool_allocator: "TokenToKVPoolAllocator"
     tree_cache: "RadixCache"
+    vocab_size: int
     forward_mode: ForwardMode = ForwardMode.DECODE
+    # Device state of the penalties, one row per request (None: no request has any).
+    penalizer_orchestrator: BatchedPenalizerOrchestrator | None = None
     # The request this prefill batch leaves half-prefilled (it yields no token this step).
     chunked_req: Req | None = None
     # Host tensors of the current step.
@@ -209,12 +217,17 @@ class ScheduleBatch:
     extend_logprob_start_lens: list[int] = field(default_factory=list)
     extend_logprob_pruned_lens: list[int] = field(default_factory=list)
     extend_input_logprob_token_ids: torch.Tensor | None = None
+    # What this step took, until it launches (see rollback_step): each request's length before
+    # its new KV slots (set once they are allocated) and the row writes taken from the pool.
+    step_prev_lens: list[int] | None = None
+    step_row_writes: list | None = None
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
-                 tree_cache) -> "ScheduleBatch":
+                 tree_cache, vocab_size: int) -> "ScheduleBatch":
         return cls(reqs=reqs, req_to_token_pool=req_to_token_pool,
-                   token_to_kv_pool_allocator=token_to_kv_pool_allocator, tree_cache=tree_cache)
+                   token_to_kv_pool_allocator=token_to_kv_pool_allocator, tree_cache=tree_cache,
+                   vocab_size=vocab_size)
 
     def batch_size(self) -> int:
         return len(self.reqs)
@@ -252,6 +265,7 @@ class ScheduleBatch:
 
     def prepare_for_extend(self) -> None:
         self.forward_mode = ForwardMode.EXTEND
+        self._begin_step()
         reqs = self.reqs
         self._alloc_rows(reqs)
         self.prefix_lens = [len(r.prefix_indices) for r in reqs]
@@ -263,7 +277,7 @@ class ScheduleBatch:
             self.prefix_lens, seq_lens, self._last_locs(self.prefix_lens), self.extend_num_tokens)
         if out is None:
             raise RuntimeError("KV cache is out of memory during prefill")
-        self.out_cache_loc = out
+        self.out_cache_loc, self.step_prev_lens = out, self.prefix_lens
         start = 0
         for req, prefix_len, ext in zip(reqs, self.prefix_lens, self.extend_lens):
             self.req_to_token_pool.write(req.req_pool_idx, prefix_len, out[start:start + ext],
@@ -274,6 +288,7 @@ class ScheduleBatch:
         self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
         self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
         self._prepare_input_logprobs()
+        self.rebuild_penalizer()
 
     def _prepare_input_logprobs(self) -> None:
         """Which extend positions give prompt logprobs, and the prompt tokens they score."""
@@ -295,6 +310,7 @@ class ScheduleBatch:
 
     def prepare_for_decode(self) -> None:
         self.forward_mode = ForwardMode.DECODE
+        self._begin_step()
         reqs = self.reqs
         prev_lens = [r.seqlen - 1 for r in reqs]
         last_locs = self._last_locs(prev_lens)
@@ -303,7 +319,7 @@ class ScheduleBatch:
         out = self.token_to_kv_pool_allocator.alloc_decode(seq_lens, last_locs)
         if out is None:
             raise RuntimeError("KV cache is out of memory during decode")
-        self.out_cache_loc = out
+        self.out_cache_loc, self.step_prev_lens = out, prev_lens
         for req, n, loc in zip(reqs, prev_lens, out):
             self.req_to_token_pool.write(req.req_pool_idx, n, loc.view(1), sync_device=False)
         self.input_ids = torch.tensor([r.decode_input_id() for r in reqs], dtype=torch.int64)
@@ -333,7 +349,7 @@ class ScheduleBatch:
             self._evict_for(needed)
             if self.token_to_kv_pool_allocator.available_size() >= needed:
                 break
-        self.reqs = [r for r in self.reqs if r not in retracted]
+        self.filter_batch([r for r in self.reqs if r not in retracted])
         return retracted
 
     def _page_size(self) -> int:
@@ -342,10 +358,46 @@ class ScheduleBatch:
     # --- batch composition --------------------------------------------------------------------
 
     def filter_batch(self, keep: list[Req] | None = None) -> None:
-        self.reqs = [r for r in self.reqs if not r.finished()] if keep is None else keep
+        """Keep `keep` (in order; default: the unfinished requests), with their penalty rows."""
+        keep = [r for r in self.reqs if not r.finished()] if keep is None else keep
+        if self.penalizer_orchestrator is not None and len(keep) != len(self.reqs):
+            row = {id(r): i for i, r in enumerate(self.reqs)}
+            self.penalizer_orchestrator = self.penalizer_orchestrator.filter(
+                [row[id(r)] for r in keep], keep)
+        self.reqs = keep
 
     def merge_batch(self, other: "ScheduleBatch") -> None:
+        self.penalizer_orchestrator = BatchedPenalizerOrchestrator.merge(
+            self.penalizer_orchestrator, self.reqs, other.penalizer_orchestrator, other.reqs)
         self.reqs = self.reqs + other.reqs
+
+    def rebuild_penalizer(self) -> None:
+        """Penalty state from the requests' host tokens (they must all be on the host)."""
+        self.penalizer_orchestrator = BatchedPenalizerOrchestrator.from_reqs(
+            PENALIZERS, self.reqs, self.vocab_size, self.req_to_token_pool.device)
+
+    # --- failure ------------------------------------------------------------------------------
+
+    def _begin_step(self) -> None:
+        self.out_cache_loc, self.step_prev_lens, self.step_row_writes = _EMPTY, None, None
+
+    def rollback_step(self) -> None:
+        """Undo what this step took before it launched: its KV slots (whole new pages only: a
+        request's partly filled page stays its own) and the queued row writes it popped."""
+        if self.step_prev_lens is not None:
+            page, out, start = self._page_size(), self.out_cache_loc, 0
+            extend = self.forward_mode.is_extend()
+            taken = []
+            for i, prev_len in enumerate(self.step_prev_lens):
+                n = self.extend_lens[i] if extend else 1
+                continued = min((-prev_len) % page, n)  # slots that fill the last partial page
+                taken.append(out[start + continued:start + n])
+                start += n
+            if taken:
+                self.token_to_kv_pool_allocator.free(torch.cat(taken))
+        if self.step_row_writes:
+            self.req_to_token_pool.restore_pending_writes(self.step_row_writes)
+        self._begin_step()
 
     def copy(self) -> "ScheduleBatch":
         """A snapshot for processing this step's result after the batch moved on (overlap)."""
@@ -354,7 +406,9 @@ class ScheduleBatch:
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         reqs = self.reqs
         sampling_info = SamplingBatchInfo.from_params([r.sampling_params for r in reqs],
-                                                      [r.seed for r in reqs])
+                                                      [r.seed for r in reqs],
+                                                      self.penalizer_orchestrator)
+        self.step_row_writes = self.req_to_token_pool.take_pending_writes()
         mwb = ModelWorkerBatch(
             forward_mode=self.forward_mode,
             input_ids=self.input_ids,
@@ -366,7 +420,7 @@ class ScheduleBatch:
             sampling_info=sampling_info,
             return_logprob=self.return_logprob,
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
-            req_to_token_writes=self.req_to_token_pool.pop_pending_writes(),
+            req_to_token_writes=self.req_to_token_pool.flatten_writes(self.step_row_writes),
             has_future_input_ids=any(r.num_pending_tokens for r in reqs),
             lora_ids=[r.lora_id for r in reqs],
         )

@@ -21,12 +21,18 @@ class SchedulePolicy:
         self.policy = policy
         self.tree_cache = tree_cache
 
-    def calc_priority(self, waiting_queue: list[Req]) -> None:
-        """Match each request's prefix; reorder the queue in place for lpm."""
+    def calc_priority(self, waiting_queue: list[Req]) -> list[tuple[Req, Exception]]:
+        """Match each request's prefix; reorder the queue in place for lpm. Returns the
+        requests whose match failed, with the error (the caller aborts them)."""
+        failed = []
         for req in waiting_queue:
-            req.init_next_round_input(self.tree_cache)
+            try:
+                req.init_next_round_input(self.tree_cache)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                failed.append((req, e))
         if self.policy == "lpm" and len(waiting_queue) <= LPM_MAX_QUEUE:
             waiting_queue.sort(key=lambda r: -len(r.prefix_indices))
+        return failed
 
 
 class PrefillAdder:

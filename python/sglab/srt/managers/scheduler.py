@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import logging
 import os
@@ -39,11 +40,14 @@ from sglab.srt.managers.schedule_batch import (
 from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglab.srt.managers.tp_worker import GenerationBatchResult, TpModelWorker
 from sglab.srt.mem_cache.radix_cache import RadixCache
+from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs, configure_logging
 
 logger = logging.getLogger(__name__)
 
 DETERMINISTIC_DEFAULT_SEED = 42
+_DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
+                       if hasattr(torch, name))
 
 _LOGPROB_FIELDS = (
     "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
@@ -83,6 +87,8 @@ class Scheduler:
         self.profiler = None
         self.profile_steps_left: int | None = None
         self.outputs: list[BatchTokenIDOutput] = []
+        # Set when a failed batch's requests ran one by one during this step.
+        self.ran_alone = False
         self.enable_overlap = not server_args.disable_overlap_schedule
         if server_args.enable_sync_audit:
             AUDIT.enabled = True
@@ -134,7 +140,8 @@ class Scheduler:
 
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
         return ScheduleBatch.init_new(reqs, self.req_to_token_pool,
-                                      self.token_to_kv_pool_allocator, self.tree_cache)
+                                      self.token_to_kv_pool_allocator, self.tree_cache,
+                                      self.model_config.vocab_size)
 
     def ready_info(self) -> dict:
         return {
@@ -169,11 +176,13 @@ class Scheduler:
         return self.run_step_normal()
 
     def run_step_normal(self) -> bool:
+        self.ran_alone = False
         batch = self.get_next_batch_to_run()
-        if batch is None:
-            self.on_idle()
-            return False
-        result = self.run_batch(batch)
+        result = self.run_batch(batch) if batch is not None else None
+        if result is None:
+            if not self.ran_alone:
+                self.on_idle()
+            return self.ran_alone
         result.synchronize()
         self.process_batch_result(batch, result)
         self.last_batch = batch
@@ -187,15 +196,19 @@ class Scheduler:
         rows the host frees while N+1 is in flight are handed only to batches launched later,
         whose writes the device runs after N+1 has read them.
         """
+        self.ran_alone = False
         batch = self.get_next_batch_to_run()
-        if batch is not None:
-            result = self.run_batch(batch)
+        result = self.run_batch(batch) if batch is not None else None
+        if result is None:
+            batch = None
+        else:
+            self._mark_pending(batch, result)
             self.result_queue.append((batch.copy(), result))
         self.last_batch = batch
         if len(self.result_queue) > (1 if batch is not None else 0):
             self.process_pending_result()
             return True
-        if batch is None:
+        if batch is None and not self.ran_alone:
             self.on_idle()
             return False
         return True
@@ -252,16 +265,13 @@ class Scheduler:
 
     def handle_generate_request(self, recv_req: TokenizedGenerateReqInput) -> Req:
         params = recv_req.sampling_params
-        seed = params.sampling_seed
-        if seed is None:
-            # Deterministic mode: upstream's default seed, so a request's samples never depend
-            # on its arrival order; otherwise one draw per request from --random-seed.
-            seed = DETERMINISTIC_DEFAULT_SEED if self.server_args.enable_deterministic_inference \
-                else self.seed_rng.randrange(1 << 30)
-        req = Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
-                  recv_req.return_logprob, recv_req.logprob_start_len,
-                  recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)
-        error = self._resolve_lora(req, recv_req.lora_path) or self._validate(req)
+        try:
+            req = self._make_req(recv_req)
+            error = self._resolve_lora(req, recv_req.lora_path) or self._validate(req)
+        except Exception as e:  # noqa: BLE001 - a malformed request is refused, never fatal
+            logger.warning("Refusing malformed request %s", recv_req.rid, exc_info=True)
+            req = Req(recv_req.rid, None, [], SamplingParams(), 0)
+            error = f"Invalid request: {type(e).__name__}: {e}"
         if error is not None:
             req.finished_reason = finish_abort(error, status_code=400)
             self.stream_output([req])
@@ -270,6 +280,18 @@ class Scheduler:
             params.max_new_tokens = self.context_len - len(req.origin_input_ids)
         self.waiting_queue.append(req)
         return req
+
+    def _make_req(self, recv_req: TokenizedGenerateReqInput) -> Req:
+        params = recv_req.sampling_params
+        seed = params.sampling_seed
+        if seed is None:
+            # Deterministic mode: upstream's default seed, so a request's samples never depend
+            # on its arrival order; otherwise one draw per request from --random-seed.
+            seed = DETERMINISTIC_DEFAULT_SEED if self.server_args.enable_deterministic_inference \
+                else self.seed_rng.randrange(1 << 30)
+        return Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
+                   recv_req.return_logprob, recv_req.logprob_start_len,
+                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)
 
     def _validate(self, req: Req) -> str | None:
         n = len(req.origin_input_ids)
@@ -281,9 +303,12 @@ class Scheduler:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.origin_input_ids):
             return f"Token ids must be in [0, {vocab})."
+        top = req.top_logprobs_num
+        if req.return_logprob and not (isinstance(top, int) and 0 <= top <= vocab):
+            return f"top_logprobs_num must be an integer in [0, {vocab}], got {top!r}."
         try:
             req.sampling_params.verify(vocab)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             return str(e)
         return None
 
@@ -298,7 +323,7 @@ class Scheduler:
         self.stream_output(aborted)
         for req in self.running_batch.reqs + ([self.chunked_req] if self.chunked_req else []):
             if match(req):
-                req.to_abort_message = recv_req.message
+                req.to_finish = finish_abort(recv_req.message)
 
     # --- batching -----------------------------------------------------------------------------
 
@@ -308,15 +333,20 @@ class Scheduler:
         last = self.last_batch
         self.last_batch = None
         if last is not None and last.forward_mode.is_extend():
-            if last.chunked_req is not None:
-                self.tree_cache.cache_unfinished_req(last.chunked_req)
-            done = [r for r in last.reqs if not r.finished() and r is not last.chunked_req]
-            self.running_batch.merge_batch(self._new_batch(done))
+            self._merge_prefill(last)
         new_batch = self.get_new_batch_prefill()
         if new_batch is not None:
             return new_batch
-        self.update_running_batch()
-        return None if self.running_batch.is_empty() else self.running_batch
+        return self.running_batch if self.update_running_batch() else None
+
+    def _merge_prefill(self, batch: ScheduleBatch) -> None:
+        """After a prefill step: cache the chunked request's progress; the batch's other
+        unfinished requests join the running batch, with their penalty rows."""
+        chunked = batch.chunked_req
+        if chunked is not None and not chunked.finished():
+            self.tree_cache.cache_unfinished_req(chunked)
+        batch.filter_batch([r for r in batch.reqs if not r.finished() and r is not chunked])
+        self.running_batch.merge_batch(batch)
 
     def get_new_batch_prefill(self) -> ScheduleBatch | None:
         if not self.waiting_queue and self.chunked_req is None:
@@ -325,7 +355,10 @@ class Scheduler:
         max_new = self.max_running_requests - running
         if max_new <= 0 and self.chunked_req is None:
             return None
-        self.policy.calc_priority(self.waiting_queue)
+        for req, error in self.policy.calc_priority(self.waiting_queue):
+            self.waiting_queue.remove(req)
+            self._fail_in_place(req, error, "matching its prefix", mid_step=False)
+            self.stream_output([req])
         adder = PrefillAdder(
             self.tree_cache, self.running_batch.reqs,
             self.token_to_kv_pool_allocator.available_size(),
@@ -355,30 +388,52 @@ class Scheduler:
                 req.cached_tokens += len(req.prefix_indices)
         batch = self._new_batch(adder.can_run_list)
         batch.chunked_req = self.chunked_req
-        batch.prepare_for_extend()
-        return batch
+        return batch if self._prepare(batch, extend=True) else None
 
-    def update_running_batch(self) -> None:
+    def update_running_batch(self) -> bool:
+        """Filter, retract if memory is short, prepare the decode step; False when there is
+        nothing to launch (no request left, or the step already ran request by request)."""
         batch = self.running_batch
         # Requests that will have all their tokens once the in-flight step lands sit out.
         batch.filter_batch([r for r in batch.reqs
                             if not r.finished() and not r.will_finish_by_length()])
         if batch.is_empty():
-            return
+            return False
         if not batch.check_decode_mem() and self.result_queue:
             # Retraction needs every token on the host: land the in-flight step first.
             self.process_pending_result()
             batch.filter_batch([r for r in batch.reqs
                                 if not r.finished() and not r.will_finish_by_length()])
             if batch.is_empty():
-                return
+                return False
         if not batch.check_decode_mem():
             retracted = batch.retract_decode()
             logger.info("KV cache full: retracted %d request(s)", len(retracted))
             self.waiting_queue = retracted + self.waiting_queue
-        batch.prepare_for_decode()
+        return self._prepare(batch, extend=False)
 
-    def run_batch(self, batch: ScheduleBatch) -> GenerationBatchResult:
+    def _prepare(self, batch: ScheduleBatch, extend: bool) -> bool:
+        """prepare_for_extend / prepare_for_decode; False when it failed (the batch's requests
+        then ran one by one)."""
+        try:
+            if extend:
+                batch.prepare_for_extend()
+            else:
+                batch.prepare_for_decode()
+        except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
+            self._isolate_failed_batch(batch, e)
+            return False
+        return True
+
+    def run_batch(self, batch: ScheduleBatch) -> GenerationBatchResult | None:
+        """Launch one batch; None when it failed (its requests then ran one by one)."""
+        try:
+            return self._launch(batch)
+        except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
+            self._isolate_failed_batch(batch, e)
+            return None
+
+    def _launch(self, batch: ScheduleBatch) -> GenerationBatchResult:
         self.forward_ct += 1
         self.schedule_trace.record(self.forward_ct, batch)
         worker_batch = batch.get_model_worker_batch()
@@ -386,8 +441,6 @@ class Scheduler:
             worker_batch.lora_inflight_ids = {r.lora_id for b, _ in self.result_queue
                                               for r in b.reqs}
         result = self.tp_worker.forward_batch_generation(worker_batch)
-        if self.enable_overlap:
-            self._mark_pending(batch, result)
         result.copy_to_cpu()
         AUDIT.step_end()
         self._profile_step()
@@ -414,22 +467,30 @@ class Scheduler:
                                      result: GenerationBatchResult) -> None:
         input_lp_offset = 0
         for i, req in enumerate(batch.reqs):
-            pruned = batch.extend_logprob_pruned_lens[i]
-            if not req.input_logprobs_done:
-                self._add_input_logprobs(req, batch, i, result, input_lp_offset)
-            input_lp_offset += pruned
-            if req is batch.chunked_req:
+            offset = input_lp_offset
+            input_lp_offset += batch.extend_logprob_pruned_lens[i]
+            chunked = req is batch.chunked_req
+            try:
+                if not req.input_logprobs_done:
+                    self._add_input_logprobs(req, batch, i, result, offset)
+                if not chunked:
+                    self._append_first_token(req, result, i)
+            except Exception as e:  # noqa: BLE001 - aborts this request only
+                self._fail_in_place(req, e, "processing its prefill", mid_step=chunked)
+            if chunked:
                 continue
             req.is_chunked = 0
-            if req.sampling_params.max_new_tokens == 0:
-                req.finished_reason = finish_length(0)
-            else:
-                self._append_token(req, result, i)
             if req.finished():
-                self.tree_cache.cache_finished_req(req)
+                self.tree_cache.cache_finished_req(req, len(req.fill_ids))
             else:
                 self.tree_cache.cache_unfinished_req(req)
         self.stream_output(batch.reqs)
+
+    def _append_first_token(self, req: Req, result: GenerationBatchResult, i: int) -> None:
+        if req.sampling_params.max_new_tokens == 0:
+            req.finished_reason = finish_length(0)
+        else:
+            self._append_token(req, result, i)
 
     def process_batch_result_decode(self, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
@@ -437,7 +498,10 @@ class Scheduler:
             if req.finished():
                 self._release_overlap_slot(req, batch.out_cache_loc[i])
                 continue
-            self._append_token(req, result, i)
+            try:
+                self._append_token(req, result, i)
+            except Exception as e:  # noqa: BLE001 - aborts this request only
+                self._fail_in_place(req, e, "processing its output", mid_step=False)
             if req.finished():
                 self.tree_cache.cache_finished_req(req)
         self.num_generated_tokens += len(batch.reqs)
@@ -484,6 +548,75 @@ class Scheduler:
         if prefix_len + batch.extend_lens[i] >= len(req.origin_input_ids):
             req.input_logprobs_done = True
 
+    # --- failures -----------------------------------------------------------------------------
+    # A value that passed validation must never stop the loop. A batch that fails before it
+    # launches is undone and its requests run one by one: the one that fails alone is aborted
+    # (500, with the error), the others advance as they would have in the batch (sampling is
+    # row-wise and batch-invariant). A failure on one request's result or output aborts that
+    # request. A device fault (a CUDA error, sticky for the whole context) is not recoverable:
+    # it propagates and the scheduler exits, as upstream's does.
+
+    def _isolate_failed_batch(self, batch: ScheduleBatch, error: Exception) -> None:
+        if isinstance(error, _DEVICE_FAULTS):
+            raise error
+        if len(batch.reqs) > 1:  # the traceback comes with the request that fails alone
+            logger.error("A batch of %d requests failed (%s: %s); running each alone",
+                         len(batch.reqs), type(error).__name__, error)
+        self.ran_alone = True
+        batch.rollback_step()
+        while self.result_queue:  # the batch in flight lands first: its tokens are inputs here
+            self.process_pending_result()
+        for req in [r for r in batch.reqs if not r.finished()]:
+            if len(batch.reqs) == 1:
+                self._abort_failed(req, batch, error)
+            else:
+                self._run_alone(req, batch)
+        if not batch.forward_mode.is_extend():
+            batch.filter_batch()
+            batch.rebuild_penalizer()
+
+    def _run_alone(self, req: Req, failed: ScheduleBatch) -> None:
+        """One step of `req` as its own batch, synchronously; abort it if that fails too."""
+        alone = self._new_batch([req])
+        try:
+            if failed.forward_mode.is_extend():
+                alone.chunked_req = req if req is failed.chunked_req else None
+                alone.prepare_for_extend()
+            else:
+                alone.rebuild_penalizer()
+                alone.prepare_for_decode()
+            result = self._launch(alone)
+        except Exception as e:  # noqa: BLE001 - this request is the cause: abort it
+            alone.rollback_step()
+            self._abort_failed(req, failed, e)
+            return
+        result.synchronize()
+        self.process_batch_result(alone, result)
+        if alone.forward_mode.is_extend():
+            self._merge_prefill(alone)
+
+    def _abort_failed(self, req: Req, failed: ScheduleBatch, error: Exception) -> None:
+        """Abort a request whose step failed (and was undone), freeing its row and KV."""
+        logger.error("Request %s fails on its own; aborting it", req.rid, exc_info=error)
+        if req.req_pool_idx is None:  # admitted, no row yet: only its prefix lock to drop
+            self.tree_cache.dec_lock_ref(req.last_node)
+        else:  # KV is valid up to the step that failed
+            num_kv = len(req.prefix_indices) if failed.forward_mode.is_extend() else None
+            self.tree_cache.cache_finished_req(req, num_kv)
+        if self.chunked_req is req:
+            self.chunked_req = None
+        req.finished_reason = _internal_error("running the request", error)
+        self.stream_output([req])
+
+    def _fail_in_place(self, req: Req, error: Exception, what: str, mid_step: bool) -> None:
+        """Abort a request whose own work failed; a request in the middle of its prefill
+        finishes at its next output token (as a client abort does)."""
+        logger.error("Request %s failed while %s; aborting it", req.rid, what, exc_info=error)
+        if mid_step:
+            req.to_finish = _internal_error(what, error)
+        else:
+            req.finished_reason = _internal_error(what, error)
+
     # --- output -------------------------------------------------------------------------------
 
     def stream_output(self, reqs: list[Req]) -> None:
@@ -499,8 +632,21 @@ class Scheduler:
             cached_tokens=[], skip_special_tokens=[], spaces_between_special_tokens=[],
             no_stop_trim=[], stop_strs=[], total_retractions=[])
         for req in chosen:
-            self._append_output(out, req)
-        self.outputs.append(out)
+            num_rows = len(out.rids)
+            try:
+                self._append_output(out, req)
+            except Exception as e:  # noqa: BLE001 - aborts this request only
+                for f in dataclasses.fields(out):  # drop its partial entry
+                    del getattr(out, f.name)[num_rows:]
+                if not req.finished():  # it finishes, and is freed, at its next token
+                    self._fail_in_place(req, e, "building its output", mid_step=True)
+                    continue
+                logger.error("Output of request %s failed", req.rid, exc_info=e)
+                for name, value in _failed_output_row(
+                        req, _internal_error("building its output", e)).items():
+                    getattr(out, name).append(value)
+        if out.rids:
+            self.outputs.append(out)
 
     def _append_output(self, out: BatchTokenIDOutput, req: Req) -> None:
         params = req.sampling_params
@@ -720,3 +866,19 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_wri
     except Exception:
         logger.exception("Scheduler hit an exception")
         raise
+
+
+def _internal_error(what: str, error: Exception) -> dict:
+    return finish_abort(f"Internal error while {what}: {type(error).__name__}: {error}",
+                        status_code=500)
+
+
+def _failed_output_row(req: Req, finished_reason: dict) -> dict[str, Any]:
+    """The entry of a finished request whose output could not be built: its abort only."""
+    row: dict[str, Any] = dict.fromkeys(_LOGPROB_FIELDS)
+    row.update(rids=req.rid, finished_reasons=finished_reason, output_ids=[],
+               prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
+               cached_tokens=req.cached_tokens, skip_special_tokens=True,
+               spaces_between_special_tokens=True, no_stop_trim=False, stop_strs=[],
+               total_retractions=req.total_retractions)
+    return row

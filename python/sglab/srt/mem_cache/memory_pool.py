@@ -65,17 +65,28 @@ class ReqToTokenPool:
             self._pending_writes.append((row, start, values_cpu.clone()))
 
     def pop_pending_writes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self._pending_writes:
+        return self.flatten_writes(self.take_pending_writes())
+
+    def take_pending_writes(self) -> list[tuple[int, int, torch.Tensor]]:
+        """The queued host writes, in order; the queue is left empty."""
+        writes, self._pending_writes = self._pending_writes, []
+        return writes
+
+    def restore_pending_writes(self, writes: list[tuple[int, int, torch.Tensor]]) -> None:
+        """Queue taken writes again, ahead of newer ones (the step that took them failed)."""
+        self._pending_writes = list(writes) + self._pending_writes
+
+    def flatten_writes(
+        self, writes: list[tuple[int, int, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat index into req_to_token, int32 values), the last write of each cell kept."""
+        if not writes:
             return None
-        starts = [row * self.max_context_len + start for row, start, _ in self._pending_writes]
+        starts = [row * self.max_context_len + start for row, start, _ in writes]
         flat_index = torch.cat(
-            [
-                torch.arange(s, s + len(v), dtype=torch.int64)
-                for s, (_, _, v) in zip(starts, self._pending_writes)
-            ]
+            [torch.arange(s, s + len(v), dtype=torch.int64) for s, (_, _, v) in zip(starts, writes)]
         )
-        values = torch.cat([v for _, _, v in self._pending_writes])
-        self._pending_writes = []
+        values = torch.cat([v for _, _, v in writes])
         return _keep_last_write_per_cell(flat_index, values)
 
     def clear(self) -> None:

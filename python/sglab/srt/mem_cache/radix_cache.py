@@ -174,10 +174,14 @@ class RadixCache:
 
     # ---- request hooks ----
 
-    def cache_finished_req(self, req) -> None:
-        """Hands a finished request's KV to the tree (page-aligned part) and frees the rest."""
-        # The last generated token was never fed back, so it has no KV.
-        num_kv_tokens = len(req.origin_input_ids) + max(len(req.output_ids) - 1, 0)
+    def cache_finished_req(self, req, num_kv_tokens: int | None = None) -> None:
+        """Hands a finished request's KV to the tree (page-aligned part) and frees the rest.
+
+        `num_kv_tokens`: how many leading positions of its row hold KV; by default all but the
+        last generated token, which was never fed back.
+        """
+        if num_kv_tokens is None:
+            num_kv_tokens = len(req.origin_input_ids) + max(len(req.output_ids) - 1, 0)
         kv_indices = self._row_indices(req.req_pool_idx, num_kv_tokens)
         allocator = self.token_to_kv_pool_allocator
         if self.disable:

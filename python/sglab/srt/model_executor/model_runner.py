@@ -143,5 +143,13 @@ class ModelRunner:
     def sample(self, logits_output: LogitsProcessorOutput,
                forward_batch: ForwardBatch) -> SampleOutput:
         top_k = max(forward_batch.top_logprobs_nums or [0])
-        return self.sampler(logits_output.next_token_logits, forward_batch.sampling_info,
-                            forward_batch.seq_lens, forward_batch.return_logprob, top_k)
+        info = forward_batch.sampling_info
+        logits = logits_output.next_token_logits
+        penalizer = info.penalizer_orchestrator
+        if penalizer is not None:
+            logits = penalizer.apply(logits)
+        out = self.sampler(logits, info, forward_batch.seq_lens, forward_batch.return_logprob,
+                           top_k)
+        if penalizer is not None:
+            penalizer.cumulate_output_tokens(out.next_token_ids)
+        return out

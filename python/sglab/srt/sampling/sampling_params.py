@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _SAMPLING_EPS = 1e-6
 TOP_K_ALL = 1 << 30
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty")
 
 
 @dataclass
@@ -56,20 +60,24 @@ class SamplingParams:
         return d
 
     def verify(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError with a message naming the parameter when a value is out of range."""
+        """Raise ValueError with a message naming the parameter when a value is out of range.
+
+        Whatever passes is representable where the scheduler puts it: floats are finite,
+        `sampling_seed` is a signed 64-bit integer (the device hashes it as int64; OpenAI's
+        `seed` and vLLM use the same range).
+        """
         _check_type("max_new_tokens", self.max_new_tokens, int, allow_none=True)
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
-        _check_type("temperature", self.temperature, (int, float))
+        for name in _FLOAT_PARAMS:
+            _check_finite(name, getattr(self, name))
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        _check_type("top_p", self.top_p, (int, float))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         _check_type("top_k", self.top_k, int)
         if self.top_k < 1 and self.top_k != -1:
             raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
-        _check_type("min_p", self.min_p, (int, float))
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         _check_type("min_new_tokens", self.min_new_tokens, int)
@@ -96,6 +104,9 @@ class SamplingParams:
         if self.stop_regex:
             raise ValueError("stop_regex is not supported by sglab.")
         _check_type("sampling_seed", self.sampling_seed, int, allow_none=True)
+        if self.sampling_seed is not None and not INT64_MIN <= self.sampling_seed <= INT64_MAX:
+            raise ValueError(f"sampling_seed must be a 64-bit signed integer, in [{INT64_MIN}, "
+                             f"{INT64_MAX}], got {self.sampling_seed}.")
         self._verify_stop(vocab_size)
 
     def _verify_stop(self, vocab_size: int | None) -> None:
@@ -137,3 +148,13 @@ def _check_type(name: str, value: Any, types: Any, allow_none: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, types):
         raise ValueError(f"{name} has the wrong type: {type(value).__name__}.")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    _check_type(name, value, (int, float))
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number, got {value}.")
