@@ -9,6 +9,7 @@
 #   det-served    sglab.test.test_deterministic modes against a server, per 0002 index build
 #   tests-det     GPU tests of deterministic mode, patch 0001's uploads, the patch audits,
 #                 penalties and a failing request under CUDA graphs
+#   tests-sched   the GPU schedule-invariance tests only
 #   tests         every GPU test
 #   h2d           patch 0001: host cost, host blocking and memcpy kinds per upload mode
 #   ab-0001       patch 0001 off / PR / packed, 0.6B and 8B shapes, concurrency 1, 4, 32
@@ -49,6 +50,9 @@ for step in "$@"; do
     timeout 420 python3 -m pytest -q -m gpu test/srt/test_deterministic.py test/unit/test_h2d.py \
       test/srt/test_patches.py test/srt/test_triton_backend.py test/srt/test_penalties.py \
       test/srt/test_scheduler_failures.py 2>&1 | tee "$R/gpu_tests_det.log" | tail -n 15 ;;
+  tests-sched)
+    timeout 240 python3 -m pytest -q -m gpu test/srt/test_deterministic.py -k schedule_invariance \
+      2>&1 | tee "$R/gpu_tests_sched.log" | tail -n 5 ;;
   tests)
     timeout 540 python3 -m pytest -q -m gpu --continue-on-collection-errors test 2>&1 \
       | tee "$R/gpu_tests.log" | tail -n 15 ;;
@@ -59,8 +63,8 @@ for step in "$@"; do
       m=$(mk $p)
       timeout 330 $AB --patch 0001 --model-path $m --variants off on:pr on:packed --audit none \
         --server-args "--load-format dummy --cuda-graph-max-bs 32" --tag ab-0001-$p \
-        --max-concurrencies 1 4 32 -- $(rnd $m) --num-prompts 16 --random-input-len 128 \
-        --random-output-len 64 2>&1 | grep -E "^\| (median|p95|output|ttft|itl)|verdict|Output" \
+        --max-concurrencies 1 4 32 -- $(rnd $m) --num-prompts 8 --random-input-len 128 \
+        --random-output-len 48 2>&1 | grep -E "^\| (median|p95|output|ttft|itl)|verdict|Output" \
         | head -n 40
     done ;;
   ab-0003a)
@@ -76,8 +80,8 @@ for step in "$@"; do
       > /dev/null
     timeout 300 $AB --patch ${step#ab-} --model-path $m --audit none --server-args \
       "--load-format dummy --lora-paths lora=$lora --max-loras-per-batch 1 --cuda-graph-max-bs 16" \
-      --tag $step --request-rates 2 8 -- $(rnd $m) --num-prompts 8 --random-input-len 256 \
-      --random-output-len 64 --lora-name lora 2>&1 | tail -n 40 ;;
+      --tag $step --request-rates 8 -- $(rnd $m) --num-prompts 8 --random-input-len 256 \
+      --random-output-len 64 --lora-name lora 2>&1 | tail -n 24 ;;
   bench)
     timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
   unified)

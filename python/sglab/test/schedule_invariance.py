@@ -112,12 +112,12 @@ def forced_retraction(every: int = 3) -> Iterator[list[int]]:
     state = {"steps": 0, "full": False}
     forced = [0]
 
-    def update_running_batch(scheduler: Scheduler) -> None:
+    def update_running_batch(scheduler: Scheduler):
         state["steps"] += 1
         state["full"] = state["steps"] % every == 0 and len(scheduler.running_batch.reqs) > 1
         forced[0] += state["full"]
         try:
-            update(scheduler)
+            return update(scheduler)
         finally:
             state["full"] = False
 
