@@ -157,6 +157,26 @@ def test_interpreter_exit_without_shutdown_leaves_no_orphans(tmp_path):
     assert alive_pids(pids) == []
 
 
+def _run_script(path, text: str) -> subprocess.CompletedProcess:
+    path.write_text(text)
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          timeout=180, cwd=path.parent)
+
+
+def test_engine_at_a_scripts_top_level_is_one_clear_error(tmp_path):
+    proc = _run_script(tmp_path / "unguarded.py", textwrap.dedent(f"""
+        import sglab
+        with sglab.Engine(model_path={get_default_model_path()!r}, log_level="error") as e:
+            print(e.generate("hi", {{"max_new_tokens": 2}})["text"])
+    """))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "RuntimeError: sglab.Engine was created at the top level of" in out
+    assert out.count('if __name__ == "__main__":') == 1
+    assert "bootstrapping phase" not in out and "died" not in out
+    assert len(out.splitlines()) < 30, out
+
+
 @pytest.mark.parametrize("prompt,params,message", [
     ("", {}, "empty"),
     ("word " * 5000, {}, "context length"),
