@@ -70,3 +70,22 @@ def http():
     s = session()
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client on the module's server."""
+    import openai
+
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
+                      timeout=120)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def shared_server():
+    """One default server (--skip-server-warmup) for the modules that need nothing else."""
+    srv = popen_launch_server(["--skip-server-warmup"])
+    yield srv
+    kill_server(srv)

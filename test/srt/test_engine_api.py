@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ from sglab.srt.utils.dummy_model import get_default_model_path, make_dummy_model
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 LONG = {"max_new_tokens": 3500, "ignore_eos": True}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _children() -> list[int]:
@@ -175,6 +177,15 @@ def test_engine_at_a_scripts_top_level_is_one_clear_error(tmp_path):
     assert out.count('if __name__ == "__main__":') == 1
     assert "bootstrapping phase" not in out and "died" not in out
     assert len(out.splitlines()) < 30, out
+
+
+def test_readme_offline_snippet_runs_as_a_script(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    offline = readme[readme.index("Offline, as a complete script"):]
+    snippet = offline[offline.index("```python\n") + 10:offline.index("```\n", 10)]
+    proc = _run_script(tmp_path / "offline.py", snippet)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'completion_tokens': 16" in proc.stdout
 
 
 @pytest.mark.parametrize("prompt,params,message", [
