@@ -13,6 +13,7 @@ from sglab.srt.utils.dummy_model import get_default_model_path
 from sglab.srt.utils.process import kill_server
 
 LAUNCH_TIMEOUT_S = 300.0
+DEFAULT_SERVER_ARGS = ["--skip-server-warmup"]
 
 
 @dataclass
@@ -32,11 +33,12 @@ def session() -> requests.Session:
 
 
 def popen_launch_server(args: list[str], api_key: str | None = None,
-                        timeout: float = LAUNCH_TIMEOUT_S) -> ServerProcess:
+                        timeout: float = LAUNCH_TIMEOUT_S,
+                        env: dict | None = None) -> ServerProcess:
     """Start a server on the tiny default model; returns once /health_generate answers 200."""
     model_path = get_default_model_path()
     extra = ["--api-key", api_key] if api_key else []
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     base = process.popen_launch_server(["--model-path", model_path, *args, *extra], timeout,
                                        env)
     server = ServerProcess(base.process, base.base_url, base.log_path, model_path, api_key)
@@ -58,8 +60,12 @@ def alive_pids(pids: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(request):
-    """The module's server; its CLI arguments come from the module's SERVER_ARGS."""
-    args = getattr(request.module, "SERVER_ARGS", ["--skip-server-warmup"])
+    """The module's server, from the module's SERVER_ARGS; modules with the default arguments
+    share one server for the session."""
+    args = getattr(request.module, "SERVER_ARGS", DEFAULT_SERVER_ARGS)
+    if args == DEFAULT_SERVER_ARGS:
+        yield request.getfixturevalue("shared_server")
+        return
     srv = popen_launch_server(args)
     yield srv
     kill_server(srv)
@@ -84,8 +90,16 @@ def client(server):
 
 
 @pytest.fixture(scope="session")
-def shared_server():
-    """One default server (--skip-server-warmup) for the modules that need nothing else."""
-    srv = popen_launch_server(["--skip-server-warmup"])
+def shared_server(tmp_path_factory):
+    """The default server (DEFAULT_SERVER_ARGS) of the session; its profiler traces go to its
+    own `profile_dir`."""
+    srv = launch_with_profile_dir(DEFAULT_SERVER_ARGS, tmp_path_factory)
     yield srv
     kill_server(srv)
+
+
+def launch_with_profile_dir(args: list[str], tmp_path_factory) -> ServerProcess:
+    profile_dir = str(tmp_path_factory.mktemp("profiles"))
+    srv = popen_launch_server(args, env={"SGLANG_TORCH_PROFILER_DIR": profile_dir})
+    srv.profile_dir = profile_dir
+    return srv

@@ -9,7 +9,6 @@ import http.client as http_client
 import json
 import os
 import re
-import tempfile
 import time
 import uuid
 
@@ -22,11 +21,6 @@ from transformers import AutoTokenizer
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Name three colors."}]
 SAMPLED = {"temperature": 1.0, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def server(shared_server):
-    return shared_server
 
 
 def _post(http, server, path, body, status):
@@ -337,8 +331,7 @@ def test_profile_trace_lands_inside_the_profile_dir(http, server):
                           "activities": ["CPU", "GPU"], "profile_by_stage": False})
     assert res.status_code == 200, res.text
     _post(http, server, "/generate", _generate(), 200)
-    root = os.environ.get("SGLANG_TORCH_PROFILER_DIR") or tempfile.gettempdir()
-    folder = os.path.join(root, sub)
+    folder = os.path.join(server.profile_dir, sub)
     deadline = time.time() + 60
     while time.time() < deadline and not os.listdir(folder):
         time.sleep(0.2)

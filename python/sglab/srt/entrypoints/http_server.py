@@ -429,13 +429,15 @@ async def _optional_json_object(request: Request) -> dict:
 
 
 def _optional_int(value: Any, name: str) -> int | None:
-    """bench_serving may send numbers as strings."""
+    """An int, or a string holding one (bench_serving may send numbers as strings)."""
     if value is None:
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+    except ValueError:
+        pass
+    raise ParamError(f"{name} must be an integer, got {value!r}.", name)
 
 
 # --- OpenAI-compatible ---------------------------------------------------------------------
