@@ -118,7 +118,8 @@ def _encode(body) -> bytes:
 def _check(path: str, res: requests.Response) -> None:
     STATS["requests"] += 1
     STATS[f"{res.status_code // 100}xx"] += 1
-    assert res.status_code < 500, (path, res.status_code, res.text[:2000])
+    sent = (res.request.body or b"")[:300]
+    assert res.status_code < 500, (path, sent, res.status_code, res.text[:2000])
     if res.status_code >= 400:
         _check_error_body(path, res)
     elif res.headers.get("content-type", "").startswith("text/event-stream"):
@@ -178,7 +179,8 @@ def baseline(server):
 def fuzz_http(server, baseline):
     s = session()
     yield s
-    s.post(f"{server.base_url}/stop_profile", timeout=120)
+    if server.process.poll() is None:  # a fuzzed /start_profile may have left it running
+        s.post(f"{server.base_url}/stop_profile", timeout=120)
     s.close()
 
 
