@@ -347,7 +347,7 @@ async def metrics() -> Response:
         return create_error_response("Metrics are off; start the server with --enable-metrics.",
                                      404, err_type="not_found")
     try:
-        tm.metrics.update_scheduler_state(await tm.get_internal_state(INTERNAL_STATE_WAIT_S))
+        tm.observe_scheduler_state(await tm.get_internal_state(INTERNAL_STATE_WAIT_S))
     except Exception:  # noqa: BLE001 - the request counters are still worth serving
         logger.warning("Could not refresh scheduler metrics", exc_info=True)
     body, content_type = tm.metrics.render()

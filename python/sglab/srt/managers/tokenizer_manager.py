@@ -634,10 +634,14 @@ class TokenizerManager:
             "architectures": self.hf_config.get("architectures"),
         }
 
+    def observe_scheduler_state(self, state: dict) -> None:
+        """Refresh the scheduler gauges, unless the scheduler never reported yet."""
+        if self.metrics is not None and "available_kv_tokens" in state:
+            self.metrics.update_scheduler_state(state)
+
     async def get_server_info(self) -> dict:
         internal_state = await self.get_internal_state(INTERNAL_STATE_WAIT_S)
-        if self.metrics is not None:
-            self.metrics.update_scheduler_state(internal_state)
+        self.observe_scheduler_state(internal_state)
         args = self.server_args.to_dict()
         if args.get("api_key"):
             args["api_key"] = "<hidden>"
