@@ -102,6 +102,51 @@ ROUTES = {
                                   ["lora_name", "lora_path", "pinned"]),
     "/unload_lora_adapter": _bodies({"lora_name": "a"}, ["lora_name"]),
 }
+# Well-typed bodies whose options combine in every way (batches, n, best_of, echo, logprobs,
+# streams, usage options, zero-token generations): the paths a valid request can take.
+SMALL = st.integers(0, 4)
+PROMPTS = st.one_of(st.text(min_size=1, max_size=8), st.lists(st.text(min_size=1, max_size=6),
+                                                             min_size=1, max_size=3),
+                    st.lists(st.integers(0, 500), min_size=1, max_size=6),
+                    st.lists(st.lists(st.integers(0, 500), min_size=1, max_size=4), min_size=1,
+                             max_size=3))
+STREAM_OPTIONS = st.one_of(st.none(), st.fixed_dictionaries(
+    {"include_usage": st.booleans(), "continuous_usage_stats": st.booleans()}))
+COMMON = {"n": st.integers(1, 3), "seed": st.one_of(st.none(), st.integers(0, 2**62)),
+          "temperature": st.sampled_from([0.0, 0.7, 1.0]), "stream": st.booleans(),
+          "stream_options": STREAM_OPTIONS, "stop": st.one_of(st.none(), st.text(max_size=2)),
+          "ignore_eos": st.booleans(), "min_tokens": st.integers(0, 2),
+          "no_stop_trim": st.booleans()}
+COMPLETION_COMBOS = st.fixed_dictionaries(
+    {"model": st.just("default"), "prompt": PROMPTS, "max_tokens": SMALL, **COMMON},
+    optional={"best_of": st.integers(1, 4), "logprobs": st.integers(0, 3),
+              "echo": st.booleans()})
+MESSAGES = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "user", "assistant"]),
+    "content": st.one_of(st.text(max_size=8), st.lists(st.fixed_dictionaries(
+        {"type": st.just("text"), "text": st.text(max_size=5)}), max_size=2))}),
+    min_size=1, max_size=3)
+CHAT_COMBOS = st.fixed_dictionaries(
+    {"model": st.just("default"), "messages": MESSAGES, "max_completion_tokens": SMALL,
+     **COMMON},
+    optional={"logprobs": st.booleans(), "top_logprobs": st.integers(0, 3),
+              "continue_final_message": st.booleans()})
+GENERATE_COMBOS = st.fixed_dictionaries(
+    {"sampling_params": st.fixed_dictionaries(
+        {"max_new_tokens": SMALL, "temperature": st.sampled_from([0.0, 1.0])},
+        optional={"stop": st.text(max_size=2), "ignore_eos": st.booleans(),
+                  "sampling_seed": st.integers(0, 99)}),
+     "stream": st.booleans()},
+    optional={"return_logprob": st.booleans(), "logprob_start_len": st.integers(-1, 3),
+              "top_logprobs_num": st.integers(0, 3), "return_text_in_logprobs": st.booleans()},
+).flatmap(lambda body: st.one_of(
+    st.text(min_size=1, max_size=8).map(lambda t: {**body, "text": t}),
+    st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3).map(
+        lambda t: {**body, "text": t}),
+    st.lists(st.integers(0, 500), min_size=1, max_size=6).map(
+        lambda ids: {**body, "input_ids": ids})))
+COMBOS = {"/v1/completions": COMPLETION_COMBOS, "/v1/chat/completions": CHAT_COMBOS,
+          "/generate": GENERATE_COMBOS}
 # Upstream answers these routes' refusals in its own shapes, not OpenAI's.
 PLAIN_TEXT_ERRORS = {"/start_profile", "/stop_profile", "/flush_cache"}
 LORA_ROUTES = {"/load_lora_adapter", "/unload_lora_adapter"}
@@ -148,13 +193,14 @@ def _check_stream(path: str, text: str) -> None:
             assert int(data["error"]["code"]) < 500, (path, data)
 
 
-def _send(http: requests.Session, method: str, url: str, path: str, **kw) -> None:
+def _send(http: requests.Session, method: str, url: str, path: str, **kw) -> requests.Response:
     try:
         res = http.request(method, url, timeout=120, **kw)
     except requests.ConnectionError:
         STATS["crashes"] += 1
         raise
     _check(path, res)
+    return res
 
 
 # --- the tests --------------------------------------------------------------------------------
@@ -195,6 +241,35 @@ def test_fuzz_post_routes(fuzz_http, server, path):
               headers={"Content-Type": "application/json"})
 
     run()
+
+
+@pytest.mark.parametrize("path", sorted(COMBOS))
+def test_fuzz_well_typed_combinations(fuzz_http, server, path):
+    @FUZZ
+    @given(body=COMBOS[path])
+    def run(body):
+        res = _send(fuzz_http, "POST", server.base_url + path, path, data=_encode(body),
+                    headers={"Content-Type": "application/json"})
+        if res.status_code == 200 and not body["stream"]:
+            assert _num_outputs(res.json(), path) == _num_expected(body, path), (body, res.text)
+
+    run()
+
+
+def _num_outputs(out, path: str) -> int:
+    if path == "/generate":
+        return len(out) if isinstance(out, list) else 1
+    assert [c["index"] for c in out["choices"]] == list(range(len(out["choices"])))
+    return len(out["choices"])
+
+
+def _num_expected(body: dict, path: str) -> int:
+    if path == "/generate":
+        prompt = body.get("text", body.get("input_ids"))
+        return len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str) else 1
+    prompt = body.get("prompt")
+    batch = isinstance(prompt, list) and isinstance(prompt[0], (str, list))
+    return body["n"] * (len(prompt) if batch else 1)
 
 
 @FUZZ
@@ -259,8 +334,9 @@ def test_fuzz_left_the_server_serving_its_greedy_baseline(fuzz_http, server, bas
     res = session().post(f"{server.base_url}/generate", json=GREEDY, timeout=120)
     assert res.status_code == 200 and res.json()["output_ids"] == baseline
     assert server.process.poll() is None
-    report = {"fuzzed_requests": STATS["requests"], "5xx": STATS["5xx"],
-              "crashes": STATS["crashes"], **{k: v for k, v in sorted(STATS.items())}}
+    report = {"fuzzed_requests": STATS["requests"], "2xx": STATS["2xx"], "4xx": STATS["4xx"],
+              "5xx": STATS["5xx"], "crashes": STATS["crashes"],
+              "stream_error_events": STATS["stream_errors"]}
     print(f"\nfuzz: {json.dumps(report)}")
     if os.environ.get("SGLAB_FUZZ_REPORT"):
         with open(os.environ["SGLAB_FUZZ_REPORT"], "w") as f:
