@@ -1,14 +1,16 @@
 """Property-based fuzzing of every HTTP route of a real server (hypothesis).
 
-Every field of every request is first swept, one at a time, over a list of hostile values;
-then hypothesis builds bodies from a valid request with fields (known, upstream-only and
-unknown) set to random JSON: every type, empty and large sizes, non-finite floats, huge integers, unicode with
-lone surrogates; some bodies are raw bytes. Every answer must be 2xx or 4xx with the route's
-error body (OpenAI-style, or upstream's plain text / LoRAUpdateOutput where upstream answers
-so), never 5xx; a stream must end with `data: [DONE]` and carry no 5xx error event; and the
-server must still give its greedy baseline at the end. The run is bounded (examples per route,
-derandomized) for CI; SGLAB_FUZZ_EXAMPLES scales it, SGLAB_FUZZ_RANDOM=1 draws new cases. The totals are printed and, with
-SGLAB_FUZZ_REPORT=path, written as JSON.
+First every field of every request is swept, one at a time, over a list of hostile values.
+Then hypothesis builds bodies: a valid request with fields (known, upstream-only, unknown) set
+to random JSON (every type, empty and large sizes, non-finite floats, huge integers, unicode
+with lone surrogates), raw bytes, and well-typed combinations of every option. Every answer
+must be 2xx or 4xx with the route's error body (OpenAI-style, or upstream's plain text /
+LoRAUpdateOutput where upstream answers so), never 5xx; a stream ends with `data: [DONE]` and
+carries no 5xx error event; the server still gives its greedy baseline at the end.
+
+Bounded for CI (examples per route, derandomized): SGLAB_FUZZ_EXAMPLES scales it,
+SGLAB_FUZZ_RANDOM=1 draws new cases. The totals are printed and, with SGLAB_FUZZ_REPORT=path,
+written as JSON.
 """
 
 from __future__ import annotations
