@@ -1,5 +1,5 @@
 """The HTTP layer without a server: OpenAPI operation ids, profiler paths, per-choice seeds,
-and the cleanup of IPC directories left by killed servers."""
+invalid Unicode, and the cleanup of IPC directories left by killed servers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from sglab.srt.entrypoints import engine
 from sglab.srt.entrypoints.http_server import app
 from sglab.srt.entrypoints.openai.serving_base import choice_seed, per_choice_params
+from sglab.srt.managers.io_struct import invalid_unicode_path
 from sglab.srt.managers.tokenizer_manager import resolve_profile_dir
 
 
@@ -50,6 +51,14 @@ def test_choice_seeds_are_distinct_stable_and_in_int64():
     params = {"temperature": 1.0, "sampling_seed": 7}
     assert [p["sampling_seed"] for p in per_choice_params(params, 3)] == seeds[:3]
     assert per_choice_params({"temperature": 1.0}, 2) == [{"temperature": 1.0}] * 2
+
+
+def test_invalid_unicode_is_found_with_its_path():
+    assert invalid_unicode_path({"input_ids": list(range(1000)), "t": "\U0001F600",
+                                 "n": float("nan"), "big": 2**80}) is None
+    assert invalid_unicode_path("\ud800") == "body"
+    assert invalid_unicode_path({"m": [{"c": "ok"}, {"c": ["x", "a\udfffb"]}]}) == "m.1.c.1"
+    assert invalid_unicode_path({"kw": {"\ud800": 1}}) == "kw.\\ud800"
 
 
 def _ipc_dir(tmp_path, name: str, owner: str | None) -> str:

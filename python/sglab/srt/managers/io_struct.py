@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,11 @@ class GenerateReqInput:
 def invalid_unicode_path(obj: Any) -> str | None:
     """The dotted path (`messages.0.content`) of the first string or key in a JSON value that
     is not valid Unicode (a lone surrogate, which no tokenizer or UTF-8 encoder accepts)."""
+    try:  # the common case at C speed (long token id lists)
+        json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
     stack: list[tuple[str, Any]] = [("", obj)]
     while stack:
         path, value = stack.pop()
