@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             parallel=args.parallel,
             host=args.host,
             port=args.port,
-            dump_file=f"tmp_output_{args.backend}.txt",
+            output_file=f"tmp_output_{args.backend}.txt",
         )
     )
     with open(args.result_file, "a") as fout:

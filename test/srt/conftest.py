@@ -13,6 +13,7 @@ from sglab.srt.utils.dummy_model import get_default_model_path
 from sglab.srt.utils.process import kill_server
 
 LAUNCH_TIMEOUT_S = 300.0
+DEFAULT_SERVER_ARGS = ["--skip-server-warmup"]
 
 
 @dataclass
@@ -59,8 +60,12 @@ def alive_pids(pids: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(request):
-    """The module's server; its CLI arguments come from the module's SERVER_ARGS."""
-    args = getattr(request.module, "SERVER_ARGS", ["--skip-server-warmup"])
+    """The module's server, from the module's SERVER_ARGS; modules with the default arguments
+    share one server for the session."""
+    args = getattr(request.module, "SERVER_ARGS", DEFAULT_SERVER_ARGS)
+    if args == DEFAULT_SERVER_ARGS:
+        yield request.getfixturevalue("shared_server")
+        return
     srv = popen_launch_server(args)
     yield srv
     kill_server(srv)
@@ -71,3 +76,30 @@ def http():
     s = session()
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client on the module's server."""
+    import openai
+
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
+                      timeout=120)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """The default server (DEFAULT_SERVER_ARGS) of the session; its profiler traces go to its
+    own `profile_dir`."""
+    srv = launch_with_profile_dir(DEFAULT_SERVER_ARGS, tmp_path_factory)
+    yield srv
+    kill_server(srv)
+
+
+def launch_with_profile_dir(args: list[str], tmp_path_factory) -> ServerProcess:
+    profile_dir = str(tmp_path_factory.mktemp("profiles"))
+    srv = popen_launch_server(args, env={"SGLANG_TORCH_PROFILER_DIR": profile_dir})
+    srv.profile_dir = profile_dir
+    return srv

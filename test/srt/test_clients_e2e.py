@@ -82,7 +82,7 @@ def test_gsm8k_end_to_end(server, tmp_path, capsys, monkeypatch):
     port = int(server.base_url.rsplit(":", 1)[1])
     args = few_shot_gsm8k.build_parser().parse_args([
         "--data-path", _write_gsm8k_style(tmp_path / "gsm8k.jsonl"), "--num-questions", "10", "--num-shots", "2", "--parallel", "4",
-        "--port", str(port), "--max-new-tokens", "16"])
+        "--port", str(port), "--max-new-tokens", "16", "--output-file", "answers.txt"])
     metrics = few_shot_gsm8k.run_eval(args)
     printed = capsys.readouterr().out
     assert f"Accuracy: {metrics['accuracy']:.3f}" in printed
@@ -92,5 +92,6 @@ def test_gsm8k_end_to_end(server, tmp_path, capsys, monkeypatch):
     assert metrics["accuracy"] + metrics["invalid"] <= 1.0
     # Throughput counts the server's completion tokens: 10 answers of at most 16 tokens.
     assert 0 < metrics["output_throughput"] * metrics["latency"] <= 160 + 1e-6
-    dump = (tmp_path / "tmp_output_gsm8k.txt").read_text()
+    dump = (tmp_path / "answers.txt").read_text()
     assert dump.count("Question:") >= 10
+    assert sorted(os.listdir(tmp_path)) == ["answers.txt", "gsm8k.jsonl"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ from sglab.srt.utils.dummy_model import get_default_model_path, make_dummy_model
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 LONG = {"max_new_tokens": 3500, "ignore_eos": True}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _children() -> list[int]:
@@ -155,6 +157,35 @@ def test_interpreter_exit_without_shutdown_leaves_no_orphans(tmp_path):
     assert len(pids) == 2  # scheduler and detokenizer
     time.sleep(0.5)
     assert alive_pids(pids) == []
+
+
+def _run_script(path, text: str) -> subprocess.CompletedProcess:
+    path.write_text(text)
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          timeout=180, cwd=path.parent)
+
+
+def test_engine_at_a_scripts_top_level_is_one_clear_error(tmp_path):
+    proc = _run_script(tmp_path / "unguarded.py", textwrap.dedent(f"""
+        import sglab
+        with sglab.Engine(model_path={get_default_model_path()!r}, log_level="error") as e:
+            print(e.generate("hi", {{"max_new_tokens": 2}})["text"])
+    """))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "RuntimeError: sglab.Engine was created at the top level of" in out
+    assert out.count('if __name__ == "__main__":') == 1
+    assert "bootstrapping phase" not in out and "died" not in out
+    assert len(out.splitlines()) < 30, out
+
+
+def test_readme_offline_snippet_runs_as_a_script(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    offline = readme[readme.index("Offline, as a complete script"):]
+    snippet = offline[offline.index("```python\n") + 10:offline.index("```\n", 10)]
+    proc = _run_script(tmp_path / "offline.py", snippet)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'completion_tokens': 16" in proc.stdout
 
 
 @pytest.mark.parametrize("prompt,params,message", [

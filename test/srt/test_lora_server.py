@@ -102,6 +102,6 @@ def test_lora_serving_and_runtime_updates(http, server, adapters, expected):
     assert out["loaded_adapters"] == {"a": adapters["a"]}
     assert _update(http, server, "unload_lora_adapter", {"lora_name": "b"}, 400)
     _generate(http, server, "b", 400)
-    _completion(http, server, "b", 400)
+    _completion(http, server, "b", 404)  # an unloaded adapter is an unknown model
     # Still serving, with the same outputs.
     assert _generate(http, server, "a")["output_ids"] == expected["a"]

@@ -358,10 +358,11 @@ def test_flush_cache_both_methods(http, server):
         assert res.status_code == 200 and res.text.startswith("Cache flushed.")
 
 
-def test_profile(http, server, tmp_path):
+def test_profile(http, server):
     assert http.post(f"{server.base_url}/stop_profile", timeout=30).status_code == 400
+    tmp_path = os.path.join(server.profile_dir, "test_profile")
     res = http.post(f"{server.base_url}/start_profile",
-                    json={"output_dir": str(tmp_path), "num_steps": None}, timeout=30)
+                    json={"output_dir": tmp_path, "num_steps": None}, timeout=30)
     assert res.status_code == 200 and res.text == "Start profiling.\n"
     assert http.post(f"{server.base_url}/start_profile", timeout=30).status_code == 400
     _generate(http, server, {"text": "profile me", "sampling_params": GREEDY})

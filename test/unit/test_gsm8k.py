@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -125,7 +126,7 @@ def _args(port, data_path, **kw):
 
 def test_run_eval_scores_requests_and_output(server, data_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    metrics = g.run_eval(_args(server.port, data_file))
+    metrics = g.run_eval(_args(server.port, data_file, output_file=str(tmp_path / "out.txt")))
 
     assert set(metrics) == {"accuracy", "invalid", "latency", "output_throughput"}
     assert metrics["accuracy"] == 0.5 and metrics["invalid"] == 0.25
@@ -171,7 +172,7 @@ def test_run_eval_scores_requests_and_output(server, data_file, tmp_path, monkey
             },
         }
 
-    dump = (tmp_path / "tmp_output_gsm8k.txt").read_text()
+    dump = (tmp_path / "out.txt").read_text()
     assert dump.count("=" * 80) == 4
     assert prefix + "Question: Q two?\nAnswer: I do not know." in dump
 
@@ -189,6 +190,7 @@ def test_run_eval_single_question_skips_prefix_cache(server, data_file, tmp_path
     with pytest.warns(DeprecationWarning):
         metrics = g.run_eval(args)
     assert metrics["accuracy"] == 1.0 and metrics["invalid"] == 0.0
+    assert os.listdir(tmp_path) == ["test.jsonl"]  # no answers file unless --output-file
     assert [p for p, _ in server.calls] == ["/get_model_info", "/generate"]
     assert server.calls[1][1]["sampling_params"]["max_new_tokens"] == 512
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -72,3 +73,18 @@ def test_default_model_is_built(monkeypatch, tmp_path):
     args = ServerArgs()
     assert os.path.isfile(os.path.join(args.model_path, "config.json"))
     assert args.model_path.startswith(str(tmp_path))
+
+
+def test_every_flag_has_a_description():
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    undocumented = [a.option_strings[0] for a in parser._actions
+                    if a.option_strings and not (a.help or "").strip()]
+    assert undocumented == []
+
+
+def test_api_key_protect_metrics_flag(model_dir):
+    args = prepare_server_args(["--model-path", model_dir, "--api-key", "k",
+                                "--api-key-protect-metrics"])
+    assert args.api_key == "k" and args.api_key_protect_metrics is True
+    assert prepare_server_args(["--model-path", model_dir]).api_key_protect_metrics is False

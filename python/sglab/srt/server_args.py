@@ -50,6 +50,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
+    api_key_protect_metrics: bool = False
     skip_server_warmup: bool = False
     stream_interval: int = 1
     enable_metrics: bool = False
@@ -228,43 +229,86 @@ class ServerArgs:
         d = ServerArgs
         a = parser.add_argument
         a("--model-path", "--model", dest="model_path", type=str, default=d.model_path,
-          help="Local HF-format model directory (default: a built-in tiny model).")
-        a("--tokenizer-path", type=str, default=d.tokenizer_path)
-        a("--load-format", type=str, default=d.load_format, choices=LOAD_FORMAT_CHOICES)
-        a("--dtype", type=str, default=d.dtype, choices=DTYPE_CHOICES)
-        a("--context-length", type=int, default=d.context_length)
-        a("--trust-remote-code", action="store_true")
-        a("--served-model-name", type=str, default=d.served_model_name)
-        a("--skip-tokenizer-init", action="store_true")
-        a("--device", type=str, default=d.device, choices=DEVICE_CHOICES)
-        a("--host", type=str, default=d.host)
-        a("--port", type=int, default=d.port)
-        a("--api-key", type=str, default=d.api_key)
-        a("--skip-server-warmup", action="store_true")
-        a("--stream-interval", type=int, default=d.stream_interval)
-        a("--enable-metrics", action="store_true")
-        a("--log-level", type=str, default=d.log_level, choices=LOG_LEVEL_CHOICES)
-        a("--mem-fraction-static", type=float, default=d.mem_fraction_static)
-        a("--max-total-tokens", type=human_readable_int, default=d.max_total_tokens)
-        a("--max-running-requests", type=int, default=d.max_running_requests)
-        a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
+          help="The path of the model weights: a local HF-format directory (sglab downloads "
+               "nothing). Default: sglab's tiny built-in model, built on first use.")
+        a("--tokenizer-path", type=str, default=d.tokenizer_path,
+          help="The path of the tokenizer (default: the model path).")
+        a("--load-format", type=str, default=d.load_format, choices=LOAD_FORMAT_CHOICES,
+          help="The format of the model weights to load: auto and safetensors read the "
+               "safetensors files; dummy initializes the weights randomly, mainly for profiling.")
+        a("--dtype", type=str, default=d.dtype, choices=DTYPE_CHOICES,
+          help="Data type for model weights and activations (auto: FP16 for FP32 and FP16 "
+               "models, BF16 for BF16 models; float32 on CPU).")
+        a("--context-length", type=int, default=d.context_length,
+          help="The model's maximum context length (default: the value from the model's "
+               "config.json).")
+        a("--trust-remote-code", action="store_true",
+          help="Whether or not to allow for custom models defined in their own modeling files.")
+        a("--served-model-name", type=str, default=d.served_model_name,
+          help="Override the model name returned by the v1/models endpoint in OpenAI API "
+               "server (default: the model path).")
+        a("--skip-tokenizer-init", action="store_true",
+          help="If set, skip init tokenizer and pass input_ids in generate request.")
+        a("--device", type=str, default=d.device, choices=DEVICE_CHOICES,
+          help="The device to use (default: auto, cuda if available, else cpu).")
+        a("--host", type=str, default=d.host, help="The host of the HTTP server.")
+        a("--port", type=int, default=d.port, help="The port of the HTTP server.")
+        a("--api-key", type=str, default=d.api_key,
+          help="Set API key of the server: requests must send 'Authorization: Bearer <key>'. "
+               "/health and /metrics stay open unless --api-key-protect-metrics.")
+        a("--api-key-protect-metrics", action="store_true",
+          help="With --api-key, also require the key on /health and /metrics.")
+        a("--skip-server-warmup", action="store_true", help="If set, skip warmup.")
+        a("--stream-interval", type=int, default=d.stream_interval,
+          help="The interval (or buffer size) for streaming in terms of the token length. A "
+               "smaller value makes streaming smoother, while a larger value makes the "
+               "throughput higher.")
+        a("--enable-metrics", action="store_true",
+          help="Enable log prometheus metrics (served at /metrics).")
+        a("--log-level", type=str, default=d.log_level, choices=LOG_LEVEL_CHOICES,
+          help="The logging level of all loggers.")
+        a("--mem-fraction-static", type=float, default=d.mem_fraction_static,
+          help="The fraction of the memory used for static allocation (model weights and KV "
+               "cache memory pool). Use a smaller value if you see out-of-memory errors.")
+        a("--max-total-tokens", type=human_readable_int, default=d.max_total_tokens,
+          help="The maximum number of tokens in the memory pool (1k, 2M also work; default: "
+               "from --mem-fraction-static). Mainly for development and debugging.")
+        a("--max-running-requests", type=int, default=d.max_running_requests,
+          help="The maximum number of running requests.")
+        a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+          help="The maximum number of tokens in a prefill batch. The real bound will be the "
+               "maximum of this value and the model's maximum context length.")
         a("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
-          help="Max tokens in one prefill chunk; -1 disables chunking.")
-        a("--page-size", type=int, default=d.page_size)
+          help="The maximum number of tokens in a chunk for the chunked prefill. Setting this "
+               "to -1 means disabling chunked prefill.")
+        a("--page-size", type=int, default=d.page_size,
+          help="The number of tokens in a page.")
         a("--schedule-policy", type=str, default=d.schedule_policy,
-          choices=SCHEDULE_POLICY_CHOICES)
-        a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness)
-        a("--disable-radix-cache", action="store_true")
+          choices=SCHEDULE_POLICY_CHOICES, help="The scheduling policy of the requests.")
+        a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness,
+          help="How conservative the schedule policy is (upstream's flag; accepted for "
+               "compatibility, sglab's scheduler does not use it).")
+        a("--disable-radix-cache", action="store_true",
+          help="Disable RadixAttention for prefix caching.")
         a("--attention-backend", type=str, default=d.attention_backend,
-          choices=ATTENTION_BACKEND_CHOICES)
-        a("--random-seed", type=int, default=d.random_seed)
-        a("--enable-deterministic-inference", action="store_true")
-        a("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
-        a("--cuda-graph-bs", type=int, nargs="+", default=d.cuda_graph_bs)
-        a("--disable-cuda-graph", action="store_true")
+          choices=ATTENTION_BACKEND_CHOICES,
+          help="Choose the kernels for attention layers (default: triton on CUDA, "
+               "torch_native on CPU).")
+        a("--random-seed", type=int, default=d.random_seed, help="The random seed.")
+        a("--enable-deterministic-inference", action="store_true",
+          help="Enable deterministic inference mode with batch invariant ops.")
+        a("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
+          help="Set the maximum batch size for cuda graph. It will extend the cuda graph "
+               "capture batch size to this value.")
+        a("--cuda-graph-bs", type=int, nargs="+", default=d.cuda_graph_bs,
+          help="Set the list of batch sizes for cuda graph.")
+        a("--disable-cuda-graph", action="store_true", help="Disable cuda graph.")
         a("--disable-overlap-schedule", action="store_true",
-          help="Process each step's result before scheduling the next one.")
-        a("--watchdog-timeout", type=float, default=d.watchdog_timeout)
+          help="Disable the overlap scheduler, which overlaps the CPU scheduler with GPU model "
+               "worker.")
+        a("--watchdog-timeout", type=float, default=d.watchdog_timeout,
+          help="Set watchdog timeout in seconds. /health reports unhealthy (503) when requests "
+               "are in flight and nothing came back from the scheduler for this long.")
         _add_patch_args(parser)
         from sglab.srt.lora.lora_args import add_lora_cli_args
 

@@ -6,6 +6,9 @@ so scores are comparable with upstream's (including its quirk: the few-shot exam
 
 Usage:
     python -m sglab.test.few_shot_gsm8k --data-path test.jsonl --num-questions 200 --port 30000
+
+Each prompt with its answer is written only when asked, to --output-file (upstream writes
+tmp_output_gsm8k.txt into the current directory every time).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ CACHE_DIR = "/tmp"
 STOP_STRINGS = ["Question", "Assistant:", "<|separator|>"]
 # The frontend pre-caches a constant prompt prefix only when it is longer than this.
 MIN_CACHED_PREFIX_CHARS = 64
-DUMP_FILE = "tmp_output_gsm8k.txt"
 
 
 def get_one_example(lines: list[dict], i: int, include_answer: bool) -> str:
@@ -192,9 +194,9 @@ def run_eval(args: Any) -> dict[str, float]:
     print(f"Invalid: {invalid:.3f}")
     print(f"Latency: {latency:.3f} s")
     print(f"Output throughput: {output_throughput:.3f} token/s")
-    dump_state_text(
-        getattr(args, "dump_file", DUMP_FILE), [p + t for p, (t, _) in zip(prompts, results)]
-    )
+    output_file = getattr(args, "output_file", None)
+    if output_file:
+        dump_state_text(output_file, [p + t for p, (t, _) in zip(prompts, results)])
     return {
         "accuracy": acc,
         "invalid": invalid,
@@ -215,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", type=str, default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--output-file", type=str, default=None, help="write each prompt and its answer here"
+    )
     return parser
 
 

@@ -34,6 +34,10 @@ from sglab.srt.server_args import PortArgs, ServerArgs
 logger = logging.getLogger(__name__)
 
 _DONE = object()
+# A child process that re-ran the user's script while bootstrapping (spawn re-imports
+# __main__) and found an Engine being created there exits with this code.
+_REIMPORTED_MAIN_EXIT_CODE = 87
+_IPC_OWNER_FILE = "owner"
 
 
 class ChildProcesses:
@@ -95,11 +99,12 @@ def _kill_process_tree(proc: mp.process.BaseProcess) -> None:
     proc.join(5.0)
 
 
-def _run_child(target: Callable[..., None], *args: Any) -> None:
+def _run_child(target: Callable[..., None], ipc_dir: str | None, *args: Any) -> None:
     """Process entry point: the parent alone decides when we stop, and we die with it.
 
     SIGINT and SIGTERM sent to the whole process group (Ctrl-C, `kill -- -PGID`) are ignored,
-    so the parent can shut down in order instead of seeing its children crash.
+    so the parent can shut down in order instead of seeing its children crash. A parent that
+    died without cleaning up (SIGKILL) leaves the IPC directory to us.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -110,6 +115,8 @@ def _run_child(target: Callable[..., None], *args: Any) -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent_pid:
+                if ipc_dir is not None:
+                    shutil.rmtree(ipc_dir, ignore_errors=True)
                 os._exit(1)
 
     threading.Thread(target=watch_parent, name="sglab-parent-watch", daemon=True).start()
@@ -136,6 +143,46 @@ def _ipc_dir(port_args: PortArgs) -> str | None:
     return None
 
 
+def _claim_ipc_dir(ipc_dir: str) -> None:
+    """Record this process as the directory's owner ("pid create_time", so a reused pid
+    is told apart), for remove_stale_ipc_dirs."""
+    import psutil
+
+    with open(os.path.join(ipc_dir, _IPC_OWNER_FILE), "w") as f:
+        f.write(f"{os.getpid()} {psutil.Process().create_time()}")
+
+
+def remove_stale_ipc_dirs() -> list[str]:
+    """Remove this user's sglab IPC directories whose owner process is gone; returns them."""
+    import psutil
+
+    removed = []
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if not name.startswith("sglab-ipc-") or not _owned_by_me(path):
+            continue
+        try:
+            with open(os.path.join(path, _IPC_OWNER_FILE)) as f:
+                pid, created = f.read().split()
+            alive = abs(psutil.Process(int(pid)).create_time() - float(created)) < 1e-3
+        except (OSError, ValueError):
+            continue  # no owner file (yet, or an older sglab): not ours to judge
+        except psutil.Error:
+            alive = False
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owned_by_me(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
 def _launch_subprocesses(server_args: ServerArgs) -> tuple[TokenizerManager, dict]:
     """Start the scheduler and detokenizer, build the TokenizerManager, wait for readiness.
 
@@ -145,20 +192,27 @@ def _launch_subprocesses(server_args: ServerArgs) -> tuple[TokenizerManager, dic
     from sglab.srt.managers.detokenizer_manager import run_detokenizer_process
     from sglab.srt.managers.scheduler import run_scheduler_process
 
+    for path in remove_stale_ipc_dirs():
+        logger.info("Removed %s, left behind by a server that was killed", path)
     port_args = PortArgs.init_new(server_args)
+    ipc_dir = _ipc_dir(port_args)
+    if ipc_dir is not None:
+        _claim_ipc_dir(ipc_dir)
     ctx = mp.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
     scheduler = ctx.Process(target=_run_child, name="sglab::scheduler",
-                            args=(run_scheduler_process, server_args, port_args, writer))
+                            args=(run_scheduler_process, ipc_dir, server_args, port_args,
+                                  writer))
     scheduler.start()
     writer.close()
     processes = [scheduler]
     if not server_args.skip_tokenizer_init:
         detokenizer = ctx.Process(target=_run_child, name="sglab::detokenizer",
-                                  args=(run_detokenizer_process, server_args, port_args))
+                                  args=(run_detokenizer_process, ipc_dir, server_args,
+                                        port_args))
         detokenizer.start()
         processes.append(detokenizer)
-    children = ChildProcesses(processes, _ipc_dir(port_args))
+    children = ChildProcesses(processes, ipc_dir)
     # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO).
     atexit.register(children.kill)
     tokenizer_manager = None
@@ -183,17 +237,40 @@ def _wait_for_scheduler(reader: Any, scheduler: mp.process.BaseProcess,
         for proc in processes:
             if not proc.is_alive() and not (proc is scheduler and reader.poll(0)):
                 proc.join(1.0)
+                if proc.exitcode == _REIMPORTED_MAIN_EXIT_CODE:
+                    raise RuntimeError(_main_guard_message())
                 raise RuntimeError(f"{proc.name} died during initialization (exit code "
                                    f"{proc.exitcode}); see its log above.")
     try:
         message = reader.recv()
     except EOFError:
         scheduler.join(5.0)
+        if scheduler.exitcode == _REIMPORTED_MAIN_EXIT_CODE:
+            raise RuntimeError(_main_guard_message()) from None
         raise RuntimeError(f"The scheduler process died during initialization (exit code "
                            f"{scheduler.exitcode}); see its log above.") from None
     if message.get("status") != "ready":
         raise RuntimeError(f"The scheduler failed to start: {message.get('message')}")
     return message
+
+
+def _exit_if_reimported_main() -> None:
+    """In a child re-running the user's script (multiprocessing's spawn imports __main__
+    again, as __mp_main__), an Engine at the script's top level must not start: the child
+    exits with a code the parent turns into one clear error (_main_guard_message)."""
+    if getattr(mp.current_process(), "_inheriting", False):  # set while bootstrapping
+        raise SystemExit(_REIMPORTED_MAIN_EXIT_CODE)
+
+
+def _main_guard_message() -> str:
+    import __main__
+
+    script = getattr(__main__, "__file__", None) or "your script"
+    return (f"sglab.Engine was created at the top level of {script}, which every sglab child "
+            "process imports again when it starts (multiprocessing's spawn start method). "
+            "Create the Engine under a main guard:\n\n"
+            "    if __name__ == \"__main__\":\n"
+            "        engine = sglab.Engine(...)\n")
 
 
 def _shutdown(tokenizer_manager: TokenizerManager, loop: asyncio.AbstractEventLoop,
@@ -242,6 +319,7 @@ class Engine:
     """
 
     def __init__(self, **kwargs: Any):
+        _exit_if_reimported_main()
         server_args = kwargs.pop("server_args", None)
         if server_args is None:
             server_args = ServerArgs(**kwargs)

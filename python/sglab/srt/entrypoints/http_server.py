@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -23,7 +24,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sglab.srt.entrypoints.engine import _launch_subprocesses
 from sglab.srt.entrypoints.openai.protocol import (
@@ -34,14 +37,18 @@ from sglab.srt.entrypoints.openai.protocol import (
 )
 from sglab.srt.entrypoints.openai.serving_base import (
     SSE_DONE,
+    ParamError,
     collect_one,
     create_error_response,
     dumps_json,
-    error_body,
     error_for_exception,
     first_and_rest,
     json_response,
+    model_not_found,
+    refuse_unsupported,
+    resolve_model,
     sse,
+    stream_error_event,
     streaming_response,
 )
 from sglab.srt.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -51,8 +58,9 @@ from sglab.srt.managers.io_struct import (
     LoadLoRAAdapterReqInput,
     LoRAUpdateOutput,
     UnloadLoRAAdapterReqInput,
+    invalid_unicode_path,
 )
-from sglab.srt.managers.tokenizer_manager import TokenizerManager
+from sglab.srt.managers.tokenizer_manager import INTERNAL_STATE_WAIT_S, TokenizerManager
 from sglab.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -68,7 +76,31 @@ _FLUSH_CACHE_MESSAGE = (
 )
 # GenerateReqInput fields that are set by normalization, never by a client.
 _INTERNAL_FIELDS = {"is_single", "batch_size"}
-_UNSUPPORTED_FLAGS = ("return_hidden_states", "return_routed_experts")
+_BOOL_FIELDS = ("stream", "return_text_in_logprobs", "log_metrics")
+# /generate fields of upstream SGLang that sglab does not implement, with their no-op values
+# besides null: setting one to anything else is refused, never silently ignored.
+_UNSUPPORTED_GENERATE_FIELDS: dict[str, tuple] = {
+    "return_hidden_states": (False,), "return_routed_experts": (False,),
+    "routed_experts_start_len": (0,), "priority": (), "extra_key": ("",),
+    "routed_dp_rank": (), "disagg_prefill_dp_rank": (), "data_parallel_rank": (),
+    "positional_embed_overrides": (), "video_data": (), "audio_data": (),
+    "use_audio_in_video": (False,), "modalities": ([],), "lora_id": (), "bootstrap_host": (),
+    "bootstrap_port": (), "bootstrap_room": (), "bootstrap_pair_key": (), "decode_tp_size": (),
+    "require_reasoning": (False,), "background": (False,), "conversation_id": (),
+    "routing_key": (), "no_logs": (False,), "custom_labels": ({},), "return_bytes": (False,),
+    "return_entropy": (False,), "external_trace_header": (), "max_dynamic_patch": (),
+    "min_dynamic_patch": (), "image_max_dynamic_patch": (), "video_max_dynamic_patch": (),
+    "multi_item_delimiter_indices": (),
+}
+# /start_profile fields of upstream's ProfileReqInput that sglab's profiler does not implement.
+_UNSUPPORTED_PROFILE_FIELDS: dict[str, tuple] = {
+    "start_step": (), "profile_by_stage": (False,), "merge_profiles": (False,),
+    "profile_stages": ([],),
+}
+_PROFILE_ACTIVITIES = ("CPU", "GPU")
+# Without --api-key-protect-metrics these paths (exactly these) answer without the API key, as
+# upstream leaves them open for liveness probes and Prometheus scrapers.
+_OPEN_PATHS = ("/health", "/metrics")
 
 
 @dataclass
@@ -112,6 +144,11 @@ app = FastAPI(lifespan=lifespan, title="sglab")
 async def validation_exception_handler(_: Request, exc: RequestValidationError) -> Response:
     """Malformed JSON and wrong types are a 400 (FastAPI's default is 422), OpenAI-style."""
     errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        loc = errors[0].get("loc", ())
+        position = loc[1] if len(loc) > 1 else None
+        reason = (errors[0].get("ctx") or {}).get("error", "JSON decode error")
+        return create_error_response(invalid_json_message(reason, position), 400)
     parts = []
     for err in errors:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
@@ -132,34 +169,76 @@ async def unhandled_exception_handler(_: Request, exc: Exception) -> Response:
     return error_for_exception(exc)
 
 
-def add_api_key_middleware(fastapi_app: FastAPI, api_key: str) -> None:
-    expected = f"Bearer {api_key}"
+def invalid_json_message(reason: str, position: int | None) -> str:
+    where = "" if position is None else f" at character {position}"
+    return f"The request body is not valid JSON: {reason}{where}."
 
-    @fastapi_app.middleware("http")
-    async def authentication(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if request.method == "OPTIONS" or path.startswith(("/health", "/metrics")):
-            return await call_next(request)
-        if not secrets.compare_digest(request.headers.get("Authorization", ""), expected):
-            return create_error_response("Unauthorized: invalid or missing API key.", 401,
+
+def add_api_key_middleware(fastapi_app: FastAPI, api_key: str,
+                           protect_metrics: bool = False) -> None:
+    """Every request needs `Authorization: Bearer <api_key>` (scheme case-insensitive, as RFC
+    7235 says), except OPTIONS and, unless `protect_metrics`, exactly /health and /metrics."""
+    open_paths = () if protect_metrics else _OPEN_PATHS
+    fastapi_app.add_middleware(ApiKeyMiddleware, api_key=api_key, open_paths=open_paths)
+
+
+class ApiKeyMiddleware:
+    """A plain ASGI middleware (not BaseHTTPMiddleware), so streaming responses still see
+    client disconnects."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: tuple[str, ...]):
+        self.app = app
+        self.api_key = api_key.encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or \
+                scope["path"] in self.open_paths or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = create_error_response("Unauthorized: invalid or missing API key.", 401,
                                          err_type="authentication_error")
-        return await call_next(request)
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, token = (Headers(scope=scope).get("authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and \
+            secrets.compare_digest(token.strip().encode(), self.api_key)
 
 
 # --- health and info -----------------------------------------------------------------------
 
 
 @app.get("/health")
-@app.get("/health_generate")
-async def health_generate(request: Request) -> Response:
-    """200 once the server answers a 1-token generation; 503 while starting or broken."""
+async def health(request: Request) -> Response:
+    """Answered by the HTTP process: 503 while starting, shutting down or after a child died.
+
+    While requests are in flight a health generation would only queue behind them, so the
+    server is healthy unless nothing came back from the scheduler for --watchdog-timeout
+    seconds. When idle it runs /health_generate's check, which then answers at once.
+    """
     tm = _tm()
     if tm.server_status != "Up" or tm.dead_message is not None:
         return Response(status_code=503)
-    if request.url.path == "/health" and not HEALTH_ENDPOINT_GENERATION:
+    if not HEALTH_ENDPOINT_GENERATION:
         return Response(status_code=200)
+    if tm.rid_to_state:
+        oldest = min(state.created_time for state in tm.rid_to_state.values())
+        silent_s = time.time() - max(tm.last_receive_tstamp, oldest)
+        stalled = silent_s > _global_state.server_args.watchdog_timeout
+        return Response(status_code=503 if stalled else 200)
+    return await health_generate(request)
+
+
+@app.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    """200 once anything comes back from the scheduler after a 1-token generation was sent
+    (upstream's check); 503 while starting or broken, or after SGLANG_HEALTH_CHECK_TIMEOUT."""
+    tm = _tm()
+    if tm.server_status != "Up" or tm.dead_message is not None:
+        return Response(status_code=503)
     rid = f"HEALTH_CHECK_{uuid.uuid4().hex}"
-    obj = GenerateReqInput(input_ids=[0], rid=rid,
+    obj = GenerateReqInput(input_ids=[0], rid=rid, log_metrics=False,
                            sampling_params={"max_new_tokens": 1, "temperature": 0.0})
     tic = time.time()
     task = asyncio.create_task(collect_one(tm.generate_request(obj, None)))
@@ -198,7 +277,8 @@ async def get_server_info() -> Response:
         return error_for_exception(e)
 
 
-@app.api_route("/flush_cache", methods=["GET", "POST"])
+@app.get("/flush_cache")
+@app.post("/flush_cache")
 async def flush_cache(timeout: float = 0.0) -> Response:
     deadline = time.time() + max(0.0, timeout)
     try:
@@ -215,18 +295,13 @@ async def flush_cache(timeout: float = 0.0) -> Response:
     return PlainTextResponse(message, status_code=400)
 
 
-@app.api_route("/start_profile", methods=["GET", "POST"])
+@app.get("/start_profile")
+@app.post("/start_profile")
 async def start_profile(raw_request: Request) -> Response:
+    """Traces go under SGLANG_TORCH_PROFILER_DIR (default: the temp dir) and nowhere else."""
     try:
         body = await _optional_json_object(raw_request)
-        ret = await _tm().start_profile(
-            output_dir=body.get("output_dir"),
-            num_steps=_optional_int(body.get("num_steps"), "num_steps"),
-            activities=body.get("activities"),
-            with_stack=body.get("with_stack"),
-            record_shapes=body.get("record_shapes"),
-            profile_prefix=body.get("profile_prefix"),
-        )
+        ret = await _tm().start_profile(**_profile_args(body))
     except Exception as e:  # noqa: BLE001
         return error_for_exception(e)
     if ret.success:
@@ -234,7 +309,27 @@ async def start_profile(raw_request: Request) -> Response:
     return PlainTextResponse(ret.message, status_code=400)
 
 
-@app.api_route("/stop_profile", methods=["GET", "POST"])
+def _profile_args(body: dict) -> dict:
+    refuse_unsupported(body, _UNSUPPORTED_PROFILE_FIELDS)
+    num_steps = _optional_int(body.get("num_steps"), "num_steps")
+    if num_steps is not None and num_steps < 1:
+        raise ParamError(f"num_steps must be a positive integer, got {num_steps}.", "num_steps")
+    activities = body.get("activities")
+    if activities is not None and (not isinstance(activities, list) or
+                                   any(a not in _PROFILE_ACTIVITIES for a in activities)):
+        raise ParamError(f"activities must be a list of {', '.join(_PROFILE_ACTIVITIES)} "
+                         f"(sglab's profiler records no others).", "activities")
+    for name in ("with_stack", "record_shapes"):
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise ParamError(f"{name} must be a boolean.", name)
+    return {"output_dir": body.get("output_dir"), "num_steps": num_steps,
+            "activities": activities, "with_stack": body.get("with_stack"),
+            "record_shapes": body.get("record_shapes"),
+            "profile_prefix": body.get("profile_prefix")}
+
+
+@app.get("/stop_profile")
+@app.post("/stop_profile")
 async def stop_profile() -> Response:
     try:
         ret = await _tm().stop_profile()
@@ -252,7 +347,7 @@ async def metrics() -> Response:
         return create_error_response("Metrics are off; start the server with --enable-metrics.",
                                      404, err_type="not_found")
     try:
-        tm.metrics.update_scheduler_state(await tm.get_internal_state())
+        tm.observe_scheduler_state(await tm.get_internal_state(INTERNAL_STATE_WAIT_S))
     except Exception:  # noqa: BLE001 - the request counters are still worth serving
         logger.warning("Could not refresh scheduler metrics", exc_info=True)
     body, content_type = tm.metrics.render()
@@ -262,12 +357,13 @@ async def metrics() -> Response:
 # --- native generate -----------------------------------------------------------------------
 
 
-@app.api_route("/generate", methods=["POST", "PUT"])
+@app.post("/generate")
+@app.put("/generate")
 async def generate_request(raw_request: Request) -> Response:
     try:
         obj = parse_generate_request(await _json_body(raw_request))
     except ValueError as e:
-        return create_error_response(str(e), 400)
+        return error_for_exception(e)
     agen = _tm().generate_request(obj, raw_request)
     try:
         if obj.stream:
@@ -284,42 +380,43 @@ async def _native_stream(first: Any, rest: AsyncIterator) -> AsyncIterator[bytes
         async for out in rest:
             yield sse(dumps_json(out))
     except Exception as e:  # noqa: BLE001 - reported in the stream
-        status = getattr(e, "status_code", 400 if isinstance(e, ValueError) else 500)
-        yield sse(dumps_json(error_body(str(e), code=status)))
+        yield stream_error_event(e)
     finally:
         await rest.aclose()
     yield SSE_DONE
 
 
 def parse_generate_request(body: Any) -> GenerateReqInput:
-    """A GenerateReqInput from a /generate JSON body; unknown keys are ignored, as upstream."""
+    """A GenerateReqInput from a /generate JSON body. Unknown keys are ignored, as upstream;
+    upstream's fields that sglab does not implement are refused unless left at their no-op."""
     if not isinstance(body, dict):
         raise ValueError("The request body must be a JSON object.")
+    path = invalid_unicode_path(body)
+    if path is not None:
+        raise ParamError(f"{path} is not valid Unicode (it holds a lone surrogate).", path)
+    refuse_unsupported(body, _UNSUPPORTED_GENERATE_FIELDS)
     names = {f.name for f in dataclasses.fields(GenerateReqInput)} - _INTERNAL_FIELDS
-    ignored = sorted(set(body) - names)
+    ignored = sorted(set(body) - names - set(_UNSUPPORTED_GENERATE_FIELDS))
     if ignored:
         logger.debug("/generate ignores unknown field(s): %s", ", ".join(ignored))
-    kwargs = {k: v for k, v in body.items() if k in names}
-    for name in ("stream", "return_text_in_logprobs", "log_metrics", *_UNSUPPORTED_FLAGS):
+    kwargs = {k: v for k, v in body.items() if k in names - set(_UNSUPPORTED_GENERATE_FIELDS)}
+    for name in _BOOL_FIELDS:
         value = kwargs.get(name)
         if value is None:
             kwargs.pop(name, None)
         elif not isinstance(value, bool):
-            raise ValueError(f"{name} must be a boolean.")
-    for name in _UNSUPPORTED_FLAGS:
-        if kwargs.get(name):
-            raise ValueError(f"{name} is not supported by sglab.")
+            raise ParamError(f"{name} must be a boolean.", name)
     return GenerateReqInput(**kwargs)
 
 
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        import json
-
         return json.loads(raw)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"The request body is not valid JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(invalid_json_message(e.msg, e.pos)) from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError; nesting too deep
+        raise ValueError(invalid_json_message(str(e), None)) from None
 
 
 async def _optional_json_object(request: Request) -> dict:
@@ -332,13 +429,15 @@ async def _optional_json_object(request: Request) -> dict:
 
 
 def _optional_int(value: Any, name: str) -> int | None:
-    """bench_serving may send numbers as strings."""
+    """An int, or a string holding one (bench_serving may send numbers as strings)."""
     if value is None:
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+    except ValueError:
+        pass
+    raise ParamError(f"{name} must be an integer, got {value!r}.", name)
 
 
 # --- OpenAI-compatible ---------------------------------------------------------------------
@@ -363,13 +462,19 @@ async def available_models() -> Response:
 
 @app.get("/v1/models/{model:path}")
 async def retrieve_model(model: str) -> Response:
+    """The card of any model name the OpenAI routes accept, under that name."""
     tm = _tm()
-    if model in tm.loaded_lora_adapters:
-        return Response(_lora_card(model).model_dump_json(), media_type="application/json")
-    if model not in (tm.served_model_name, tm.model_path):
-        return create_error_response(f"The model '{model}' does not exist", 404,
-                                     param="model", code="model_not_found")
-    return Response(_model_card().model_dump_json(), media_type="application/json")
+    try:
+        adapter = resolve_model(tm, model)
+    except ParamError:
+        adapter = ""
+    if adapter is None:
+        card = _model_card().model_copy(update={"id": model})
+    elif adapter in tm.loaded_lora_adapters:
+        card = _lora_card(adapter).model_copy(update={"id": model})
+    else:
+        return error_for_exception(model_not_found(model))
+    return Response(card.model_dump_json(), media_type="application/json")
 
 
 def _lora_card(name: str) -> ModelCard:
@@ -439,6 +544,24 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on SIGINT/SIGTERM first ends the requests in flight: each
+    stream gets an error event and `data: [DONE]`, each waiting request a 503, so the
+    connections close at once instead of being cancelled when the graceful timeout ends."""
+
+    def __init__(self, config: uvicorn.Config, tokenizer_manager: TokenizerManager):
+        super().__init__(config)
+        self.tokenizer_manager = tokenizer_manager
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        loop = self.tokenizer_manager.event_loop
+        if loop is not None and not loop.is_closed():
+            # From a signal handler: only the loop's thread-safe entry is safe to call.
+            loop.call_soon_threadsafe(self.tokenizer_manager.notify_dead,
+                                      "The server is shutting down.")
+
+
 def launch_server(server_args: ServerArgs) -> None:
     """Start the children, serve HTTP until SIGINT/SIGTERM, then stop everything.
 
@@ -451,12 +574,13 @@ def launch_server(server_args: ServerArgs) -> None:
                          OpenAIServingChat(tokenizer_manager))
     set_global_state(state)
     if server_args.api_key:
-        add_api_key_middleware(app, server_args.api_key)
+        add_api_key_middleware(app, server_args.api_key, server_args.api_key_protect_metrics)
     debug = server_args.log_level == "debug"
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port,
                             log_level=server_args.log_level, access_log=debug,
                             timeout_keep_alive=5, timeout_graceful_shutdown=5)
-    state.uvicorn_server = uvicorn.Server(config)
+    state.uvicorn_server = _Server(config, tokenizer_manager)
+    logger.info("%s", serving_message(server_args))
     children.start_watchdog(lambda message: _fail_server(state, message))
     threading.Thread(target=_wait_and_warmup, args=(state,), name="sglab-warmup",
                      daemon=True).start()
@@ -471,6 +595,26 @@ def launch_server(server_args: ServerArgs) -> None:
         tokenizer_manager.close()
     if state.exit_code:
         raise SystemExit(state.exit_code)
+
+
+def serving_message(args: ServerArgs) -> str:
+    """What is served, from where, on what, and at which URL (the startup log line)."""
+    from sglab.srt.configs.model_config import ModelConfig
+    from sglab.srt.utils.dummy_model import DEFAULT_PRESET, default_cache_dir
+
+    dtype = ModelConfig(args.model_path, args.dtype, args.context_length, args.device,
+                        args.trust_remote_code).dtype
+    if os.path.realpath(args.model_path) == \
+            os.path.realpath(os.path.join(default_cache_dir(), DEFAULT_PRESET)):
+        source = (f"sglab's default {DEFAULT_PRESET} model with random weights, built on "
+                  "first use by sglab.srt.utils.dummy_model; pass --model-path for another")
+    elif args.load_format == "dummy":
+        source = "random weights (--load-format dummy)"
+    else:
+        source = f"{args.load_format} weights"
+    return (f"Serving model {args.served_model_name!r} from {args.model_path} ({source}) on "
+            f"{args.device}, dtype {str(dtype).removeprefix('torch.')}, at "
+            f"http://{args.host}:{args.port}")
 
 
 def _fail_server(state: _GlobalState, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,10 @@ class GenerateReqInput:
                 raise ValueError(f"{name} is not supported by sglab.")
         if self.text is not None:
             self.is_single = isinstance(self.text, str)
-            if not self.is_single and not all(isinstance(t, str) for t in self.text):
-                raise ValueError("text must be a string or a list of strings.")
+            if not self.is_single and not (isinstance(self.text, list)
+                                           and all(isinstance(t, str) for t in self.text)):
+                raise ValueError("text must be a string or a list of strings, got "
+                                 f"{_type_name(self.text)}.")
             self.batch_size = 1 if self.is_single else len(self.text)
         else:
             self.is_single, self.batch_size = _ids_shape(self.input_ids)
@@ -85,9 +88,52 @@ class GenerateReqInput:
         }
 
 
+def invalid_unicode_path(obj: Any) -> str | None:
+    """The dotted path (`messages.0.content`) of the first string or key in a JSON value that
+    is not valid Unicode (a lone surrogate, which no tokenizer or UTF-8 encoder accepts)."""
+    try:  # the common case at C speed (long token id lists)
+        json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_valid_unicode(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                sub = f"{path}.{_printable(key)}" if path else _printable(key)
+                if isinstance(key, str) and not _is_valid_unicode(key):
+                    return sub
+                stack.append((sub, item))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}.{i}" if path else str(i), item)
+                         for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _is_valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(key: Any) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode()
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _ids_shape(input_ids: Any) -> tuple[bool, int]:
     if not isinstance(input_ids, list):
-        raise ValueError("input_ids must be a list of integers or a list of lists of integers.")
+        raise ValueError("input_ids must be a list of integers or a list of lists of integers, "
+                         f"got {_type_name(input_ids)}.")
     if input_ids and all(isinstance(x, list) for x in input_ids):
         for ids in input_ids:
             _check_ids(ids)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -33,6 +34,7 @@ from sglab.srt.managers.io_struct import (
     ProfileReqOutput,
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
+    invalid_unicode_path,
 )
 from sglab.srt.patches import active_patch_ids
 from sglab.srt.sampling.sampling_params import SamplingParams
@@ -43,8 +45,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 128
 _DISCONNECT_POLL_S = 2.0
 _CONTROL_TIMEOUT_S = 300.0
+# /get_server_info and /metrics wait this long for the scheduler, then answer with its last
+# known state: a long forward step must not hold up an info request.
+INTERNAL_STATE_WAIT_S = 1.0
+PROFILE_DIR_ENV = "SGLANG_TORCH_PROFILER_DIR"
+_MAX_PROFILE_PREFIX_LEN = 128
 _BOOL_SAMPLING_PARAMS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
                          "no_stop_trim")
+# SamplingParams fields that nothing downstream reads: refused rather than ignored (the
+# scheduler streams at the server's --stream-interval; sglab has no custom logit processors).
+_IGNORED_SAMPLING_PARAMS = ("stream_interval", "custom_params")
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # (meta_info key, BatchTokenIDOutput value field, id field, is a top-k list per position)
 _LOGPROB_KINDS = (
@@ -66,7 +76,9 @@ class RequestRefusedError(ValueError):
 
 
 class EngineDeadError(RuntimeError):
-    """A child process died, so no request can be served any more."""
+    """A child process died or the server is shutting down: no request can be served."""
+
+    status_code = 503
 
 
 @dataclass
@@ -80,6 +92,7 @@ class ReqState:
     top_logprobs_num: int
     return_text_in_logprobs: bool
     created_time: float
+    log_metrics: bool = True
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
@@ -163,6 +176,10 @@ class TokenizerManager:
         self.last_receive_tstamp = 0.0
         self.server_status = "Starting"  # "Starting" -> "Up"; "UnHealthy" once a child dies
         self.flush_cache_communicator = _Communicator(self)
+        # The scheduler's last reported internal state, when, and the request fetching it.
+        self.internal_state: dict | None = None
+        self.internal_state_time = 0.0
+        self._internal_state_task: asyncio.Task | None = None
         self.internal_state_communicator = _Communicator(self)
         self.profile_communicator = _Communicator(self)
         self.lora_update_communicator = _Communicator(self)
@@ -302,7 +319,7 @@ class TokenizerManager:
         return [[v, t, s] for v, t, s in zip(vals, ids, texts)]
 
     def _observe_output(self, state: ReqState, now: float, num_new: int) -> None:
-        if self.metrics is not None and num_new:
+        if self.metrics is not None and state.log_metrics and num_new:
             if state.last_output_time is None:
                 self.metrics.observe_first_token(now - state.created_time)
             else:
@@ -311,7 +328,7 @@ class TokenizerManager:
             state.last_output_time = now
 
     def _observe_finished(self, state: ReqState) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and state.log_metrics:
             self.metrics.observe_finished(
                 state.prompt_tokens, state.completion_tokens, state.cached_tokens,
                 state.finished_time - state.created_time,
@@ -341,7 +358,8 @@ class TokenizerManager:
         event = asyncio.Event()
         now = time.time()
         states = [ReqState(req.rid, event, len(req.input_ids), req.return_logprob,
-                           req.top_logprobs_num, bool(obj.return_text_in_logprobs), now)
+                           req.top_logprobs_num, bool(obj.return_text_in_logprobs), now,
+                           log_metrics=bool(obj.log_metrics))
                   for req in tokenized]
         for state in states:
             self.rid_to_state[state.rid] = state
@@ -442,6 +460,8 @@ class TokenizerManager:
                                  "not text.")
             if text == "":
                 raise ValueError("The prompt is empty.")
+            if invalid_unicode_path(text) is not None:
+                raise ValueError("text is not valid Unicode (it holds a lone surrogate).")
             input_ids = self.tokenizer.encode(text)
         input_ids = list(input_ids)
         self._validate_input_ids(input_ids)
@@ -476,6 +496,10 @@ class TokenizerManager:
                 )
 
     def _make_sampling_params(self, params: dict, prompt_len: int) -> SamplingParams:
+        path = invalid_unicode_path(params)
+        if path is not None:
+            raise ValueError(f"sampling_params.{path} is not valid Unicode (it holds a lone "
+                             "surrogate).")
         try:
             sampling_params = SamplingParams.from_dict(params)
             sampling_params.verify(self.vocab_size)
@@ -484,9 +508,9 @@ class TokenizerManager:
         for name in _BOOL_SAMPLING_PARAMS:
             if not isinstance(getattr(sampling_params, name), bool):
                 raise ValueError(f"{name} must be a boolean.")
-        interval = sampling_params.stream_interval
-        if interval is not None and (not _is_int(interval) or interval < 1):
-            raise ValueError(f"stream_interval must be a positive integer, got {interval!r}.")
+        for name in _IGNORED_SAMPLING_PARAMS:
+            if getattr(sampling_params, name) not in (None, {}):
+                raise ValueError(f"{name} is not supported by sglab (per request).")
         # As upstream: prompt + output stays below the context length (and the KV pool).
         max_req_len = min(self.context_len, self.max_total_num_tokens or self.context_len) - 1
         budget = max_req_len - prompt_len
@@ -526,16 +550,39 @@ class TokenizerManager:
         self.auto_create_handle_loop()
         return await self.flush_cache_communicator(FlushCacheReqInput())
 
-    async def get_internal_state(self) -> dict:
+    async def get_internal_state(self, max_wait: float | None = None) -> dict:
+        """The scheduler's internal state. With `max_wait`, a scheduler busy for longer gets
+        the last known state instead, carrying its age in `age_s`."""
         self.auto_create_handle_loop()
+        task = self._internal_state_task
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._fetch_internal_state())
+            task.add_done_callback(_retrieve_exception)
+            self._internal_state_task = task
+        done, _ = await asyncio.wait({task}, timeout=max_wait)
+        if done:
+            return dict(task.result())
+        known = self.internal_state or {
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "effective_max_running_requests_per_dp":
+                self.scheduler_info.get("max_running_requests"),
+        }
+        age = time.time() - self.internal_state_time if self.internal_state else None
+        return {**known, "age_s": age}
+
+    async def _fetch_internal_state(self) -> dict:
         reply = await self.internal_state_communicator(GetInternalStateReq())
+        self.internal_state, self.internal_state_time = reply.internal_state, time.time()
         return reply.internal_state
 
     async def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
                             activities: list[str] | None = None, with_stack: bool | None = None,
                             record_shapes: bool | None = None,
                             profile_prefix: str | None = None) -> ProfileReqOutput:
+        """Start the scheduler's profiler; the trace goes under SGLANG_TORCH_PROFILER_DIR."""
         self.auto_create_handle_loop()
+        output_dir = resolve_profile_dir(output_dir)
+        _check_profile_prefix(profile_prefix)
         req = ProfileReq(type="start", output_dir=output_dir, num_steps=num_steps,
                          activities=activities, with_stack=with_stack,
                          record_shapes=record_shapes, profile_prefix=profile_prefix)
@@ -587,10 +634,14 @@ class TokenizerManager:
             "architectures": self.hf_config.get("architectures"),
         }
 
+    def observe_scheduler_state(self, state: dict) -> None:
+        """Refresh the scheduler gauges, unless the scheduler never reported yet."""
+        if self.metrics is not None and "available_kv_tokens" in state:
+            self.metrics.update_scheduler_state(state)
+
     async def get_server_info(self) -> dict:
-        internal_state = await self.get_internal_state()
-        if self.metrics is not None:
-            self.metrics.update_scheduler_state(internal_state)
+        internal_state = await self.get_internal_state(INTERNAL_STATE_WAIT_S)
+        self.observe_scheduler_state(internal_state)
         args = self.server_args.to_dict()
         if args.get("api_key"):
             args["api_key"] = "<hidden>"
@@ -604,6 +655,47 @@ class TokenizerManager:
 
 
 
+def profile_root() -> str:
+    """Where traces may go: $SGLANG_TORCH_PROFILER_DIR, else the temp dir (upstream: /tmp)."""
+    return os.path.realpath(os.environ.get(PROFILE_DIR_ENV) or tempfile.gettempdir())
+
+
+def resolve_profile_dir(output_dir: Any) -> str:
+    """`output_dir` (relative to the profile root, or absolute) as a created directory inside
+    the root; ValueError otherwise."""
+    root = profile_root()
+    if output_dir is None:
+        output_dir = ""
+    if not isinstance(output_dir, str) or "\0" in output_dir:
+        raise ValueError(f"output_dir must be a path string, got {output_dir!r}.")
+    path = os.path.realpath(os.path.join(root, output_dir))
+    if os.path.commonpath([path, root]) != root:
+        raise ValueError(f"output_dir must be inside the profile directory {root} (set by "
+                         f"{PROFILE_DIR_ENV}), got {output_dir!r}.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output_dir {output_dir!r} cannot be created: {e.strerror}.") from None
+    return path
+
+
+def _check_profile_prefix(prefix: Any) -> None:
+    if prefix is None:
+        return
+    if not isinstance(prefix, str) or len(prefix) > _MAX_PROFILE_PREFIX_LEN:
+        raise ValueError(f"profile_prefix must be a string of at most "
+                         f"{_MAX_PROFILE_PREFIX_LEN} characters.")
+    bad = {"/", "\\", "\0", os.sep, os.altsep} - {None}
+    if any(c in prefix for c in bad) or invalid_unicode_path(prefix) is not None:
+        raise ValueError(f"profile_prefix must be a file name prefix without path separators, "
+                         f"got {prefix!r}.")
+
+
+def _retrieve_exception(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _raise_if_refused(reason: dict) -> None:
     if reason.get("type") == "abort" and reason.get("status_code") is not None:
         raise RequestRefusedError(reason.get("message", "Request refused."),
@@ -612,10 +704,6 @@ def _raise_if_refused(reason: dict) -> None:
 
 def _at(values: list, i: int) -> Any:
     return values[i] if i < len(values) else None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

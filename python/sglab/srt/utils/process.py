@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def popen_launch_server(args: list[str], timeout: float = 600.0,
                         env: dict | None = None) -> ServerProcess:
-    """Start a server on a free port and wait until GET /health_generate answers 200."""
+    """Start a server on a free port and wait until GET /health_generate answers 200 (sent
+    with the server's --api-key, as upstream's CI does)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="sglab-server-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "sglab.launch_server", "--port", str(port), *args]
@@ -54,6 +55,8 @@ def popen_launch_server(args: list[str], timeout: float = 600.0,
 def _wait_healthy(server: ServerProcess, timeout: float) -> None:
     http = requests.Session()
     http.trust_env = False
+    if "--api-key" in args:
+        http.headers["Authorization"] = f"Bearer {args[args.index('--api-key') + 1]}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.process.poll() is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
@@ -59,14 +59,28 @@ class UsageInfo(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    """Sampling fields shared by both endpoints (OpenAI's and SGLang's extensions)."""
+    """Sampling fields shared by both endpoints (OpenAI's and SGLang's extensions).
+
+    Unknown fields are ignored, as upstream and OpenAI do. Fields that upstream SGLang or OpenAI
+    define but sglab does not implement are declared (typed `Any`) and listed in
+    UNSUPPORTED_FIELDS with their no-op values besides None: a request that sets one to
+    anything else is refused with a 400 naming the field, never silently ignored.
+    """
 
     model_config = ConfigDict(extra="ignore")
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
+        "logit_bias": ({},), "stop_regex": ([], ""), "regex": ("",), "json_schema": ("",),
+        "ebnf": ("",), "custom_logit_processor": ("",), "custom_params": ({},),
+        "session_params": ({},), "return_hidden_states": (False,),
+        "return_routed_experts": (False,), "return_cached_tokens_details": (False,),
+        "priority": (), "extra_key": ("",), "cache_salt": ("",), "custom_labels": ({},),
+        "bootstrap_host": (), "bootstrap_port": (), "bootstrap_room": (),
+        "routed_dp_rank": (), "disagg_prefill_dp_rank": (), "data_parallel_rank": (),
+    }
 
     model: str = DEFAULT_MODEL_NAME
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    logit_bias: Optional[Dict[str, float]] = None
     n: int = 1
     seed: Optional[int] = None
     stop: Optional[Union[str, List[str]]] = None
@@ -80,26 +94,50 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    regex: Optional[str] = None
-    json_schema: Optional[str] = None
-    ebnf: Optional[str] = None
     lora_path: Optional[str] = None
     rid: Optional[str] = None
-    priority: Optional[int] = None
+    # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
+    logit_bias: Any = None
+    stop_regex: Any = None
+    regex: Any = None
+    json_schema: Any = None
+    ebnf: Any = None
+    custom_logit_processor: Any = None
+    custom_params: Any = None
+    session_params: Any = None
+    return_hidden_states: Any = None
+    return_routed_experts: Any = None
+    return_cached_tokens_details: Any = None
+    priority: Any = None
+    extra_key: Any = None
+    cache_salt: Any = None
+    custom_labels: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    routed_dp_rank: Any = None
+    disagg_prefill_dp_rank: Any = None
+    data_parallel_rank: Any = None
 
 
 class CompletionRequest(_SamplingFields):
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
+        **_SamplingFields.UNSUPPORTED_FIELDS, "suffix": ("",),
+        "response_format": ({"type": "text"},),
+    }
+
     prompt: Union[List[int], List[List[int]], str, List[str]]
     best_of: Optional[int] = None
     echo: bool = False
     logprobs: Optional[NonNegativeInt] = None
     max_tokens: Optional[int] = 16
-    suffix: Optional[str] = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    suffix: Any = None
+    response_format: Any = None
 
 
 class LogProbs(BaseModel):
@@ -170,6 +208,13 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
+        **_SamplingFields.UNSUPPORTED_FIELDS, "tools": ([],), "tool_choice": ("none", "auto"),
+        "parallel_tool_calls": (True,), "functions": ([],), "function_call": ("none", "auto"),
+        "reasoning_effort": (), "max_dynamic_patch": (), "min_dynamic_patch": (),
+        "use_audio_in_video": (False,),
+    }
+
     messages: List[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: Optional[NonNegativeInt] = None
@@ -181,12 +226,19 @@ class ChatCompletionRequest(_SamplingFields):
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[List[Dict[str, Any]]] = None
-    tool_choice: Union[str, Dict[str, Any]] = "auto"
     continue_final_message: bool = False
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     separate_reasoning: bool = True
     stream_reasoning: bool = True
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: Any = None
+    max_dynamic_patch: Any = None
+    min_dynamic_patch: Any = None
+    use_audio_in_video: Any = None
 
 
 class TopLogprob(BaseModel):

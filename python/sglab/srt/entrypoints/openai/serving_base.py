@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any, AsyncIterator
@@ -16,7 +17,7 @@ from sglab.srt.entrypoints.openai.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from sglab.srt.managers.io_struct import GenerateReqInput
+from sglab.srt.managers.io_struct import GenerateReqInput, invalid_unicode_path
 from sglab.srt.managers.tokenizer_manager import (
     EngineDeadError,
     RequestRefusedError,
@@ -26,15 +27,17 @@ from sglab.srt.managers.tokenizer_manager import (
 logger = logging.getLogger(__name__)
 
 MAX_N = 128
+# The one cap on completions `logprobs` and chat `top_logprobs`: vLLM's default max_logprobs.
+MAX_LOGPROBS = 20
 
-try:
-    import orjson
 
-    def dumps_json(obj: Any) -> bytes:
+def dumps_json(obj: Any) -> bytes:
+    """orjson when it can; json's ASCII escapes for what orjson refuses (lone surrogates)."""
+    try:
+        import orjson
+
         return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
-except ImportError:  # pragma: no cover - orjson is optional
-
-    def dumps_json(obj: Any) -> bytes:
+    except (ImportError, TypeError):  # orjson.JSONEncodeError is a TypeError
         return json.dumps(obj, default=str).encode()
 
 
@@ -58,6 +61,8 @@ def create_error_response(message: str, status_code: int = 400,
 
 def error_for_exception(e: BaseException) -> Response:
     """Map a generation failure to its HTTP answer."""
+    if isinstance(e, ParamError):
+        return create_error_response(str(e), e.status_code, param=e.param, code=e.code)
     if isinstance(e, RequestRefusedError):
         return create_error_response(str(e), e.status_code)
     if isinstance(e, ValueError):
@@ -67,6 +72,16 @@ def error_for_exception(e: BaseException) -> Response:
     logger.error("Request failed", exc_info=e)
     return create_error_response(f"Internal server error: {type(e).__name__}: {e}", 500,
                                  err_type="internal_error")
+
+
+def stream_error_event(e: BaseException) -> bytes:
+    """The SSE event that ends a stream broken by `e` (`data: [DONE]` follows it)."""
+    status = getattr(e, "status_code", 400 if isinstance(e, ValueError) else 500)
+    err_type = "service_unavailable" if status == 503 else "invalid_request_error"
+    if status >= 500 and status != 503:
+        logger.error("Stream failed", exc_info=e)
+        err_type = "internal_error"
+    return sse(dumps_json(error_body(str(e), err_type, getattr(e, "param", None), status)))
 
 
 def sse(data: bytes | str) -> bytes:
@@ -106,10 +121,11 @@ class OpenAIServingBase:
 
     async def handle_request(self, request: Any, raw_request: Request) -> Response:
         try:
+            check_request_fields(request)
             self._validate_model(request.model)
             obj, context = self._convert_to_internal_request(request)
         except ValueError as e:
-            return create_error_response(str(e), param=getattr(e, "param", None))
+            return error_for_exception(e)
         agen = self.tokenizer_manager.generate_request(obj, raw_request)
         try:
             if request.stream:
@@ -130,8 +146,7 @@ class OpenAIServingBase:
             async for chunk in self._generate_chunks(outputs(), request, context):
                 yield chunk
         except Exception as e:  # noqa: BLE001 - reported in the stream
-            status = getattr(e, "status_code", 400 if isinstance(e, ValueError) else 500)
-            yield sse(dumps_json(error_body(str(e), code=status)))
+            yield stream_error_event(e)
         finally:
             await rest.aclose()
         yield SSE_DONE
@@ -153,22 +168,8 @@ class OpenAIServingBase:
         self._lora_path(model, None)
 
     def _lora_path(self, model: str, lora_path: str | None) -> str | None:
-        """The adapter a request asks for: `lora_path`, the `base:adapter` model name, or a
-        loaded adapter's name as the model (as vLLM clients send it)."""
-        tm = self.tokenizer_manager
-        bases = (tm.served_model_name, tm.model_path, DEFAULT_MODEL_NAME)
-        if model in bases:
-            return lora_path
-        if model in getattr(tm, "loaded_lora_adapters", {}):
-            return lora_path or model
-        base, _, adapter = model.rpartition(":")
-        if base in bases and adapter:
-            if not getattr(tm.server_args, "enable_lora", False):
-                raise ParamError("LoRA is not enabled. Please set `--enable-lora` to enable "
-                                 "LoRA.", "model")
-            return lora_path or adapter
-        raise ParamError(f"The model '{model}' does not exist. This server serves "
-                         f"'{tm.served_model_name}'.", "model")
+        """The adapter a request asks for: `lora_path`, else the one its model names."""
+        return lora_path or resolve_model(self.tokenizer_manager, model)
 
     def _sampling_params(self, request: Any, max_new_tokens: int | None) -> dict:
         if not 1 <= request.n <= MAX_N:
@@ -180,14 +181,10 @@ class OpenAIServingBase:
             "stop_token_ids": request.stop_token_ids,
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
-            "regex": request.regex,
-            "json_schema": request.json_schema,
-            "ebnf": request.ebnf,
             "ignore_eos": request.ignore_eos,
             "skip_special_tokens": request.skip_special_tokens,
             "spaces_between_special_tokens": request.spaces_between_special_tokens,
             "no_stop_trim": request.no_stop_trim,
-            "logit_bias": request.logit_bias,
             "sampling_seed": request.seed,
         }
         defaults = self.tokenizer_manager.generation_defaults
@@ -214,9 +211,81 @@ class OpenAIServingBase:
 class ParamError(ValueError):
     """Invalid input tied to one request field (reported as the error's `param`)."""
 
-    def __init__(self, message: str, param: str | None):
+    def __init__(self, message: str, param: str | None, status_code: int = 400,
+                 code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.status_code = status_code
+        self.code = code
+
+
+def resolve_model(tm: TokenizerManager, model: str) -> str | None:
+    """The LoRA adapter a model name selects (None: the base model). Accepted names: the
+    served name, the model path, "default", a loaded adapter's name (as vLLM clients send it)
+    and `base:adapter`. Raises ParamError (404 model_not_found) for any other name."""
+    bases = (tm.served_model_name, tm.model_path, DEFAULT_MODEL_NAME)
+    if model in bases:
+        return None
+    if model in getattr(tm, "loaded_lora_adapters", {}):
+        return model
+    base, _, adapter = model.rpartition(":")
+    if base in bases and adapter:
+        if not getattr(tm.server_args, "enable_lora", False):
+            raise ParamError("LoRA is not enabled. Please set `--enable-lora` to enable LoRA.",
+                             "model")
+        return adapter
+    raise model_not_found(model)
+
+
+def model_not_found(model: str) -> ParamError:
+    """OpenAI's and vLLM's answer to an unknown model: 404, code `model_not_found`."""
+    return ParamError(f"The model `{model}` does not exist.", "model", 404, "model_not_found")
+
+
+def check_request_fields(request: Any) -> None:
+    """Refuse strings that are not valid Unicode and fields sglab would have to ignore."""
+    path = invalid_unicode_path(request.model_dump())
+    if path is not None:
+        raise ParamError(f"{path} is not valid Unicode (it holds a lone surrogate).", path)
+    refuse_unsupported(dict(request), request.UNSUPPORTED_FIELDS)
+
+
+def refuse_unsupported(values: dict, fields: dict[str, tuple]) -> None:
+    """400 for the first of `fields` (name -> its no-op values besides None) set otherwise."""
+    for name, noops in fields.items():
+        if not is_noop(values.get(name), noops):
+            raise ParamError(f"{name} is not supported by sglab.", name)
+
+
+def is_noop(value: Any, noops: tuple = ()) -> bool:
+    """None, or one of `noops` with the same type (so 0 is not False, nor 1 True)."""
+    return value is None or any(type(value) is type(n) and value == n for n in noops)
+
+
+def check_logprobs_cap(value: int | None, name: str) -> None:
+    if value is not None and value > MAX_LOGPROBS:
+        raise ParamError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}.", name)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed`.
+
+    Choice 0 keeps the request's seed, so n=1 and the first of n choices agree; the others get
+    a seed hashed from (seed, index) in [0, 2**63), so they differ from each other and from
+    the choices of a request seeded seed+1 (vLLM's seed+index would collide there).
+    """
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def per_choice_params(params: dict, num_choices: int) -> list[dict]:
+    """The sampling params of each of `num_choices` samples of one prompt."""
+    seed = params.get("sampling_seed")
+    if seed is None:
+        return [params] * num_choices
+    return [{**params, "sampling_seed": choice_seed(seed, i)} for i in range(num_choices)]
 
 
 def finish_reason_type(reason: dict | None) -> str | None:

@@ -23,8 +23,10 @@ from sglab.srt.entrypoints.openai.protocol import (
 from sglab.srt.entrypoints.openai.serving_base import (
     OpenAIServingBase,
     ParamError,
+    check_logprobs_cap,
     finish_reason_type,
     matched_stop,
+    per_choice_params,
     sse,
     usage_from_outputs,
 )
@@ -32,7 +34,6 @@ from sglab.srt.managers.io_struct import GenerateReqInput
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20
 # Used only when the tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -56,7 +57,7 @@ class OpenAIServingChat(OpenAIServingBase):
         base_id, rid = self._request_ids(request, n)
         obj = GenerateReqInput(
             input_ids=input_ids if n == 1 else [list(input_ids) for _ in range(n)],
-            sampling_params=sampling_params,
+            sampling_params=sampling_params if n == 1 else per_choice_params(sampling_params, n),
             rid=rid,
             stream=request.stream,
             return_logprob=request.logprobs,
@@ -72,12 +73,9 @@ class OpenAIServingChat(OpenAIServingBase):
         if fmt is not None and fmt.type != "text":
             raise ParamError(f"response_format type {fmt.type!r} is not supported by sglab.",
                              "response_format")
-        if request.top_logprobs is not None:
-            if not request.logprobs and request.top_logprobs > 0:
-                raise ParamError("top_logprobs requires logprobs to be true.", "top_logprobs")
-            if request.top_logprobs > MAX_TOP_LOGPROBS:
-                raise ParamError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
-                                 f"{request.top_logprobs}.", "top_logprobs")
+        check_logprobs_cap(request.top_logprobs, "top_logprobs")
+        if request.top_logprobs and not request.logprobs:
+            raise ParamError("top_logprobs requires logprobs to be true.", "top_logprobs")
 
     def _apply_chat_template(self, request: ChatCompletionRequest) -> list[int]:
         tokenizer = self.tokenizer_manager.tokenizer
@@ -85,11 +83,10 @@ class OpenAIServingChat(OpenAIServingBase):
             raise ParamError("Chat completions need a tokenizer; the server runs with "
                              "--skip-tokenizer-init.", "messages")
         messages = [_message_dict(m) for m in request.messages]
-        tools = request.tools if request.tool_choice != "none" else None
         template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
         try:
             prompt = tokenizer.apply_chat_template(
-                messages, tools=tools, chat_template=template, tokenize=False,
+                messages, chat_template=template, tokenize=False,
                 add_generation_prompt=not request.continue_final_message,
                 continue_final_message=request.continue_final_message,
                 **(request.chat_template_kwargs or {}))

@@ -16,9 +16,13 @@ from sglab.srt.entrypoints.openai.protocol import (
     LogProbs,
 )
 from sglab.srt.entrypoints.openai.serving_base import (
+    MAX_N,
     OpenAIServingBase,
+    ParamError,
+    check_logprobs_cap,
     finish_reason_type,
     matched_stop,
+    per_choice_params,
     sse,
     usage_from_outputs,
 )
@@ -31,7 +35,10 @@ class OpenAIServingCompletion(OpenAIServingBase):
     ) -> tuple[GenerateReqInput, dict]:
         prompts, is_text = _split_prompts(request.prompt)
         sampling_params = self._sampling_params(request, request.max_tokens)
-        items = [p for p in prompts for _ in range(request.n)]
+        check_logprobs_cap(request.logprobs, "logprobs")
+        samples = _num_samples(request)
+        items = [p for p in prompts for _ in range(samples)]
+        item_params = per_choice_params(sampling_params, samples) * len(prompts)
         single = len(items) == 1
         batch = items[0] if single else items
         base_id, rid = self._request_ids(request, len(items))
@@ -39,17 +46,18 @@ class OpenAIServingCompletion(OpenAIServingBase):
         obj = GenerateReqInput(
             text=batch if is_text else None,
             input_ids=None if is_text else batch,
-            sampling_params=sampling_params,
+            sampling_params=item_params[0] if single else item_params,
             rid=rid,
             stream=request.stream,
-            return_logprob=want_logprobs,
+            return_logprob=want_logprobs or samples > request.n,
             logprob_start_len=0 if want_logprobs and request.echo else -1,
             top_logprobs_num=request.logprobs or 0,
             return_text_in_logprobs=True,
             lora_path=self._lora_path(request.model, request.lora_path),
         )
         echo = [self._prompt_text(p, is_text) for p in items] if request.echo else None
-        context = {"id": base_id, "created": int(time.time()), "n": request.n, "echo": echo}
+        context = {"id": base_id, "created": int(time.time()), "n": request.n,
+                   "samples": samples, "echo": echo}
         return obj, context
 
     def _prompt_text(self, prompt: Any, is_text: bool) -> str:
@@ -62,9 +70,10 @@ class OpenAIServingCompletion(OpenAIServingBase):
                               context: dict) -> Response:
         outputs = ret if isinstance(ret, list) else [ret]
         choices = []
-        for i, out in enumerate(outputs):
+        for i, k in enumerate(_best_of(outputs, context["samples"], context["n"])):
+            out = outputs[k]
             meta = out["meta_info"]
-            prefix = context["echo"][i] if context["echo"] else ""
+            prefix = context["echo"][k] if context["echo"] else ""
             logprobs = None
             if request.logprobs is not None:
                 logprobs, _ = to_legacy_logprobs(*_token_logprobs(meta, request, 0), 0)
@@ -72,7 +81,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
             choices.append(CompletionResponseChoice(
                 index=i, text=prefix + out.get("text", ""), logprobs=logprobs,
                 finish_reason=finish_reason_type(reason), matched_stop=matched_stop(reason)))
-        usage = usage_from_outputs(outputs, context["n"], self._cache_report())
+        usage = usage_from_outputs(outputs, context["samples"], self._cache_report())
         response = CompletionResponse(
             id=context["id"], created=context["created"], model=request.model, choices=choices,
             usage=usage, metadata={"weight_version": outputs[0]["meta_info"]["weight_version"]})
@@ -121,6 +130,38 @@ class OpenAIServingCompletion(OpenAIServingBase):
             chunk = CompletionStreamResponse(id=context["id"], created=context["created"],
                                              model=request.model, choices=[], usage=usage)
             yield sse(chunk.model_dump_json(exclude_none=True))
+
+
+def _num_samples(request: CompletionRequest) -> int:
+    """Samples per prompt: `best_of` (the n with the highest cumulative logprob are returned,
+    as OpenAI and vLLM do), else n."""
+    best_of = request.best_of
+    if best_of is None:
+        return request.n
+    if not request.n <= best_of <= MAX_N:
+        raise ParamError(f"best_of must be in [n, {MAX_N}] (n is {request.n}), got {best_of}.",
+                         "best_of")
+    if request.stream and best_of > request.n:
+        raise ParamError("best_of > n cannot be streamed: the best choices are known only "
+                         "once all are finished.", "best_of")
+    return best_of
+
+
+def _best_of(outputs: list[dict], samples: int, n: int) -> list[int]:
+    """Indices of the returned outputs: per prompt, the n of `samples` with the highest
+    cumulative output logprob (ties keep their order)."""
+    if samples == n:
+        return list(range(len(outputs)))
+    picked = []
+    for start in range(0, len(outputs), samples):
+        group = range(start, start + samples)
+        picked += sorted(group, key=lambda k: -_cumulative_logprob(outputs[k]))[:n]
+    return picked
+
+
+def _cumulative_logprob(out: dict) -> float:
+    return sum(lp for lp, _, _ in out["meta_info"].get("output_token_logprobs", [])
+               if lp is not None)
 
 
 def _split_prompts(prompt: Any) -> tuple[list, bool]:
