@@ -43,7 +43,7 @@ def popen_launch_server(args: list[str], timeout: float = 600.0,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
     try:
-        _wait_healthy(server, timeout)
+        _wait_healthy(server, timeout, _api_key(args))
     except BaseException:
         # Also when interrupted (SIGTERM, Ctrl-C): the server runs in its own session, so
         # nothing else would stop it.
@@ -52,11 +52,15 @@ def popen_launch_server(args: list[str], timeout: float = 600.0,
     return server
 
 
-def _wait_healthy(server: ServerProcess, timeout: float) -> None:
+def _api_key(args: list[str]) -> str | None:
+    return args[args.index("--api-key") + 1] if "--api-key" in args else None
+
+
+def _wait_healthy(server: ServerProcess, timeout: float, api_key: str | None) -> None:
     http = requests.Session()
     http.trust_env = False
-    if "--api-key" in args:
-        http.headers["Authorization"] = f"Bearer {args[args.index('--api-key') + 1]}"
+    if api_key is not None:
+        http.headers["Authorization"] = f"Bearer {api_key}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.process.poll() is not None:
