@@ -243,3 +243,13 @@ def test_completion_stream_batch_indices_and_logprobs():
         assert sum((c["logprobs"]["token_logprobs"] for c in mine), []) == [-0.1, -0.2]
         assert [c["logprobs"]["text_offset"] for c in mine] == [[0], [1]]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize("seed", [1 << 63, -(1 << 63) - 1, 1 << 64])
+def test_seed_outside_int64_is_refused_by_name(seed):
+    for model, body in ((CompletionRequest, {"prompt": "Hi"}),
+                        (ChatCompletionRequest, {"messages": [{"role": "user", "content": "Hi"}]})):
+        with pytest.raises(ValidationError, match="seed"):
+            model(**body, seed=seed)
+        for edge in ((1 << 63) - 1, -(1 << 63)):
+            assert model(**body, seed=edge).seed == edge

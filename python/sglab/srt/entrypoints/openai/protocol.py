@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
+from sglab.srt.sampling.sampling_params import INT64_MAX, INT64_MIN
 
 DEFAULT_MODEL_NAME = "default"
 
@@ -82,7 +84,8 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     n: int = 1
-    seed: Optional[int] = None
+    # OpenAI's seed is an int64; sglab hashes it as one on the device.
+    seed: Optional[Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]] = None
     stop: Optional[Union[str, List[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
