@@ -34,7 +34,7 @@ class SamplingBatchInfo:
 
     @classmethod
     def from_params(cls, params: list, seeds: list[int],
-                    penalizer_orchestrator: "BatchedPenalizerOrchestrator | None",
+                    penalizer_orchestrator: "BatchedPenalizerOrchestrator | None" = None,
                     ) -> "SamplingBatchInfo":
         """Host tensors from each request's (normalized) SamplingParams."""
         top_ks = [min(p.top_k, TOP_K_ALL) for p in params]

@@ -8,6 +8,7 @@ of `req_to_token`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from sglab.srt.mem_cache.radix_cache import RadixCache
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
+_compositions = itertools.count()
 
 
 def finish_length(n: int) -> dict:
@@ -56,10 +58,9 @@ class Req:
         self.eos_token_ids = eos_token_ids or set()
         self.lora_id = lora_id  # the adapter's id (not its name); None = the base model
         self.output_ids: list[int] = []
-        # Overlap scheduling: a token sampled on the device that the host has not read yet,
-        # addressed by its slot in the worker's future map.
+        # Overlap scheduling: tokens sampled on the device that the host has not read yet (the
+        # next decode reads the last one from the worker's future map, by request row).
         self.num_pending_tokens = 0
-        self.future_idx = -1
         self.fill_ids: list[int] = []
         self.finished_reason: dict | None = None
         # A finish (abort) decided while the request is mid-step; it takes effect at its next
@@ -96,12 +97,6 @@ class Req:
     @property
     def seqlen(self) -> int:
         return len(self.origin_input_ids) + len(self.output_ids) + self.num_pending_tokens
-
-    def decode_input_id(self) -> int:
-        """The token to feed next: the last known one, or a future-map reference (negative)."""
-        if self.num_pending_tokens:
-            return -(self.future_idx + 1)
-        return self.output_ids[-1]
 
     def will_finish_by_length(self) -> bool:
         max_new = self.sampling_params.max_new_tokens
@@ -187,7 +182,9 @@ class ModelWorkerBatch:
     extend_logprob_pruned_lens: list[int] | None = None
     extend_input_logprob_token_ids: torch.Tensor | None = None
     req_to_token_writes: tuple[torch.Tensor, torch.Tensor] | None = None
-    has_future_input_ids: bool = False
+    # Which requests, in which order (ScheduleBatch.composition): while it stays, the worker
+    # keeps their device rows, lengths and sampling tensors from one decode step to the next.
+    composition: int = -1
     # LoRA: each request's adapter id, and the adapters of the batch still in flight.
     lora_ids: list[str | None] | None = None
     lora_inflight_ids: set[str | None] | None = None
@@ -205,7 +202,9 @@ class ScheduleBatch:
     penalizer_orchestrator: BatchedPenalizerOrchestrator | None = None
     # The request this prefill batch leaves half-prefilled (it yields no token this step).
     chunked_req: Req | None = None
-    # Host tensors of the current step.
+    # Changes (a fresh number) whenever the requests or their order change.
+    composition: int = field(default_factory=lambda: next(_compositions))
+    # Host tensors of the current step (decode: no input ids, the worker's future map has them).
     input_ids: torch.Tensor = field(default_factory=lambda: _EMPTY)
     req_pool_indices: torch.Tensor = field(default_factory=lambda: _EMPTY)
     seq_lens_cpu: torch.Tensor = field(default_factory=lambda: _EMPTY)
@@ -219,8 +218,13 @@ class ScheduleBatch:
     extend_input_logprob_token_ids: torch.Tensor | None = None
     # What this step took, until it launches (see rollback_step): each request's length before
     # its new KV slots (set once they are allocated) and the row writes taken from the pool.
-    step_prev_lens: list[int] | None = None
+    step_prev_lens: list[int] | torch.Tensor | None = None
     step_row_writes: list | None = None
+    # The composition the decode mirrors (req_pool_indices, seq_lens_cpu) and the host
+    # SamplingBatchInfo were built for.
+    decode_composition: int = -1
+    sampling_info: SamplingBatchInfo | None = None
+    sampling_composition: int = -1
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
@@ -309,23 +313,35 @@ class ScheduleBatch:
     # --- decode -------------------------------------------------------------------------------
 
     def prepare_for_decode(self) -> None:
+        """Host mirrors of one decode step, with no per-request Python while the batch keeps
+        its requests: lengths grow by one, rows stay, the new slots go in with one write."""
         self.forward_mode = ForwardMode.DECODE
         self._begin_step()
-        reqs = self.reqs
-        prev_lens = [r.seqlen - 1 for r in reqs]
-        last_locs = self._last_locs(prev_lens)
-        seq_lens = [n + 1 for n in prev_lens]
-        self._evict_for(len(reqs) * self._page_size())
-        out = self.token_to_kv_pool_allocator.alloc_decode(seq_lens, last_locs)
+        if self.decode_composition != self.composition:
+            self.req_pool_indices = torch.tensor([r.req_pool_idx for r in self.reqs],
+                                                 dtype=torch.int64)
+            prev_lens = torch.tensor([r.seqlen - 1 for r in self.reqs], dtype=torch.int64)
+            self.decode_composition = self.composition
+        else:
+            prev_lens = self.seq_lens_cpu
+        self._evict_for(len(self.reqs) * self._page_size())
+        out = self._alloc_decode(prev_lens)
         if out is None:
             raise RuntimeError("KV cache is out of memory during decode")
         self.out_cache_loc, self.step_prev_lens = out, prev_lens
-        for req, n, loc in zip(reqs, prev_lens, out):
-            self.req_to_token_pool.write(req.req_pool_idx, n, loc.view(1), sync_device=False)
-        self.input_ids = torch.tensor([r.decode_input_id() for r in reqs], dtype=torch.int64)
-        self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
-        self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+        self.req_to_token_pool.req_to_token_cpu[self.req_pool_indices, prev_lens] = \
+            out.to(torch.int32)
+        self.seq_lens_cpu = prev_lens + 1
+        self.input_ids = _EMPTY
         self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
+
+    def _alloc_decode(self, prev_lens: torch.Tensor) -> torch.Tensor | None:
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.page_size == 1:
+            return allocator.alloc(len(self.reqs))
+        table = self.req_to_token_pool.req_to_token_cpu
+        last_locs = table[self.req_pool_indices, prev_lens - 1].to(torch.int64)
+        return allocator.alloc_decode((prev_lens + 1).tolist(), last_locs.tolist())
 
     def check_decode_mem(self) -> bool:
         need = _decode_need(self.reqs, self._page_size())
@@ -360,16 +376,21 @@ class ScheduleBatch:
     def filter_batch(self, keep: list[Req] | None = None) -> None:
         """Keep `keep` (in order; default: the unfinished requests), with their penalty rows."""
         keep = [r for r in self.reqs if not r.finished()] if keep is None else keep
-        if self.penalizer_orchestrator is not None and len(keep) != len(self.reqs):
+        if len(keep) == len(self.reqs):  # `keep` is a subsequence: the same requests
+            return
+        if self.penalizer_orchestrator is not None:
             row = {id(r): i for i, r in enumerate(self.reqs)}
             self.penalizer_orchestrator = self.penalizer_orchestrator.filter(
                 [row[id(r)] for r in keep], keep)
         self.reqs = keep
+        self.composition = next(_compositions)
 
     def merge_batch(self, other: "ScheduleBatch") -> None:
         self.penalizer_orchestrator = BatchedPenalizerOrchestrator.merge(
             self.penalizer_orchestrator, self.reqs, other.penalizer_orchestrator, other.reqs)
         self.reqs = self.reqs + other.reqs
+        if other.reqs:
+            self.composition = next(_compositions)
 
     def rebuild_penalizer(self) -> None:
         """Penalty state from the requests' host tokens (they must all be on the host)."""
@@ -388,7 +409,9 @@ class ScheduleBatch:
             page, out, start = self._page_size(), self.out_cache_loc, 0
             extend = self.forward_mode.is_extend()
             taken = []
-            for i, prev_len in enumerate(self.step_prev_lens):
+            prev_lens = self.step_prev_lens
+            for i, prev_len in enumerate(prev_lens.tolist() if isinstance(prev_lens, torch.Tensor)
+                                         else prev_lens):
                 n = self.extend_lens[i] if extend else 1
                 continued = min((-prev_len) % page, n)  # slots that fill the last partial page
                 taken.append(out[start + continued:start + n])
@@ -398,16 +421,24 @@ class ScheduleBatch:
         if self.step_row_writes:
             self.req_to_token_pool.restore_pending_writes(self.step_row_writes)
         self._begin_step()
+        # The requests may have advanced one by one since: rebuild the mirrors from them.
+        self.composition = next(_compositions)
 
     def copy(self) -> "ScheduleBatch":
         """A snapshot for processing this step's result after the batch moved on (overlap)."""
         return dataclasses.replace(self, reqs=list(self.reqs))
 
+    def _sampling_batch_info(self) -> SamplingBatchInfo:
+        """The batch's sampling tensors, rebuilt only when its requests change."""
+        if self.sampling_composition != self.composition or self.sampling_info is None:
+            self.sampling_info = SamplingBatchInfo.from_params(
+                [r.sampling_params for r in self.reqs], [r.seed for r in self.reqs])
+            self.sampling_composition = self.composition
+        return dataclasses.replace(self.sampling_info,
+                                   penalizer_orchestrator=self.penalizer_orchestrator)
+
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         reqs = self.reqs
-        sampling_info = SamplingBatchInfo.from_params([r.sampling_params for r in reqs],
-                                                      [r.seed for r in reqs],
-                                                      self.penalizer_orchestrator)
         self.step_row_writes = self.req_to_token_pool.take_pending_writes()
         mwb = ModelWorkerBatch(
             forward_mode=self.forward_mode,
@@ -417,11 +448,11 @@ class ScheduleBatch:
             seq_lens_sum=int(self.seq_lens_cpu.sum()),
             seq_lens_max=int(self.seq_lens_cpu.max()),
             out_cache_loc=self.out_cache_loc,
-            sampling_info=sampling_info,
+            sampling_info=self._sampling_batch_info(),
             return_logprob=self.return_logprob,
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             req_to_token_writes=self.req_to_token_pool.flatten_writes(self.step_row_writes),
-            has_future_input_ids=any(r.num_pending_tokens for r in reqs),
+            composition=self.composition,
             lora_ids=[r.lora_id for r in reqs],
         )
         if self.forward_mode.is_extend():

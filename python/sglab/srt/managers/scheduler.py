@@ -441,19 +441,17 @@ class Scheduler:
             worker_batch.lora_inflight_ids = {r.lora_id for b, _ in self.result_queue
                                               for r in b.reqs}
         result = self.tp_worker.forward_batch_generation(worker_batch)
-        result.copy_to_cpu()
         AUDIT.step_end()
         self._profile_step()
         return result
 
     def _mark_pending(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
-        """Record where each request's sampled token lands in the future map."""
-        start = self.tp_worker.future_map.store(result.sample_output.next_token_ids)
-        for i, req in enumerate(batch.reqs):
+        """Count the token each request sampled on the device (the worker's future map holds it
+        at the request's row) until the host reads it."""
+        for req in batch.reqs:
             if req is batch.chunked_req or req.sampling_params.max_new_tokens == 0:
                 continue
             req.num_pending_tokens += 1
-            req.future_idx = start + i
 
     # --- results ------------------------------------------------------------------------------
 
@@ -566,6 +564,10 @@ class Scheduler:
         batch.rollback_step()
         while self.result_queue:  # the batch in flight lands first: its tokens are inputs here
             self.process_pending_result()
+        if not batch.forward_mode.is_extend():
+            live = [r for r in batch.reqs if not r.finished()]
+            self.tp_worker.restore_future_tokens([r.req_pool_idx for r in live],
+                                                 [r.output_ids[-1] for r in live])
         for req in [r for r in batch.reqs if not r.finished()]:
             if len(batch.reqs) == 1:
                 self._abort_failed(req, batch, error)

@@ -9,15 +9,17 @@ import torch
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput
+from sglab.srt.managers.overlap_utils import FutureMap, PendingResult, ResultRing, StepStreams
 from sglab.srt.managers.schedule_batch import ModelWorkerBatch
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 from sglab.srt.model_executor.model_runner import ModelRunner
 from sglab.srt.server_args import ServerArgs
+from sglab.srt.utils.h2d import h2d
 
 
 @dataclass
 class GenerationBatchResult:
-    """Device results of one step and, after `copy_to_cpu`, their host copies."""
+    """Device results of one step and, after `synchronize`, their host copies."""
 
     logits_output: LogitsProcessorOutput
     sample_output: SampleOutput
@@ -28,14 +30,12 @@ class GenerationBatchResult:
     input_token_logprobs_cpu: list[float] | None = None
     input_top_logprobs_val_cpu: list | None = None
     input_top_logprobs_idx_cpu: list | None = None
+    pending: PendingResult | None = None
 
-    copy_done: torch.cuda.Event | None = None
-    _host: dict | None = None
-
-    def copy_to_cpu(self) -> None:
-        """Start the one device→host copy of a step (non-blocking on an accelerator)."""
+    def copy_to_cpu(self, ring: ResultRing) -> None:
+        """Start the one device->host copy of the step (non-blocking on an accelerator)."""
         s, lo = self.sample_output, self.logits_output
-        tensors = {
+        self.pending = ring.copy({
             "next_token_ids_cpu": s.next_token_ids,
             "next_token_logprobs_cpu": s.next_token_logprobs,
             "top_logprobs_val_cpu": s.top_logprobs_val,
@@ -43,50 +43,12 @@ class GenerationBatchResult:
             "input_token_logprobs_cpu": lo.input_token_logprobs,
             "input_top_logprobs_val_cpu": lo.input_top_logprobs_val,
             "input_top_logprobs_idx_cpu": lo.input_top_logprobs_idx,
-        }
-        on_device = s.next_token_ids.is_cuda
-        self._host = {k: _to_host(v, on_device) for k, v in tensors.items()}
-        if on_device:
-            self.copy_done = torch.cuda.Event()
-            self.copy_done.record()
+        })
 
     def synchronize(self) -> None:
         """Wait for the copy and expose the host values as lists."""
-        if self.copy_done is not None:
-            self.copy_done.synchronize()
-        for name, value in self._host.items():
-            setattr(self, name, None if value is None else value.tolist())
-
-
-def _to_host(t: torch.Tensor | None, on_device: bool) -> torch.Tensor | None:
-    if t is None or not on_device:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
-
-
-class FutureMap:
-    """Device ring of sampled token ids that the next batch reads before the host sees them."""
-
-    def __init__(self, size: int, device: torch.device):
-        self.size = size
-        self.token_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.ct = 0
-
-    def store(self, next_token_ids: torch.Tensor) -> int:
-        """Write a batch's tokens; returns the ring index of its first one."""
-        n = next_token_ids.numel()
-        if self.ct + n > self.size:
-            self.ct = 0
-        start = self.ct
-        self.token_ids[start:start + n] = next_token_ids
-        self.ct += n
-        return start
-
-    def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Replace future references (-(index + 1)) by the tokens stored there."""
-        refs = (-input_ids - 1).clamp(min=0)
-        return torch.where(input_ids < 0, self.token_ids[refs], input_ids)
+        for name, value in self.pending.read().items():
+            setattr(self, name, value)
 
 
 class TpModelWorker:
@@ -95,14 +57,26 @@ class TpModelWorker:
                                         server_args.context_length, server_args.device,
                                         server_args.trust_remote_code)
         self.model_runner = ModelRunner(self.model_config, server_args)
-        # Room for several batches in flight: a slot is rewritten only after the ring wraps.
         runner = self.model_runner
-        self.future_map = FutureMap(4 * runner.max_running_requests + 64, runner.device)
+        self.streams = StepStreams(runner.device)
+        self.future_map = FutureMap(runner.req_to_token_pool.size, runner.device)
+        self.result_ring = ResultRing(self.streams)
 
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
         forward_batch = ForwardBatch.init_new(batch, self.model_runner)
-        if batch.has_future_input_ids:
-            forward_batch.input_ids = self.future_map.resolve(forward_batch.input_ids)
+        if forward_batch.forward_mode.is_decode():
+            forward_batch.input_ids = self.future_map.gather(forward_batch.req_pool_indices)
         logits_output = self.model_runner.forward(forward_batch)
         sample_output = self.model_runner.sample(logits_output, forward_batch)
-        return GenerationBatchResult(logits_output, sample_output)
+        self.future_map.store(forward_batch.req_pool_indices, sample_output.next_token_ids)
+        result = GenerationBatchResult(logits_output, sample_output)
+        result.copy_to_cpu(self.result_ring)
+        return result
+
+    def restore_future_tokens(self, rows: list[int], tokens: list[int]) -> None:
+        """After a failed step (which may have sampled and stored before it failed): each row's
+        next input is again the last token the host kept."""
+        if rows:
+            device = self.model_runner.device
+            self.future_map.store(h2d(rows, torch.int64, device, pin=True),
+                                  h2d(tokens, torch.int64, device, pin=True))

@@ -6,7 +6,7 @@ data that `ScheduleBatch` prepared; every length the host needs keeps a `_cpu` t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, auto
 from typing import TYPE_CHECKING
 
@@ -87,13 +87,17 @@ class ForwardBatch:
 
     @classmethod
     def _init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
+        cache = model_runner.decode_inputs
+        reuse = cache.reusable(batch)
         # Patch 0001: how the step's uploads travel (pageable / pinned / one packed copy).
-        dev = model_runner.h2d_uploader.upload(_uploads(batch))
+        dev = model_runner.h2d_uploader.upload(_uploads(batch, per_request=not reuse))
+        if batch.forward_mode.is_decode():
+            dev = cache.update(batch, dev, reuse)
         mode = batch.forward_mode
         fb = cls(
             forward_mode=mode,
             batch_size=len(batch.seq_lens_cpu),
-            input_ids=dev["input_ids"],
+            input_ids=dev.get("input_ids"),  # decode: gathered by the worker
             req_pool_indices=dev["req_pool_indices"],
             seq_lens=dev["seq_lens"],
             out_cache_loc=dev["out_cache_loc"],
@@ -147,15 +151,18 @@ class ForwardBatch:
         pool.req_to_token[rows, self.positions] = self.out_cache_loc.to(torch.int32)
 
 
-def _uploads(batch: "ModelWorkerBatch") -> dict:
-    """Every host array this step's forward needs on the device, by name, with its dtype."""
-    items = {
-        "input_ids": (batch.input_ids, torch.int64),
-        "req_pool_indices": (batch.req_pool_indices, torch.int64),
-        "seq_lens": (batch.seq_lens_cpu, torch.int64),
-        "out_cache_loc": (batch.out_cache_loc, torch.int64),
-    }
+def _uploads(batch: "ModelWorkerBatch", per_request: bool = True) -> dict:
+    """Every host array this step's forward needs on the device, by name, with its dtype;
+    without `per_request`, a decode step of an unchanged batch: only its new KV slots (and any
+    queued row writes)."""
+    items = {"out_cache_loc": (batch.out_cache_loc, torch.int64)}
+    if per_request:
+        items["req_pool_indices"] = (batch.req_pool_indices, torch.int64)
+        items["seq_lens"] = (batch.seq_lens_cpu, torch.int64)
+        if batch.sampling_info is not None:
+            items.update(batch.sampling_info.host_tensors())
     if batch.forward_mode.is_extend():
+        items["input_ids"] = (batch.input_ids, torch.int64)
         items["extend_seq_lens"] = (batch.extend_seq_lens, torch.int32)
         items["extend_prefix_lens"] = (batch.extend_prefix_lens, torch.int32)
         if batch.extend_input_logprob_token_ids is not None:
@@ -165,9 +172,32 @@ def _uploads(batch: "ModelWorkerBatch") -> dict:
         flat_index, values = batch.req_to_token_writes
         items["req_to_token_index"] = (flat_index, torch.int64)
         items["req_to_token_value"] = (values, torch.int32)
-    if batch.sampling_info is not None:
-        items.update(batch.sampling_info.host_tensors())
     return items
+
+
+@dataclass
+class DecodeInputCache:
+    """The device copies of a decode batch's per-request inputs (rows, lengths, sampling
+    tensors), kept while the batch keeps its requests: its next decode step uploads only the
+    new KV slots, and the lengths grow by one on the device."""
+
+    composition: int = -1
+    seq_lens_cpu: torch.Tensor | None = None
+    tensors: dict = field(default_factory=dict)
+
+    def reusable(self, batch: "ModelWorkerBatch") -> bool:
+        return (batch.forward_mode.is_decode() and batch.composition == self.composition
+                and self.seq_lens_cpu is not None
+                and torch.equal(self.seq_lens_cpu + 1, batch.seq_lens_cpu))
+
+    def update(self, batch: "ModelWorkerBatch", dev: dict, reuse: bool) -> dict:
+        """This step's device tensors: `dev`, completed from the cache when reused."""
+        if reuse:
+            dev = {**self.tensors, **dev, "seq_lens": self.tensors["seq_lens"] + 1}
+        self.composition, self.seq_lens_cpu = batch.composition, batch.seq_lens_cpu
+        self.tensors = {k: v for k, v in dev.items()
+                        if k in ("req_pool_indices", "seq_lens") or k.startswith("sampling_")}
+        return dev
 
 
 def compute_position(

@@ -18,7 +18,7 @@ from sglab.srt.mem_cache.memory_pool import (
     ReqToTokenPool,
     TokenToKVPoolAllocator,
 )
-from sglab.srt.model_executor.forward_batch_info import ForwardBatch
+from sglab.srt.model_executor.forward_batch_info import DecodeInputCache, ForwardBatch
 from sglab.srt.model_loader.loader import get_model
 from sglab.srt.server_args import ServerArgs
 from sglab.srt.utils.h2d import StepUploader
@@ -55,6 +55,7 @@ class ModelRunner:
             enable_batch_invariant_layers(self.model)
         self.sampler = Sampler()
         self.h2d_uploader = StepUploader(self.device, h2d_mode(server_args))
+        self.decode_inputs = DecodeInputCache()
         self.lora_manager = None
         if server_args.enable_lora:
             self.init_lora_manager()
