@@ -35,7 +35,8 @@ def test_req_to_token_pool_alloc_free():
     pool.free(rows[0])
     pool.free(rows[1:])
     assert pool.available_size() == 4
-    assert sorted(pool.alloc(4)) == [0, 1, 2, 3]
+    assert sorted(pool.alloc(4)) == [1, 2, 3, 4]  # the padding row is never handed out
+    assert pool.req_to_token.shape[0] == 5
     pool.clear()
     assert pool.available_size() == 4
 
@@ -47,7 +48,7 @@ def test_req_to_token_pool_pending_writes_replay_to_device_copy():
     pool.write(1, 0, torch.tensor([4, 4]), sync_device=False)  # host only (e.g. out_cache_loc)
     pool.write(0, 1, torch.tensor([60, 70, 80]))  # overwrites two cells of the first write
 
-    expected_host = torch.zeros((3, 6), dtype=torch.int32)
+    expected_host = torch.zeros_like(pool.req_to_token_cpu)  # 3 rows + the padding row
     expected_host[0, :4] = torch.tensor([5, 60, 70, 80])
     expected_host[2, 1:3] = 9
     expected_host[1, :2] = 4
@@ -61,7 +62,7 @@ def test_req_to_token_pool_pending_writes_replay_to_device_copy():
     assert flat_index.tolist() == [0, 13, 14, 1, 2, 3]
     assert values.tolist() == [5, 9, 9, 60, 70, 80]
 
-    device_copy = torch.zeros((3, 6), dtype=torch.int32)
+    device_copy = torch.zeros_like(pool.req_to_token_cpu)
     device_copy.view(-1).index_put_((flat_index,), values)
     expected_device = expected_host.clone()
     expected_device[1] = 0  # the host-only write never reaches the queue
@@ -92,7 +93,7 @@ def test_req_to_token_pool_restored_writes_land_before_newer_ones():
     pool.restore_pending_writes(taken)
     pool.free(rows[2])  # a row freed since: its writes must not reach the next owner
     flat_index, values = pool.pop_pending_writes()
-    device_copy = torch.zeros((3, 4), dtype=torch.int32)
+    device_copy = torch.zeros_like(pool.req_to_token_cpu)
     device_copy.view(-1)[flat_index] = values
     assert device_copy[rows[0]].tolist() == [1, 20, 3, 0]
     assert device_copy[rows[1]].tolist() == [4, 0, 0, 0]
@@ -102,7 +103,7 @@ def test_req_to_token_pool_restored_writes_land_before_newer_ones():
 def test_req_to_token_pool_pending_writes_random_replay():
     rng = random.Random(0)
     pool = ReqToTokenPool(size=5, max_context_len=16, device="cpu")
-    device_copy = torch.zeros((5, 16), dtype=torch.int32)
+    device_copy = torch.zeros_like(pool.req_to_token_cpu)
     for _ in range(30):
         for _ in range(rng.randint(1, 6)):
             row, start = rng.randrange(5), rng.randrange(16)

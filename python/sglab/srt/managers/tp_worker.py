@@ -59,7 +59,7 @@ class TpModelWorker:
         self.model_runner = ModelRunner(self.model_config, server_args)
         runner = self.model_runner
         self.streams = StepStreams(runner.device)
-        self.future_map = FutureMap(runner.req_to_token_pool.size, runner.device)
+        self.future_map = FutureMap(runner.req_to_token_pool.req_to_token.shape[0], runner.device)
         self.result_ring = ResultRing(self.streams)
 
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:

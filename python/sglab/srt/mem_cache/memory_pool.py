@@ -22,17 +22,22 @@ def _debug_memory_pool() -> bool:
     return os.environ.get("SGLAB_DEBUG_MEMORY_POOL", "0").lower() in ("1", "true")
 
 
+PADDING_ROW = 0
+
+
 class ReqToTokenPool:
-    """Maps (request row, token position) to a KV slot."""
+    """Maps (request row, token position) to a KV slot. `size` rows are handed out; one more,
+    `PADDING_ROW`, never is: the padding rows of a CUDA-graph batch read and write it."""
 
     def __init__(self, size: int, max_context_len: int, device: str):
         self.size = size
         self.max_context_len = max_context_len
         self.device = device
         # Read by the attention backends; written by the worker only.
-        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int32, device=device)
+        self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int32,
+                                        device=device)
         # Host mirror: the scheduler and the radix cache read and write this one.
-        self.req_to_token_cpu = torch.zeros((size, max_context_len), dtype=torch.int32)
+        self.req_to_token_cpu = torch.zeros((size + 1, max_context_len), dtype=torch.int32)
         # Host writes not yet applied to the device copy: (row, start column, int32 values).
         self._pending_writes: list[tuple[int, int, torch.Tensor]] = []
         self.clear()
@@ -90,7 +95,7 @@ class ReqToTokenPool:
         return _keep_last_write_per_cell(flat_index, values)
 
     def clear(self) -> None:
-        self.free_slots = list(range(self.size))
+        self.free_slots = [r for r in range(self.size + 1) if r != PADDING_ROW]
         self._pending_writes = []
 
 

@@ -109,7 +109,7 @@ class ModelRunner:
         max_reqs = args.max_running_requests or min(
             max(tokens // mc.context_len * 512, 2048), 4096, max(tokens // 2, 1))
         self.max_running_requests = max_reqs
-        self.req_to_token_pool = ReqToTokenPool(max_reqs + 1, mc.context_len + 4,
+        self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4,
                                                 args.device)
         self.token_to_kv_pool = MHATokenToKVPool(
             tokens, self.page_size, mc.dtype, mc.num_key_value_heads, mc.head_dim,
