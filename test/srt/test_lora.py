@@ -241,14 +241,16 @@ def _audited_run(base, adapters, patches: str, graph_info: bool):
                              enable_sync_audit=True, patches=patches)
     manager = runner.scheduler.lora_manager
     if graph_info:
-        # The CUDA-graph branch on CPU: decode batches fill the static batch info.
-        manager.init_cuda_graph_batch_info(8)
+        # The CUDA-graph branch on CPU: decode batches fill the static batch info, as the
+        # graph runner's replay has them do.
+        manager.init_cuda_graph_state(8)
     batches = []
     prepare = manager.prepare_lora_batch
 
-    def record(fb, inflight_ids=None):
+    def record(fb, inflight_ids=None, use_graph=False):
         batches.append((fb.forward_mode.is_decode(), list(fb.lora_ids)))
-        return prepare(fb, inflight_ids)
+        graph = use_graph or (graph_info and fb.forward_mode.is_decode())
+        return prepare(fb, inflight_ids, graph)
 
     manager.prepare_lora_batch = record
     requests = [("a", 0), ("b", 1), (None, 0)]

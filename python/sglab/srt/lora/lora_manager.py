@@ -155,9 +155,9 @@ class LoRAManager:
     def loaded_adapters(self) -> dict[str, str]:
         return self.registry.loaded_adapters()
 
-    # --- per forward ----------------------------------------------------------------------------
+    # --- CUDA graphs (a participant of CudaGraphRunner) ---------------------------------------
 
-    def init_cuda_graph_batch_info(self, max_bs: int) -> None:
+    def init_cuda_graph_state(self, max_bs: int) -> None:
         """Static batch info the decode graphs are captured on, refilled before each replay."""
         n = self.max_loras_per_batch
         dev = self.device
@@ -170,13 +170,32 @@ class LoRAManager:
             lora_ranks=torch.zeros(n, dtype=torch.int32, device=dev),
             scalings=torch.zeros(n, dtype=torch.float32, device=dev))
 
+    def prepare_capture(self, bs: int) -> None:
+        from sglab.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+        fb = ForwardBatch(forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=None,
+                          req_pool_indices=None, seq_lens=None, out_cache_loc=None,
+                          positions=None, seq_lens_sum=bs, seq_lens_cpu=None,
+                          lora_ids=[None] * bs)
+        self.prepare_lora_batch(fb, use_graph=True)
+
+    def graph_prologue(self, forward_batch: ForwardBatch, bs: int) -> None:
+        """Nothing on the device: the static batch info is filled before the replay."""
+
+    def prepare_replay(self, forward_batch: ForwardBatch, bs: int) -> None:
+        self.prepare_lora_batch(forward_batch, forward_batch.lora_inflight_ids, use_graph=True)
+
+    # --- per forward ----------------------------------------------------------------------------
+
     def prepare_lora_batch(self, forward_batch: ForwardBatch,
-                           inflight_ids: set[str | None] | None = None) -> None:
+                           inflight_ids: set[str | None] | None = None,
+                           use_graph: bool = False) -> None:
+        """The batch info of an eager forward, or (`use_graph`) the static one a graph reads."""
         lora_ids = forward_batch.lora_ids or [None] * forward_batch.batch_size
         with audit_region("LoRAMemoryPool.prepare_lora_batch"):
             self.memory_pool.prepare_lora_batch(set(lora_ids), self.loras, inflight_ids or set())
         with audit_region("LoRAManager.prepare_lora_batch"):
-            batch_info = self._build_batch_info(forward_batch, lora_ids)
+            batch_info = self._build_batch_info(forward_batch, lora_ids, use_graph)
         self.lora_backend.set_batch_info(batch_info)
         with audit_region("LoRAManager.update_lora_info"):
             self.update_lora_info()
@@ -185,14 +204,14 @@ class LoRAManager:
         for layer_id, name, module in self.lora_modules:
             module.set_lora_info(*self.memory_pool.get_tensor(name, layer_id))
 
-    def _build_batch_info(self, fb: ForwardBatch, lora_ids: list) -> LoRABatchInfo:
+    def _build_batch_info(self, fb: ForwardBatch, lora_ids: list,
+                          use_graph: bool) -> LoRABatchInfo:
         bs = fb.batch_size
         weight_indices_cpu = [self.memory_pool.get_buffer_id(u) for u in lora_ids]
         if fb.forward_mode.is_extend():
             seg_lens_cpu = list(fb.extend_seq_lens_cpu)
         else:
             seg_lens_cpu = [1] * bs
-        use_graph = fb.forward_mode.is_decode() and bs <= self.max_bs_in_cuda_graph
         if use_graph:
             info = self._graph_batch_info(bs)
         else:

@@ -9,7 +9,7 @@ import torch
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput
-from sglab.srt.managers.overlap_utils import FutureMap, PendingResult, ResultRing, StepStreams
+from sglab.srt.managers.overlap_utils import PendingResult, ResultRing, StepStreams
 from sglab.srt.managers.schedule_batch import ModelWorkerBatch
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 from sglab.srt.model_executor.model_runner import ModelRunner
@@ -59,19 +59,27 @@ class TpModelWorker:
         self.model_runner = ModelRunner(self.model_config, server_args)
         runner = self.model_runner
         self.streams = StepStreams(runner.device)
-        self.future_map = FutureMap(runner.req_to_token_pool.req_to_token.shape[0], runner.device)
+        self.future_map = runner.future_map
         self.result_ring = ResultRing(self.streams)
 
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
+        runner = self.model_runner
+        if runner.graph_runner is not None and runner.graph_runner.can_run(batch):
+            logits_output, sample_output = runner.graph_runner.run(batch)
+        else:
+            logits_output, sample_output = self._forward_eager(batch)
+        result = GenerationBatchResult(logits_output, sample_output)
+        result.copy_to_cpu(self.result_ring)
+        return result
+
+    def _forward_eager(self, batch: ModelWorkerBatch):
         forward_batch = ForwardBatch.init_new(batch, self.model_runner)
         if forward_batch.forward_mode.is_decode():
             forward_batch.input_ids = self.future_map.gather(forward_batch.req_pool_indices)
         logits_output = self.model_runner.forward(forward_batch)
         sample_output = self.model_runner.sample(logits_output, forward_batch)
         self.future_map.store(forward_batch.req_pool_indices, sample_output.next_token_ids)
-        result = GenerationBatchResult(logits_output, sample_output)
-        result.copy_to_cpu(self.result_ring)
-        return result
+        return logits_output, sample_output
 
     def restore_future_tokens(self, rows: list[int], tokens: list[int]) -> None:
         """After a failed step (which may have sampled and stored before it failed): each row's

@@ -74,6 +74,7 @@ class ForwardBatch:
     attn_backend: "AttentionBackend | None" = None
     # LoRA: each request's adapter id (None = base model); see LoRAManager.prepare_lora_batch.
     lora_ids: list[str | None] | None = None
+    lora_inflight_ids: set[str | None] | None = None
 
     @classmethod
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
@@ -134,7 +135,7 @@ class ForwardBatch:
         )
 
     def _write_req_to_token(self, dev: dict[str, torch.Tensor]) -> None:
-        """Apply the host's queued row writes, then record the new tokens' slots, in stream order."""
+        """Apply the host's queued row writes, then record the new tokens' slots (stream order)."""
         pool = self.req_to_token_pool
         if "req_to_token_index" in dev:
             pool.req_to_token.view(-1).index_copy_(0, dev["req_to_token_index"],

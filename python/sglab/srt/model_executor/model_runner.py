@@ -18,6 +18,7 @@ from sglab.srt.mem_cache.memory_pool import (
     ReqToTokenPool,
     TokenToKVPoolAllocator,
 )
+from sglab.srt.managers.overlap_utils import FutureMap
 from sglab.srt.model_executor.forward_batch_info import DecodeInputCache, ForwardBatch
 from sglab.srt.model_loader.loader import get_model
 from sglab.srt.server_args import ServerArgs
@@ -54,13 +55,15 @@ class ModelRunner:
         if server_args.enable_deterministic_inference:
             enable_batch_invariant_layers(self.model)
         self.sampler = Sampler()
-        self.h2d_uploader = StepUploader(self.device, h2d_mode(server_args))
+        self.h2d_mode = h2d_mode(server_args)
+        self.h2d_uploader = StepUploader(self.device, self.h2d_mode)
         self.decode_inputs = DecodeInputCache()
         self.lora_manager = None
         if server_args.enable_lora:
             self.init_lora_manager()
         self.init_memory_pool()
         self.attn_backend = self._make_attn_backend()
+        self.future_map = FutureMap(self.req_to_token_pool.req_to_token.shape[0], self.device)
         self.graph_runner = None
         # The torch_native reference has no static-metadata hooks: it always runs eagerly.
         if not server_args.disable_cuda_graph and hasattr(self.attn_backend,
@@ -133,8 +136,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
-        if self.graph_runner is not None and self.graph_runner.can_run(forward_batch):
-            return self.graph_runner.replay(forward_batch)
+        """An eager forward (decode steps that fit a CUDA graph go through `graph_runner`)."""
         with audit_region("attn_backend.init_forward_metadata"):
             self.attn_backend.init_forward_metadata(forward_batch)
         return self.model.forward(forward_batch.input_ids, forward_batch.positions,

@@ -60,6 +60,18 @@ def h2d(data: HostData, dtype: torch.dtype, device: torch.device | str,
     return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
 
+def h2d_into(dst: torch.Tensor, data: torch.Tensor, pin: bool) -> None:
+    """Copy host `data` into the device tensor `dst` (a static buffer), non_blocking; from
+    pinned memory with `pin`, else pageable (counted as `pageable_h2d`)."""
+    if not pin:
+        _observe("pageable_h2d")
+    if pin and is_pin_memory_available(dst.device):
+        src = torch.empty(data.shape, dtype=dst.dtype, pin_memory=True)
+        src.copy_(data)
+        data = src
+    dst.copy_(data, non_blocking=True)
+
+
 def list_to_device(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """`torch.tensor(list, device=...)`: a blocking host->device copy on an accelerator."""
     if torch.device(device).type == "cpu":

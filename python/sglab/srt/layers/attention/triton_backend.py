@@ -80,9 +80,13 @@ class TritonAttnBackend(AttentionBackend):
 
     # --- metadata -----------------------------------------------------------------------------
 
-    def _num_kv_splits(self, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
-        """Splits per request, on the device; `max_seq_len` is a host int."""
-        tile = max(MIN_KEYS_PER_SPLIT, -(-max_seq_len // self.max_kv_splits))
+    def _num_kv_splits(self, seq_lens: torch.Tensor,
+                       max_seq_len: int | torch.Tensor) -> torch.Tensor:
+        """Splits per request, on the device; `max_seq_len` a host int (eager) or a 0-d
+        device tensor (in a graph): the same values either way."""
+        tile = -(-max_seq_len // self.max_kv_splits)
+        tile = max(MIN_KEYS_PER_SPLIT, tile) if isinstance(tile, int) else \
+            tile.clamp(min=MIN_KEYS_PER_SPLIT)
         splits = (seq_lens + tile - 1) // tile
         return splits.clamp(1, self.max_kv_splits).to(torch.int32)
 
@@ -121,9 +125,10 @@ class TritonAttnBackend(AttentionBackend):
             kv_indptr, kv_indices, qo_indptr=_indptr(fb.extend_seq_lens),
             max_extend_len=max(fb.extend_seq_lens_cpu))
 
-    # --- CUDA graphs --------------------------------------------------------------------------
+    # --- CUDA graphs (a participant of CudaGraphRunner) ---------------------------------------
 
-    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+    def init_cuda_graph_state(self, max_bs: int) -> None:
+        max_context_len = self.req_to_token.shape[1]
         g = {"kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
              "kv_indices": torch.zeros(max_bs * max_context_len, dtype=torch.int64,
                                        device=self.device)}
@@ -135,7 +140,7 @@ class TritonAttnBackend(AttentionBackend):
             g["num_kv_splits"] = torch.ones(max_bs, dtype=torch.int32, device=self.device)
         self.graph_state = g
 
-    def init_forward_metadata_capture_cuda_graph(self, bs: int) -> None:
+    def prepare_capture(self, bs: int) -> None:
         g = self.graph_state
         if self.unified_decode:
             self.forward_metadata = ForwardMetadata(
@@ -147,18 +152,21 @@ class TritonAttnBackend(AttentionBackend):
             g["kv_indptr"][: bs + 1], g["kv_indices"], g["attn_logits"][:bs],
             g["attn_lse"][:bs], g["num_kv_splits"][:bs])
 
-    def init_forward_metadata_replay_cuda_graph(self, bs: int, req_pool_indices: torch.Tensor,
-                                                seq_lens: torch.Tensor,
-                                                max_seq_len: int) -> None:
-        """Fill the static buffers for a replay of the graph captured at batch size `bs`."""
-        g = self.graph_state
-        g["kv_indptr"][: bs + 1].copy_(_indptr(seq_lens[:bs]))
-        create_kv_indices(self.req_to_token, req_pool_indices[:bs], seq_lens[:bs],
+    def graph_prologue(self, forward_batch: "ForwardBatch", bs: int) -> None:
+        """Inside the graph: the static metadata from the static rows and lengths."""
+        g, seq_lens = self.graph_state, forward_batch.seq_lens
+        g["kv_indptr"][1: bs + 1].copy_(torch.cumsum(seq_lens, dim=0))
+        create_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
                           g["kv_indptr"], None, g["kv_indices"])
         if self.unified_decode:
-            g["prefix_lens"][:bs].copy_(seq_lens[:bs] - 1)
-        else:
-            g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens[:bs], max_seq_len))
+            g["prefix_lens"][:bs].copy_(seq_lens - 1)
+        else:  # the batch's longest length read on the device: no host value in the graph
+            g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens, seq_lens.max()))
+
+    def prepare_replay(self, forward_batch: "ForwardBatch", bs: int) -> None:
+        """The static metadata views of `bs` (the replay computes their values in
+        graph_prologue; an eager forward since capture may have replaced the views)."""
+        self.prepare_capture(bs)
 
     # --- forward ------------------------------------------------------------------------------
 
