@@ -3,11 +3,19 @@
 Each patch has one `ServerArgs` field (`enable_<flag>`, on by default), the CLI pair
 `--enable-<flag>` / `--disable-<flag>`, and can be set in bulk with `--patches none|all|<ids>`.
 Explicit per-patch flags win over `--patches`.
+
+Code reads the flags only through `PatchFlags`, built once from `ServerArgs` by
+`PatchFlags.from_server_args` (the ModelRunner's, handed to each consumer's constructor), never
+from `ServerArgs` directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sglab.srt.server_args import ServerArgs
 
 
 @dataclass(frozen=True)
@@ -79,5 +87,46 @@ def parse_patch_list(value: str) -> set[str]:
     return ids
 
 
-def active_patch_ids(server_args) -> list[str]:
-    return [p.id for p in PATCHES if getattr(server_args, p.field, False)]
+@dataclass(frozen=True)
+class PatchFlags:
+    """Which patches are on, and their sub-modes (meaningful only while their patch is on).
+
+    One field per registry flag and mode field; `from_server_args` is the only reader of the
+    `ServerArgs` patch fields.
+    """
+
+    pinned_h2d: bool  # 0001
+    sync_free_unified_extend: bool  # 0002
+    sync_free_logits_metadata: bool  # 0003a
+    lora_cache_qkv_offset: bool  # 0005
+    lora_async_batch_info: bool  # 0005b
+    pinned_h2d_mode: str  # 0001: pr | packed
+    unified_index_build: str  # 0002: batched | kernel
+
+    def __post_init__(self) -> None:
+        for patch in PATCHES:
+            if patch.mode_field:
+                assert getattr(self, patch.mode_field) in patch.modes, patch.mode_field
+
+    @classmethod
+    def from_server_args(cls, server_args: ServerArgs) -> PatchFlags:
+        values = {}
+        for patch in PATCHES:
+            values[patch.flag] = bool(getattr(server_args, patch.field))
+            if patch.mode_field:
+                values[patch.mode_field] = getattr(server_args, patch.mode_field)
+        return cls(**values)
+
+    def is_on(self, patch: Patch) -> bool:
+        return getattr(self, patch.flag)
+
+    def mode(self, patch: Patch) -> str | None:
+        """The patch's sub-mode while it is on; None when it is off or has no modes."""
+        return getattr(self, patch.mode_field) if patch.mode_field and self.is_on(patch) else None
+
+    def active_ids(self) -> list[str]:
+        return [p.id for p in PATCHES if self.is_on(p)]
+
+
+def active_patch_ids(server_args: ServerArgs) -> list[str]:
+    return PatchFlags.from_server_args(server_args).active_ids()
