@@ -1,5 +1,5 @@
 """PatchFlags: one frozen object per process, built from ServerArgs and handed to each consumer
-through its constructor."""
+through its constructor; what /get_server_info reports per patch."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sglab.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglab.srt.layers.linear import LinearBase
 from sglab.srt.lora.layers import QKVParallelLinearWithLoRA
 from sglab.srt.model_executor.model_runner import ModelRunner
-from sglab.srt.patches import PATCHES, PatchFlags
+from sglab.srt.patches import PATCH_BY_ID, PATCHES, PatchFlags, patch_status
 from sglab.srt.server_args import ServerArgs
 
 PACKAGE = pathlib.Path(sglab.__file__).parent
@@ -142,4 +142,33 @@ def test_no_module_outside_the_builder_reads_patch_server_args():
             found += [where for m in modes.finditer(line)
                       if m.group(1) not in ("flags", "patch_flags")]
     assert found == []
+
+
+def _status(path: str, **kwargs) -> dict[str, dict]:
+    args = _args(path, **kwargs)
+    return patch_status(PatchFlags.from_server_args(args), args)
+
+
+def test_patch_status_on_applies_mode_reason(path):
+    default = _status(path)  # CPU: torch_native attention, no LoRA
+    assert list(default) == [p.id for p in PATCHES]
+    assert all(set(s) == {"on", "applies", "mode", "reason"} and s["on"] for s in default.values())
+    assert default["0001"] == {"on": True, "applies": True, "mode": "pr", "reason": None}
+    assert default["0002"]["applies"] is False and default["0002"]["mode"] == "batched"
+    assert default["0002"]["reason"] == PATCH_BY_ID["0002"].scope
+    assert "_forward_extend_unified" in default["0002"]["reason"]
+    assert default["0003a"]["applies"] is True and "prompt logprobs" in default["0003a"]["reason"]
+    for pid in ("0005", "0005b"):
+        assert default[pid]["applies"] is False and "LoRA" in default[pid]["reason"]
+        assert default[pid]["mode"] is None
+
+    det = _status(path, patches="0002", unified_index_build="kernel", **DETERMINISTIC_TRITON)
+    assert det["0002"] == {"on": True, "applies": True, "mode": "kernel", "reason": None}
+    assert det["0001"] == {"on": False, "applies": True, "mode": None, "reason": None}
+    assert _status(path, enable_deterministic_inference=True)["0002"]["applies"] is False
+    assert _status(path, attention_backend="triton")["0002"]["applies"] is False
+
+    lora = _status(path, patches="0005b", **LORA)
+    assert lora["0005"] == {"on": False, "applies": True, "mode": None, "reason": None}
+    assert lora["0005b"] == {"on": True, "applies": True, "mode": None, "reason": None}
 

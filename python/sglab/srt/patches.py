@@ -12,7 +12,7 @@ from `ServerArgs` directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from sglab.srt.server_args import ServerArgs
@@ -30,6 +30,11 @@ class Patch:
     mode_field: str | None = None
     modes: tuple[str, ...] = ()
     mode_help: str = ""
+    # What reaches the patch's code: `requires` says whether a configuration can (None: every
+    # one can); `scope` is the reason reported when it cannot, and always when no server
+    # argument decides it (only some requests reach the code).
+    requires: Callable[[ServerArgs], bool] | None = None
+    scope: str | None = None
 
     @property
     def field(self) -> str:
@@ -48,6 +53,17 @@ class Patch:
         return f"--{self.mode_field.replace('_', '-')}" if self.mode_field else None
 
 
+def _runs_unified_extend(server_args: ServerArgs) -> bool:
+    return server_args.enable_deterministic_inference and \
+        server_args.attention_backend == "triton"
+
+
+def _with_lora(server_args: ServerArgs) -> bool:
+    return bool(server_args.enable_lora)
+
+
+_LORA_SCOPE = "only with LoRA (--enable-lora or --lora-paths)"
+
 PATCHES: list[Patch] = [
     Patch("0001", "pinned-h2d-forward-batch", "pinned_h2d", "sglang#21360",
           "pinned + non_blocking H2D in ForwardBatch.init_new",
@@ -59,14 +75,20 @@ PATCHES: list[Patch] = [
           "_forward_extend_unified index build without per-request GPU->CPU syncs",
           mode_field="unified_index_build", modes=("batched", "kernel"),
           mode_help="With patch 0002 on: batched = the PR's single D2H per call; kernel = "
-                    "upstream main's zero-sync build, once per forward."),
+                    "upstream main's zero-sync build, once per forward.",
+          requires=_runs_unified_extend,
+          scope="only deterministic inference with the triton backend runs "
+                "_forward_extend_unified"),
     Patch("0003a", "sync-free-logits-metadata", "sync_free_logits_metadata",
           "sglang#19190 / #24627",
-          "logits processor: pinned index tensors, repeat_interleave(output_size=)"),
+          "logits processor: pinned index tensors, repeat_interleave(output_size=)",
+          scope="only requests with prompt logprobs reach its code"),
     Patch("0005", "lora-cache-qkv-offset", "lora_cache_qkv_offset", "sglang#6960",
-          "LoRA set_lora_info: qkv output_offset built once, no per-forward H2D"),
+          "LoRA set_lora_info: qkv output_offset built once, no per-forward H2D",
+          requires=_with_lora, scope=_LORA_SCOPE),
     Patch("0005b", "lora-async-batch-info", "lora_async_batch_info", "sglang#6994",
-          "LoRA batch info built on the host, pinned, copied non_blocking"),
+          "LoRA batch info built on the host, pinned, copied non_blocking",
+          requires=_with_lora, scope=_LORA_SCOPE),
 ]
 
 PATCH_BY_ID: dict[str, Patch] = {p.id: p for p in PATCHES}
@@ -126,6 +148,18 @@ class PatchFlags:
 
     def active_ids(self) -> list[str]:
         return [p.id for p in PATCHES if self.is_on(p)]
+
+
+def patch_status(flags: PatchFlags, server_args: ServerArgs) -> dict[str, dict]:
+    """Per patch id: on/off, whether this configuration reaches its code, its sub-mode, and
+    the scope of its code where that is narrower than every request (/get_server_info)."""
+    status = {}
+    for patch in PATCHES:
+        applies = patch.requires is None or bool(patch.requires(server_args))
+        reason = patch.scope if patch.requires is None or not applies else None
+        status[patch.id] = {"on": flags.is_on(patch), "applies": applies,
+                            "mode": flags.mode(patch), "reason": reason}
+    return status
 
 
 def active_patch_ids(server_args: ServerArgs) -> list[str]:
