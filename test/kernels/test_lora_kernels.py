@@ -162,7 +162,7 @@ def test_wrappers_add_the_lora_delta(batch, layer_cls):
         expect[lo:hi] += SLOT_SCALINGS[slot] * (x[lo:hi] @ a[slot].T @ b[slot].T)
     for backend in (TorchNativeLoRABackend(), TritonLoRABackend()):
         backend.set_batch_info(batch)
-        layer = get_lora_layer(base, backend)
+        layer = get_lora_layer(base, backend, cache_qkv_offset=True)
         assert type(layer).__name__ == f"{layer_cls.__name__}WithLoRA"
         torch.testing.assert_close(layer(x), x @ base.weight.T)  # no set_lora_info yet
         layer.set_lora_info(a, b)

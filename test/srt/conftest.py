@@ -103,3 +103,21 @@ def launch_with_profile_dir(args: list[str], tmp_path_factory) -> ServerProcess:
     srv = popen_launch_server(args, env={"SGLANG_TORCH_PROFILER_DIR": profile_dir})
     srv.profile_dir = profile_dir
     return srv
+
+
+def check_default_patch_status(info: dict) -> None:
+    """/get_server_info's `patch_status` for a server with default flags (every patch on, no
+    LoRA, no deterministic inference): per registry id, on/off as `active_patches` says, and
+    whether this configuration reaches the patch's code."""
+    from sglab.srt.patches import PATCHES
+
+    status = info["patch_status"]
+    assert list(status) == [p.id for p in PATCHES] == info["active_patches"]
+    assert all(set(s) == {"on", "applies", "mode", "reason"} and s["on"] is True
+               for s in status.values())
+    assert status["0001"] == {"on": True, "applies": True, "mode": "pr", "reason": None}
+    assert status["0002"]["applies"] is False and status["0002"]["mode"] == "batched"
+    assert "deterministic" in status["0002"]["reason"]
+    assert status["0003a"]["applies"] is True and "logprobs" in status["0003a"]["reason"]
+    assert [status[i]["applies"] for i in ("0005", "0005b")] == [False, False]
+    assert all("LoRA" in status[i]["reason"] for i in ("0005", "0005b"))

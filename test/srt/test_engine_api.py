@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import alive_pids
+from conftest import alive_pids, check_default_patch_status
 from sglab import Engine
 from sglab.srt.managers.tokenizer_manager import EngineDeadError
 from sglab.srt.utils.dummy_model import get_default_model_path, make_dummy_model
@@ -204,6 +204,10 @@ def test_bad_inputs_are_clear_errors(engine, prompt, params, message):
                                       "cached_tokens", "finish_reason", "e2e_latency"}
     _wait_pool_full(engine)
     assert engine.get_server_info()["internal_states"][0]["integrity_error"] is None
+
+
+def test_server_info_reports_patch_status(engine):
+    check_default_patch_status(engine.get_server_info())
 
 
 def test_unknown_model_directory(tmp_path):

@@ -13,7 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import requests
-from conftest import alive_pids, kill_server, popen_launch_server, session
+from conftest import (
+    alive_pids,
+    check_default_patch_status,
+    kill_server,
+    popen_launch_server,
+    session,
+)
 from transformers import AutoTokenizer
 
 SERVER_ARGS = ["--skip-server-warmup"]
@@ -346,6 +352,7 @@ def test_health_and_info_endpoints(http, server):
         assert info["model_path"] == server.model_path and info["disable_radix_cache"] is False
         assert info["status"] == "ready" and info["max_req_input_len"] > 0
         assert isinstance(info["active_patches"], list) and info["version"]
+        check_default_patch_status(info)
         assert info["internal_states"][0]["max_total_num_tokens"] == \
             info["max_total_num_tokens"]
         assert 0 < info["available_kv_tokens"] <= info["max_total_num_tokens"]

@@ -9,14 +9,13 @@ row itself:
   are fixed whatever M is; elsewhere the GEMM runs over fixed-size row chunks (the last one
   zero-padded), so every library call has the same shape.
 
-`enable_batch_invariant_layers` turns them on, once, for the layers of a model that carry a
-`batch_invariant` flag (linear layers, the logits processor).
+Layers choose them at construction: the linear layers and the logits processor take
+`batch_invariant` from the model's `ModelOptions` (sglab.srt.configs.model_options).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 try:
     import triton
@@ -50,19 +49,6 @@ def _matmul_row_chunks(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for start in range(0, xp.shape[0], ROW_CHUNK):
         torch.mm(xp[start:start + ROW_CHUNK], weight_t, out=out[start:start + ROW_CHUNK])
     return out[:num_rows]
-
-
-def enable_batch_invariant_layers(model: nn.Module) -> int:
-    """Switch every module of `model` that has a `batch_invariant` flag to its invariant path.
-
-    Called once by the ModelRunner at startup; returns how many modules were switched.
-    """
-    switched = 0
-    for module in model.modules():
-        if hasattr(module, "batch_invariant"):
-            module.batch_invariant = True
-            switched += 1
-    return switched
 
 
 # --- Triton (CUDA) ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from sglab.srt.batch_invariant_ops import linear_batch_invariant
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype: torch.dtype):
+    def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype: torch.dtype,
+                 batch_invariant: bool):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
@@ -27,8 +28,8 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        # Set once by the ModelRunner under --enable-deterministic-inference.
-        self.batch_invariant = False
+        # --enable-deterministic-inference (ModelOptions.batch_invariant).
+        self.batch_invariant = batch_invariant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
@@ -49,8 +50,8 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 params_dtype: torch.dtype = torch.float32):
-        super().__init__(input_size, output_size, bias, params_dtype)
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
+        super().__init__(input_size, output_size, bias, params_dtype, batch_invariant)
 
 
 class ColumnParallelLinear(ReplicatedLinear):
@@ -65,9 +66,9 @@ class MergedColumnParallelLinear(LinearBase):
     """Several column blocks stacked along the output dim (e.g. gate_up_proj); shard ids 0, 1."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, params_dtype)
+        super().__init__(input_size, sum(output_sizes), bias, params_dtype, batch_invariant)
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
         idx = int(shard_id)
@@ -79,14 +80,15 @@ class QKVParallelLinear(LinearBase):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int, bias: bool = False,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
         self.head_size = head_size
         self.num_heads = total_num_heads
         self.num_kv_heads = total_num_kv_heads
         self.q_size = total_num_heads * head_size
         self.kv_size = total_num_kv_heads * head_size
         self.output_sizes = [self.q_size, self.kv_size, self.kv_size]
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, params_dtype)
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, params_dtype,
+                         batch_invariant)
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
         offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),

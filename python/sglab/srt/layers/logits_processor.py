@@ -26,14 +26,13 @@ class LogitsProcessorOutput:
 
 
 class LogitsProcessor(nn.Module):
-    def __init__(self, vocab_size: int, logit_scale: float | None = None):
+    def __init__(self, vocab_size: int, logit_scale: float | None = None, *,
+                 sync_free_metadata: bool, batch_invariant: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
         self.logit_scale = logit_scale
-        # Patch 0003a, set once by the ModelRunner from --enable-sync-free-logits-metadata.
-        self.sync_free_metadata = True
-        # Set once by the ModelRunner under --enable-deterministic-inference.
-        self.batch_invariant = False
+        self.sync_free_metadata = sync_free_metadata  # patch 0003a
+        self.batch_invariant = batch_invariant  # --enable-deterministic-inference
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, lm_head: nn.Module,
                 forward_batch: "ForwardBatch") -> LogitsProcessorOutput:

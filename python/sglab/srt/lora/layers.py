@@ -91,8 +91,8 @@ class MergedColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
 class QKVParallelLinearWithLoRA(BaseLayerWithLoRA):
     """qkv_proj: A holds the q, k, v rank blocks; B the q, k, v rows at `output_offset`."""
 
-    def __init__(self, base_layer: QKVParallelLinear, lora_backend: BaseLoRABackend,
-                 cache_qkv_offset: bool = True):
+    def __init__(self, base_layer: QKVParallelLinear, lora_backend: BaseLoRABackend, *,
+                 cache_qkv_offset: bool):
         super().__init__(base_layer, lora_backend)
         q, kv = base_layer.q_size, base_layer.kv_size
         self.output_offset_cpu = [0, q, q + kv, q + 2 * kv]
@@ -122,11 +122,12 @@ class QKVParallelLinearWithLoRA(BaseLayerWithLoRA):
             self.max_qkv_out_dim, base_output)
 
 
-def get_lora_layer(layer: nn.Module, lora_backend: BaseLoRABackend,
-                   cache_qkv_offset: bool = True) -> BaseLayerWithLoRA:
-    """The wrapper for a base layer, most specific type first."""
+def get_lora_layer(layer: nn.Module, lora_backend: BaseLoRABackend, *,
+                   cache_qkv_offset: bool) -> BaseLayerWithLoRA:
+    """The wrapper for a base layer, most specific type first; `cache_qkv_offset` is patch
+    0005's flag (QKV wrappers only)."""
     if isinstance(layer, QKVParallelLinear):
-        return QKVParallelLinearWithLoRA(layer, lora_backend, cache_qkv_offset)
+        return QKVParallelLinearWithLoRA(layer, lora_backend, cache_qkv_offset=cache_qkv_offset)
     if isinstance(layer, MergedColumnParallelLinear):
         return MergedColumnParallelLinearWithLoRA(layer, lora_backend)
     if isinstance(layer, RowParallelLinear):

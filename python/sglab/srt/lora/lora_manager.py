@@ -35,6 +35,7 @@ from sglab.srt.lora.utils import (
 
 if TYPE_CHECKING:
     from sglab.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglab.srt.patches import PatchFlags
     from sglab.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -43,16 +44,16 @@ _MODULE_RE = re.compile(r"layers\.(\d+)\.(?:.*\.)?(" + "|".join(FUSED_STACK_NUM)
 
 
 class LoRAManager:
-    def __init__(self, base_model: nn.Module, server_args: ServerArgs, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, base_model: nn.Module, server_args: ServerArgs, patch_flags: PatchFlags,
+                 dtype: torch.dtype, device: torch.device):
         self.base_model = base_model
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_loras_per_batch = server_args.max_loras_per_batch
         self.max_loaded_loras = server_args.max_loaded_loras
         # Patches: 0005 (sglang#6960) and 0005b (sglang#6994).
-        self.cache_qkv_offset = server_args.enable_lora_cache_qkv_offset
-        self.async_batch_info = server_args.enable_lora_async_batch_info
+        self.cache_qkv_offset = patch_flags.lora_cache_qkv_offset
+        self.async_batch_info = patch_flags.lora_async_batch_info
         self.lora_backend = get_backend_from_name(server_args.lora_backend, self.device)
         self.registry = LoRARegistry()
         self.loras: dict[str, LoRAAdapter] = {}  # by lora_id: registered or still draining
@@ -95,7 +96,8 @@ class LoRAManager:
             fused = name.rsplit(".", 1)[-1]
             if fused not in self.target_modules:
                 continue
-            lora_module = get_lora_layer(module, self.lora_backend, self.cache_qkv_offset)
+            lora_module = get_lora_layer(module, self.lora_backend,
+                                         cache_qkv_offset=self.cache_qkv_offset)
             replace_submodule(self.base_model, name, lora_module)
             wrapped.append((layer_id, fused, lora_module))
         return wrapped

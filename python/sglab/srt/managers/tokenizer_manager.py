@@ -36,7 +36,7 @@ from sglab.srt.managers.io_struct import (
     UnloadLoRAAdapterReqInput,
     invalid_unicode_path,
 )
-from sglab.srt.patches import active_patch_ids
+from sglab.srt.patches import PatchFlags, patch_status
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs
 
@@ -147,6 +147,7 @@ class TokenizerManager:
         self.served_model_name = server_args.served_model_name
         self.hf_config = _read_json(os.path.join(server_args.model_path, "config.json"))
         self.generation_defaults = _generation_defaults(server_args.model_path)
+        self.patch_flags = PatchFlags.from_server_args(server_args)  # reported, never applied
         self.tokenizer = None
         if not server_args.skip_tokenizer_init:
             from sglab.srt.utils.hf_transformers_utils import get_tokenizer
@@ -646,7 +647,8 @@ class TokenizerManager:
         if args.get("api_key"):
             args["api_key"] = "<hidden>"
         info = {**args, **self.scheduler_info, "internal_states": [internal_state],
-                "version": _version(), "active_patches": active_patch_ids(self.server_args)}
+                "version": _version(), "active_patches": self.patch_flags.active_ids(),
+                "patch_status": patch_status(self.patch_flags, self.server_args)}
         for key in KV_STAT_KEYS:
             if key in internal_state:
                 info[key] = internal_state[key]

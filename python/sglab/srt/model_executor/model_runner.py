@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from sglab.srt.batch_invariant_ops import enable_batch_invariant_layers
 from sglab.srt.configs.model_config import ModelConfig
+from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
@@ -21,17 +21,18 @@ from sglab.srt.mem_cache.memory_pool import (
 from sglab.srt.managers.overlap_utils import FutureMap
 from sglab.srt.model_executor.forward_batch_info import DecodeInputCache, ForwardBatch
 from sglab.srt.model_loader.loader import get_model
+from sglab.srt.patches import PatchFlags
 from sglab.srt.server_args import ServerArgs
 from sglab.srt.utils.h2d import StepUploader
 
 logger = logging.getLogger(__name__)
 
 
-def h2d_mode(server_args: ServerArgs) -> str:
+def h2d_mode(flags: PatchFlags) -> str:
     """Patch 0001: off = pageable uploads; on = the PR (pinned) or sglab's packed mode."""
-    if not server_args.enable_pinned_h2d:
+    if not flags.pinned_h2d:
         return "pageable"
-    return {"pr": "pinned", "packed": "packed"}[server_args.pinned_h2d_mode]
+    return {"pr": "pinned", "packed": "packed"}[flags.pinned_h2d_mode]
 
 GiB = 1 << 30
 # KV pool size on CPU when --max-total-tokens is not given: at most this many tokens/bytes.
@@ -49,13 +50,15 @@ class ModelRunner:
         torch.manual_seed(server_args.random_seed)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index or 0)
-        self.model = get_model(model_config, server_args.load_format, server_args.device)
-        self.model.logits_processor.sync_free_metadata = (
-            server_args.enable_sync_free_logits_metadata)
-        if server_args.enable_deterministic_inference:
-            enable_batch_invariant_layers(self.model)
+        # Built once; each consumer gets it (or the one value it needs) through its constructor.
+        self.patch_flags = PatchFlags.from_server_args(server_args)
+        options = ModelOptions(
+            batch_invariant=server_args.enable_deterministic_inference,
+            sync_free_logits_metadata=self.patch_flags.sync_free_logits_metadata)
+        self.model = get_model(model_config, server_args.load_format, server_args.device,
+                               options)
         self.sampler = Sampler()
-        self.h2d_mode = h2d_mode(server_args)
+        self.h2d_mode = h2d_mode(self.patch_flags)
         self.h2d_uploader = StepUploader(self.device, self.h2d_mode)
         self.decode_inputs = DecodeInputCache()
         self.lora_manager = None
@@ -77,8 +80,8 @@ class ModelRunner:
         is sized, so the slots count as used memory)."""
         from sglab.srt.lora.lora_manager import LoRAManager
 
-        self.lora_manager = LoRAManager(self.model, self.server_args, self.model_config.dtype,
-                                        self.device)
+        self.lora_manager = LoRAManager(self.model, self.server_args, self.patch_flags,
+                                        self.model_config.dtype, self.device)
 
     # --- memory -------------------------------------------------------------------------------
 

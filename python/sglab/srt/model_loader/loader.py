@@ -11,16 +11,18 @@ import torch
 from torch import nn
 
 from sglab.srt.configs.model_config import ModelConfig
+from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.utils.dummy_model import init_std_mean
 from sglab.srt.models.registry import resolve_model_cls
 
 logger = logging.getLogger(__name__)
 
 
-def get_model(model_config: ModelConfig, load_format: str, device: str) -> nn.Module:
+def get_model(model_config: ModelConfig, load_format: str, device: str,
+              options: ModelOptions) -> nn.Module:
     model_cls = resolve_model_cls(model_config.architectures)
     with torch.device(device):
-        model = model_cls(model_config.hf_config, dtype=model_config.dtype)
+        model = model_cls(model_config.hf_config, model_config.dtype, options)
     files = _safetensors_files(model_config.model_path)
     if load_format == "dummy":
         load_dummy_weights(model, model_config.hidden_size)

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.layers.activation import SiluAndMul
 from sglab.srt.layers.elementwise import qk_norm_rope, use_fused_kernels
 from sglab.srt.layers.layernorm import RMSNorm
@@ -19,12 +20,15 @@ from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                 options: ModelOptions):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, bias=False, params_dtype=dtype)
+            hidden_size, [intermediate_size] * 2, bias=False, params_dtype=dtype,
+            batch_invariant=options.batch_invariant)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
-                                           params_dtype=dtype)
+                                           params_dtype=dtype,
+                                           batch_invariant=options.batch_invariant)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,7 @@ class LlamaAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
 
-    def __init__(self, config, layer_id: int, dtype: torch.dtype):
+    def __init__(self, config, layer_id: int, dtype: torch.dtype, options: ModelOptions):
         super().__init__()
         qkv_bias, o_bias = self.biases(config)
         self.num_heads = config.num_attention_heads
@@ -52,9 +56,11 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
-                                          self.num_kv_heads, bias=qkv_bias, params_dtype=dtype)
+                                          self.num_kv_heads, bias=qkv_bias, params_dtype=dtype,
+                                          batch_invariant=options.batch_invariant)
         self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=o_bias,
-                                        params_dtype=dtype)
+                                        params_dtype=dtype,
+                                        batch_invariant=options.batch_invariant)
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, config)
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
                                    self.num_kv_heads, layer_id)
@@ -89,10 +95,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls = LlamaAttention
 
-    def __init__(self, config, layer_id: int, dtype: torch.dtype):
+    def __init__(self, config, layer_id: int, dtype: torch.dtype, options: ModelOptions):
         super().__init__()
-        self.self_attn = self.attention_cls(config, layer_id, dtype)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+        self.self_attn = self.attention_cls(config, layer_id, dtype, options)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, dtype, options)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -110,11 +116,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     layer_cls = LlamaDecoderLayer
 
-    def __init__(self, config, dtype: torch.dtype):
+    def __init__(self, config, dtype: torch.dtype, options: ModelOptions):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(
-            [self.layer_cls(config, i, dtype) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.layer_cls(config, i, dtype, options)
+                                     for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
@@ -137,16 +143,18 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     ]
 
-    def __init__(self, config, dtype: torch.dtype = torch.float32):
+    def __init__(self, config, dtype: torch.dtype, options: ModelOptions):
         super().__init__()
         self.config = config
-        self.model = self.model_cls(config, dtype)
+        self.model = self.model_cls(config, dtype, options)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.logits_processor = LogitsProcessor(
+            config.vocab_size, sync_free_metadata=options.sync_free_logits_metadata,
+            batch_invariant=options.batch_invariant)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -69,11 +69,11 @@ class TritonAttnBackend(AttentionBackend):
         # Decode as a one-token unified extend (deterministic mode; see the module docstring).
         self.unified_decode = self.enable_deterministic
         # Patch 0002: how _forward_extend_unified builds its indices.
-        self.unified_index_build = (args.unified_index_build
-                                    if args.enable_sync_free_unified_extend else "loop")
+        flags = model_runner.patch_flags
+        index_build = flags.unified_index_build if flags.sync_free_unified_extend else "loop"
         self._build_unified = {"loop": self._build_unified_loop,
                                "batched": self._build_unified_batched,
-                               "kernel": self._build_unified_kernel}[self.unified_index_build]
+                               "kernel": self._build_unified_kernel}[index_build]
         self.max_kv_splits = MAX_KV_SPLITS
         self.forward_metadata: ForwardMetadata | None = None
         self.graph_state: dict[str, torch.Tensor] | None = None
