@@ -34,6 +34,7 @@ def h2d_mode(flags: PatchFlags) -> str:
         return "pageable"
     return {"pr": "pinned", "packed": "packed"}[flags.pinned_h2d_mode]
 
+
 GiB = 1 << 30
 # KV pool size on CPU when --max-total-tokens is not given: at most this many tokens/bytes.
 CPU_DEFAULT_MAX_TOKENS = 65536
