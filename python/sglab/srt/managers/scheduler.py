@@ -81,8 +81,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.num_generated_tokens = 0
         self.last_gen_throughput = 0.0
         self._tic = time.perf_counter()
-        self.profiler = None
-        self.profile_steps_left: int | None = None
+        self.init_profiler()
         self.outputs: list[BatchTokenIDOutput] = []
         # Set when a failed batch's requests ran one by one during this step.
         self.ran_alone = False
