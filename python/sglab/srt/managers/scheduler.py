@@ -27,6 +27,7 @@ from sglab.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
 )
+from sglab.srt.managers.request_validator import InvalidRequestError, RequestValidator
 from sglab.srt.managers.schedule_batch import Req, ScheduleBatch, finish_abort
 from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglab.srt.managers.scheduler_lora_mixin import SchedulerLoRAMixin
@@ -70,6 +71,9 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
         self.context_len = self.model_config.context_len
         self.max_req_input_len = self.context_len - 1
+        self.validator = RequestValidator(
+            self.model_config.vocab_size, self.context_len, self.max_req_input_len,
+            self.max_total_num_tokens, enable_lora=self.lora_manager is not None)
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = self._eos_token_ids()
         self.seed_rng = random.Random(server_args.random_seed)
@@ -262,8 +266,11 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     def handle_generate_request(self, recv_req: TokenizedGenerateReqInput) -> Req:
         params = recv_req.sampling_params
         try:
+            self.validator.validate(recv_req, self._loaded_lora_adapters(recv_req.lora_path))
             req = self._make_req(recv_req)
-            error = self._resolve_lora(req, recv_req.lora_path) or self._validate(req)
+            error = None
+        except InvalidRequestError as e:
+            req, error = Req(recv_req.rid, None, [], SamplingParams(), 0), str(e)
         except Exception as e:  # noqa: BLE001 - a malformed request is refused, never fatal
             logger.warning("Refusing malformed request %s", recv_req.rid, exc_info=True)
             req = Req(recv_req.rid, None, [], SamplingParams(), 0)
@@ -287,26 +294,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
                 else self.seed_rng.randrange(1 << 30)
         return Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
                    recv_req.return_logprob, recv_req.logprob_start_len,
-                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)
-
-    def _validate(self, req: Req) -> str | None:
-        n = len(req.origin_input_ids)
-        if n == 0:
-            return "The input is empty."
-        if n > self.max_req_input_len:
-            return (f"The input ({n} tokens) is longer than the model's context length "
-                    f"({self.context_len} tokens).")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in req.origin_input_ids):
-            return f"Token ids must be in [0, {vocab})."
-        top = req.top_logprobs_num
-        if req.return_logprob and not (isinstance(top, int) and 0 <= top <= vocab):
-            return f"top_logprobs_num must be an integer in [0, {vocab}], got {top!r}."
-        try:
-            req.sampling_params.verify(vocab)
-        except (TypeError, ValueError) as e:
-            return str(e)
-        return None
+                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids,
+                   self._lora_id(recv_req.lora_path))
 
     def abort_request(self, recv_req: AbortReq) -> None:
         def match(req: Req) -> bool:
@@ -363,15 +352,9 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         if self.chunked_req is not None:
             self.chunked_req.init_next_round_input(None)
             self.chunked_req = adder.add_chunked_req(self.chunked_req)
-        lora_set = self._lora_ids_in_batches() if self.lora_manager is not None else None
+        lora_ids = self._lora_admission()
         for req in list(self.waiting_queue):
-            if lora_set is not None:
-                # At most --max-loras-per-batch adapters (base included) among the running,
-                # in-flight and new requests: each needs a slot, and slots in use stay put.
-                ids = lora_set | {r.lora_id for r in adder.can_run_list} | {req.lora_id}
-                if len(ids) > self.lora_manager.max_loras_per_batch:
-                    break
-            if not adder.add_one_req(req):
+            if not self._lora_admits(lora_ids, req) or not adder.add_one_req(req):
                 break
         if adder.new_chunked_req is not None:
             self.chunked_req = adder.new_chunked_req
