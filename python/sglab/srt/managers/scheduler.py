@@ -340,10 +340,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         max_new = self.max_running_requests - running
         if max_new <= 0 and self.chunked_req is None:
             return None
-        for req, error in self.policy.calc_priority(self.waiting_queue):
-            self.waiting_queue.remove(req)
-            self._fail_in_place(req, error, "matching its prefix", mid_step=False)
-            self.stream_output([req])
+        prefix_computed = self.policy.calc_priority(self.waiting_queue, self._match_prefix)
         adder = PrefillAdder(
             self.tree_cache, self.running_batch.reqs,
             self.token_to_kv_pool_allocator.available_size(),
@@ -354,6 +351,10 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self.chunked_req = adder.add_chunked_req(self.chunked_req)
         lora_ids = self._lora_admission()
         for req in list(self.waiting_queue):
+            if not adder.has_room():
+                break
+            if not prefix_computed and not self._match_prefix(req):
+                continue
             if not self._lora_admits(lora_ids, req) or not adder.add_one_req(req):
                 break
         if adder.new_chunked_req is not None:
@@ -368,6 +369,18 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         batch = self._new_batch(adder.can_run_list)
         batch.chunked_req = self.chunked_req
         return batch if self._prepare(batch, extend=True) else None
+
+    def _match_prefix(self, req: Req) -> bool:
+        """Match a waiting request's cached prefix; False if that failed (it is then aborted
+        and out of the queue)."""
+        try:
+            req.init_next_round_input(self.tree_cache)
+        except Exception as e:  # noqa: BLE001 - one request's failure is its own
+            self.waiting_queue.remove(req)
+            self._fail_in_place(req, e, "matching its prefix", mid_step=False)
+            self.stream_output([req])
+            return False
+        return True
 
     def update_running_batch(self) -> bool:
         """Filter, retract if memory is short, prepare the decode step; False when there is
