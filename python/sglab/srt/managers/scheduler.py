@@ -349,14 +349,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         if self.chunked_req is not None:
             self.chunked_req.init_next_round_input(None)
             self.chunked_req = adder.add_chunked_req(self.chunked_req)
-        lora_ids = self._lora_admission()
-        for req in list(self.waiting_queue):
-            if not adder.has_room():
-                break
-            if not prefix_computed and not self._match_prefix(req):
-                continue
-            if not self._lora_admits(lora_ids, req) or not adder.add_one_req(req):
-                break
+        self._add_waiting_reqs(adder, prefix_computed)
         if adder.new_chunked_req is not None:
             self.chunked_req = adder.new_chunked_req
         if not adder.can_run_list:
@@ -369,6 +362,18 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         batch = self._new_batch(adder.can_run_list)
         batch.chunked_req = self.chunked_req
         return batch if self._prepare(batch, extend=True) else None
+
+    def _add_waiting_reqs(self, adder: PrefillAdder, prefix_computed: bool) -> None:
+        """Admit waiting requests in queue order until one does not fit, matching each one's
+        prefix as it comes up unless the policy matched the whole queue."""
+        lora_ids = self._lora_admission()
+        for req in list(self.waiting_queue):
+            if not adder.has_room():
+                break
+            if not prefix_computed and not self._match_prefix(req):
+                continue
+            if not self._lora_admits(lora_ids, req) or not adder.add_one_req(req):
+                break
 
     def _match_prefix(self, req: Req) -> bool:
         """Match a waiting request's cached prefix; False if that failed (it is then aborted
