@@ -17,6 +17,7 @@ from conftest import alive_pids, check_default_patch_status
 from sglab import Engine
 from sglab.srt.managers.tokenizer_manager import EngineDeadError
 from sglab.srt.utils.dummy_model import get_default_model_path, make_dummy_model
+from sglab.test.runners import SchedulerRunner
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 LONG = {"max_new_tokens": 3500, "ignore_eos": True}
@@ -86,6 +87,35 @@ def test_input_errors_raise_and_engine_keeps_working(engine):
         engine.generate(input_ids=[10**9])
     with pytest.raises(ValueError, match="Exactly one of"):
         engine.generate()
+    assert engine.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def _bad_requests(vocab: int, max_input: int) -> list[dict]:
+    ids = [1, 2, 3]
+    return [
+        {"input_ids": [vocab]},
+        {"input_ids": [1] * (max_input + 1)},
+        {"input_ids": ids, "sampling_params": {"top_p": 5}},
+        {"input_ids": ids, "sampling_params": {"stream_interval": 2}},
+        {"input_ids": ids, "sampling_params": {"ignore_eos": 1}},
+        {"input_ids": ids, "return_logprob": True, "logprob_start_len": 3},
+        {"input_ids": ids, "return_logprob": True, "top_logprobs_num": vocab + 1},
+        {"input_ids": ids, "lora_path": "a"},
+    ]
+
+
+def test_engine_and_scheduler_refuse_the_same_requests_alike(engine):
+    """One validator: what the TokenizerManager refuses, the scheduler (reached by any other
+    sender) refuses with the same message."""
+    info = engine.scheduler_info
+    runner = SchedulerRunner(model_path=get_default_model_path())
+    for kwargs in _bad_requests(info["vocab_size"], info["max_req_input_len"]):
+        with pytest.raises(ValueError) as refused:
+            engine.generate(**kwargs)
+        rid = runner.submit(kwargs.pop("input_ids"), kwargs.pop("sampling_params", None),
+                            **kwargs)
+        reason = runner.collect()[rid].finish_reason
+        assert reason["status_code"] == 400 and reason["message"] == str(refused.value)
     assert engine.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 

@@ -236,7 +236,7 @@ def test_abort_frees_memory(qwen3_path):
     ({"top_p": 1.5}, [1, 2], "top_p"),
     ({}, [], "empty"),
     ({}, [1] * 5000, "context length"),
-    ({}, [10**9], "Token ids"),
+    ({}, [10**9], "out of the vocabulary"),
     ({"temperature": 0, "sampling_seed": 2**63}, [1, 2], "sampling_seed"),
     ({"sampling_seed": -(2**63) - 1}, [1, 2], "sampling_seed"),
     ({"temperature": float("nan")}, [1, 2], "temperature must be a finite"),
@@ -257,6 +257,17 @@ def test_bad_requests_are_refused(qwen3_path, params, ids, message):
     assert message in bad.finish_reason["message"]
     (good,) = runner.generate([[1, 2, 3]], {**GREEDY, "max_new_tokens": 4})
     assert len(good.output_ids) == 4
+    _check_idle(runner)
+
+
+def test_a_prompt_the_kv_pool_cannot_hold_is_refused_not_queued_forever(qwen3_path):
+    runner = SchedulerRunner(model_path=qwen3_path, max_total_tokens=64)
+    pool = runner.scheduler.max_total_num_tokens
+    (refused,) = runner.generate([[1] * pool], GREEDY)
+    assert refused.finish_reason["status_code"] == 400
+    assert f"does not fit in the KV cache ({pool} tokens)" in refused.finish_reason["message"]
+    (fits,) = runner.generate([[1] * (pool - 8)], {**GREEDY, "max_new_tokens": 4})
+    assert len(fits.output_ids) == 4
     _check_idle(runner)
 
 

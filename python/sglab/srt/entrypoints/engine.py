@@ -358,11 +358,9 @@ class Engine:
         rid: str | list[str] | None = None,
         return_text_in_logprobs: bool = False,
     ) -> dict | list[dict] | Iterator[dict]:
-        """One request (a dict back) or a batch (a list back); stream=True gives an iterator."""
-        obj = _make_request(prompt, sampling_params, input_ids, return_logprob,
-                            logprob_start_len, top_logprobs_num, stream, lora_path, rid,
-                            return_text_in_logprobs)
-        agen = self.tokenizer_manager.generate_request(obj, None)
+        """One request (a dict back) or a batch (a list back); stream=True gives an iterator.
+        The arguments are GenerateReqInput's fields (`prompt` is its `text`), as upstream's."""
+        agen = self._generate_request(locals())
         if stream:
             return self._iterate(agen)
         return self._run(_first(agen))
@@ -380,13 +378,20 @@ class Engine:
         rid: str | list[str] | None = None,
         return_text_in_logprobs: bool = False,
     ) -> dict | list[dict] | AsyncIterator[dict]:
-        obj = _make_request(prompt, sampling_params, input_ids, return_logprob,
-                            logprob_start_len, top_logprobs_num, stream, lora_path, rid,
-                            return_text_in_logprobs)
-        agen = self.tokenizer_manager.generate_request(obj, None)
+        """generate() on the caller's event loop: a dict, a list, or (stream=True) an async
+        iterator."""
+        agen = self._generate_request(locals())
         if stream:
             return self._aiterate(agen)
         return await self._await(_first(agen))
+
+    def _generate_request(self, args: dict[str, Any]) -> AsyncIterator:
+        """The one place generate / async_generate build their request, from their arguments
+        (GenerateReqInput's fields; `prompt` is its `text`): the TokenizerManager's output
+        stream for it, which runs once iterated."""
+        fields = {k: v for k, v in args.items() if k != "self"}
+        obj = GenerateReqInput(text=fields.pop("prompt"), **fields)
+        return self.tokenizer_manager.generate_request(obj, None)
 
     def _iterate(self, agen: AsyncIterator) -> Iterator[dict]:
         try:
@@ -468,14 +473,3 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-
-def _make_request(prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: Any,
-                  logprob_start_len: Any, top_logprobs_num: Any, stream: bool, lora_path: Any,
-                  rid: Any, return_text_in_logprobs: bool) -> GenerateReqInput:
-    return GenerateReqInput(
-        text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
-        stream=stream, return_logprob=return_logprob,
-        logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
-        top_logprobs_num=0 if top_logprobs_num is None else top_logprobs_num,
-        return_text_in_logprobs=return_text_in_logprobs, lora_path=lora_path,
-    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from sglab.srt.managers.schedule_batch import Req
 
@@ -18,21 +18,25 @@ LPM_MAX_QUEUE = 128
 
 class SchedulePolicy:
     def __init__(self, policy: str, tree_cache: "RadixCache | None"):
-        self.policy = policy
+        # As upstream: without a prefix cache there is no prefix to sort by.
+        no_cache = tree_cache is None or tree_cache.disable
+        self.policy = "fcfs" if no_cache else policy
         self.tree_cache = tree_cache
 
-    def calc_priority(self, waiting_queue: list[Req]) -> list[tuple[Req, Exception]]:
-        """Match each request's prefix; reorder the queue in place for lpm. Returns the
-        requests whose match failed, with the error (the caller aborts them)."""
-        failed = []
-        for req in waiting_queue:
-            try:
-                req.init_next_round_input(self.tree_cache)
-            except Exception as e:  # noqa: BLE001 - one request's failure is its own
-                failed.append((req, e))
-        if self.policy == "lpm" and len(waiting_queue) <= LPM_MAX_QUEUE:
-            waiting_queue.sort(key=lambda r: -len(r.prefix_indices))
-        return failed
+    def calc_priority(self, waiting_queue: list[Req],
+                      match_prefix: Callable[[Req], bool]) -> bool:
+        """Order the queue in place; True when every request's prefix was matched for it.
+
+        lpm matches the whole queue (`match_prefix(req)`, which drops a request whose match
+        failed) and sorts it by the cached prefix, while the queue has at most LPM_MAX_QUEUE
+        requests; above that, and under fcfs, the order stays and admission matches only the
+        requests it considers (upstream's fcfs fallback)."""
+        if self.policy != "lpm" or len(waiting_queue) > LPM_MAX_QUEUE:
+            return False
+        for req in list(waiting_queue):
+            match_prefix(req)
+        waiting_queue.sort(key=lambda r: -len(r.prefix_indices))
+        return True
 
 
 class PrefillAdder:
@@ -67,13 +71,18 @@ class PrefillAdder:
         self._spend(req.extend_input_len, 0)
         return req if truncated else None
 
-    def add_one_req(self, req: Req) -> bool:
-        """Try to add a waiting request; False means stop adding (budget exhausted)."""
+    def has_room(self) -> bool:
+        """Whether another request could be added at all, whatever its prefix and length."""
         if len(self.can_run_list) >= self.max_new_reqs:
             return False
-        future = _remaining_new_tokens(req)
-        if self.rem_chunk_tokens is not None and self.rem_chunk_tokens < self.page_size:
+        return self.rem_chunk_tokens is None or self.rem_chunk_tokens >= self.page_size
+
+    def add_one_req(self, req: Req) -> bool:
+        """Try to add a waiting request (its prefix matched); False means stop adding (budget
+        exhausted)."""
+        if not self.has_room():
             return False
+        future = _remaining_new_tokens(req)
         if req.extend_input_len > self.rem_input_tokens and self.can_run_list:
             return False
         # Lock first: the prefix it reuses stops being evictable room.

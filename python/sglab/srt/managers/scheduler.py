@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import logging
-import os
 import random
 import signal
 import time
@@ -25,19 +23,20 @@ from sglab.srt.managers.io_struct import (
     GetInternalStateReq,
     GetInternalStateReqOutput,
     LoadLoRAAdapterReqInput,
-    LoRAUpdateOutput,
     ProfileReq,
-    ProfileReqOutput,
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
 )
-from sglab.srt.managers.schedule_batch import (
-    Req,
-    ScheduleBatch,
-    finish_abort,
-    finish_length,
-)
+from sglab.srt.managers.request_validator import InvalidRequestError, RequestValidator
+from sglab.srt.managers.schedule_batch import Req, ScheduleBatch, finish_abort
 from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
+from sglab.srt.managers.scheduler_lora_mixin import SchedulerLoRAMixin
+from sglab.srt.managers.scheduler_output_processor_mixin import (
+    SchedulerOutputProcessorMixin,
+    internal_error,
+)
+from sglab.srt.managers.scheduler_profiler_mixin import SchedulerProfilerMixin
+from sglab.srt.managers.scheduler_runtime_checker_mixin import SchedulerRuntimeCheckerMixin
 from sglab.srt.managers.tp_worker import GenerationBatchResult, TpModelWorker
 from sglab.srt.mem_cache.radix_cache import RadixCache
 from sglab.srt.sampling.sampling_params import SamplingParams
@@ -49,14 +48,13 @@ DETERMINISTIC_DEFAULT_SEED = 42
 _DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
                        if hasattr(torch, name))
 
-_LOGPROB_FIELDS = (
-    "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
-    "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
-    "output_top_logprobs_val", "output_top_logprobs_idx",
-)
 
 
-class Scheduler:
+class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProfilerMixin,
+                SchedulerRuntimeCheckerMixin):
+    """The loop: receive, schedule, launch, process. Result processing and output building,
+    LoRA, the profiler and the idle checks live in the mixins (upstream's layout)."""
+
     def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None):
         self.server_args = server_args
         self.tp_worker = TpModelWorker(server_args)
@@ -73,6 +71,9 @@ class Scheduler:
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
         self.context_len = self.model_config.context_len
         self.max_req_input_len = self.context_len - 1
+        self.validator = RequestValidator(
+            self.model_config.vocab_size, self.context_len, self.max_req_input_len,
+            self.max_total_num_tokens, enable_lora=self.lora_manager is not None)
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = self._eos_token_ids()
         self.seed_rng = random.Random(server_args.random_seed)
@@ -84,8 +85,7 @@ class Scheduler:
         self.num_generated_tokens = 0
         self.last_gen_throughput = 0.0
         self._tic = time.perf_counter()
-        self.profiler = None
-        self.profile_steps_left: int | None = None
+        self.init_profiler()
         self.outputs: list[BatchTokenIDOutput] = []
         # Set when a failed batch's requests ran one by one during this step.
         self.ran_alone = False
@@ -266,8 +266,11 @@ class Scheduler:
     def handle_generate_request(self, recv_req: TokenizedGenerateReqInput) -> Req:
         params = recv_req.sampling_params
         try:
+            self.validator.validate(recv_req, self._loaded_lora_adapters(recv_req.lora_path))
             req = self._make_req(recv_req)
-            error = self._resolve_lora(req, recv_req.lora_path) or self._validate(req)
+            error = None
+        except InvalidRequestError as e:
+            req, error = Req(recv_req.rid, None, [], SamplingParams(), 0), str(e)
         except Exception as e:  # noqa: BLE001 - a malformed request is refused, never fatal
             logger.warning("Refusing malformed request %s", recv_req.rid, exc_info=True)
             req = Req(recv_req.rid, None, [], SamplingParams(), 0)
@@ -291,26 +294,8 @@ class Scheduler:
                 else self.seed_rng.randrange(1 << 30)
         return Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
                    recv_req.return_logprob, recv_req.logprob_start_len,
-                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids)
-
-    def _validate(self, req: Req) -> str | None:
-        n = len(req.origin_input_ids)
-        if n == 0:
-            return "The input is empty."
-        if n > self.max_req_input_len:
-            return (f"The input ({n} tokens) is longer than the model's context length "
-                    f"({self.context_len} tokens).")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in req.origin_input_ids):
-            return f"Token ids must be in [0, {vocab})."
-        top = req.top_logprobs_num
-        if req.return_logprob and not (isinstance(top, int) and 0 <= top <= vocab):
-            return f"top_logprobs_num must be an integer in [0, {vocab}], got {top!r}."
-        try:
-            req.sampling_params.verify(vocab)
-        except (TypeError, ValueError) as e:
-            return str(e)
-        return None
+                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids,
+                   self._lora_id(recv_req.lora_path))
 
     def abort_request(self, recv_req: AbortReq) -> None:
         def match(req: Req) -> bool:
@@ -355,10 +340,7 @@ class Scheduler:
         max_new = self.max_running_requests - running
         if max_new <= 0 and self.chunked_req is None:
             return None
-        for req, error in self.policy.calc_priority(self.waiting_queue):
-            self.waiting_queue.remove(req)
-            self._fail_in_place(req, error, "matching its prefix", mid_step=False)
-            self.stream_output([req])
+        prefix_computed = self.policy.calc_priority(self.waiting_queue, self._match_prefix)
         adder = PrefillAdder(
             self.tree_cache, self.running_batch.reqs,
             self.token_to_kv_pool_allocator.available_size(),
@@ -367,16 +349,7 @@ class Scheduler:
         if self.chunked_req is not None:
             self.chunked_req.init_next_round_input(None)
             self.chunked_req = adder.add_chunked_req(self.chunked_req)
-        lora_set = self._lora_ids_in_batches() if self.lora_manager is not None else None
-        for req in list(self.waiting_queue):
-            if lora_set is not None:
-                # At most --max-loras-per-batch adapters (base included) among the running,
-                # in-flight and new requests: each needs a slot, and slots in use stay put.
-                ids = lora_set | {r.lora_id for r in adder.can_run_list} | {req.lora_id}
-                if len(ids) > self.lora_manager.max_loras_per_batch:
-                    break
-            if not adder.add_one_req(req):
-                break
+        self._add_waiting_reqs(adder, prefix_computed)
         if adder.new_chunked_req is not None:
             self.chunked_req = adder.new_chunked_req
         if not adder.can_run_list:
@@ -389,6 +362,30 @@ class Scheduler:
         batch = self._new_batch(adder.can_run_list)
         batch.chunked_req = self.chunked_req
         return batch if self._prepare(batch, extend=True) else None
+
+    def _add_waiting_reqs(self, adder: PrefillAdder, prefix_computed: bool) -> None:
+        """Admit waiting requests in queue order until one does not fit, matching each one's
+        prefix as it comes up unless the policy matched the whole queue."""
+        lora_ids = self._lora_admission()
+        for req in list(self.waiting_queue):
+            if not adder.has_room():
+                break
+            if not prefix_computed and not self._match_prefix(req):
+                continue
+            if not self._lora_admits(lora_ids, req) or not adder.add_one_req(req):
+                break
+
+    def _match_prefix(self, req: Req) -> bool:
+        """Match a waiting request's cached prefix; False if that failed (it is then aborted
+        and out of the queue)."""
+        try:
+            req.init_next_round_input(self.tree_cache)
+        except Exception as e:  # noqa: BLE001 - one request's failure is its own
+            self.waiting_queue.remove(req)
+            self._fail_in_place(req, e, "matching its prefix", mid_step=False)
+            self.stream_output([req])
+            return False
+        return True
 
     def update_running_batch(self) -> bool:
         """Filter, retract if memory is short, prepare the decode step; False when there is
@@ -461,91 +458,6 @@ class Scheduler:
         else:
             self.process_batch_result_decode(batch, result)
 
-    def process_batch_result_prefill(self, batch: ScheduleBatch,
-                                     result: GenerationBatchResult) -> None:
-        input_lp_offset = 0
-        for i, req in enumerate(batch.reqs):
-            offset = input_lp_offset
-            input_lp_offset += batch.extend_logprob_pruned_lens[i]
-            chunked = req is batch.chunked_req
-            try:
-                if not req.input_logprobs_done:
-                    self._add_input_logprobs(req, batch, i, result, offset)
-                if not chunked:
-                    self._append_first_token(req, result, i)
-            except Exception as e:  # noqa: BLE001 - aborts this request only
-                self._fail_in_place(req, e, "processing its prefill", mid_step=chunked)
-            if chunked:
-                continue
-            req.is_chunked = 0
-            if req.finished():
-                self.tree_cache.cache_finished_req(req, len(req.fill_ids))
-            else:
-                self.tree_cache.cache_unfinished_req(req)
-        self.stream_output(batch.reqs)
-
-    def _append_first_token(self, req: Req, result: GenerationBatchResult, i: int) -> None:
-        if req.sampling_params.max_new_tokens == 0:
-            req.finished_reason = finish_length(0)
-        else:
-            self._append_token(req, result, i)
-
-    def process_batch_result_decode(self, batch: ScheduleBatch,
-                                    result: GenerationBatchResult) -> None:
-        for i, req in enumerate(batch.reqs):
-            if req.finished():
-                self._release_overlap_slot(req, batch.out_cache_loc[i])
-                continue
-            try:
-                self._append_token(req, result, i)
-            except Exception as e:  # noqa: BLE001 - aborts this request only
-                self._fail_in_place(req, e, "processing its output", mid_step=False)
-            if req.finished():
-                self.tree_cache.cache_finished_req(req)
-        self.num_generated_tokens += len(batch.reqs)
-        self.stream_output(batch.reqs)
-
-    def _release_overlap_slot(self, req: Req, slot: torch.Tensor) -> None:
-        """A request that finished one step earlier was decoded once more; drop that step."""
-        req.num_pending_tokens -= 1
-        pos = len(req.origin_input_ids) + len(req.output_ids) - 1
-        if self.page_size == 1 or pos % self.page_size == 0:
-            self.token_to_kv_pool_allocator.free(slot.view(1))
-
-    def _append_token(self, req: Req, result: GenerationBatchResult, i: int) -> None:
-        req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
-        req.output_ids.append(result.next_token_ids_cpu[i])
-        if req.return_logprob:
-            req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])
-            req.output_token_logprobs_idx.append(result.next_token_ids_cpu[i])
-            if req.top_logprobs_num > 0:
-                k = req.top_logprobs_num
-                req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
-                req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
-        req.check_finished(self.tokenizer, self.context_len)
-
-    def _add_input_logprobs(self, req: Req, batch: ScheduleBatch, i: int,
-                            result: GenerationBatchResult, offset: int) -> None:
-        prefix_len = batch.prefix_lens[i]
-        if prefix_len == 0 and req.logprob_start_len == 0:
-            req.input_token_logprobs_val.append(None)
-            req.input_token_logprobs_idx.append(req.origin_input_ids[0])
-            req.input_top_logprobs_val.append(None)
-            req.input_top_logprobs_idx.append(None)
-        n = batch.extend_logprob_pruned_lens[i]
-        lo = prefix_len + batch.extend_logprob_start_lens[i]
-        req.input_token_logprobs_val.extend(result.input_token_logprobs_cpu[offset:offset + n]
-                                            if n else [])
-        req.input_token_logprobs_idx.extend(req.origin_input_ids[lo + 1:lo + 1 + n])
-        if req.top_logprobs_num > 0 and n:
-            k = req.top_logprobs_num
-            req.input_top_logprobs_val.extend(
-                row[:k] for row in result.input_top_logprobs_val_cpu[offset:offset + n])
-            req.input_top_logprobs_idx.extend(
-                row[:k] for row in result.input_top_logprobs_idx_cpu[offset:offset + n])
-        if prefix_len + batch.extend_lens[i] >= len(req.origin_input_ids):
-            req.input_logprobs_done = True
-
     # --- failures -----------------------------------------------------------------------------
     # A value that passed validation must never stop the loop. A batch that fails before it
     # launches is undone and its requests run one by one: the one that fails alone is aborted
@@ -607,7 +519,7 @@ class Scheduler:
             self.tree_cache.cache_finished_req(req, num_kv)
         if self.chunked_req is req:
             self.chunked_req = None
-        req.finished_reason = _internal_error("running the request", error)
+        req.finished_reason = internal_error("running the request", error)
         self.stream_output([req])
 
     def _fail_in_place(self, req: Req, error: Exception, what: str, mid_step: bool) -> None:
@@ -615,129 +527,9 @@ class Scheduler:
         finishes at its next output token (as a client abort does)."""
         logger.error("Request %s failed while %s; aborting it", req.rid, what, exc_info=error)
         if mid_step:
-            req.to_finish = _internal_error(what, error)
+            req.to_finish = internal_error(what, error)
         else:
-            req.finished_reason = _internal_error(what, error)
-
-    # --- output -------------------------------------------------------------------------------
-
-    def stream_output(self, reqs: list[Req]) -> None:
-        """Queue a BatchTokenIDOutput with what each request has new since its last message."""
-        interval = self.server_args.stream_interval
-        chosen = [r for r in reqs if r.finished() or (
-            r.stream and len(r.output_ids) > r.send_offsets.get("output_ids", 0)
-            and (len(r.output_ids) % interval == 0 or len(r.output_ids) == 1))]
-        if not chosen:
-            return
-        out = BatchTokenIDOutput(
-            rids=[], finished_reasons=[], output_ids=[], prompt_tokens=[], completion_tokens=[],
-            cached_tokens=[], skip_special_tokens=[], spaces_between_special_tokens=[],
-            no_stop_trim=[], stop_strs=[], total_retractions=[])
-        for req in chosen:
-            num_rows = len(out.rids)
-            try:
-                self._append_output(out, req)
-            except Exception as e:  # noqa: BLE001 - aborts this request only
-                for f in dataclasses.fields(out):  # drop its partial entry
-                    del getattr(out, f.name)[num_rows:]
-                if not req.finished():  # it finishes, and is freed, at its next token
-                    self._fail_in_place(req, e, "building its output", mid_step=True)
-                    continue
-                logger.error("Output of request %s failed", req.rid, exc_info=e)
-                for name, value in _failed_output_row(
-                        req, _internal_error("building its output", e)).items():
-                    getattr(out, name).append(value)
-        if out.rids:
-            self.outputs.append(out)
-
-    def _append_output(self, out: BatchTokenIDOutput, req: Req) -> None:
-        params = req.sampling_params
-        out.rids.append(req.rid)
-        out.finished_reasons.append(req.finished_reason)
-        out.output_ids.append(self._delta(req, "output_ids", req.output_ids))
-        out.prompt_tokens.append(len(req.origin_input_ids))
-        out.completion_tokens.append(len(req.output_ids))
-        out.cached_tokens.append(req.cached_tokens)
-        out.skip_special_tokens.append(params.skip_special_tokens)
-        out.spaces_between_special_tokens.append(params.spaces_between_special_tokens)
-        out.no_stop_trim.append(params.no_stop_trim)
-        out.stop_strs.append(list(params.stop_strs))
-        out.total_retractions.append(req.total_retractions)
-        for name in _LOGPROB_FIELDS:
-            value = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
-            getattr(out, name).append(value)
-
-    @staticmethod
-    def _delta(req: Req, name: str, values: list) -> list:
-        start = req.send_offsets.get(name, 0)
-        req.send_offsets[name] = len(values)
-        return values[start:]
-
-    def flush_outputs(self) -> None:
-        if self.send_to_detokenizer is not None:
-            for out in self.outputs:
-                self.send_to_detokenizer.send_pyobj(out)
-            self.outputs = []
-
-    # --- LoRA ---------------------------------------------------------------------------------
-
-    def _resolve_lora(self, req: Req, lora_name: str | None) -> str | None:
-        """Bind the request to the adapter registered under `lora_name`; an error message if
-        there is none."""
-        if lora_name is None:
-            return None
-        if self.lora_manager is None:
-            return "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
-        req.lora_id = self.lora_manager.get_lora_id(lora_name)
-        if req.lora_id is None:
-            loaded = ", ".join(sorted(self.lora_manager.loaded_adapters())) or "none"
-            return (f"The requested LoRA adapter {lora_name!r} is not loaded. "
-                    f"Loaded adapters: {loaded}.")
-        return None
-
-    def _lora_ids_in_batches(self) -> set[str | None]:
-        """Adapters of the running batch, the chunked request and the batches in flight."""
-        reqs = list(self.running_batch.reqs)
-        if self.chunked_req is not None:
-            reqs.append(self.chunked_req)
-        for batch, _ in self.result_queue:
-            reqs.extend(batch.reqs)
-        return {r.lora_id for r in reqs}
-
-    def _lora_ids_in_use(self) -> set[str | None]:
-        """Adapters any request still needs: waiting, running, or not yet processed."""
-        ids = self._lora_ids_in_batches() | {r.lora_id for r in self.waiting_queue}
-        if self.last_batch is not None:
-            ids |= {r.lora_id for r in self.last_batch.reqs}
-        return ids
-
-    def load_lora_adapter(self, recv_req: LoadLoRAAdapterReqInput) -> LoRAUpdateOutput:
-        from sglab.srt.lora.lora_registry import LoRARef
-
-        if self.lora_manager is None:
-            return LoRAUpdateOutput(success=False, error_message=(
-                "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."))
-        ref = LoRARef(recv_req.lora_name, recv_req.lora_path, bool(recv_req.pinned))
-        try:
-            self.lora_manager.load_lora_adapter(ref, self._lora_ids_in_use())
-        except Exception as e:  # noqa: BLE001 - a bad adapter is the client's error, not ours
-            if not isinstance(e, ValueError):
-                logger.exception("Loading LoRA adapter %r failed", recv_req.lora_name)
-            logger.warning("Loading LoRA adapter %r failed: %s", recv_req.lora_name, e)
-            return LoRAUpdateOutput(success=False, error_message=str(e))
-        logger.info("Loaded LoRA adapter %r from %s", ref.lora_name, ref.lora_path)
-        return LoRAUpdateOutput(loaded_adapters=self.lora_manager.loaded_adapters())
-
-    def unload_lora_adapter(self, recv_req: UnloadLoRAAdapterReqInput) -> LoRAUpdateOutput:
-        if self.lora_manager is None:
-            return LoRAUpdateOutput(success=False, error_message=(
-                "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."))
-        try:
-            self.lora_manager.unload_lora_adapter(recv_req.lora_name, self._lora_ids_in_use())
-        except ValueError as e:
-            return LoRAUpdateOutput(success=False, error_message=str(e))
-        logger.info("Unloaded LoRA adapter %r", recv_req.lora_name)
-        return LoRAUpdateOutput(loaded_adapters=self.lora_manager.loaded_adapters())
+            req.finished_reason = internal_error(what, error)
 
     # --- control ------------------------------------------------------------------------------
 
@@ -750,44 +542,6 @@ class Scheduler:
         self.req_to_token_pool.clear()
         logger.info("Cache flushed successfully")
         return True
-
-    def on_idle(self) -> None:
-        now = time.perf_counter()
-        if now - self._tic > 1 and self.num_generated_tokens:
-            self.last_gen_throughput = self.num_generated_tokens / (now - self._tic)
-            self.num_generated_tokens, self._tic = 0, now
-        if self.server_args.enable_integrity_check:
-            problem = self.check_integrity()
-            if problem:
-                raise AssertionError(problem)
-
-    def check_integrity(self) -> str | None:
-        """When idle: every KV slot is free or held by the tree, and every pool row is free."""
-        if not self.is_idle():
-            return None
-        free = self.token_to_kv_pool_allocator.available_size()
-        tree = self.tree_cache.evictable_size() + self.tree_cache.protected_size()
-        if free + tree != self.max_total_num_tokens:
-            return (f"KV slots leaked: free {free} + cached {tree} != "
-                    f"{self.max_total_num_tokens}")
-        if self.tree_cache.protected_size() != 0:
-            return f"{self.tree_cache.protected_size()} cached tokens still locked while idle"
-        rows = self.req_to_token_pool.available_size()
-        if rows != self.req_to_token_pool.size:
-            return f"Pool rows leaked: {self.req_to_token_pool.size - rows} in use while idle"
-        return self._check_slot_sets()
-
-    def _check_slot_sets(self) -> str | None:
-        alloc = self.token_to_kv_pool_allocator
-        held = self.tree_cache.all_values_flatten()
-        if held.numel() and held.unique().numel() != held.numel():
-            return "A KV slot is held twice by the radix cache"
-        if held.numel() and alloc.page_size == 1:
-            free = torch.zeros(alloc.num_pages + 1, dtype=torch.bool)
-            free[alloc.free_pages] = True
-            if bool(free[held].any()):
-                return "A KV slot is both free and held by the radix cache"
-        return None
 
     def get_internal_state(self) -> dict:
         return {
@@ -811,42 +565,6 @@ class Scheduler:
                 "kvcache": runner.token_to_kv_pool.get_kv_size_bytes() / (1 << 30),
                 "token_capacity": self.max_total_num_tokens, "graph": 0}
 
-    def profile(self, req: ProfileReq) -> ProfileReqOutput:
-        if req.type == "start":
-            if self.profiler is not None:
-                return ProfileReqOutput(False, "Profiling is already in progress.")
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profile_dir = req.output_dir or os.environ.get("SGLANG_TORCH_PROFILER_DIR",
-                                                                 "/tmp")
-            self.profile_prefix = req.profile_prefix or "sglab"
-            self.profiler = torch.profiler.profile(activities=activities,
-                                                   with_stack=bool(req.with_stack),
-                                                   record_shapes=bool(req.record_shapes))
-            self.profiler.start()
-            self.profile_steps_left = req.num_steps
-            return ProfileReqOutput(True, "Start profiling.")
-        return self._stop_profile()
-
-    def _stop_profile(self) -> ProfileReqOutput:
-        if self.profiler is None:
-            return ProfileReqOutput(False, "Profiling is not in progress.")
-        self.profiler.stop()
-        os.makedirs(self.profile_dir, exist_ok=True)
-        path = os.path.join(self.profile_dir, f"{self.profile_prefix}-{int(time.time())}.trace.json")
-        self.profiler.export_chrome_trace(path)
-        self.profiler, self.profile_steps_left = None, None
-        logger.info("Profile trace written to %s", path)
-        return ProfileReqOutput(True, path)
-
-    def _profile_step(self) -> None:
-        if self.profile_steps_left is None:
-            return
-        self.profile_steps_left -= 1
-        if self.profile_steps_left <= 0:
-            self._stop_profile()
-
 
 def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer) -> None:
     """Process target: build the scheduler, report readiness on the pipe, then serve forever."""
@@ -869,18 +587,3 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_wri
         logger.exception("Scheduler hit an exception")
         raise
 
-
-def _internal_error(what: str, error: Exception) -> dict:
-    return finish_abort(f"Internal error while {what}: {type(error).__name__}: {error}",
-                        status_code=500)
-
-
-def _failed_output_row(req: Req, finished_reason: dict) -> dict[str, Any]:
-    """The entry of a finished request whose output could not be built: its abort only."""
-    row: dict[str, Any] = dict.fromkeys(_LOGPROB_FIELDS)
-    row.update(rids=req.rid, finished_reasons=finished_reason, output_ids=[],
-               prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
-               cached_tokens=req.cached_tokens, skip_special_tokens=True,
-               spaces_between_special_tokens=True, no_stop_trim=False, stop_strs=[],
-               total_retractions=req.total_retractions)
-    return row

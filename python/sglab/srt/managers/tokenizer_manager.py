@@ -36,6 +36,7 @@ from sglab.srt.managers.io_struct import (
     UnloadLoRAAdapterReqInput,
     invalid_unicode_path,
 )
+from sglab.srt.managers.request_validator import LORA_NOT_ENABLED, RequestValidator
 from sglab.srt.patches import PatchFlags, patch_status
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs
@@ -50,11 +51,6 @@ _CONTROL_TIMEOUT_S = 300.0
 INTERNAL_STATE_WAIT_S = 1.0
 PROFILE_DIR_ENV = "SGLANG_TORCH_PROFILER_DIR"
 _MAX_PROFILE_PREFIX_LEN = 128
-_BOOL_SAMPLING_PARAMS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-                         "no_stop_trim")
-# SamplingParams fields that nothing downstream reads: refused rather than ignored (the
-# scheduler streams at the server's --stream-interval; sglab has no custom logit processors).
-_IGNORED_SAMPLING_PARAMS = ("stream_interval", "custom_params")
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # (meta_info key, BatchTokenIDOutput value field, id field, is a top-k list per position)
 _LOGPROB_KINDS = (
@@ -160,6 +156,7 @@ class TokenizerManager:
         self.max_req_input_len: int | None = None
         self.max_total_num_tokens: int | None = None
         self.vocab_size: int | None = None
+        self.validator: RequestValidator | None = None
 
         self.zmq_context = zmq.Context(1)
         self.send_to_scheduler = self.zmq_context.socket(zmq.PUSH)
@@ -200,6 +197,9 @@ class TokenizerManager:
         self.max_req_input_len = info["max_req_input_len"]
         self.context_len = info.get("context_len") or self.max_req_input_len + 1
         self.vocab_size = info.get("vocab_size")
+        self.validator = RequestValidator(
+            self.vocab_size, self.context_len, self.max_req_input_len, self.max_total_num_tokens,
+            enable_lora=bool(getattr(self.server_args, "enable_lora", False)))
         self.loaded_lora_adapters = dict(info.get("loaded_lora_adapters") or {})
 
     def auto_create_handle_loop(self) -> None:
@@ -465,58 +465,38 @@ class TokenizerManager:
                 raise ValueError("text is not valid Unicode (it holds a lone surrogate).")
             input_ids = self.tokenizer.encode(text)
         input_ids = list(input_ids)
-        self._validate_input_ids(input_ids)
-        sampling_params = self._make_sampling_params(item["sampling_params"], len(input_ids))
-        self._validate_logprob_args(item, len(input_ids))
-        self._validate_lora_path(item["lora_path"])
-        return TokenizedGenerateReqInput(
+        params = item["sampling_params"]
+        req = TokenizedGenerateReqInput(
             rid=item["rid"], input_text=text, input_ids=input_ids,
-            sampling_params=sampling_params, return_logprob=item["return_logprob"],
-            logprob_start_len=item["logprob_start_len"],
+            sampling_params=self._parse_sampling_params(params),
+            return_logprob=item["return_logprob"], logprob_start_len=item["logprob_start_len"],
             top_logprobs_num=item["top_logprobs_num"], stream=obj.stream,
             lora_path=item["lora_path"],
         )
+        self.validator.validate(req, self.loaded_lora_adapters)
+        self._resolve_max_new_tokens(req.sampling_params, len(input_ids),
+                                     "max_new_tokens" in params)
+        req.sampling_params.normalize(self.tokenizer)
+        return req
 
-    def _validate_input_ids(self, input_ids: list[int]) -> None:
-        n = len(input_ids)
-        if n == 0:
-            raise ValueError("The input is empty: the prompt has no tokens.")
-        if n > self.max_req_input_len:
-            raise ValueError(
-                f"The input ({n} tokens) is longer than the model's context length "
-                f"({self.context_len} tokens; at most {self.max_req_input_len} input tokens)."
-            )
-        if self.max_total_num_tokens is not None and n >= self.max_total_num_tokens:
-            raise ValueError(f"The input ({n} tokens) does not fit in the KV cache "
-                             f"({self.max_total_num_tokens} tokens).")
-        if self.vocab_size is not None:
-            bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ValueError(
-                    f"Token id {bad} in input_ids is out of the vocabulary [0, {self.vocab_size})."
-                )
-
-    def _make_sampling_params(self, params: dict, prompt_len: int) -> SamplingParams:
+    @staticmethod
+    def _parse_sampling_params(params: dict) -> SamplingParams:
         path = invalid_unicode_path(params)
         if path is not None:
             raise ValueError(f"sampling_params.{path} is not valid Unicode (it holds a lone "
                              "surrogate).")
         try:
-            sampling_params = SamplingParams.from_dict(params)
-            sampling_params.verify(self.vocab_size)
+            return SamplingParams.from_dict(params)
         except TypeError as e:
             raise ValueError(f"Invalid sampling parameters: {e}") from None
-        for name in _BOOL_SAMPLING_PARAMS:
-            if not isinstance(getattr(sampling_params, name), bool):
-                raise ValueError(f"{name} must be a boolean.")
-        for name in _IGNORED_SAMPLING_PARAMS:
-            if getattr(sampling_params, name) not in (None, {}):
-                raise ValueError(f"{name} is not supported by sglab (per request).")
-        # As upstream: prompt + output stays below the context length (and the KV pool).
+
+    def _resolve_max_new_tokens(self, sampling_params: SamplingParams, prompt_len: int,
+                                given: bool) -> None:
+        """As upstream: prompt + output stays below the context length (and the KV pool)."""
         max_req_len = min(self.context_len, self.max_total_num_tokens or self.context_len) - 1
         budget = max_req_len - prompt_len
         max_new = sampling_params.max_new_tokens
-        if "max_new_tokens" not in params:
+        if not given:
             sampling_params.max_new_tokens = max(0, min(DEFAULT_MAX_NEW_TOKENS, budget))
         elif max_new is None:
             sampling_params.max_new_tokens = max(0, budget)
@@ -530,20 +510,6 @@ class TokenizerManager:
             )
         else:
             sampling_params.max_new_tokens = max(0, min(max_new, budget))
-        sampling_params.normalize(self.tokenizer)
-        return sampling_params
-
-    def _validate_logprob_args(self, item: dict, prompt_len: int) -> None:
-        if not item["return_logprob"]:
-            return
-        start = item["logprob_start_len"]
-        if start != -1 and not 0 <= start < prompt_len:
-            raise ValueError(f"logprob_start_len ({start}) must be -1 or in [0, {prompt_len}) "
-                             f"for an input of {prompt_len} tokens.")
-        top = item["top_logprobs_num"]
-        limit = self.vocab_size or top
-        if not 0 <= top <= limit:
-            raise ValueError(f"top_logprobs_num must be in [0, {limit}], got {top}.")
 
     # --- control -----------------------------------------------------------------------------
 
@@ -595,17 +561,6 @@ class TokenizerManager:
 
     # --- LoRA --------------------------------------------------------------------------------
 
-    def _validate_lora_path(self, lora_name: str | None) -> None:
-        """A request's `lora_path` names a loaded adapter (the scheduler checks it again)."""
-        if lora_name is None:
-            return
-        if not getattr(self.server_args, "enable_lora", False):
-            raise ValueError("LoRA is not enabled. Please set `--enable-lora` to enable LoRA.")
-        if lora_name not in self.loaded_lora_adapters:
-            loaded = ", ".join(sorted(self.loaded_lora_adapters)) or "none"
-            raise ValueError(f"The requested LoRA adapter {lora_name!r} is not loaded. "
-                             f"Loaded adapters: {loaded}.")
-
     async def load_lora_adapter(self, obj: LoadLoRAAdapterReqInput) -> LoRAUpdateOutput:
         return await self._update_lora(obj)
 
@@ -614,8 +569,7 @@ class TokenizerManager:
 
     async def _update_lora(self, obj: Any) -> LoRAUpdateOutput:
         if not getattr(self.server_args, "enable_lora", False):
-            return LoRAUpdateOutput(success=False, error_message=(
-                "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."))
+            return LoRAUpdateOutput(success=False, error_message=LORA_NOT_ENABLED)
         self.auto_create_handle_loop()
         result = await self.lora_update_communicator(obj)
         if result.success:

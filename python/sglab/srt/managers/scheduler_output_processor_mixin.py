@@ -1,0 +1,189 @@
+"""Result processing and output building of the scheduler: a step's tokens and logprobs onto
+its requests, then one BatchTokenIDOutput per step for the detokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sglab.srt.managers.io_struct import BatchTokenIDOutput
+from sglab.srt.managers.schedule_batch import Req, ScheduleBatch, finish_abort, finish_length
+
+if TYPE_CHECKING:
+    from sglab.srt.managers.scheduler import Scheduler
+    from sglab.srt.managers.tp_worker import GenerationBatchResult
+
+logger = logging.getLogger(__name__)
+
+_LOGPROB_FIELDS = (
+    "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
+    "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
+    "output_top_logprobs_val", "output_top_logprobs_idx",
+)
+
+
+class SchedulerOutputProcessorMixin:
+    def process_batch_result_prefill(self: Scheduler, batch: ScheduleBatch,
+                                     result: GenerationBatchResult) -> None:
+        input_lp_offset = 0
+        for i, req in enumerate(batch.reqs):
+            offset = input_lp_offset
+            input_lp_offset += batch.extend_logprob_pruned_lens[i]
+            chunked = req is batch.chunked_req
+            try:
+                if not req.input_logprobs_done:
+                    self._add_input_logprobs(req, batch, i, result, offset)
+                if not chunked:
+                    self._append_first_token(req, result, i)
+            except Exception as e:  # noqa: BLE001 - aborts this request only
+                self._fail_in_place(req, e, "processing its prefill", mid_step=chunked)
+            if chunked:
+                continue
+            req.is_chunked = 0
+            if req.finished():
+                self.tree_cache.cache_finished_req(req, len(req.fill_ids))
+            else:
+                self.tree_cache.cache_unfinished_req(req)
+        self.stream_output(batch.reqs)
+
+    def _append_first_token(self: Scheduler, req: Req, result: GenerationBatchResult,
+                            i: int) -> None:
+        if req.sampling_params.max_new_tokens == 0:
+            req.finished_reason = finish_length(0)
+        else:
+            self._append_token(req, result, i)
+
+    def process_batch_result_decode(self: Scheduler, batch: ScheduleBatch,
+                                    result: GenerationBatchResult) -> None:
+        for i, req in enumerate(batch.reqs):
+            if req.finished():
+                self._release_overlap_slot(req, batch.out_cache_loc[i])
+                continue
+            try:
+                self._append_token(req, result, i)
+            except Exception as e:  # noqa: BLE001 - aborts this request only
+                self._fail_in_place(req, e, "processing its output", mid_step=False)
+            if req.finished():
+                self.tree_cache.cache_finished_req(req)
+        self.num_generated_tokens += len(batch.reqs)
+        self.stream_output(batch.reqs)
+
+    def _release_overlap_slot(self: Scheduler, req: Req, slot: torch.Tensor) -> None:
+        """A request that finished one step earlier was decoded once more; drop that step."""
+        req.num_pending_tokens -= 1
+        pos = len(req.origin_input_ids) + len(req.output_ids) - 1
+        if self.page_size == 1 or pos % self.page_size == 0:
+            self.token_to_kv_pool_allocator.free(slot.view(1))
+
+    def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
+        req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
+        req.output_ids.append(result.next_token_ids_cpu[i])
+        if req.return_logprob:
+            req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])
+            req.output_token_logprobs_idx.append(result.next_token_ids_cpu[i])
+            if req.top_logprobs_num > 0:
+                k = req.top_logprobs_num
+                req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
+                req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
+        req.check_finished(self.tokenizer, self.context_len)
+
+    def _add_input_logprobs(self: Scheduler, req: Req, batch: ScheduleBatch, i: int,
+                            result: GenerationBatchResult, offset: int) -> None:
+        prefix_len = batch.prefix_lens[i]
+        if prefix_len == 0 and req.logprob_start_len == 0:
+            req.input_token_logprobs_val.append(None)
+            req.input_token_logprobs_idx.append(req.origin_input_ids[0])
+            req.input_top_logprobs_val.append(None)
+            req.input_top_logprobs_idx.append(None)
+        n = batch.extend_logprob_pruned_lens[i]
+        lo = prefix_len + batch.extend_logprob_start_lens[i]
+        req.input_token_logprobs_val.extend(result.input_token_logprobs_cpu[offset:offset + n]
+                                            if n else [])
+        req.input_token_logprobs_idx.extend(req.origin_input_ids[lo + 1:lo + 1 + n])
+        if req.top_logprobs_num > 0 and n:
+            k = req.top_logprobs_num
+            req.input_top_logprobs_val.extend(
+                row[:k] for row in result.input_top_logprobs_val_cpu[offset:offset + n])
+            req.input_top_logprobs_idx.extend(
+                row[:k] for row in result.input_top_logprobs_idx_cpu[offset:offset + n])
+        if prefix_len + batch.extend_lens[i] >= len(req.origin_input_ids):
+            req.input_logprobs_done = True
+
+
+
+    def stream_output(self: Scheduler, reqs: list[Req]) -> None:
+        """Queue a BatchTokenIDOutput with what each request has new since its last message."""
+        interval = self.server_args.stream_interval
+        chosen = [r for r in reqs if r.finished() or (
+            r.stream and len(r.output_ids) > r.send_offsets.get("output_ids", 0)
+            and (len(r.output_ids) % interval == 0 or len(r.output_ids) == 1))]
+        if not chosen:
+            return
+        out = BatchTokenIDOutput(
+            rids=[], finished_reasons=[], output_ids=[], prompt_tokens=[], completion_tokens=[],
+            cached_tokens=[], skip_special_tokens=[], spaces_between_special_tokens=[],
+            no_stop_trim=[], stop_strs=[], total_retractions=[])
+        for req in chosen:
+            num_rows = len(out.rids)
+            try:
+                self._append_output(out, req)
+            except Exception as e:  # noqa: BLE001 - aborts this request only
+                for f in dataclasses.fields(out):  # drop its partial entry
+                    del getattr(out, f.name)[num_rows:]
+                if not req.finished():  # it finishes, and is freed, at its next token
+                    self._fail_in_place(req, e, "building its output", mid_step=True)
+                    continue
+                logger.error("Output of request %s failed", req.rid, exc_info=e)
+                for name, value in _failed_output_row(
+                        req, internal_error("building its output", e)).items():
+                    getattr(out, name).append(value)
+        if out.rids:
+            self.outputs.append(out)
+
+    def _append_output(self: Scheduler, out: BatchTokenIDOutput, req: Req) -> None:
+        params = req.sampling_params
+        out.rids.append(req.rid)
+        out.finished_reasons.append(req.finished_reason)
+        out.output_ids.append(self._delta(req, "output_ids", req.output_ids))
+        out.prompt_tokens.append(len(req.origin_input_ids))
+        out.completion_tokens.append(len(req.output_ids))
+        out.cached_tokens.append(req.cached_tokens)
+        out.skip_special_tokens.append(params.skip_special_tokens)
+        out.spaces_between_special_tokens.append(params.spaces_between_special_tokens)
+        out.no_stop_trim.append(params.no_stop_trim)
+        out.stop_strs.append(list(params.stop_strs))
+        out.total_retractions.append(req.total_retractions)
+        for name in _LOGPROB_FIELDS:
+            value = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
+            getattr(out, name).append(value)
+
+    @staticmethod
+    def _delta(req: Req, name: str, values: list) -> list:
+        start = req.send_offsets.get(name, 0)
+        req.send_offsets[name] = len(values)
+        return values[start:]
+
+    def flush_outputs(self: Scheduler) -> None:
+        if self.send_to_detokenizer is not None:
+            for out in self.outputs:
+                self.send_to_detokenizer.send_pyobj(out)
+            self.outputs = []
+
+
+def internal_error(what: str, error: Exception) -> dict:
+    return finish_abort(f"Internal error while {what}: {type(error).__name__}: {error}",
+                        status_code=500)
+
+
+def _failed_output_row(req: Req, finished_reason: dict) -> dict[str, Any]:
+    """The entry of a finished request whose output could not be built: its abort only."""
+    row: dict[str, Any] = dict.fromkeys(_LOGPROB_FIELDS)
+    row.update(rids=req.rid, finished_reasons=finished_reason, output_ids=[],
+               prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
+               cached_tokens=req.cached_tokens, skip_special_tokens=True,
+               spaces_between_special_tokens=True, no_stop_trim=False, stop_strs=[],
+               total_retractions=req.total_retractions)
+    return row

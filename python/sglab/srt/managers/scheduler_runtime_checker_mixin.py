@@ -1,0 +1,52 @@
+"""The scheduler's idle-time work: throughput bookkeeping and the integrity check of its pools
+and prefix cache."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sglab.srt.managers.scheduler import Scheduler
+
+
+class SchedulerRuntimeCheckerMixin:
+    def on_idle(self: Scheduler) -> None:
+        now = time.perf_counter()
+        if now - self._tic > 1 and self.num_generated_tokens:
+            self.last_gen_throughput = self.num_generated_tokens / (now - self._tic)
+            self.num_generated_tokens, self._tic = 0, now
+        if self.server_args.enable_integrity_check:
+            problem = self.check_integrity()
+            if problem:
+                raise AssertionError(problem)
+
+    def check_integrity(self: Scheduler) -> str | None:
+        """When idle: every KV slot is free or held by the tree, and every pool row is free."""
+        if not self.is_idle():
+            return None
+        free = self.token_to_kv_pool_allocator.available_size()
+        tree = self.tree_cache.evictable_size() + self.tree_cache.protected_size()
+        if free + tree != self.max_total_num_tokens:
+            return (f"KV slots leaked: free {free} + cached {tree} != "
+                    f"{self.max_total_num_tokens}")
+        if self.tree_cache.protected_size() != 0:
+            return f"{self.tree_cache.protected_size()} cached tokens still locked while idle"
+        rows = self.req_to_token_pool.available_size()
+        if rows != self.req_to_token_pool.size:
+            return f"Pool rows leaked: {self.req_to_token_pool.size - rows} in use while idle"
+        return self._check_slot_sets()
+
+    def _check_slot_sets(self: Scheduler) -> str | None:
+        alloc = self.token_to_kv_pool_allocator
+        held = self.tree_cache.all_values_flatten()
+        if held.numel() and held.unique().numel() != held.numel():
+            return "A KV slot is held twice by the radix cache"
+        if held.numel() and alloc.page_size == 1:
+            free = torch.zeros(alloc.num_pages + 1, dtype=torch.bool)
+            free[alloc.free_pages] = True
+            if bool(free[held].any()):
+                return "A KV slot is both free and held by the radix cache"
+        return None
