@@ -112,3 +112,32 @@ def test_graph_inputs_upload_modes_fill_the_same_static_buffers(path, eager, mod
     runner = _runner(path, True, chunked_prefill_size=16, **kw)
     assert runner.scheduler.tp_worker.model_runner.graph_runner.inputs.h2d_mode == mode
     assert _run(runner, GROUPS[:2]) == eager[:7]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_steady_decode_step_is_one_upload_one_replay_one_download(tiny_model_dir):
+    """A steady greedy decode step through a graph (patch 0001 packed): one H2D copy, one
+    graph launch, one D2H copy, and no kernel launched outside the graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = SchedulerRunner(model_path=tiny_model_dir("tiny-qwen3"), device="cuda",
+                             attention_backend="triton", cuda_graph_max_bs=8,
+                             pinned_h2d_mode="packed")
+    for p in _prompts(4, 9):
+        runner.submit(p, {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True})
+    for _ in range(8):  # prefill, then into steady decode
+        runner.scheduler.run_step()
+    torch.cuda.synchronize()
+    steps = 10
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.scheduler.run_step()
+        torch.cuda.synchronize()
+    calls = collections.Counter(e.name for e in prof.events())
+    assert calls["cudaGraphLaunch"] == steps, calls
+    assert calls["cudaLaunchKernel"] == 0, calls
+    copies = sum(n for name, n in calls.items() if name.startswith("cudaMemcpy"))
+    assert copies == 2 * steps, calls
+    runner.run()
+    assert runner.integrity_error() is None
