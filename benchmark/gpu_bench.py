@@ -72,16 +72,19 @@ def _submit(scheduler, n: int, input_len: int, output_len: int, tag: str) -> Non
                 output_len, tag)
 
 
-def _submit_ids(scheduler, ids_list: list[list[int]], output_len: int, tag: str) -> None:
-    """Greedy requests with the given token ids, rids `tag-i`."""
+def _submit_ids(scheduler, ids_list: list[list[int]], output_len: int, tag: str,
+                params: dict | None = None) -> None:
+    """Requests with the given token ids (greedy unless `params` says otherwise), rids
+    `tag-i`."""
     from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
     from sglab.srt.sampling.sampling_params import SamplingParams
 
     for i, ids in enumerate(ids_list):
-        params = SamplingParams(max_new_tokens=output_len, temperature=0, ignore_eos=True)
-        params.normalize(None)
+        sp = SamplingParams(max_new_tokens=output_len, ignore_eos=True,
+                            **(params or {"temperature": 0}))
+        sp.normalize(None)
         scheduler.handle_generate_request(TokenizedGenerateReqInput(
-            rid=f"{tag}-{i}", input_text=None, input_ids=ids, sampling_params=params))
+            rid=f"{tag}-{i}", input_text=None, input_ids=ids, sampling_params=sp))
 
 
 def _time_steps(scheduler, steps: int) -> float:

@@ -15,6 +15,7 @@
 #   ab-0001       patch 0001 off / PR / packed, 0.6B and 8B shapes, concurrency 1, 4, 32
 #   ab-0003a ab-0005 ab-0005b   the other patch A/Bs
 #   bench unified profile       engine benchmarks (gpu_bench, 0002 per call, one step profile)
+#   hostloop      the decode hot loop: ITL vs graph replay, host per component, saturation
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
 R=$OUT/r
@@ -83,6 +84,9 @@ for step in "$@"; do
       --random-output-len 64 --lora-name lora 2>&1 | tail -n 24 ;;
   bench)
     timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
+  hostloop)  # decode: host per component vs one graph replay, outside-graph calls, saturation
+    timeout 420 python3 benchmark/decode_host_profile.py --out "$R" --saturated 2>&1 \
+      | tail -n 20 ;;
   unified)
     for p in qwen3-0.6b llama-3.1-8b; do
       timeout 150 python3 benchmark/bench_unified_extend.py --preset $p --out "$R/unified-$p" \
