@@ -1,8 +1,9 @@
 """LoRAManager: adapters in host memory, their GPU slots, and the per-forward batch info.
 
 Built by the ModelRunner after the base model is loaded: it swaps the target linear layers for
-LoRA wrappers, allocates the slot pool, and loads `--lora-paths`. Before every forward,
-`ForwardBatch.init_new` calls `prepare_lora_batch`, which puts the batch's adapters in slots,
+LoRA wrappers, allocates the slot pool, and loads `--lora-paths`. Before every forward
+(`ForwardBatch.init_new` for an eager one, `prepare_replay` as a CUDA-graph participant),
+`prepare_lora_batch` puts the batch's adapters in slots,
 builds the `LoRABatchInfo` the kernels read, and hands every wrapper its buffers
 (`update_lora_info`). Two upstream sync removals live here, each behind its patch flag:
 0005 (sglang#6960) in `QKVParallelLinearWithLoRA.set_lora_info`, 0005b (sglang#6994) in

@@ -1,7 +1,9 @@
 """ForwardBatch: the device-side view of one batch, built once per step in `init_new`.
 
-Every host→device upload of per-step metadata happens in `ForwardBatch.init_new`, from host
-data that `ScheduleBatch` prepared; every length the host needs keeps a `_cpu` twin here.
+Every host→device upload of per-step metadata happens in `ForwardBatch.init_new` (or, for a
+decode step that runs in a CUDA graph, in `GraphInputs.upload`, straight into the graph's static
+buffers), from host data that `ScheduleBatch` prepared; every length the host needs keeps a
+`_cpu` twin here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Per-step metadata (kv_indptr / kv_indices / split counts) is built once per forward in
 `init_forward_metadata` from device tensors and host-known sizes only, so no host sync happens
-here. Under CUDA graphs the same metadata is written into static buffers before replay.
+here. In a CUDA graph the same metadata is computed inside the graph, into static buffers, from
+the static rows and lengths (`graph_prologue`).
 
 Deterministic mode runs every attention, decode included, through the unified extend kernel:
 a decode step is a one-token extend over the request's keys, so a token's KV and logits have
