@@ -13,7 +13,6 @@ on the same engine and batch shapes. Writes DIR/unified_extend.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import _drain, _scheduler, _submit_ids  # noqa: E402
+from gpu_bench import _drain, _scheduler, _submit_ids, write_results  # noqa: E402
 
 from sglab.srt.utils.provenance import add_provenance_args, provenance, provenance_line
 
@@ -91,13 +90,7 @@ def main() -> None:
         report["modes"][m] = {"calls": len(t), "median_us": statistics.median(t) * 1e6,
                               "mean_us": statistics.fmean(t) * 1e6,
                               "prefill_round_ms": statistics.median(step_times[m]) * 1e3}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "unified_extend.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    md = _markdown(report)
-    with open(os.path.join(args.out, "unified_extend.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_results(args.out, "unified_extend", report, _markdown(report))
 
 
 def _markdown(r: dict) -> str:

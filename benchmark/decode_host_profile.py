@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import _scheduler, _submit_ids  # noqa: E402
+from gpu_bench import _scheduler, _submit_ids, write_results  # noqa: E402
 
 from sglab.srt.utils.provenance import (  # noqa: E402
     add_provenance_args,
@@ -223,13 +222,7 @@ def main() -> None:
     report = {"provenance": provenance(args.commit), "rows": rows}
     if args.saturated:
         report["saturated"] = {p: saturated(p) for p in args.presets}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_host_profile.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    md = to_markdown(report)
-    with open(os.path.join(args.out, "decode_host_profile.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_results(args.out, "decode_host_profile", report, to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_bench import write_results  # noqa: E402
 
 from sglab.srt.utils.process import kill_server, popen_launch_server
 from sglab.srt.utils.provenance import add_provenance_args, provenance, provenance_line
@@ -63,18 +65,15 @@ def main() -> None:
              f"`python benchmark/deterministic_served.py --model-path {args.model_path} "
              f"--n-trials {args.n_trials} --max-new-tokens {args.max_new_tokens}` (server "
              f"args `{args.server_args} --enable-deterministic-inference`)", "",
-             "Unique samples per prompt (1 = deterministic, 0 = the prompt was not drawn); p_vs_d: sequences whose decode "
-             "logprobs equal their prefill logprobs.", "",
+             "Unique samples per prompt (1 = deterministic, 0 = the prompt was not drawn); "
+             "p_vs_d: sequences whose decode logprobs equal their prefill logprobs.", "",
              "| build | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
     for b, counts in results.items():
         cells = [f"{sum(c)}/{len(c)}" if m == "p_vs_d" else ", ".join(map(str, c))
                  for m, c in counts.items()]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    with open(os.path.join(args.out, "deterministic-served.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "deterministic-served.json"), "w") as f:
-        json.dump({"provenance": prov, "results": results}, f, indent=1)
-    print("\n".join(lines))
+    write_results(args.out, "deterministic-served", {"provenance": prov, "results": results},
+                  "\n".join(lines) + "\n")
     sys.exit(0 if all(all(x <= 1 for x in c) for r in results.values() for c in r.values())
              else 1)
 

@@ -213,18 +213,23 @@ def _child(kind: str, preset: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_results(out_dir: str, name: str, report: dict, markdown: str) -> None:
+    """DIR/<name>.json and DIR/<name>.md, and the markdown on stdout."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
 def run_all(presets: list[str], out_dir: str, commit: str | None = None) -> dict:
     report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
     for preset in presets:
         report["models"][preset] = {"sglab": _child("sglab", preset),
                                     "hf": _child("hf", preset)}
         print(json.dumps(report["models"][preset])[:2000], flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gpu_bench.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
-        f.write(to_markdown(report))
-    print(to_markdown(report))
+    write_results(out_dir, "gpu_bench", report, to_markdown(report))
     return report
 
 

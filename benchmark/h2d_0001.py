@@ -25,7 +25,7 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import _scheduler, _submit  # noqa: E402
+from gpu_bench import _scheduler, _submit, write_results  # noqa: E402
 
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch  # noqa: E402
 from sglab.srt.utils.h2d import H2D_MODES, StepUploader  # noqa: E402
@@ -163,13 +163,7 @@ def main() -> None:
     cycles = sleep_cycles_per_ms() if torch.cuda.is_available() else 0.0  # CPU: a smoke run
     rows = [r for p in args.presets for r in run_preset(p, args.bs, cycles)]
     meta = {"provenance": provenance(args.commit), "sleep_cycles_per_ms": cycles}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "h2d_0001.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    md = to_markdown(rows, meta)
-    with open(os.path.join(args.out, "h2d_0001.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_results(args.out, "h2d_0001", {"meta": meta, "rows": rows}, to_markdown(rows, meta))
 
 
 if __name__ == "__main__":
