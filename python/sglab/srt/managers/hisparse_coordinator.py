@@ -86,6 +86,7 @@ class HiSparseStepPlan:
     page_value: list[int]  # and their host pages
     grow_index: list[int]  # flat req_to_device_buffer cells of grown buffers (any number)
     grow_value: list[int]
+    grown: list[tuple[int, int]]  # (row, its buffer size before) of each grown buffer
     kv_lens: list[int]  # keys each row attends to
     sparse: list[bool]
     num_page_cols: int  # page-table columns an eager selection reads
@@ -274,7 +275,8 @@ class HiSparseCoordinator:
         B, P = self.buffer_size, self.page_size
         managed = torch.tensor([self.managed_rows[r] for r in rows.tolist()], dtype=torch.bool)
         newest = seq_lens - 1
-        grow_index, grow_value = self._grow_device_buffers(rows, newest.clamp(max=B), managed)
+        grown, grow_index, grow_value = self._grow_device_buffers(rows, newest.clamp(max=B),
+                                                                  managed)
         out = self.req_to_device_buffer_cpu[rows, newest.clamp(max=B)]
         if not bool(managed.all()):
             out = self._alloc_unmanaged(rows, seq_lens, out_logical, managed, out)
@@ -291,16 +293,16 @@ class HiSparseCoordinator:
             backup_host=backup_host.tolist(),
             page_index=(rows * self.max_pages + newest // P)[opens].tolist(),
             page_value=(out_logical // P)[opens].tolist(), grow_index=grow_index,
-            grow_value=grow_value, kv_lens=kv_lens.tolist(), sparse=sparse.tolist(),
+            grow_value=grow_value, grown=grown, kv_lens=kv_lens.tolist(), sparse=sparse.tolist(),
             num_page_cols=max(self.config.num_top_pages, -(-int(seq_lens.max()) // P)))
 
     def _grow_device_buffers(self, rows: torch.Tensor, slot_index: torch.Tensor,
-                             managed: torch.Tensor) -> tuple[list[int], list[int]]:
+                             managed: torch.Tensor) -> tuple[list, list[int], list[int]]:
         """One more page for each row whose new token's buffer slot is past its buffer."""
         caps = torch.tensor([self.req_device_buffer_size[r] for r in rows.tolist()])
         grow = managed & (slot_index >= caps)
         if not bool(grow.any()):
-            return [], []
+            return [], [], []
         P, width = self.page_size, self.padded_buffer_size
         grow_rows, grow_caps = rows[grow].tolist(), caps[grow].tolist()
         new = self.device_allocator.alloc(len(grow_rows) * P)
@@ -312,7 +314,21 @@ class HiSparseCoordinator:
             self.req_to_device_buffer_cpu[row, cap:cap + P] = new[i * P:(i + 1) * P]
             self.req_device_buffer_size[row] = cap + P
             index += range(row * width + cap, row * width + cap + P)
-        return index, value
+        return list(zip(grow_rows, grow_caps)), index, value
+
+    def rollback_step(self, plan: HiSparseStepPlan) -> None:
+        """Undo a step that failed: the pages its buffers grew by (the device rows keep stale
+        columns past the size, rewritten when they grow again), and any residency its forward
+        marked in the host pages it opened (the scheduler frees those)."""
+        P = self.page_size
+        if plan.page_value:
+            pages = h2d(plan.page_value, torch.int64, self.device, True)
+            self.resident[:, (pages[:, None] * P + torch.arange(P, device=self.device))
+                          .reshape(-1)] = -1
+        for row, cap in plan.grown:
+            self.device_allocator.free(self.req_to_device_buffer_cpu[row, cap:cap + P].clone())
+            self.req_to_device_buffer_cpu[row, cap:cap + P] = 0
+            self.req_device_buffer_size[row] = cap
 
     def _alloc_unmanaged(self, rows: torch.Tensor, seq_lens: torch.Tensor,
                          out_logical: torch.Tensor, managed: torch.Tensor,

@@ -434,6 +434,8 @@ class ScheduleBatch:
                 self.token_to_kv_pool_allocator.free(torch.cat(taken))
         if self.step_row_writes:
             self.req_to_token_pool.restore_pending_writes(self.step_row_writes)
+        if self.hisparse_plan is not None:
+            self.hisparse.rollback_step(self.hisparse_plan)
         self._begin_step()
         # The requests may have advanced one by one since: rebuild the mirrors from them.
         self.composition = next(_compositions)
