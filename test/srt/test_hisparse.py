@@ -191,7 +191,7 @@ def _mid_run(path, **kwargs) -> SchedulerRunner:
     return runner
 
 
-def test_invariant_check_catches_a_stale_host_copy_and_a_double_held_page(path):
+def test_invariant_check_catches_stale_copies_and_summaries_and_a_double_held_page(path):
     coord = _mid_run(path, disable_overlap_schedule=True).scheduler.hisparse
     assert coord.check_invariants() is None
     row = coord.managed_rows.index(True)
@@ -201,6 +201,12 @@ def test_invariant_check_catches_a_stale_host_copy_and_a_double_held_page(path):
     coord.host_pool.v_buffer[1, host] += 1
     assert "differs from its host copy" in coord.check_invariants()
     coord.host_pool.v_buffer[1, host] = saved
+    first_page = int(coord.req_to_page[row, 0])
+    saved = coord.quest.k_max[0, first_page].clone()
+    coord.quest.k_max[0, first_page] += 1
+    assert "Quest summary differs" in coord.check_invariants()
+    coord.quest.k_max[0, first_page] = saved
+    assert coord.check_invariants() is None
     other = coord.managed_rows.index(True, row + 1)
     coord.req_to_device_buffer_cpu[other, 0] = coord.req_to_device_buffer_cpu[row, 0]
     assert "held twice" in coord.check_invariants()

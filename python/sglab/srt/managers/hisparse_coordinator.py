@@ -667,4 +667,16 @@ class HiSparseCoordinator:
                 if not torch.equal(dev_kv, host_buf[layer_id][host]):
                     return (f"HiSparse: row {row} layer {layer_id}: a resident slot's KV "
                             "differs from its host copy")
+        return self._check_summaries(row, pages[:self._newest_pos[row] // P])
+
+    def _check_summaries(self, row: int, full_pages: torch.Tensor) -> str | None:
+        """Quest's min and max keys of a row's full pages are those of their host copies."""
+        P = self.page_size
+        slots = (full_pages[:, None] * P + torch.arange(P)).reshape(-1)
+        keys = self.host_pool.k_buffer[:, slots].view(self.device_pool.dtype).float()
+        keys = keys.view(keys.shape[0], -1, P, *keys.shape[2:])
+        if not (torch.equal(self.quest.k_min[:, full_pages.to(self.device)].cpu(), keys.amin(2))
+                and torch.equal(self.quest.k_max[:, full_pages.to(self.device)].cpu(),
+                                keys.amax(2))):
+            return f"HiSparse: row {row}: a page's Quest summary differs from its keys"
         return None
