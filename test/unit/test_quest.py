@@ -26,7 +26,7 @@ def test_page_score_bounds_every_dot_product_of_the_page():
     pages = torch.arange(1, 11)
     quest = _filled(keys, pages)
     q = torch.randn(1, Q_HEADS, DIM)
-    scores = quest.page_scores(0, q, pages[None])[0]
+    scores = quest.page_scores(0, q, pages[None], torch.tensor([10]))[0]
     q_mean = q.view(KV_HEADS, Q_HEADS // KV_HEADS, DIM).mean(1)
     dots = (keys.view(10, PAGE, KV_HEADS, DIM) * q_mean).sum(-1).sum(-1)  # [page, token]
     assert bool((scores[:, None] >= dots - 1e-5).all())
@@ -80,3 +80,18 @@ def test_decode_updates_keep_a_running_min_and_max():
     assert torch.equal(quest.k_min[1, 3], keys.amin(0))
     assert torch.equal(quest.k_max[1, 3], keys.amax(0))
     assert bool((quest.k_min[0, 3] == float("inf")).all())  # other layers untouched
+
+
+def test_scoring_kernel_matches_the_torch_form():
+    torch.manual_seed(3)
+    quest = _selector(num_host_pages=30)
+    for layer in range(LAYERS):
+        keys = torch.randn(30 * PAGE, KV_HEADS, DIM)
+        quest.update_prefill_reps(layer, torch.randperm(30) + 1, keys, keys.shape[0])
+    q = torch.randn(3, Q_HEADS, DIM)
+    pages = torch.stack([torch.randperm(30)[:20] + 1 for _ in range(3)])
+    num_pages = torch.tensor([20, 7, 1])
+    torch_form = quest.page_scores(1, q, pages, num_pages, use_kernel=False)
+    kernel = quest.page_scores(1, q, pages, num_pages, use_kernel=True)
+    assert torch.isinf(kernel[1, 7:]).all() and (kernel[1, 7:] < 0).all()
+    assert torch.allclose(kernel, torch_form, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,35 @@ read, so it runs inside the decode CUDA graph.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+_BLOCK_PAGES = 16
+_BLOCK_ROW = 128
+
+
+@triton.jit
+def _page_scores_kernel(q, k_min, k_max, page_ids, num_pages, out, stride_q, stride_ids,
+                        stride_out, width, ROW: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """One program per (row, block of pages): score = sum(max(q * k_max, q * k_min)) over the
+    page's summary row; pages past the row's count are -inf and never read."""
+    b = tl.program_id(0)
+    pages = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    exists = pages < tl.load(num_pages + b)
+    ids = tl.load(page_ids + b * stride_ids + pages, mask=exists, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, ROW, BLOCK_R):
+        cols = start + tl.arange(0, BLOCK_R)
+        in_row = cols < ROW
+        qv = tl.load(q + b * stride_q + cols, mask=in_row, other=0.0)
+        mask = exists[:, None] & in_row[None, :]
+        at = ids[:, None] * ROW + cols[None, :]
+        lo = tl.load(k_min + at, mask=mask, other=0.0)
+        hi = tl.load(k_max + at, mask=mask, other=0.0)
+        acc += tl.sum(tl.maximum(qv[None, :] * hi, qv[None, :] * lo), axis=1)
+    acc = tl.where(exists, acc, float("-inf"))
+    tl.store(out + b * stride_out + pages, acc, mask=pages < width)
 
 
 class QuestSelector:
@@ -65,15 +94,38 @@ class QuestSelector:
 
     # --- selection ------------------------------------------------------------------------------
 
-    def page_scores(self, layer_id: int, queries: torch.Tensor,
-                    host_pages: torch.Tensor) -> torch.Tensor:
-        """`queries` [bs, Hq, D], `host_pages` [bs, P] -> scores [bs, P]."""
+    def page_scores(self, layer_id: int, queries: torch.Tensor, host_pages: torch.Tensor,
+                    num_pages: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+        """`queries` [bs, Hq, D], `host_pages` [bs, P], `num_pages` [bs] -> scores [bs, P],
+        -inf past each row's pages. On CUDA one kernel that reads only the rows' pages (the
+        torch form reads `P` pages a row)."""
         bs, num_q_heads, head_dim = queries.shape
         num_kv_heads = self.k_min.shape[2]
         q = queries.float().view(bs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-        q = q.mean(dim=2).unsqueeze(1)  # [bs, 1, Hkv, D]
+        q = q.mean(dim=2)  # [bs, Hkv, D]
+        if use_kernel is None:
+            use_kernel = queries.is_cuda
+        if use_kernel:
+            return self._page_scores_kernel(layer_id, q.contiguous(), host_pages, num_pages)
         k_min, k_max = self.k_min[layer_id][host_pages], self.k_max[layer_id][host_pages]
-        return torch.maximum(q * k_max, q * k_min).sum(dim=(2, 3))
+        q = q.unsqueeze(1)
+        scores = torch.maximum(q * k_max, q * k_min).sum(dim=(2, 3))
+        exists = torch.arange(host_pages.shape[1], device=q.device) < num_pages[:, None]
+        return torch.where(exists, scores, float("-inf"))
+
+    def _page_scores_kernel(self, layer_id: int, q: torch.Tensor, host_pages: torch.Tensor,
+                            num_pages: torch.Tensor) -> torch.Tensor:
+        bs, width = host_pages.shape
+        k_min, k_max = self.k_min[layer_id], self.k_max[layer_id]
+        row = k_min[0].numel()
+        assert k_min.is_contiguous() and k_max.is_contiguous() and q.stride(1) * q.shape[1] == row
+        assert host_pages.stride(1) == 1 and q.stride(2) == 1
+        out = torch.empty((bs, width), dtype=torch.float32, device=q.device)
+        grid = (bs, triton.cdiv(width, _BLOCK_PAGES))
+        _page_scores_kernel[grid](q, k_min, k_max, host_pages, num_pages, out, q.stride(0),
+                                  host_pages.stride(0), out.stride(0), width, ROW=row,
+                                  BLOCK_P=_BLOCK_PAGES, BLOCK_R=min(_BLOCK_ROW, row))
+        return out
 
     def retrieve_topk(self, layer_id: int, queries: torch.Tensor, req_to_page: torch.Tensor,
                       seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +133,13 @@ class QuestSelector:
         host pages [bs, K]. `req_to_page` [bs, P] the rows' page tables, at least as many
         columns as the longest row has pages; rows with at most K pages get pages past their
         end (callers mask positions >= seq_len)."""
-        num_pages = req_to_page.shape[1]
-        assert num_pages >= self.num_top_pages, (num_pages, self.num_top_pages)
-        scores = self.page_scores(layer_id, queries, req_to_page)
-        page = torch.arange(num_pages, device=seq_lens.device)
+        width = req_to_page.shape[1]
+        assert width >= self.num_top_pages, (width, self.num_top_pages)
         last = (seq_lens - 1) // self.page_size  # the newest page
+        scores = self.page_scores(layer_id, queries, req_to_page, last + 1)
+        page = torch.arange(width, device=seq_lens.device)
         exists = page[None, :] <= last[:, None]
         forced = (page[None, :] == 0) | (page[None, :] > (last - self.num_recent_pages)[:, None])
-        inf = torch.full_like(scores, float("inf"))
-        scores = torch.where(exists & forced, inf, torch.where(exists, scores, -inf))
+        scores = torch.where(exists & forced, float("inf"), scores)
         chosen = torch.topk(scores, self.num_top_pages, dim=1).indices.sort(dim=1).values
         return chosen, torch.gather(req_to_page, 1, chosen)
