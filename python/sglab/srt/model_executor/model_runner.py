@@ -128,6 +128,11 @@ class ModelRunner:
         self.max_total_num_tokens = tokens
         max_reqs = args.max_running_requests or min(
             max(tokens // mc.context_len * 512, 2048), 4096, max(tokens // 2, 1))
+        if args.enable_hisparse and not args.max_running_requests:
+            # Per-row, per-layer buffer tables: as many rows as twice the full hot buffers fit.
+            config = self._hisparse_config()
+            max_reqs = min(max_reqs, max(2 * tokens // (config.device_buffer_size
+                                                        + config.page_size), 1))
         self.max_running_requests = max_reqs
         self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4,
                                                 args.device)
