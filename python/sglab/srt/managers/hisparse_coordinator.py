@@ -262,6 +262,9 @@ class HiSparseCoordinator:
     def abort_staging_request(self, req: "Req") -> None:
         self.abort_staging(lambda r: r is req)
 
+    def staging_reqs(self) -> list["Req"]:
+        return [s.req for s in self.staging_queue]
+
     def is_staging(self, req: "Req") -> bool:
         return any(s.req is req for s in self.staging_queue)
 

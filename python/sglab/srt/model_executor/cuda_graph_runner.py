@@ -4,10 +4,11 @@ with padding.
 A decode step in a graph: the host uploads the step's inputs straight into the graph's static
 buffers (`GraphInputs`: the new KV slots and the lengths every step; the request rows and the
 sampling tensors only when the batch's requests changed), each participant prepares its
-static state (`prepare_replay`), and one replay runs everything else on the device: the
-prologue (positions, the input tokens gathered from the future map, the `req_to_token` write,
-each participant's `graph_prologue`: attention metadata), the model, the sampler and the
-future-map store of the sampled tokens. The step's only other copy is the result's one
+static state (`prepare_replay`; HiSparse: the step's backups, and the forward stream's wait for
+them), and one replay runs everything else on the device: the prologue (positions, the input
+tokens gathered from the future map, the `req_to_token` write, each participant's
+`graph_prologue`: HiSparse's step state, then attention metadata), the model, the sampler and
+the future-map store of the sampled tokens. The step's only other copy is the result's one
 device->host copy (`managers/overlap_utils.py`).
 
 Participants implement `init_cuda_graph_state(max_bs)`, `prepare_capture(bs)`,
