@@ -16,6 +16,11 @@
 #   ab-0003a ab-0005 ab-0005b   the other patch A/Bs
 #   bench unified profile       engine benchmarks (gpu_bench, 0002 per call, one step profile)
 #   hostloop      the decode hot loop: ITL vs graph replay, host per component, saturation
+#   hisparse      all of: tests-hisparse ab-0004 ab-0004-control hisparse-bench
+#   tests-hisparse  HiSparse / patch 0004 GPU tests (stream order, UVA kernel, graphs)
+#   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
+#                 concurrency 4, overlap on;  ab-0004-control: the same with overlap off
+#   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
 R=$OUT/r
@@ -32,6 +37,28 @@ AB="python3 -m sglab.bench_ab --out-dir $R --save-outputs"
 DET="--load-format dummy --enable-deterministic-inference --cuda-graph-max-bs 32"
 GSP="--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per-group 16 \
   --gsp-system-prompt-len 1024 --gsp-question-len 128 --gsp-output-len 32 --disable-tqdm"
+
+HS="--enable-hisparse --disable-radix-cache --hisparse-config '{\"top_k\":2048,\"device_buffer_size\":4096}'"
+ab_0004() {  # $1: tag, $2: extra server args
+  local m; m=$(mk llama-3.1-8b)
+  timeout 900 $AB --patch 0004 --model-path $m --variants off on:pr on:async_finish \
+    --audit first --server-args "--load-format dummy $HS $2" --tag $1 \
+    --max-concurrencies 4 -- $(rnd $m) --num-prompts 16 --random-input-len 8192 \
+    --random-output-len 512 2>&1 | tail -n 40
+}
+hisparse_steps() {
+  case $1 in
+  tests-hisparse)
+    timeout 420 python3 -m pytest -q -m gpu test/srt/test_hisparse.py \
+      test/srt/test_hisparse_streams.py test/kernels/test_kvcacheio.py test/unit/test_quest.py \
+      2>&1 | tee "$R/gpu_tests_hisparse.log" | tail -n 15 ;;
+  ab-0004) ab_0004 ab-0004 "" ;;
+  ab-0004-control) ab_0004 ab-0004-no-overlap "--disable-overlap-schedule" ;;
+  hisparse-bench)
+    timeout 900 python3 benchmark/hisparse_bench.py capacity --out "$R" 2>&1 | tail -n 8
+    timeout 900 python3 benchmark/hisparse_bench.py step --out "$R" 2>&1 | tail -n 12 ;;
+  esac
+}
 
 for step in "$@"; do
   echo "=== $step $(date +%T)"
@@ -96,6 +123,11 @@ for step in "$@"; do
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
     grep '^==' "$R/profile-qwen3-0.6b-bs1.txt" ;;
+  tests-hisparse|ab-0004|ab-0004-control|hisparse-bench) hisparse_steps $step ;;
+  hisparse)
+    for part in tests-hisparse ab-0004 ab-0004-control hisparse-bench; do
+      hisparse_steps $part
+    done ;;
   *) echo "unknown step $step" ;;
   esac
   # A step stopped at its limit leaves its server behind, holding GPU memory.

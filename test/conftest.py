@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight models built once per test session."""
+"""Shared fixtures: tiny random-weight models built once per test session, the sync audit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from sglab.srt.debug.sync_audit import AUDIT
 from sglab.srt.utils.dummy_model import make_dummy_model
 
 
@@ -27,3 +28,11 @@ def tiny_model_dir(tmp_path_factory):
         return made[preset]
 
     return get
+
+
+@pytest.fixture
+def audit():
+    """The process-wide sync audit, switched off and emptied after the test."""
+    yield AUDIT
+    AUDIT.enabled = False
+    AUDIT.reset()

@@ -119,5 +119,6 @@ def check_default_patch_status(info: dict) -> None:
     assert status["0002"]["applies"] is False and status["0002"]["mode"] == "batched"
     assert "deterministic" in status["0002"]["reason"]
     assert status["0003a"]["applies"] is True and "logprobs" in status["0003a"]["reason"]
+    assert status["0004"]["applies"] is False and "--enable-hisparse" in status["0004"]["reason"]
     assert [status[i]["applies"] for i in ("0005", "0005b")] == [False, False]
     assert all("LoRA" in status[i]["reason"] for i in ("0005", "0005b"))

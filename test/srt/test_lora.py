@@ -228,13 +228,6 @@ def test_lora_request_without_lora_enabled(base):
 
 # --- patches 0005 / 0005b ----------------------------------------------------------------------
 
-@pytest.fixture
-def audit():
-    yield AUDIT
-    AUDIT.enabled = False
-    AUDIT.reset()
-
-
 def _audited_run(base, adapters, patches: str, graph_info: bool):
     AUDIT.reset()
     runner = SchedulerRunner(model_path=base, lora_paths=_lora_paths(adapters),

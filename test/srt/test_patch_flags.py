@@ -25,12 +25,16 @@ PACKAGE = pathlib.Path(sglab.__file__).parent
 BUILDER_FILES = {PACKAGE / "srt" / "patches.py", PACKAGE / "srt" / "server_args.py"}
 DETERMINISTIC_TRITON = {"enable_deterministic_inference": True, "attention_backend": "triton"}
 LORA = {"enable_lora": True, "max_lora_rank": 8, "lora_target_modules": ["all"]}
+HISPARSE = {"enable_hisparse": True, "disable_radix_cache": True, "page_size": 4,
+            "hisparse_config": '{"top_k": 16, "device_buffer_size": 24, "num_recent_pages": 1}'}
 RUNNER_CONFIGS = {
     "all-det": {"patches": "all", "unified_index_build": "kernel", "pinned_h2d_mode": "packed",
                 **DETERMINISTIC_TRITON},
     "none-det": {"patches": "none", **DETERMINISTIC_TRITON},
     "0005-lora": {"patches": "0005", **LORA},
     "0003a,0005b-lora": {"patches": "0003a,0005b", "pinned_h2d_mode": "packed", **LORA},
+    "0004-hisparse": {"patches": "0004", "hisparse_backup_mode": "async_finish", **HISPARSE},
+    "none-hisparse": {"patches": "none", **HISPARSE},
 }
 UNIFIED_BUILDS = {"loop": TritonAttnBackend._build_unified_loop,
                   "batched": TritonAttnBackend._build_unified_batched,
@@ -96,6 +100,9 @@ def test_runner_builds_flags_once_and_hands_them_to_constructors(path, monkeypat
     if args.attention_backend == "triton":
         build = flags.unified_index_build if flags.sync_free_unified_extend else "loop"
         assert runner.attn_backend._build_unified.__func__ is UNIFIED_BUILDS[build]
+    if args.enable_hisparse:
+        expected_mode = flags.hisparse_backup_mode if flags.hisparse_async_backup else "blocking"
+        assert runner.hisparse_coordinator.backup_mode == expected_mode
     if args.enable_lora:
         manager = runner.lora_manager
         assert manager.cache_qkv_offset is flags.lora_cache_qkv_offset
@@ -167,6 +174,13 @@ def test_patch_status_on_applies_mode_reason(path):
     assert det["0001"] == {"on": False, "applies": True, "mode": None, "reason": None}
     assert _status(path, enable_deterministic_inference=True)["0002"]["applies"] is False
     assert _status(path, attention_backend="triton")["0002"]["applies"] is False
+
+    assert default["0004"]["applies"] is False and default["0004"]["mode"] == "pr"
+    assert "--enable-hisparse" in default["0004"]["reason"]
+    hisparse = _status(path, hisparse_backup_mode="async_finish", **HISPARSE)
+    assert hisparse["0004"] == {"on": True, "applies": True, "mode": "async_finish",
+                                "reason": None}
+    assert _status(path, patches="none", **HISPARSE)["0004"]["mode"] is None
 
     lora = _status(path, patches="0005b", **LORA)
     assert lora["0005"] == {"on": False, "applies": True, "mode": None, "reason": None}

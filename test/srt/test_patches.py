@@ -20,13 +20,6 @@ def path(tiny_model_dir):
     return tiny_model_dir("tiny-qwen3")
 
 
-@pytest.fixture
-def audit():
-    yield AUDIT
-    AUDIT.enabled = False
-    AUDIT.reset()
-
-
 def _prompts(seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     shared = [rng.randrange(1000) for _ in range(40)]

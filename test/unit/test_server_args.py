@@ -88,3 +88,47 @@ def test_api_key_protect_metrics_flag(model_dir):
                                 "--api-key-protect-metrics"])
     assert args.api_key == "k" and args.api_key_protect_metrics is True
     assert prepare_server_args(["--model-path", model_dir]).api_key_protect_metrics is False
+
+
+HISPARSE = {"enable_hisparse": True, "disable_radix_cache": True}
+
+
+@pytest.mark.parametrize("config,kwargs,message", [
+    ({"top_k": 0}, {}, "top_k must be an integer >= 1"),
+    ({"top_k": -8}, {}, "top_k must be an integer >= 1"),
+    ({"top_k": 64, "device_buffer_size": 32}, {}, "device_buffer_size .32. must be no smaller"),
+    ({"host_to_device_ratio": 0.5}, {}, "host_to_device_ratio must be a number >= 1"),
+    ({"top_k": 64, "spill": 1}, {}, "unknown key 'spill'"),
+    ({"top_k": 100}, {}, r"top_k \(100\) must be a multiple of the page size \(64\)"),
+    ({"top_k": 64, "page_size": 8}, {"page_size": 16}, r"page_size \(8\) must equal --page-size"),
+    ({"top_k": 16, "page_size": 8}, {}, r"top_k \(16\) selects 2 pages of 8 tokens, fewer"),
+    ({"min_sparse_prompt_len": -1}, {}, "min_sparse_prompt_len must be an integer >= 0"),
+    ("[1, 2]", {}, "must be a JSON object"),
+    ("{top_k: 3}", {}, "not valid JSON"),
+])
+def test_bad_hisparse_config_is_a_startup_error_naming_the_key(model_dir, config, kwargs,
+                                                               message):
+    text = config if isinstance(config, str) else json.dumps(config)
+    with pytest.raises(ServerArgsError, match="--hisparse-config: " + message):
+        ServerArgs(model_path=model_dir, hisparse_config=text, **HISPARSE, **kwargs)
+
+
+def test_hisparse_needs_radix_cache_off_and_sets_the_page(model_dir):
+    with pytest.raises(ServerArgsError, match="--enable-hisparse requires --disable-radix-cache"):
+        ServerArgs(model_path=model_dir, enable_hisparse=True)
+    with pytest.raises(ServerArgsError, match="--hisparse-config requires --enable-hisparse"):
+        ServerArgs(model_path=model_dir, hisparse_config="{}")
+    with pytest.raises(ServerArgsError, match="--enable-deterministic-inference"):
+        ServerArgs(model_path=model_dir, enable_deterministic_inference=True, **HISPARSE)
+    args = prepare_server_args(["--model-path", model_dir, "--enable-hisparse",
+                                "--disable-radix-cache", "--hisparse-config",
+                                '{"top_k": 64, "page_size": 8}'])
+    assert args.page_size == 8 and args.enable_hisparse
+    assert ServerArgs(model_path=model_dir, **HISPARSE).page_size == 64  # upstream's default
+    assert ServerArgs(model_path=model_dir, page_size=16, **HISPARSE).page_size == 16
+    assert args.enable_hisparse_async_backup and args.hisparse_backup_mode == "pr"
+    off = prepare_server_args(["--model-path", model_dir, "--disable-hisparse-async-backup",
+                               "--hisparse-backup-mode", "async_finish"])
+    assert off.enable_hisparse_async_backup is False
+    with pytest.raises(ServerArgsError, match="--hisparse-backup-mode: invalid choice"):
+        ServerArgs(model_path=model_dir, hisparse_backup_mode="eager")

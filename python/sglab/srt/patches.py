@@ -58,6 +58,10 @@ def _runs_unified_extend(server_args: ServerArgs) -> bool:
         server_args.attention_backend == "triton"
 
 
+def _with_hisparse(server_args: ServerArgs) -> bool:
+    return bool(server_args.enable_hisparse)
+
+
 def _with_lora(server_args: ServerArgs) -> bool:
     return bool(server_args.enable_lora)
 
@@ -83,6 +87,15 @@ PATCHES: list[Patch] = [
           "sglang#19190 / #24627",
           "logits processor: pinned index tensors, repeat_interleave(output_size=)",
           scope="only requests with prompt logprobs reach its code"),
+    Patch("0004", "hisparse-async-backup", "hisparse_async_backup", "sglang#21932",
+          "HiSparse decode backup on its own stream, chained by events",
+          mode_field="hisparse_backup_mode", modes=("pr", "async_finish"),
+          mode_help="With patch 0004 on: pr = the PR (a finishing request still reads its "
+                    "buffer back from the device, so that step blocks); async_finish = sglab's "
+                    "own mode beyond the PR, a finishing request frees from host mirrors "
+                    "behind an event: no step blocks.",
+          requires=_with_hisparse,
+          scope="only with --enable-hisparse (the decode backup of the host KV tier)"),
     Patch("0005", "lora-cache-qkv-offset", "lora_cache_qkv_offset", "sglang#6960",
           "LoRA set_lora_info: qkv output_offset built once, no per-forward H2D",
           requires=_with_lora, scope=_LORA_SCOPE),
@@ -120,10 +133,12 @@ class PatchFlags:
     pinned_h2d: bool  # 0001
     sync_free_unified_extend: bool  # 0002
     sync_free_logits_metadata: bool  # 0003a
+    hisparse_async_backup: bool  # 0004
     lora_cache_qkv_offset: bool  # 0005
     lora_async_batch_info: bool  # 0005b
     pinned_h2d_mode: str  # 0001: pr | packed
     unified_index_build: str  # 0002: batched | kernel
+    hisparse_backup_mode: str  # 0004: pr | async_finish
 
     def __post_init__(self) -> None:
         for patch in PATCHES:

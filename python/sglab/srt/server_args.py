@@ -65,6 +65,9 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0
     disable_radix_cache: bool = False
+    # HiSparse (sglab.srt.mem_cache.sparsity.config): the KV tier on the host, sparse decode.
+    enable_hisparse: bool = False
+    hisparse_config: str | None = None
     # Kernels and runtime.
     attention_backend: str | None = None
     random_seed: int | None = None
@@ -89,8 +92,10 @@ class ServerArgs:
     enable_sync_free_logits_metadata: bool | None = None
     enable_lora_cache_qkv_offset: bool | None = None
     enable_lora_async_batch_info: bool | None = None
+    enable_hisparse_async_backup: bool | None = None
     unified_index_build: str = "batched"
     pinned_h2d_mode: str = "pr"
+    hisparse_backup_mode: str = "pr"
     enable_sync_audit: bool = False
     # Internal.
     enable_integrity_check: bool = False
@@ -99,6 +104,7 @@ class ServerArgs:
     def __post_init__(self) -> None:
         self._handle_model_path()
         self._handle_device()
+        self._handle_hisparse()
         self._handle_defaults()
         self._handle_patches()
         self._handle_lora()
@@ -121,6 +127,30 @@ class ServerArgs:
             import torch
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _handle_hisparse(self) -> None:
+        """Validate --hisparse-config; HiSparse's page (the config's page_size) becomes
+        --page-size when the flag is not given."""
+        if not self.enable_hisparse:
+            if self.hisparse_config is not None:
+                raise ServerArgsError("--hisparse-config requires --enable-hisparse")
+            return
+        from sglab.srt.mem_cache.sparsity.config import (
+            HiSparseConfigError,
+            parse_hisparse_config,
+        )
+
+        try:
+            config = parse_hisparse_config(self.hisparse_config, self.page_size)
+        except HiSparseConfigError as e:
+            raise ServerArgsError(str(e)) from None
+        self.page_size = config.page_size
+        if not self.disable_radix_cache:
+            raise ServerArgsError("--enable-hisparse requires --disable-radix-cache")
+        if self.enable_deterministic_inference:
+            raise ServerArgsError("--enable-hisparse does not support "
+                                  "--enable-deterministic-inference (its decode attention is "
+                                  "the unified extend kernel over every key)")
 
     def _handle_defaults(self) -> None:
         if self.random_seed is None:
@@ -290,6 +320,14 @@ class ServerArgs:
                "compatibility, sglab's scheduler does not use it).")
         a("--disable-radix-cache", action="store_true",
           help="Disable RadixAttention for prefix caching.")
+        a("--enable-hisparse", action="store_true",
+          help="Hierarchical sparse attention: every request's full KV cache in pinned host "
+               "memory, a hot buffer per request on the device, and each decode step attending "
+               "to the top-k pages Quest selects (GQA models). Requires --disable-radix-cache.")
+        a("--hisparse-config", type=str, default=d.hisparse_config,
+          help="HiSparse JSON config: top_k (2048), device_buffer_size (2 * top_k, >= top_k), "
+               "host_to_device_ratio (2, >= 1), page_size (--page-size, else 64), "
+               "min_sparse_prompt_len (0: shorter prompts stay dense), num_recent_pages (4).")
         a("--attention-backend", type=str, default=d.attention_backend,
           choices=ATTENTION_BACKEND_CHOICES,
           help="Choose the kernels for attention layers (default: triton on CUDA, "

@@ -56,11 +56,16 @@ class SchedulerRunner:
     def run(self, max_steps: int = 100000) -> dict[str, RunOutput]:
         """Step until idle; returns every request's output, merged from the streamed deltas."""
         for _ in range(max_steps):
-            if not self.scheduler.run_step():
+            if not self.scheduler.run_step() and not self._staging():
                 break
         else:
             raise RuntimeError("scheduler did not become idle")
         return self.collect()
+
+    def _staging(self) -> bool:
+        """HiSparse: requests whose KV is still on its way to the host (nothing to run yet)."""
+        hisparse = self.scheduler.hisparse
+        return hisparse is not None and hisparse.has_ongoing_staging()
 
     def collect(self) -> dict[str, RunOutput]:
         results: dict[str, RunOutput] = {}

@@ -7,7 +7,9 @@ Inside an audited region (`with audit_region("ForwardBatch.init_new"):`) it coun
   mode `nonzero`, boolean-mask indexing, `masked_select` / `unique` and `repeat_interleave`
   without `output_size`; tensors built from Python lists for the device (`blocking_h2d`);
 - on both: host→device copies from pageable memory (`pageable_h2d`), which sync-debug mode does
-  not report.
+  not report;
+- and the host time spent in each region (`host_ms`, apart from the counts): on a GPU, where a
+  region blocks, its time is how long the host waited.
 
 Host mirrors must be read outside the regions (as Python ints), so that on CPU every tensor
 read inside a region stands for a device tensor.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 from collections import defaultdict
 from typing import Iterator, Sequence
@@ -94,6 +97,8 @@ class SyncAudit:
         self._local = threading.local()
         self._step: dict[tuple[str, str], int] = defaultdict(int)
         self.steps: list[dict[tuple[str, str], int]] = []
+        self._step_ms: dict[str, float] = defaultdict(float)
+        self.step_ms: list[dict[str, float]] = []  # host ms per region, per step
 
     @property
     def region_name(self) -> str | None:
@@ -113,6 +118,7 @@ class SyncAudit:
         stack = self._local.__dict__.setdefault("stack", [])
         outermost = not stack
         stack.append(name)
+        start = time.perf_counter()
         try:
             if not outermost:
                 yield
@@ -123,6 +129,7 @@ class SyncAudit:
                 with _SyncDispatchMode(self), _host_read_hooks(self):
                     yield
         finally:
+            self._step_ms[name] += (time.perf_counter() - start) * 1e3
             stack.pop()
 
     @contextlib.contextmanager
@@ -145,11 +152,15 @@ class SyncAudit:
     def step_end(self) -> None:
         if self.enabled:
             self.steps.append(dict(self._step))
+            self.step_ms.append(dict(self._step_ms))
             self._step.clear()
+            self._step_ms.clear()
 
     def reset(self) -> None:
         self._step.clear()
         self.steps.clear()
+        self._step_ms.clear()
+        self.step_ms.clear()
 
     def report(self) -> dict:
         """Totals and per-step means per (region, kind)."""
@@ -161,9 +172,15 @@ class SyncAudit:
         per_step = {r: {k: n / num_steps for k, n in kinds.items()}
                     for r, kinds in totals.items()} if num_steps else {}
         total = sum(sum(k.values()) for k in totals.values())
+        host_ms: dict[str, float] = defaultdict(float)
+        for step in self.step_ms:
+            for region, ms in step.items():
+                host_ms[region] += ms
         return {"enabled": self.enabled, "steps": num_steps,
                 "syncs_per_step": total / num_steps if num_steps else 0.0,
-                "totals": {r: dict(k) for r, k in totals.items()}, "per_step": per_step}
+                "totals": {r: dict(k) for r, k in totals.items()}, "per_step": per_step,
+                "host_ms_per_step": {r: ms / num_steps for r, ms in host_ms.items()}
+                if num_steps else {}}
 
 
 AUDIT = SyncAudit()

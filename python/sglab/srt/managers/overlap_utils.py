@@ -19,14 +19,31 @@ from sglab.srt.utils.h2d import is_pin_memory_available
 
 
 class StepStreams:
-    """The streams and events of a step: today the forward stream only (the current stream);
-    a feature that adds one (HiSparse's backup stream) adds it here, with the events that
-    order it."""
+    """The streams and events of a step: the forward stream (the current stream, where the
+    scheduler's device work runs too) and, with HiSparse, its staging and backup streams.
 
-    def __init__(self, device: torch.device):
+    HiSparse's order (`managers/hisparse_coordinator.py`):
+      * staging: the prefill's KV device->host. The staging stream waits for an event recorded
+        on `forward` behind the prefill (RAW on the prefill's KV); the request joins decode
+        only once the host has seen the staging's finish event, and only then are its prefill
+        slots past its hot buffer freed (WAR: nothing reuses them while they are read).
+      * backup (patch 0004 on): step N's newest token, device->host. Enqueued before forward
+        N+1, `backup` waits for all `forward` has so far, forward N included (RAW on the token's
+        slot). `backup_done` is recorded behind it, and forward N+1 waits for it before its
+        first KV write and swap-in (WAR on the reserved slot the backup reads; RAW on the host
+        copy and page table a swap-in reads). One event is enough: `backup` is FIFO, so its
+        latest record covers every earlier backup. Before freeing a request's slots,
+        `forward` waits for it too (a later prefill may reuse the slot the backup reads).
+    """
+
+    def __init__(self, device: torch.device, hisparse: bool = False):
         self.device = device
         self.on_cuda = device.type == "cuda"
         self.forward = torch.cuda.current_stream(device) if self.on_cuda else None
+        with_side = self.on_cuda and hisparse
+        self.staging = torch.cuda.Stream(device) if with_side else None
+        self.backup = torch.cuda.Stream(device) if with_side else None
+        self.backup_done = torch.cuda.Event() if with_side else None
 
     def event(self) -> "torch.cuda.Event | None":
         return torch.cuda.Event() if self.on_cuda else None

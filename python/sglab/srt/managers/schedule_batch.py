@@ -20,6 +20,7 @@ from sglab.srt.sampling.penaltylib import PENALIZERS, BatchedPenalizerOrchestrat
 from sglab.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from sglab.srt.managers.hisparse_coordinator import HiSparseCoordinator, HiSparseStepPlan
     from sglab.srt.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
     from sglab.srt.mem_cache.radix_cache import RadixCache
 
@@ -188,6 +189,8 @@ class ModelWorkerBatch:
     # LoRA: each request's adapter id, and the adapters of the batch still in flight.
     lora_ids: list[str | None] | None = None
     lora_inflight_ids: set[str | None] | None = None
+    # HiSparse: the decode step's plan (backups, buffer growth, sparse rows).
+    hisparse_plan: "HiSparseStepPlan | None" = None
 
 
 @dataclass
@@ -225,13 +228,18 @@ class ScheduleBatch:
     decode_composition: int = -1
     sampling_info: SamplingBatchInfo | None = None
     sampling_composition: int = -1
+    # HiSparse (None: off): the allocator's slots are logical (host-backed) ones; the
+    # coordinator gives the device slots of a decode step (its plan) and manages the rows.
+    hisparse: "HiSparseCoordinator | None" = None
+    hisparse_plan: "HiSparseStepPlan | None" = None
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
-                 tree_cache, vocab_size: int) -> "ScheduleBatch":
+                 tree_cache, vocab_size: int,
+                 hisparse: "HiSparseCoordinator | None" = None) -> "ScheduleBatch":
         return cls(reqs=reqs, req_to_token_pool=req_to_token_pool,
                    token_to_kv_pool_allocator=token_to_kv_pool_allocator, tree_cache=tree_cache,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, hisparse=hisparse)
 
     def batch_size(self) -> int:
         return len(self.reqs)
@@ -332,6 +340,9 @@ class ScheduleBatch:
         self.req_to_token_pool.req_to_token_cpu[self.req_pool_indices, prev_lens] = \
             out.to(torch.int32)
         self.seq_lens_cpu = prev_lens + 1
+        if self.hisparse is not None:
+            self.hisparse_plan = self.hisparse.map_last_loc_to_buffer(
+                self.req_pool_indices, self.seq_lens_cpu, out)
         self.input_ids = _EMPTY
         self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
 
@@ -358,6 +369,8 @@ class ScheduleBatch:
             idx = order.pop(0)
             req = self.reqs[idx]
             retracted.append(req)
+            if self.hisparse is not None:
+                self.hisparse.retract_req(req)
             self.tree_cache.cache_finished_req(req)
             req.reset_for_retract()
             keep = [r for r in self.reqs if r not in retracted]
@@ -401,6 +414,7 @@ class ScheduleBatch:
 
     def _begin_step(self) -> None:
         self.out_cache_loc, self.step_prev_lens, self.step_row_writes = _EMPTY, None, None
+        self.hisparse_plan = None
 
     def rollback_step(self) -> None:
         """Undo what this step took before it launched: its KV slots (whole new pages only: a
@@ -420,6 +434,8 @@ class ScheduleBatch:
                 self.token_to_kv_pool_allocator.free(torch.cat(taken))
         if self.step_row_writes:
             self.req_to_token_pool.restore_pending_writes(self.step_row_writes)
+        if self.hisparse_plan is not None:
+            self.hisparse.rollback_step(self.hisparse_plan)
         self._begin_step()
         # The requests may have advanced one by one since: rebuild the mirrors from them.
         self.composition = next(_compositions)
@@ -437,6 +453,15 @@ class ScheduleBatch:
         return dataclasses.replace(self.sampling_info,
                                    penalizer_orchestrator=self.penalizer_orchestrator)
 
+    def _device_out_cache_loc(self) -> torch.Tensor:
+        """The slots the worker writes the step's KV to (with HiSparse the allocator's are
+        logical: a prefill's map to device slots, a decode step's are the plan's)."""
+        if self.hisparse is None:
+            return self.out_cache_loc
+        if self.hisparse_plan is not None:
+            return self.hisparse_plan.out_cache_loc
+        return self.hisparse.allocator.to_device(self.out_cache_loc)
+
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         reqs = self.reqs
         self.step_row_writes = self.req_to_token_pool.take_pending_writes()
@@ -447,13 +472,14 @@ class ScheduleBatch:
             seq_lens_cpu=self.seq_lens_cpu,
             seq_lens_sum=int(self.seq_lens_cpu.sum()),
             seq_lens_max=int(self.seq_lens_cpu.max()),
-            out_cache_loc=self.out_cache_loc,
+            out_cache_loc=self._device_out_cache_loc(),
             sampling_info=self._sampling_batch_info(),
             return_logprob=self.return_logprob,
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             req_to_token_writes=self.req_to_token_pool.flatten_writes(self.step_row_writes),
             composition=self.composition,
             lora_ids=[r.lora_id for r in reqs],
+            hisparse_plan=self.hisparse_plan,
         )
         if self.forward_mode.is_extend():
             mwb.extend_num_tokens = self.extend_num_tokens

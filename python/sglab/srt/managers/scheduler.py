@@ -66,6 +66,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.max_running_requests = runner.max_running_requests
         self.page_size = server_args.page_size
         self.lora_manager = runner.lora_manager  # None unless --enable-lora
+        self.hisparse = runner.hisparse_coordinator  # None unless --enable-hisparse
         self.tree_cache = RadixCache(self.req_to_token_pool, self.token_to_kv_pool_allocator,
                                      self.page_size, disable=server_args.disable_radix_cache)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
@@ -141,7 +142,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
         return ScheduleBatch.init_new(reqs, self.req_to_token_pool,
                                       self.token_to_kv_pool_allocator, self.tree_cache,
-                                      self.model_config.vocab_size)
+                                      self.model_config.vocab_size, self.hisparse)
 
     def ready_info(self) -> dict:
         return {
@@ -220,7 +221,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
 
     def is_idle(self) -> bool:
         return not self.waiting_queue and self.running_batch.is_empty() and \
-            self.chunked_req is None and not self.result_queue
+            self.chunked_req is None and not self.result_queue and \
+            (self.hisparse is None or not self.hisparse.has_ongoing_staging())
 
     def recv_requests(self, block: bool) -> list[Any]:
         if self.recv_from_tokenizer is None:
@@ -309,6 +311,21 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         for req in self.running_batch.reqs + ([self.chunked_req] if self.chunked_req else []):
             if match(req):
                 req.to_finish = finish_abort(recv_req.message)
+        if self.hisparse is not None:
+            self._abort_hisparse_staging(match, recv_req.message)
+
+    def _abort_hisparse_staging(self, match, message: str) -> None:
+        """HiSparse: requests outside the running batch, between their prefill and decode: in
+        staging (freed now) or with their prefill's result still to land (finished by it)."""
+        aborted = self.hisparse.abort_staging(match)
+        for req in aborted:
+            req.finished_reason = finish_abort(message)
+            self.tree_cache.cache_finished_req(req, len(req.fill_ids))
+        self.stream_output(aborted)
+        for batch, _ in self.result_queue:
+            for req in batch.reqs:
+                if match(req) and not req.finished():
+                    req.to_finish = finish_abort(message)
 
     # --- batching -----------------------------------------------------------------------------
 
@@ -319,6 +336,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.last_batch = None
         if last is not None and last.forward_mode.is_extend():
             self._merge_prefill(last)
+        if self.hisparse is not None:
+            self._merge_staged()
         new_batch = self.get_new_batch_prefill()
         if new_batch is not None:
             return new_batch
@@ -330,13 +349,26 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         chunked = batch.chunked_req
         if chunked is not None and not chunked.finished():
             self.tree_cache.cache_unfinished_req(chunked)
+        if self.hisparse is not None:  # requests join once staged (_merge_staged)
+            return
         batch.filter_batch([r for r in batch.reqs if not r.finished() and r is not chunked])
         self.running_batch.merge_batch(batch)
+
+    def _merge_staged(self) -> None:
+        """HiSparse: the requests whose KV reached the host join the running batch (their
+        penalty rows rebuilt from their tokens, all on the host by then)."""
+        ready = self.hisparse.collect_ready_reqs()
+        if ready:
+            batch = self._new_batch(ready)
+            batch.rebuild_penalizer()
+            self.running_batch.merge_batch(batch)
 
     def get_new_batch_prefill(self) -> ScheduleBatch | None:
         if not self.waiting_queue and self.chunked_req is None:
             return None
         running = len(self.running_batch.reqs)
+        if self.hisparse is not None:  # staged and prefilled requests hold rows too
+            running = self.req_to_token_pool.size - self.req_to_token_pool.available_size()
         max_new = self.max_running_requests - running
         if max_new <= 0 and self.chunked_req is None:
             return None
@@ -457,6 +489,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self.process_batch_result_prefill(batch, result)
         else:
             self.process_batch_result_decode(batch, result)
+        self.check_step_invariants()
 
     # --- failures -----------------------------------------------------------------------------
     # A value that passed validation must never stop the loop. A batch that fails before it
@@ -516,6 +549,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self.tree_cache.dec_lock_ref(req.last_node)
         else:  # KV is valid up to the step that failed
             num_kv = len(req.prefix_indices) if failed.forward_mode.is_extend() else None
+            if self.hisparse is not None:
+                self.hisparse.request_finished(req)
             self.tree_cache.cache_finished_req(req, num_kv)
         if self.chunked_req is req:
             self.chunked_req = None
@@ -556,6 +591,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             "memory_usage": self._memory_usage(),
             "effective_max_running_requests_per_dp": self.max_running_requests,
             "sync_audit": AUDIT.report(),
+            "hisparse": self.hisparse.get_token_stats() if self.hisparse is not None else None,
         }
 
     def _memory_usage(self) -> dict:

@@ -34,12 +34,15 @@ class SchedulerLoRAMixin:
         return None if lora_name is None else self.lora_manager.get_lora_id(lora_name)
 
     def _lora_ids_in_batches(self: Scheduler) -> set[str | None]:
-        """Adapters of the running batch, the chunked request and the batches in flight."""
+        """Adapters of the running batch, the chunked request, the batches in flight and the
+        requests HiSparse is staging."""
         reqs = list(self.running_batch.reqs)
         if self.chunked_req is not None:
             reqs.append(self.chunked_req)
         for batch, _ in self.result_queue:
             reqs.extend(batch.reqs)
+        if self.hisparse is not None:  # staged: they join the running batch next
+            reqs.extend(self.hisparse.staging_reqs())
         return {r.lora_id for r in reqs}
 
     def _lora_admission(self: Scheduler) -> set[str | None] | None:

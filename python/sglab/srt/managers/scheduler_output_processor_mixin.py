@@ -47,6 +47,8 @@ class SchedulerOutputProcessorMixin:
                 self.tree_cache.cache_finished_req(req, len(req.fill_ids))
             else:
                 self.tree_cache.cache_unfinished_req(req)
+                if self.hisparse is not None:
+                    self.hisparse.admit_request_into_staging(req)
         self.stream_output(batch.reqs)
 
     def _append_first_token(self: Scheduler, req: Req, result: GenerationBatchResult,
@@ -67,6 +69,8 @@ class SchedulerOutputProcessorMixin:
             except Exception as e:  # noqa: BLE001 - aborts this request only
                 self._fail_in_place(req, e, "processing its output", mid_step=False)
             if req.finished():
+                if self.hisparse is not None:
+                    self.hisparse.request_finished(req)
                 self.tree_cache.cache_finished_req(req)
         self.num_generated_tokens += len(batch.reqs)
         self.stream_output(batch.reqs)

@@ -37,7 +37,18 @@ class SchedulerRuntimeCheckerMixin:
         rows = self.req_to_token_pool.available_size()
         if rows != self.req_to_token_pool.size:
             return f"Pool rows leaked: {self.req_to_token_pool.size - rows} in use while idle"
+        if self.hisparse is not None:
+            problem = self.hisparse.check_integrity()
+            if problem:
+                return problem
         return self._check_slot_sets()
+
+    def check_step_invariants(self: Scheduler) -> None:
+        """Debug (SGLAB_DEBUG_HISPARSE=1): HiSparse's invariants after every step."""
+        if self.hisparse is not None and self.hisparse.debug:
+            problem = self.hisparse.check_invariants()
+            if problem:
+                raise AssertionError(problem)
 
     def _check_slot_sets(self: Scheduler) -> str | None:
         alloc = self.token_to_kv_pool_allocator

@@ -9,7 +9,7 @@ import torch
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput
-from sglab.srt.managers.overlap_utils import PendingResult, ResultRing, StepStreams
+from sglab.srt.managers.overlap_utils import PendingResult, ResultRing
 from sglab.srt.managers.schedule_batch import ModelWorkerBatch
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 from sglab.srt.model_executor.model_runner import ModelRunner
@@ -58,7 +58,7 @@ class TpModelWorker:
                                         server_args.trust_remote_code)
         self.model_runner = ModelRunner(self.model_config, server_args)
         runner = self.model_runner
-        self.streams = StepStreams(runner.device)
+        self.streams = runner.streams
         self.future_map = runner.future_map
         self.result_ring = ResultRing(self.streams)
 

@@ -134,13 +134,13 @@ class MHATokenToKVPool:
         self.device = device
         # index_put is not implemented for fp8, so fp8 caches are stored as bytes.
         self.store_dtype = torch.uint8 if dtype in _FP8_DTYPES else dtype
-        shape = (size + page_size, head_num, head_dim)
-        self.k_buffer = [
-            torch.zeros(shape, dtype=self.store_dtype, device=device) for _ in range(layer_num)
-        ]
-        self.v_buffer = [
-            torch.zeros(shape, dtype=self.store_dtype, device=device) for _ in range(layer_num)
-        ]
+        # One allocation per K and V ([layer, slot, head, dim]; per-layer views below), so a
+        # copy of some slots across all layers is one kernel (HiSparse's backup and staging).
+        shape = (layer_num, size + page_size, head_num, head_dim)
+        self.k_all = torch.zeros(shape, dtype=self.store_dtype, device=device)
+        self.v_all = torch.zeros(shape, dtype=self.store_dtype, device=device)
+        self.k_buffer = list(self.k_all.unbind(0))
+        self.v_buffer = list(self.v_all.unbind(0))
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         if self.store_dtype != self.dtype:

@@ -4,10 +4,11 @@ with padding.
 A decode step in a graph: the host uploads the step's inputs straight into the graph's static
 buffers (`GraphInputs`: the new KV slots and the lengths every step; the request rows and the
 sampling tensors only when the batch's requests changed), each participant prepares its
-static state (`prepare_replay`), and one replay runs everything else on the device: the
-prologue (positions, the input tokens gathered from the future map, the `req_to_token` write,
-each participant's `graph_prologue`: attention metadata), the model, the sampler and the
-future-map store of the sampled tokens. The step's only other copy is the result's one
+static state (`prepare_replay`; HiSparse: the step's backups, and the forward stream's wait for
+them), and one replay runs everything else on the device: the prologue (positions, the input
+tokens gathered from the future map, the `req_to_token` write, each participant's
+`graph_prologue`: HiSparse's step state, then attention metadata), the model, the sampler and
+the future-map store of the sampled tokens. The step's only other copy is the result's one
 device->host copy (`managers/overlap_utils.py`).
 
 Participants implement `init_cuda_graph_state(max_bs)`, `prepare_capture(bs)`,
@@ -149,7 +150,9 @@ class CudaGraphRunner:
         self.max_bs = self.capture_bs[-1]
         self.graph_factory = graph_factory or torch.cuda.CUDAGraph
         self.inputs = GraphInputs(self.max_bs, model_runner.device, model_runner.h2d_mode)
-        self.participants = [model_runner.attn_backend]
+        # HiSparse first: its prologue computes the lengths the attention metadata is built on.
+        self.participants = [p for p in (model_runner.hisparse_coordinator,) if p is not None]
+        self.participants.append(model_runner.attn_backend)
         if model_runner.lora_manager is not None:
             self.participants.append(model_runner.lora_manager)
         for p in self.participants:
@@ -171,7 +174,8 @@ class CudaGraphRunner:
             out_cache_loc=v["out_cache_loc"][:bs], positions=None,  # type: ignore[arg-type]
             seq_lens_sum=bs, seq_lens_cpu=torch.ones(bs, dtype=torch.int64),
             req_to_token_pool=mr.req_to_token_pool, token_to_kv_pool=mr.token_to_kv_pool,
-            attn_backend=mr.attn_backend, lora_ids=[None] * bs)
+            attn_backend=mr.attn_backend, lora_ids=[None] * bs,
+            hisparse_coordinator=mr.hisparse_coordinator)
         fb.sampling_info = _static_sampling_info(v, bs, kind)
         return fb
 
@@ -269,7 +273,9 @@ class CudaGraphRunner:
             seq_lens_sum=batch.seq_lens_sum + pad, seq_lens_cpu=batch.seq_lens_cpu,
             seq_lens_max=batch.seq_lens_max,
             lora_ids=list(batch.lora_ids or [None] * len(batch.seq_lens_cpu)) + [None] * pad,
-            lora_inflight_ids=batch.lora_inflight_ids)
+            lora_inflight_ids=batch.lora_inflight_ids,
+            hisparse_coordinator=self.model_runner.hisparse_coordinator,
+            hisparse_plan=batch.hisparse_plan)
 
     def _eager_sampling_batch(self, batch: "ModelWorkerBatch", raw_bs: int) -> ForwardBatch:
         v = self.inputs.views

@@ -19,6 +19,7 @@ from sglab.srt.debug.sync_audit import audit_region
 if TYPE_CHECKING:
     from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
     from sglab.srt.layers.sampler import SamplingBatchInfo
+    from sglab.srt.managers.hisparse_coordinator import HiSparseCoordinator, HiSparseStepPlan
     from sglab.srt.managers.schedule_batch import ModelWorkerBatch
     from sglab.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
     from sglab.srt.model_executor.model_runner import ModelRunner
@@ -77,11 +78,18 @@ class ForwardBatch:
     # LoRA: each request's adapter id (None = base model); see LoRAManager.prepare_lora_batch.
     lora_ids: list[str | None] | None = None
     lora_inflight_ids: set[str | None] | None = None
+    # HiSparse decode steps: the coordinator the attention backend selects through, and the
+    # step's plan (None: dense attention over req_to_token, every other step).
+    hisparse_coordinator: "HiSparseCoordinator | None" = None
+    hisparse_plan: "HiSparseStepPlan | None" = None
 
     @classmethod
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
         with audit_region("ForwardBatch.init_new"):
             fb = cls._init_new(batch, model_runner)
+        if batch.hisparse_plan is not None:
+            fb.hisparse_coordinator = model_runner.hisparse_coordinator
+            fb.hisparse_plan = batch.hisparse_plan
         lora_manager = model_runner.lora_manager
         if lora_manager is not None:  # its own audit regions, apart from patch 0001's
             fb.lora_ids = batch.lora_ids

@@ -18,12 +18,12 @@ from sglab.srt.mem_cache.memory_pool import (
     ReqToTokenPool,
     TokenToKVPoolAllocator,
 )
-from sglab.srt.managers.overlap_utils import FutureMap
+from sglab.srt.managers.overlap_utils import FutureMap, StepStreams
 from sglab.srt.model_executor.forward_batch_info import DecodeInputCache, ForwardBatch
 from sglab.srt.model_loader.loader import get_model
 from sglab.srt.patches import PatchFlags
 from sglab.srt.server_args import ServerArgs
-from sglab.srt.utils.h2d import StepUploader
+from sglab.srt.utils.h2d import StepUploader, is_pin_memory_available
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class ModelRunner:
         self.lora_manager = None
         if server_args.enable_lora:
             self.init_lora_manager()
+        self.streams = StepStreams(self.device, hisparse=server_args.enable_hisparse)
+        self.hisparse_coordinator = None
         self.init_memory_pool()
         self.attn_backend = self._make_attn_backend()
         self.future_map = FutureMap(self.req_to_token_pool.req_to_token.shape[0], self.device)
@@ -88,8 +90,19 @@ class ModelRunner:
 
     def _cell_size(self) -> int:
         mc = self.model_config
-        return MHATokenToKVPool.cell_size_bytes(mc.num_key_value_heads, mc.head_dim,
+        cell = MHATokenToKVPool.cell_size_bytes(mc.num_key_value_heads, mc.head_dim,
                                                 mc.num_hidden_layers, mc.dtype)
+        if self.server_args.enable_hisparse:  # the host tier's residency map and summaries
+            from sglab.srt.managers.hisparse_coordinator import device_bytes_per_token
+
+            cell += device_bytes_per_token(self._hisparse_config(), mc.num_hidden_layers,
+                                           mc.num_key_value_heads, mc.head_dim)
+        return cell
+
+    def _hisparse_config(self):
+        from sglab.srt.mem_cache.sparsity.config import parse_hisparse_config
+
+        return parse_hisparse_config(self.server_args.hisparse_config, self.page_size)
 
     def profile_max_num_token(self) -> int:
         cell = self._cell_size()
@@ -115,6 +128,11 @@ class ModelRunner:
         self.max_total_num_tokens = tokens
         max_reqs = args.max_running_requests or min(
             max(tokens // mc.context_len * 512, 2048), 4096, max(tokens // 2, 1))
+        if args.enable_hisparse and not args.max_running_requests:
+            # Per-row, per-layer buffer tables: as many rows as twice the full hot buffers fit.
+            config = self._hisparse_config()
+            max_reqs = min(max_reqs, max(2 * tokens // (config.device_buffer_size
+                                                        + config.page_size), 1))
         self.max_running_requests = max_reqs
         self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4,
                                                 args.device)
@@ -123,8 +141,37 @@ class ModelRunner:
             mc.num_hidden_layers, args.device)
         alloc_cls = TokenToKVPoolAllocator if self.page_size == 1 else PagedTokenToKVPoolAllocator
         self.token_to_kv_pool_allocator = alloc_cls(tokens, self.token_to_kv_pool)
+        if args.enable_hisparse:
+            self.init_hisparse()
         logger.info("KV cache: %d tokens (%.2f GiB), max running requests %d", tokens,
                     self.token_to_kv_pool.get_kv_size_bytes() / GiB, max_reqs)
+
+    def init_hisparse(self) -> None:
+        """The host KV tier, the scheduler's HiSparse allocator over it and the coordinator
+        (before the CUDA graphs, which it joins)."""
+        from sglab.srt.managers.hisparse_coordinator import HiSparseCoordinator, backup_mode
+        from sglab.srt.mem_cache.hisparse_memory_pool import HiSparseTokenToKVPoolAllocator
+        from sglab.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
+
+        config, tokens = self._hisparse_config(), self.max_total_num_tokens
+        if tokens < config.device_buffer_size + config.page_size:
+            raise RuntimeError(
+                f"HiSparse: the KV pool ({tokens} tokens) is smaller than one hot buffer "
+                f"(--hisparse-config device_buffer_size + page, "
+                f"{config.device_buffer_size + config.page_size}); raise --max-total-tokens")
+        host_tokens = int(tokens * config.host_to_device_ratio) // self.page_size * self.page_size
+        host_pool = MHATokenToKVPoolHost(self.token_to_kv_pool, host_tokens,
+                                         is_pin_memory_available(self.device))
+        allocator = HiSparseTokenToKVPoolAllocator(host_pool, self.token_to_kv_pool_allocator)
+        flags = self.patch_flags
+        self.hisparse_coordinator = HiSparseCoordinator(
+            config, self.req_to_token_pool, allocator, self.streams,
+            backup_mode(flags.hisparse_async_backup, flags.hisparse_backup_mode),
+            self.model_config.num_attention_heads)
+        self.token_to_kv_pool_allocator = allocator
+        logger.info("HiSparse: host KV tier %d tokens (%.2f GiB pinned), hot buffer %d, top-k %d",
+                    host_tokens, host_pool.get_kv_size_bytes() / GiB,
+                    config.device_buffer_size, config.top_k)
 
     def _make_attn_backend(self):
         name = self.server_args.attention_backend
@@ -141,6 +188,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
         """An eager forward (decode steps that fit a CUDA graph go through `graph_runner`)."""
+        hisparse = forward_batch.hisparse_coordinator
+        if hisparse is not None:  # a decode step: backups, then the step's sparse state
+            hisparse.begin_decode_step(forward_batch)
+            hisparse.init_decode_state(forward_batch, forward_batch.batch_size,
+                                       forward_batch.hisparse_plan.num_page_cols)
         with audit_region("attn_backend.init_forward_metadata"):
             self.attn_backend.init_forward_metadata(forward_batch)
         return self.model.forward(forward_batch.input_ids, forward_batch.positions,

@@ -129,10 +129,20 @@ class TorchNativeAttnBackend(AttentionBackend):
         fb = forward_batch
         if save_kv_cache:
             fb.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        selected = None
+        if fb.hisparse_coordinator is not None:  # HiSparse: this layer's selection, swapped in
+            selected = fb.hisparse_coordinator.select(layer.layer_id, q, k)
         q = q.view(-1, layer.tp_q_head_num, layer.head_dim)
         out = torch.empty_like(q)
         for i, seq_len in enumerate(fb.seq_lens_cpu.tolist()):
-            k_i, v_i = self._kv_of(layer, fb, i, seq_len)
-            out[i:i + 1] = self.attend(q[i:i + 1], k_i, v_i, layer.scaling, seq_len - 1,
+            if selected is not None and fb.hisparse_plan.sparse[i]:
+                kv_len = fb.hisparse_plan.kv_lens[i]
+                k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+                slots = selected[i, :kv_len]
+                k_i, v_i = k_buf[slots], v_buf[slots]
+            else:
+                kv_len = seq_len
+                k_i, v_i = self._kv_of(layer, fb, i, seq_len)
+            out[i:i + 1] = self.attend(q[i:i + 1], k_i, v_i, layer.scaling, kv_len - 1,
                                        layer.logit_cap)
         return out.view(-1, layer.tp_q_head_num * layer.head_dim)

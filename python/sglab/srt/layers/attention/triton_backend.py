@@ -58,6 +58,14 @@ def _indptr(lens: torch.Tensor) -> torch.Tensor:
     return torch.cat([zero, torch.cumsum(lens, dim=0, dtype=torch.int32)])
 
 
+def _decode_lens(fb: "ForwardBatch") -> tuple[torch.Tensor, int, int]:
+    """Keys per decode row on the device, and their host sum and max (HiSparse: a sparse row
+    attends to its selection)."""
+    if fb.hisparse_coordinator is not None:
+        return fb.hisparse_coordinator.decode_lens(fb)
+    return fb.seq_lens, fb.seq_lens_sum, fb.seq_lens_max
+
+
 class TritonAttnBackend(AttentionBackend):
     def __init__(self, model_runner):
         mc = model_runner.model_config
@@ -100,9 +108,11 @@ class TritonAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         fb = forward_batch
         if fb.forward_mode.is_decode():
-            kv_indptr = _indptr(fb.seq_lens)
-            kv_indices = torch.empty(fb.seq_lens_sum, dtype=torch.int64, device=self.device)
-            create_kv_indices(self.req_to_token, fb.req_pool_indices, fb.seq_lens, kv_indptr,
+            lens, lens_sum, lens_max = _decode_lens(fb)
+            kv_indptr = _indptr(lens)
+            # One spare element: HiSparse's masked index writes land there.
+            kv_indices = torch.empty(lens_sum + 1, dtype=torch.int64, device=self.device)
+            create_kv_indices(self.req_to_token, fb.req_pool_indices, lens, kv_indptr,
                               None, kv_indices)
             if self.unified_decode:
                 self.forward_metadata = ForwardMetadata(
@@ -113,7 +123,7 @@ class TritonAttnBackend(AttentionBackend):
                     unified=(kv_indptr, kv_indices, (fb.seq_lens - 1).to(torch.int32)))
                 return
             logits, lse = self._decode_scratch(fb.batch_size)
-            splits = self._num_kv_splits(fb.seq_lens, fb.seq_lens_max)
+            splits = self._num_kv_splits(lens, lens_max)
             self.forward_metadata = ForwardMetadata(kv_indptr, kv_indices, logits, lse, splits)
             return
         prefix_lens = fb.extend_prefix_lens
@@ -131,7 +141,7 @@ class TritonAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int) -> None:
         max_context_len = self.req_to_token.shape[1]
         g = {"kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
-             "kv_indices": torch.zeros(max_bs * max_context_len, dtype=torch.int64,
+             "kv_indices": torch.zeros(max_bs * max_context_len + 1, dtype=torch.int64,
                                        device=self.device)}
         if self.unified_decode:
             g["qo_indptr"] = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
@@ -156,6 +166,8 @@ class TritonAttnBackend(AttentionBackend):
     def graph_prologue(self, forward_batch: "ForwardBatch", bs: int) -> None:
         """Inside the graph: the static metadata from the static rows and lengths."""
         g, seq_lens = self.graph_state, forward_batch.seq_lens
+        if forward_batch.hisparse_coordinator is not None:  # computed by its prologue
+            seq_lens = forward_batch.hisparse_coordinator.state.kv_lens
         g["kv_indptr"][1: bs + 1].copy_(torch.cumsum(seq_lens, dim=0))
         create_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
                           g["kv_indptr"], None, g["kv_indices"])
@@ -240,6 +252,10 @@ class TritonAttnBackend(AttentionBackend):
         fb, md = forward_batch, self.forward_metadata
         if save_kv_cache:
             fb.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        hisparse = fb.hisparse_coordinator
+        if hisparse is not None:  # the sparse rows' keys: this layer's selection, swapped in
+            hisparse.write_sparse_indices(md.kv_indices, md.kv_indptr,
+                                          hisparse.select(layer.layer_id, q, k))
         q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q)
         k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)

@@ -1,0 +1,1 @@
+"""Sparse attention over the HiSparse KV tier: the config and the Quest page selector."""
