@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -99,7 +101,9 @@ class HFRunner:
     def __init__(self, model_path: str, lora_path: str | None = None):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        with _torch_reference_kernels():
+            self.model = AutoModelForCausalLM.from_pretrained(model_path,
+                                                              dtype=torch.float32).eval()
         if lora_path is not None:  # HF + PEFT, unmerged: the LoRA reference
             from peft import PeftModel
 
@@ -119,3 +123,19 @@ class HFRunner:
             out = self.model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
                              use_cache=True)
         return tokens
+
+
+@contextlib.contextmanager
+def _torch_reference_kernels():
+    """HF's Gated DeltaNet layers bind fla-core's Triton kernels when fla imports (at the first
+    import of their modeling file); the reference is HF's own torch path, on the CPU."""
+    saved = {name: sys.modules.get(name) for name in ("fla",)}
+    sys.modules["fla"] = None  # import fla -> ImportError
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

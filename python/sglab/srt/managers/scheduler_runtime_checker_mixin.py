@@ -37,7 +37,7 @@ class SchedulerRuntimeCheckerMixin:
         rows = self.req_to_token_pool.available_size()
         if rows != self.req_to_token_pool.size:
             return f"Pool rows leaked: {self.req_to_token_pool.size - rows} in use while idle"
-        return self._check_slot_sets()
+        return self._check_slot_sets() or self._check_state_slots()
 
     def _check_slot_sets(self: Scheduler) -> str | None:
         alloc = self.token_to_kv_pool_allocator
@@ -49,4 +49,21 @@ class SchedulerRuntimeCheckerMixin:
             free[alloc.free_pages] = True
             if bool(free[held].any()):
                 return "A KV slot is both free and held by the radix cache"
+        return None
+
+    def _check_state_slots(self: Scheduler) -> str | None:
+        """Hybrid models: every Mamba state slot is free or held by one tree node."""
+        pool = getattr(self.req_to_token_pool, "mamba_pool", None)
+        if pool is None:
+            return None
+        held = self.tree_cache.all_mamba_values_flatten() if not self.tree_cache.disable \
+            else torch.empty((0,), dtype=torch.int64)
+        free = pool.available_size()
+        if free + held.numel() != pool.size:
+            return f"Mamba state slots leaked: free {free} + cached {held.numel()} != {pool.size}"
+        if self.tree_cache.mamba_protected_size() != 0:
+            return "Mamba states still locked while idle"
+        slots = torch.cat([pool.free_slots.cpu(), held.cpu()]).to(torch.int64)
+        if slots.unique().numel() != slots.numel() or bool((slots == 0).any()):
+            return "A Mamba state slot is held twice (or the padding slot was handed out)"
         return None

@@ -30,7 +30,11 @@ from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, SamplingBatchInfo
 from sglab.srt.mem_cache.memory_pool import PADDING_ROW
-from sglab.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglab.srt.model_executor.forward_batch_info import (
+    ForwardBatch,
+    ForwardMode,
+    mamba_track_fields,
+)
 from sglab.srt.utils.h2d import h2d_into, is_pin_memory_available
 
 if TYPE_CHECKING:
@@ -269,7 +273,7 @@ class CudaGraphRunner:
             seq_lens_sum=batch.seq_lens_sum + pad, seq_lens_cpu=batch.seq_lens_cpu,
             seq_lens_max=batch.seq_lens_max,
             lora_ids=list(batch.lora_ids or [None] * len(batch.seq_lens_cpu)) + [None] * pad,
-            lora_inflight_ids=batch.lora_inflight_ids)
+            lora_inflight_ids=batch.lora_inflight_ids, **mamba_track_fields(batch))
 
     def _eager_sampling_batch(self, batch: "ModelWorkerBatch", raw_bs: int) -> ForwardBatch:
         v = self.inputs.views
