@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import sys
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class HFRunner:
     def __init__(self, model_path: str, lora_path: str | None = None):
         from transformers import AutoModelForCausalLM
 
-        with _torch_reference_kernels():
+        with torch_reference_kernels():
             self.model = AutoModelForCausalLM.from_pretrained(model_path,
                                                               dtype=torch.float32).eval()
         if lora_path is not None:  # HF + PEFT, unmerged: the LoRA reference
@@ -125,17 +126,23 @@ class HFRunner:
         return tokens
 
 
+_GDN_MODELING = ("transformers.models.qwen3_5.modeling_qwen3_5",)
+
+
 @contextlib.contextmanager
-def _torch_reference_kernels():
-    """HF's Gated DeltaNet layers bind fla-core's Triton kernels when fla imports (at the first
-    import of their modeling file); the reference is HF's own torch path, on the CPU."""
-    saved = {name: sys.modules.get(name) for name in ("fla",)}
+def torch_reference_kernels():
+    """HF's Gated DeltaNet layers bind fla-core's Triton kernels when fla imports (at the import
+    of their modeling file); the reference is HF's own torch path, on the CPU. Inside, fla does
+    not import, and a modeling file imported before is imported again."""
+    saved = sys.modules.get("fla")
     sys.modules["fla"] = None  # import fla -> ImportError
     try:
+        for name in _GDN_MODELING:
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
         yield
     finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+        if saved is None:
+            sys.modules.pop("fla", None)
+        else:
+            sys.modules["fla"] = saved

@@ -31,9 +31,8 @@ from sglab.srt.layers.linear import (
 from sglab.srt.layers.radix_attention import RadixAttention
 from sglab.srt.layers.radix_linear_attention import RadixLinearAttention
 from sglab.srt.layers.rotary_embedding import get_rope
-from sglab.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch
-from sglab.srt.models.llama import LlamaForCausalLM, LlamaMLP, _default_load
+from sglab.srt.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel, _default_load
 
 logger = logging.getLogger(__name__)
 
@@ -138,21 +137,9 @@ class Qwen3_5DecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-class Qwen3_5Model(nn.Module):
-    def __init__(self, config, dtype: torch.dtype, options: ModelOptions):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList([Qwen3_5DecoderLayer(config, i, dtype, options)
-                                     for i in range(config.num_hidden_layers)])
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-
-    def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+class Qwen3_5Model(LlamaModel):
+    layer_cls = Qwen3_5DecoderLayer
+    norm_cls = GemmaRMSNorm
 
 
 class Qwen3_5ForCausalLM(LlamaForCausalLM):

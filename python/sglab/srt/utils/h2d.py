@@ -22,7 +22,7 @@ import torch
 
 H2D_MODES = ("pageable", "pinned", "packed")
 # Called with the kind of each copy that can stall the host or the stream ("pageable_h2d",
-# "blocking_h2d", and "d2h" for device scalars read back); the sync audit registers itself here.
+# "blocking_h2d"); the sync audit registers itself here.
 COPY_OBSERVERS: list[Callable[[str], None]] = []
 
 HostData = Union[torch.Tensor, Sequence[int], Sequence[float]]
@@ -74,20 +74,11 @@ def h2d_into(dst: torch.Tensor, data: torch.Tensor, pin: bool) -> None:
 
 def list_to_device(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """`torch.tensor(list, device=...)`: a blocking host->device copy on an accelerator, after
-    reading back one by one the elements that are device scalars (0-d tensors)."""
-    if torch.device(device).type == "cpu":  # on CUDA, sync-debug mode reports them
-        for _ in range(_num_tensor_leaves(data)):
-            _observe("d2h")
-        _observe("blocking_h2d")
+    reading back one by one the elements that are device scalars (0-d tensors: the sync
+    audit's host-read hooks count those reads)."""
+    if torch.device(device).type == "cpu":
+        _observe("blocking_h2d")  # on CUDA, sync-debug mode reports it
     return torch.tensor(data, dtype=dtype, device=device)
-
-
-def _num_tensor_leaves(data) -> int:
-    if isinstance(data, torch.Tensor):
-        return 1
-    if isinstance(data, (list, tuple)):
-        return sum(_num_tensor_leaves(x) for x in data)
-    return 0
 
 
 def setitem_scalar(t: torch.Tensor, index, value) -> None:

@@ -108,7 +108,9 @@ class GDNAttnBackend:
             ("mask", fb.mamba_track_mask), ("extend_lens", fb.extend_seq_lens),
             ("track_indices", fb.mamba_track_indices), ("slots", slots),
             ("seqlens", fb.mamba_track_seqlens), ("prefix_lens", fb.extend_prefix_lens))}
-        read["dst"] = fb.mamba_track_indices[fb.mamba_track_mask.nonzero(as_tuple=True)[0]]
+        # Upstream's mask.nonzero(as_tuple=True)[0] (the audit's dispatch mode only sees this
+        # form under inference mode).
+        read["dst"] = fb.mamba_track_indices[fb.mamba_track_mask.nonzero().squeeze(1)]
         return read
 
     def _extend_track_from(self, read: dict | None) -> ExtendTrack | None:
