@@ -1,9 +1,10 @@
 """GPU benchmark driver: sglab vs the HBM roofline and HF transformers, measured in one run.
 
-    python benchmark/gpu_bench.py all --out DIR [--presets qwen3-0.6b llama-3.1-8b]
+    python benchmark/gpu_bench.py all --out DIR [--presets qwen3-0.6b llama-3.1-8b qwen3.5-9b]
 
 Each measurement runs in its own process so the engines never share GPU memory. Writes
-DIR/gpu_bench.json and DIR/gpu_bench.md.
+DIR/gpu_bench.json and DIR/gpu_bench.md. A hybrid model's decode step also reads and writes
+each request's recurrent state: its roofline is (weights + batch x 2 x state bytes) / bandwidth.
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def _model_dir(preset: str) -> str:
 
 
 def _scheduler(preset: str, **kwargs):
+    from sglab.srt.configs.mamba_utils import is_hybrid_model_path
     from sglab.srt.managers.scheduler import Scheduler
     from sglab.srt.server_args import ServerArgs
 
-    args = ServerArgs(model_path=_model_dir(preset), load_format="dummy", dtype="bfloat16",
+    path = _model_dir(preset)
+    if is_hybrid_model_path(path):  # the loop toggles overlap: no prefix cache of states
+        kwargs.setdefault("disable_radix_cache", True)
+    args = ServerArgs(model_path=path, load_format="dummy", dtype="bfloat16",
                       random_seed=0, **kwargs)
     return Scheduler(args)
 
@@ -112,6 +117,9 @@ def run_sglab(preset: str) -> dict:
     out: dict = {"preset": preset}
     sched = _scheduler(preset, disable_overlap_schedule=True)
     out["weight_bytes"] = sched.model_config.weight_bytes()
+    runner = sched.tp_worker.model_runner
+    out["state_bytes_per_req"] = runner.mamba_slot_bytes() \
+        if sched.model_config.hybrid is not None else 0
     run_one(sched, 1, 16, 8, seed=99)
     out["one_batch"] = [run_one(sched, bs, INPUT_LEN, OUTPUT_LEN).__dict__ for bs in DECODE_BS]
     sched.enable_overlap = True
@@ -245,8 +253,8 @@ def to_markdown(report: dict) -> str:
         if "error" in s:
             lines.append(f"| {preset} | error | | | | |")
             continue
-        roof = s["weight_bytes"] / (bw * 1e9)
         for r in s["one_batch"]:
+            roof = _roofline(s, r["batch_size"], bw)
             step = r["median_decode_latency_s"]
             lines.append(f"| {preset} | {r['batch_size']} | {step * 1e3:.3f} | "
                          f"{roof * 1e3:.3f} | {step / roof:.2f} | "
@@ -258,7 +266,7 @@ def to_markdown(report: dict) -> str:
         s, h = m["sglab"], m["hf"]
         if "error" in s or "decode_bs1_overlap" not in s:
             continue
-        roof = s["weight_bytes"] / (bw * 1e9)
+        roof = _roofline(s, 1, bw)
         itl = s["decode_bs1_overlap"]["step_s"]
         hf_itl = f"{h['itl_bs1_s'] * 1e3:.2f}" if "itl_bs1_s" in h else "error"
         lines.append(f"| {preset} | {itl * 1e3:.3f} | {roof * 1e3:.3f} | {itl / roof:.2f} | "
@@ -277,6 +285,12 @@ def to_markdown(report: dict) -> str:
             f"{h['output_throughput']:.0f} | {ours / h['output_throughput']:.2f} | "
             f"{h['itl_bs1_s'] * 1e3:.2f} | {s['idle']['idle_fraction']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _roofline(s: dict, batch_size: int, bandwidth_gbps: float) -> float:
+    """Seconds to read the weights once and each request's state twice (read, write)."""
+    state = 2 * batch_size * s.get("state_bytes_per_req", 0)
+    return (s["weight_bytes"] + state) / (bandwidth_gbps * 1e9)
 
 
 def main() -> None:

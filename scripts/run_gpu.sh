@@ -16,6 +16,11 @@
 #   ab-0003a ab-0005 ab-0005b   the other patch A/Bs
 #   bench unified profile       engine benchmarks (gpu_bench, 0002 per call, one step profile)
 #   hostloop      the decode hot loop: ITL vs graph replay, host per component, saturation
+#   qwen35        Qwen3.5 hybrid: GPU tests (fla / Triton GDN kernels, parity, the 9b shape with
+#                 graphs and overlap, 0003b under set_sync_debug_mode), gpu_bench of qwen3.5-9b
+#                 (ITL bs 1/8/64, throughput at 64, weight+state roofline, HF peer), and the
+#                 0003b A/B: requests arriving and finishing every step, and long decodes
+#                 crossing the track interval (extra_buffer)
 #   hisparse      all of: tests-hisparse ab-0004 ab-0004-control hisparse-bench
 #   tests-hisparse  HiSparse / patch 0004 GPU tests (stream order, UVA kernel, graphs)
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
@@ -119,6 +124,21 @@ for step in "$@"; do
       timeout 150 python3 benchmark/bench_unified_extend.py --preset $p --out "$R/unified-$p" \
         2>&1 | tail -n 8
     done ;;
+  qwen35)
+    timeout 420 python3 -m pytest -q -m gpu test/kernels/test_gdn_kernels.py \
+      test/srt/test_qwen35.py test/srt/test_patches.py -k "gdn or qwen35 or 0003b" 2>&1 \
+      | tee "$R/gpu_tests_qwen35.log" | tail -n 15
+    timeout 420 python3 benchmark/gpu_bench.py all --presets qwen3.5-9b --out "$R/qwen35" \
+      2>&1 | tail -n 20
+    m=$(mk qwen3.5-9b)
+    Q35="--load-format dummy --mamba-scheduler-strategy extra_buffer --cuda-graph-max-bs 64"
+    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
+      --server-args "$Q35" --tag ab-0003b-churn --request-rates 32 -- $(rnd $m) \
+      --num-prompts 192 --random-input-len 128 --random-output-len 16 2>&1 | tail -n 30
+    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
+      --server-args "$Q35 --mamba-track-interval 64" --tag ab-0003b-long \
+      --max-concurrencies 16 -- $(rnd $m) --num-prompts 32 --random-input-len 256 \
+      --random-output-len 512 2>&1 | tail -n 30 ;;
   profile)
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1

@@ -68,6 +68,12 @@ def _with_lora(server_args: ServerArgs) -> bool:
 
 _LORA_SCOPE = "only with LoRA (--enable-lora or --lora-paths)"
 
+
+def _serves_hybrid(server_args: ServerArgs) -> bool:
+    from sglab.srt.configs.mamba_utils import is_hybrid_model_path
+
+    return is_hybrid_model_path(server_args.model_path)
+
 PATCHES: list[Patch] = [
     Patch("0001", "pinned-h2d-forward-batch", "pinned_h2d", "sglang#21360",
           "pinned + non_blocking H2D in ForwardBatch.init_new",
@@ -87,6 +93,16 @@ PATCHES: list[Patch] = [
           "sglang#19190 / #24627",
           "logits processor: pinned index tensors, repeat_interleave(output_size=)",
           scope="only requests with prompt logprobs reach its code"),
+    Patch("0003b", "sync-free-mamba-pool", "sync_free_mamba_pool", "sglang#19190 / #19639",
+          "Mamba state pool: sync-free zeroing, track indices on the device, no .tolist()",
+          mode_field="mamba_track_setup", modes=("pr", "host"),
+          mode_help="With patch 0003b on: pr = the PR's four sites (upstream 0.5.11); host = "
+                    "sglab's own mode beyond the PR, which also builds the prefill track plan "
+                    "and the row mappings from host mirrors (no per-request .item(), "
+                    "mask.any(), .cpu() or list-indexed writes).",
+          requires=_serves_hybrid,
+          scope="only hybrid Gated DeltaNet models (Qwen3.5); the decode track sites only with "
+                "--mamba-scheduler-strategy extra_buffer"),
     Patch("0004", "hisparse-async-backup", "hisparse_async_backup", "sglang#21932",
           "HiSparse decode backup on its own stream, chained by events",
           mode_field="hisparse_backup_mode", modes=("pr", "async_finish"),
@@ -133,11 +149,13 @@ class PatchFlags:
     pinned_h2d: bool  # 0001
     sync_free_unified_extend: bool  # 0002
     sync_free_logits_metadata: bool  # 0003a
+    sync_free_mamba_pool: bool  # 0003b
     hisparse_async_backup: bool  # 0004
     lora_cache_qkv_offset: bool  # 0005
     lora_async_batch_info: bool  # 0005b
     pinned_h2d_mode: str  # 0001: pr | packed
     unified_index_build: str  # 0002: batched | kernel
+    mamba_track_setup: str  # 0003b: pr | host
     hisparse_backup_mode: str  # 0004: pr | async_finish
 
     def __post_init__(self) -> None:

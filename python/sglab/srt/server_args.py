@@ -17,7 +17,11 @@ DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 LOAD_FORMAT_CHOICES = ["auto", "safetensors", "dummy"]
 ATTENTION_BACKEND_CHOICES = ["torch_native", "triton"]
 SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm"]
+MAMBA_SCHEDULER_STRATEGY_CHOICES = ["auto", "no_buffer", "extra_buffer"]
+MAMBA_SSM_DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
+# fla's chunk length: a prefill's Mamba-state snapshots fall on multiples of it (with page 1).
+MAMBA_CACHE_CHUNK_SIZE = 64
 
 
 class ServerArgsError(ValueError):
@@ -68,6 +72,12 @@ class ServerArgs:
     # HiSparse (sglab.srt.mem_cache.sparsity.config): the KV tier on the host, sparse decode.
     enable_hisparse: bool = False
     hisparse_config: str | None = None
+    # Hybrid linear-attention models (Qwen3.5): the Mamba state pool and its prefix caching.
+    max_mamba_cache_size: int | None = None
+    mamba_ssm_dtype: str | None = None
+    mamba_full_memory_ratio: float = 0.9
+    mamba_scheduler_strategy: str = "auto"
+    mamba_track_interval: int = 256
     # Kernels and runtime.
     attention_backend: str | None = None
     random_seed: int | None = None
@@ -90,12 +100,14 @@ class ServerArgs:
     enable_pinned_h2d: bool | None = None
     enable_sync_free_unified_extend: bool | None = None
     enable_sync_free_logits_metadata: bool | None = None
+    enable_sync_free_mamba_pool: bool | None = None
     enable_lora_cache_qkv_offset: bool | None = None
     enable_lora_async_batch_info: bool | None = None
     enable_hisparse_async_backup: bool | None = None
     unified_index_build: str = "batched"
     pinned_h2d_mode: str = "pr"
     hisparse_backup_mode: str = "pr"
+    mamba_track_setup: str = "pr"
     enable_sync_audit: bool = False
     # Internal.
     enable_integrity_check: bool = False
@@ -109,6 +121,7 @@ class ServerArgs:
         self._handle_patches()
         self._handle_lora()
         self._check()
+        self._handle_hybrid_model()
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -239,6 +252,76 @@ class ServerArgs:
         if not os.path.isfile(os.path.join(self.model_path, "config.json")):
             raise ServerArgsError(f"--model-path: no config.json in {self.model_path!r}")
 
+    def _handle_hybrid_model(self) -> None:
+        """Mamba-state options of a hybrid (Gated DeltaNet) model, resolved as upstream's
+        `_handle_mamba_radix_cache`: auto means no_buffer; no_buffer with the radix cache caches
+        a request's live state, so it needs page size 1 and no overlap scheduling."""
+        from sglab.srt.configs.mamba_utils import is_hybrid_model_path
+
+        self._check_mamba_args()
+        if not is_hybrid_model_path(self.model_path):
+            return
+        if self.enable_hisparse:
+            raise ServerArgsError("--enable-hisparse serves GQA attention models; this hybrid "
+                                  "(Gated DeltaNet) model keeps recurrent state it cannot tier")
+        self._check_extra_buffer()
+        if self.mamba_scheduler_strategy == "auto":
+            self.mamba_scheduler_strategy = "no_buffer"
+        if self.mamba_scheduler_strategy != "no_buffer" or self.disable_radix_cache:
+            return
+        if self.page_size != 1:
+            logger.warning("--mamba-scheduler-strategy no_buffer with the radix cache needs "
+                           "--page-size 1 (got %d); using 1", self.page_size)
+            self.page_size = 1
+        if not self.disable_overlap_schedule:
+            logger.warning("Disabling the overlap schedule: --mamba-scheduler-strategy no_buffer "
+                           "with the radix cache does not support it (use extra_buffer, or "
+                           "--disable-radix-cache)")
+            self.disable_overlap_schedule = True
+
+    def _check_mamba_args(self) -> None:
+        if self.mamba_scheduler_strategy not in MAMBA_SCHEDULER_STRATEGY_CHOICES:
+            raise ServerArgsError(
+                f"--mamba-scheduler-strategy: invalid choice {self.mamba_scheduler_strategy!r} "
+                f"(choose from {', '.join(MAMBA_SCHEDULER_STRATEGY_CHOICES)})")
+        if self.mamba_ssm_dtype not in [None, *MAMBA_SSM_DTYPE_CHOICES]:
+            raise ServerArgsError(f"--mamba-ssm-dtype: invalid choice {self.mamba_ssm_dtype!r} "
+                                  f"(choose from {', '.join(MAMBA_SSM_DTYPE_CHOICES)})")
+        self._check_positive("max_mamba_cache_size", self.max_mamba_cache_size)
+        self._check_positive("mamba_track_interval", self.mamba_track_interval)
+        if not self.mamba_full_memory_ratio > 0:
+            raise ServerArgsError("--mamba-full-memory-ratio must be positive, got "
+                                  f"{self.mamba_full_memory_ratio}")
+
+    def _check_extra_buffer(self) -> None:
+        if self.mamba_scheduler_strategy != "extra_buffer":
+            return
+        if self.disable_radix_cache:
+            raise ServerArgsError(
+                "--mamba-scheduler-strategy extra_buffer caches states in the radix cache, which "
+                "--disable-radix-cache turns off (use --mamba-scheduler-strategy no_buffer)")
+        if self.mamba_track_interval % self.page_size:
+            raise ServerArgsError(
+                f"--mamba-track-interval ({self.mamba_track_interval}) must be a multiple of "
+                f"--page-size ({self.page_size})")
+        if self.mamba_track_interval < 2 and not self.disable_overlap_schedule:
+            raise ServerArgsError(
+                "--mamba-track-interval must be at least 2 with the overlap schedule (the step "
+                "in flight would overwrite the snapshot the previous step took)")
+        chunk = MAMBA_CACHE_CHUNK_SIZE
+        if max(chunk, self.page_size) % min(chunk, self.page_size):
+            raise ServerArgsError(f"--page-size ({self.page_size}) and the {chunk}-token "
+                                  "prefill chunk must divide one another with extra_buffer")
+
+    @property
+    def mamba_cache_chunk_size(self) -> int:
+        """Where a prefill snapshots state for the prefix cache: every this many tokens of its
+        extend (upstream: max(FLA_CHUNK_SIZE, page_size))."""
+        return max(MAMBA_CACHE_CHUNK_SIZE, self.page_size)
+
+    def enable_mamba_extra_buffer(self) -> bool:
+        return self.mamba_scheduler_strategy == "extra_buffer"
+
     def _check_deterministic_inference(self) -> None:
         """Every attention backend (torch_native, triton) has a batch-invariant path and sampling
         is sglab's seeded row-wise torch sampler; the LoRA deltas are not covered."""
@@ -328,6 +411,7 @@ class ServerArgs:
           help="HiSparse JSON config: top_k (2048), device_buffer_size (2 * top_k, >= top_k), "
                "host_to_device_ratio (2, >= 1), page_size (--page-size, else 64), "
                "min_sparse_prompt_len (0: shorter prompts stay dense), num_recent_pages (4).")
+        _add_mamba_args(parser)
         a("--attention-backend", type=str, default=d.attention_backend,
           choices=ATTENTION_BACKEND_CHOICES,
           help="Choose the kernels for attention layers (default: triton on CUDA, "
@@ -388,6 +472,25 @@ def _add_patch_args(parser: argparse.ArgumentParser) -> None:
                                 choices=list(patch.modes), help=patch.mode_help)
     parser.add_argument("--enable-sync-audit", action="store_true",
                         help="Count host syncs and pageable H2D copies per step and call site.")
+
+
+def _add_mamba_args(parser: argparse.ArgumentParser) -> None:
+    d, a = ServerArgs, parser.add_argument
+    a("--max-mamba-cache-size", type=int, default=d.max_mamba_cache_size,
+      help="The maximum size of the mamba cache (state slots; default: from "
+           "--mamba-full-memory-ratio).")
+    a("--mamba-ssm-dtype", type=str, default=d.mamba_ssm_dtype, choices=MAMBA_SSM_DTYPE_CHOICES,
+      help="The data type of the SSM states in mamba cache. If not set, will be read from model "
+           "config (mamba_ssm_dtype), else float32.")
+    a("--mamba-full-memory-ratio", type=float, default=d.mamba_full_memory_ratio,
+      help="The ratio of mamba state memory to full kv cache memory.")
+    a("--mamba-scheduler-strategy", type=str, default=d.mamba_scheduler_strategy,
+      choices=MAMBA_SCHEDULER_STRATEGY_CHOICES,
+      help="The strategy to use for mamba radix cache: no_buffer caches a finished request's "
+           "live state (page size 1, no overlap schedule); extra_buffer snapshots states into "
+           "ping-pong track slots every --mamba-track-interval tokens; auto means no_buffer.")
+    a("--mamba-track-interval", type=int, default=d.mamba_track_interval,
+      help="The interval to track the mamba state during decode (extra_buffer).")
 
 
 def _flag(name: str) -> str:

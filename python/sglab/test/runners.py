@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import itertools
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -104,7 +107,9 @@ class HFRunner:
     def __init__(self, model_path: str, lora_path: str | None = None):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        with torch_reference_kernels():
+            self.model = AutoModelForCausalLM.from_pretrained(model_path,
+                                                              dtype=torch.float32).eval()
         if lora_path is not None:  # HF + PEFT, unmerged: the LoRA reference
             from peft import PeftModel
 
@@ -124,3 +129,25 @@ class HFRunner:
             out = self.model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
                              use_cache=True)
         return tokens
+
+
+_GDN_MODELING = ("transformers.models.qwen3_5.modeling_qwen3_5",)
+
+
+@contextlib.contextmanager
+def torch_reference_kernels():
+    """HF's Gated DeltaNet layers bind fla-core's Triton kernels when fla imports (at the import
+    of their modeling file); the reference is HF's own torch path, on the CPU. Inside, fla does
+    not import, and a modeling file imported before is imported again."""
+    saved = sys.modules.get("fla")
+    sys.modules["fla"] = None  # import fla -> ImportError
+    try:
+        for name in _GDN_MODELING:
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop("fla", None)
+        else:
+            sys.modules["fla"] = saved

@@ -41,11 +41,16 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE over the first `rotary_dim` dims of each head (all of it by default; a
+    partial rotary factor leaves the rest unrotated)."""
+
     def __init__(self, head_size: int, max_position: int, base: float,
-                 rope_scaling: dict | None = None, dtype: torch.dtype = torch.float32):
+                 rope_scaling: dict | None = None, dtype: torch.dtype = torch.float32,
+                 rotary_dim: int | None = None):
         super().__init__()
         self.head_size = head_size
-        inv_freq = _base_inv_freq(head_size, base)
+        self.rotary_dim = rotary_dim or head_size
+        inv_freq = _base_inv_freq(self.rotary_dim, base)
         if rope_scaling is not None:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if rope_type != "llama3":
@@ -66,12 +71,27 @@ class RotaryEmbedding(nn.Module):
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(shape[0], -1, self.head_size)
-        half = self.head_size // 2
+        if self.rotary_dim != self.head_size:
+            rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+            return torch.cat([self._rotate_heads(rot, cos, sin), rest], dim=-1).view(shape)
+        return self._rotate_heads(x, cos, sin).view(shape)
+
+    def _rotate_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = self.rotary_dim // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).view(shape)
+        return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def get_rope(head_size: int, max_position: int, hf_config,
              dtype: torch.dtype = torch.float32) -> RotaryEmbedding:
     base, scaling = get_rope_config(hf_config)
-    return RotaryEmbedding(head_size, max_position, base, scaling, dtype=torch.float32)
+    return RotaryEmbedding(head_size, max_position, base, scaling, dtype=torch.float32,
+                           rotary_dim=int(head_size * partial_rotary_factor(hf_config)))
+
+
+def partial_rotary_factor(hf_config) -> float:
+    """The share of each head that RoPE rotates (Qwen3.5: 0.25), from either config layout."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "partial_rotary_factor" in params:
+        return float(params["partial_rotary_factor"])
+    return float(getattr(hf_config, "partial_rotary_factor", None) or 1.0)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sglab.srt.debug.sync_audit import AUDIT, audit_region
-from sglab.srt.utils.h2d import h2d, is_pin_memory_available
+from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.utils.h2d import h2d, is_pin_memory_available, setitem_scalar
 from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglab.srt.lora.backend import get_backend_from_name
 from sglab.srt.lora.layers import BaseLayerWithLoRA, get_lora_layer, replace_submodule
@@ -259,11 +259,11 @@ class LoRAManager:
         """Before sglang#6994: one device write per request (and per adapter's rank and
         scaling, indexed by a device scalar), each a blocking copy."""
         for i, uid in enumerate(lora_ids):
-            _setitem_device(info.weight_indices, i, self.memory_pool.get_buffer_id(uid))
+            setitem_scalar(info.weight_indices, i, self.memory_pool.get_buffer_id(uid))
             if uid is not None:
                 lora = self.loras[uid]
-                _setitem_device(info.lora_ranks, info.weight_indices[i], lora.rank)
-                _setitem_device(info.scalings, info.weight_indices[i], lora.scaling)
+                setitem_scalar(info.lora_ranks, info.weight_indices[i], lora.rank)
+                setitem_scalar(info.scalings, info.weight_indices[i], lora.scaling)
 
     def _fill_slots_async(self, info: LoRABatchInfo, lora_ids: list,
                           weight_indices_cpu: list[int], use_graph: bool) -> None:
@@ -298,16 +298,6 @@ def _module_shapes(base_modules) -> dict[str, LoRAModuleShape]:
         if shapes.setdefault(fused, shape) != shape:
             raise ValueError(f"{fused} has different shapes across layers")
     return shapes
-
-
-def _setitem_device(t: torch.Tensor, index, value) -> None:
-    """`t[index] = python_scalar`: on an accelerator a blocking host->device copy, plus a
-    device->host read when the index is a device scalar."""
-    if t.device.type == "cpu":  # on CUDA, sync-debug mode reports these
-        if isinstance(index, torch.Tensor):
-            AUDIT.record("d2h")
-        AUDIT.record("blocking_h2d")
-    t[index] = value
 
 
 def _copy_from_pinned(dst: torch.Tensor, data: list, dtype: torch.dtype) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sglab.srt.layers.sampler import SamplingBatchInfo
+from sglab.srt.managers.schedule_batch_mamba import ScheduleBatchMambaMixin
 from sglab.srt.model_executor.forward_batch_info import ForwardMode
 from sglab.srt.sampling.penaltylib import PENALIZERS, BatchedPenalizerOrchestrator
 from sglab.srt.sampling.sampling_params import SamplingParams
@@ -75,6 +76,15 @@ class Req:
         self.is_chunked = 0
         self.cached_tokens = 0
         self.total_retractions = 0
+        # Hybrid models: the state slots (device tensors, as upstream) and prefix-cache tracking
+        # (the next ping-pong track slot, the length of its last snapshot).
+        self.mamba_pool_idx: torch.Tensor | None = None
+        self.mamba_ping_pong_track_buffer: torch.Tensor | None = None
+        self.mamba_next_track_idx: int | None = None
+        self.mamba_last_track_seqlen: int | None = None
+        self.mamba_branching_seqlen: int | None = None
+        # The prefix length the tree owns, where a hybrid model's cache_unfinished_req set it.
+        self.cache_protected_len: int | None = None
         # Logprobs. The prompt's are computed once, on its first full prefill.
         self.return_logprob = return_logprob
         self.top_logprobs_num = top_logprobs_num
@@ -117,6 +127,8 @@ class Req:
         if tree_cache is not None:
             match = tree_cache.match_prefix(self.fill_ids[:max(max_prefix_len, 0)])
             self.prefix_indices, self.last_node = match.device_indices, match.last_device_node
+            self.mamba_branching_seqlen = match.mamba_branching_seqlen
+            self.cache_protected_len = None
         self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
 
     def reset_for_retract(self) -> None:
@@ -126,6 +138,9 @@ class Req:
         self.extend_input_len = 0
         self.is_chunked = 0
         self.total_retractions += 1
+        self.mamba_pool_idx = self.mamba_ping_pong_track_buffer = None
+        self.mamba_next_track_idx = self.mamba_last_track_seqlen = None
+        self.mamba_branching_seqlen = self.cache_protected_len = None
 
     # --- finish -------------------------------------------------------------------------------
 
@@ -191,10 +206,17 @@ class ModelWorkerBatch:
     lora_inflight_ids: set[str | None] | None = None
     # HiSparse: the decode step's plan (backups, buffer growth, sparse rows).
     hisparse_plan: "HiSparseStepPlan | None" = None
+    # Hybrid models, extra_buffer: which requests snapshot their state into which track slot
+    # (device, as upstream); a prefill also says where (and, host_track, keeps host copies).
+    mamba_track_indices: torch.Tensor | None = None
+    mamba_track_mask: torch.Tensor | None = None
+    mamba_track_seqlens: torch.Tensor | None = None
+    mamba_track_mask_cpu: list[bool] | None = None
+    mamba_track_seqlens_cpu: list[int] | None = None
 
 
 @dataclass
-class ScheduleBatch:
+class ScheduleBatch(ScheduleBatchMambaMixin):
     reqs: list[Req]
     req_to_token_pool: "ReqToTokenPool"
     token_to_kv_pool_allocator: "TokenToKVPoolAllocator"
@@ -232,6 +254,12 @@ class ScheduleBatch:
     # coordinator gives the device slots of a decode step (its plan) and manages the rows.
     hisparse: "HiSparseCoordinator | None" = None
     hisparse_plan: "HiSparseStepPlan | None" = None
+    # Hybrid models (schedule_batch_mamba.py): this step's Mamba-state snapshots.
+    mamba_track_indices: torch.Tensor | None = None
+    mamba_track_mask: torch.Tensor | None = None
+    mamba_track_seqlens: torch.Tensor | None = None
+    mamba_track_mask_cpu: list[bool] | None = None
+    mamba_track_seqlens_cpu: list[int] | None = None
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
@@ -255,13 +283,14 @@ class ScheduleBatch:
 
     def _alloc_rows(self, reqs: list[Req]) -> None:
         need = [r for r in reqs if r.req_pool_idx is None]
-        rows = self.req_to_token_pool.alloc(len(need))
-        if rows is None:
+        self._evict_mamba_for(reqs)
+        if self.req_to_token_pool.alloc_reqs(reqs) is None:
             raise RuntimeError("req_to_token_pool is out of rows; max_running_requests too large")
-        for req, row in zip(need, rows):
-            req.req_pool_idx = row
+        for req in need:
             if len(req.prefix_indices):
-                self.req_to_token_pool.write(row, 0, req.prefix_indices, sync_device=True)
+                self.req_to_token_pool.write(req.req_pool_idx, 0, req.prefix_indices,
+                                             sync_device=True)
+        self._copy_prefix_states(need)
 
     def _evict_for(self, num_tokens: int) -> None:
         allocator = self.token_to_kv_pool_allocator
@@ -299,6 +328,7 @@ class ScheduleBatch:
         self.input_ids = torch.tensor(ids, dtype=torch.int64)
         self.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
         self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+        self._prepare_mamba_track_for_extend()
         self._prepare_input_logprobs()
         self.rebuild_penalizer()
 
@@ -343,6 +373,7 @@ class ScheduleBatch:
         if self.hisparse is not None:
             self.hisparse_plan = self.hisparse.map_last_loc_to_buffer(
                 self.req_pool_indices, self.seq_lens_cpu, out)
+        self._prepare_mamba_track_for_decode()
         self.input_ids = _EMPTY
         self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
 
@@ -415,6 +446,7 @@ class ScheduleBatch:
     def _begin_step(self) -> None:
         self.out_cache_loc, self.step_prev_lens, self.step_row_writes = _EMPTY, None, None
         self.hisparse_plan = None
+        self._clear_mamba_track()
 
     def rollback_step(self) -> None:
         """Undo what this step took before it launched: its KV slots (whole new pages only: a
@@ -481,6 +513,7 @@ class ScheduleBatch:
             lora_ids=[r.lora_id for r in reqs],
             hisparse_plan=self.hisparse_plan,
         )
+        self._mamba_worker_fields(mwb)
         if self.forward_mode.is_extend():
             mwb.extend_num_tokens = self.extend_num_tokens
             mwb.extend_seq_lens = self.extend_lens

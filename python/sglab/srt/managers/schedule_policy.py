@@ -52,6 +52,9 @@ class PrefillAdder:
         self.rem_input_tokens = max_prefill_tokens
         self.rem_chunk_tokens = chunked_prefill_size if chunked_prefill_size > 0 else None
         self.max_new_reqs = max_new_reqs
+        # Hybrid models: state slots left for new requests, and what each one takes.
+        budget = tree_cache.state_slot_budget() if tree_cache is not None else None
+        self.rem_state_slots, self.state_slots_per_req = budget or (None, 0)
         self.can_run_list: list[Req] = []
         self.new_chunked_req: Req | None = None
 
@@ -85,6 +88,8 @@ class PrefillAdder:
         future = _remaining_new_tokens(req)
         if req.extend_input_len > self.rem_input_tokens and self.can_run_list:
             return False
+        if not self._take_state_slots(req):
+            return False
         # Lock first: the prefix it reuses stops being evictable room.
         self.tree_cache.inc_lock_ref(req.last_node)
         if req.extend_input_len + future > self.rem_total_tokens + self._unlocked_evictable():
@@ -96,6 +101,15 @@ class PrefillAdder:
         if truncated:
             self.new_chunked_req = req
             return False
+        return True
+
+    def _take_state_slots(self, req: Req) -> bool:
+        """A new request of a hybrid model needs its state slots; False when none are left."""
+        if self.rem_state_slots is None or req.mamba_pool_idx is not None:
+            return True
+        if self.rem_state_slots < self.state_slots_per_req:
+            return False
+        self.rem_state_slots -= self.state_slots_per_req
         return True
 
     def _truncate(self, req: Req) -> bool:

@@ -38,7 +38,7 @@ from sglab.srt.managers.scheduler_output_processor_mixin import (
 from sglab.srt.managers.scheduler_profiler_mixin import SchedulerProfilerMixin
 from sglab.srt.managers.scheduler_runtime_checker_mixin import SchedulerRuntimeCheckerMixin
 from sglab.srt.managers.tp_worker import GenerationBatchResult, TpModelWorker
-from sglab.srt.mem_cache.radix_cache import RadixCache
+from sglab.srt.mem_cache.radix_cache import create_prefix_cache
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs, configure_logging
 
@@ -67,8 +67,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.page_size = server_args.page_size
         self.lora_manager = runner.lora_manager  # None unless --enable-lora
         self.hisparse = runner.hisparse_coordinator  # None unless --enable-hisparse
-        self.tree_cache = RadixCache(self.req_to_token_pool, self.token_to_kv_pool_allocator,
-                                     self.page_size, disable=server_args.disable_radix_cache)
+        self.tree_cache = create_prefix_cache(server_args, self.req_to_token_pool,
+                                              self.token_to_kv_pool_allocator)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
         self.context_len = self.model_config.context_len
         self.max_req_input_len = self.context_len - 1

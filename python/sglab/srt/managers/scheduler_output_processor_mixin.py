@@ -68,12 +68,24 @@ class SchedulerOutputProcessorMixin:
                 self._append_token(req, result, i)
             except Exception as e:  # noqa: BLE001 - aborts this request only
                 self._fail_in_place(req, e, "processing its output", mid_step=False)
+            if req.mamba_ping_pong_track_buffer is not None:
+                self._mamba_prefix_cache_update(req)
             if req.finished():
                 if self.hisparse is not None:
                     self.hisparse.request_finished(req)
                 self.tree_cache.cache_finished_req(req)
         self.num_generated_tokens += len(batch.reqs)
         self.stream_output(batch.reqs)
+
+    def _mamba_prefix_cache_update(self: Scheduler, req: Req) -> None:
+        """extra_buffer: a step that snapshot the request's state (its length a multiple of the
+        track interval) makes that track slot the kept one; the next snapshot goes to the other."""
+        seq_len = len(req.origin_input_ids) + len(req.output_ids) - 1
+        pool = self.req_to_token_pool
+        if seq_len % pool.track_interval == 0:
+            req.mamba_next_track_idx = pool.get_mamba_ping_pong_other_idx(
+                req.mamba_next_track_idx)
+            req.mamba_last_track_seqlen = seq_len
 
     def _release_overlap_slot(self: Scheduler, req: Req, slot: torch.Tensor) -> None:
         """A request that finished one step earlier was decoded once more; drop that step."""

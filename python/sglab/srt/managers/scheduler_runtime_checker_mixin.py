@@ -41,7 +41,7 @@ class SchedulerRuntimeCheckerMixin:
             problem = self.hisparse.check_integrity()
             if problem:
                 return problem
-        return self._check_slot_sets()
+        return self._check_slot_sets() or self._check_state_slots()
 
     def check_step_invariants(self: Scheduler) -> None:
         """Debug (SGLAB_DEBUG_HISPARSE=1): HiSparse's invariants after every step."""
@@ -60,4 +60,21 @@ class SchedulerRuntimeCheckerMixin:
             free[alloc.free_pages] = True
             if bool(free[held].any()):
                 return "A KV slot is both free and held by the radix cache"
+        return None
+
+    def _check_state_slots(self: Scheduler) -> str | None:
+        """Hybrid models: every Mamba state slot is free or held by one tree node."""
+        pool = getattr(self.req_to_token_pool, "mamba_pool", None)
+        if pool is None:
+            return None
+        held = self.tree_cache.all_mamba_values_flatten() if not self.tree_cache.disable \
+            else torch.empty((0,), dtype=torch.int64)
+        free = pool.available_size()
+        if free + held.numel() != pool.size:
+            return f"Mamba state slots leaked: free {free} + cached {held.numel()} != {pool.size}"
+        if self.tree_cache.mamba_protected_size() != 0:
+            return "Mamba states still locked while idle"
+        slots = torch.cat([pool.free_slots.cpu(), held.cpu()]).to(torch.int64)
+        if slots.unique().numel() != slots.numel() or bool((slots == 0).any()):
+            return "A Mamba state slot is held twice (or the padding slot was handed out)"
         return None

@@ -35,6 +35,10 @@ class TreeNode:
         self.last_access_time = next(_access_clock)
         self.hit_count = 0
         self.id = next(_node_ids)
+        # Hybrid models (MambaRadixCache): the state slot after this node's path (None: a
+        # tombstone, whose path has no state to resume from), locked by requests using it.
+        self.mamba_value: torch.Tensor | None = None
+        self.mamba_lock_ref = 0
 
     def touch(self) -> None:
         self.last_access_time = next(_access_clock)
@@ -47,6 +51,8 @@ class TreeNode:
 class MatchResult:
     device_indices: torch.Tensor  # CPU int64 slots of the matched prefix
     last_device_node: TreeNode
+    # Hybrid models (MambaRadixCache): where a longer cached path without a state ends, aligned.
+    mamba_branching_seqlen: int | None = None
 
 
 def _key_match_token(key0: list[int], key1: list[int]) -> int:
@@ -151,6 +157,12 @@ class RadixCache:
         return new_node
 
     def _insert_helper(self, node: TreeNode, key: list[int], value: torch.Tensor) -> int:
+        return self._insert_nodes(node, key, value)[0]
+
+    def _insert_nodes(self, node: TreeNode, key: list[int],
+                      value: torch.Tensor) -> tuple[int, TreeNode]:
+        """Insert below `node`; (how many leading tokens were already cached, the node that
+        ends at the key's end)."""
         node.touch()
         total_prefix_len = 0
         while len(key) > 0:
@@ -170,7 +182,8 @@ class RadixCache:
             new_node.value = value.clone()
             node.children[self.get_child_key_fn(key)] = new_node
             self.evictable_size_ += len(key)
-        return total_prefix_len
+            node = new_node
+        return total_prefix_len, node
 
     # ---- request hooks ----
 
@@ -296,6 +309,10 @@ class RadixCache:
     def evictable_size(self) -> int:
         return self.evictable_size_
 
+    def state_slot_budget(self) -> tuple[int, int] | None:
+        """Hybrid models: (state slots a prefill may take, slots per new request); None here."""
+        return None
+
     def protected_size(self) -> int:
         return self.protected_size_
 
@@ -322,3 +339,16 @@ class RadixCache:
         for child in node.children.values():
             print(" " * indent, len(child.key), child.key[:10], f"r={child.lock_ref}")
             self._print_helper(child, indent + 2)
+
+
+def create_prefix_cache(server_args, req_to_token_pool: ReqToTokenPool,
+                        token_to_kv_pool_allocator: TokenToKVPoolAllocator) -> RadixCache:
+    """The prefix cache of a pool: a MambaRadixCache for hybrid models (their request rows own
+    state slots), else a RadixCache; disabled by --disable-radix-cache."""
+    disable, page = server_args.disable_radix_cache, server_args.page_size
+    if hasattr(req_to_token_pool, "mamba_pool"):
+        from sglab.srt.mem_cache.mamba_radix_cache import MambaRadixCache
+
+        return MambaRadixCache(req_to_token_pool, token_to_kv_pool_allocator, page, disable,
+                               server_args.enable_mamba_extra_buffer())
+    return RadixCache(req_to_token_pool, token_to_kv_pool_allocator, page, disable=disable)

@@ -31,7 +31,11 @@ from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, SamplingBatchInfo
 from sglab.srt.mem_cache.memory_pool import PADDING_ROW
-from sglab.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglab.srt.model_executor.forward_batch_info import (
+    ForwardBatch,
+    ForwardMode,
+    mamba_track_fields,
+)
 from sglab.srt.utils.h2d import h2d_into, is_pin_memory_available
 
 if TYPE_CHECKING:
@@ -275,7 +279,7 @@ class CudaGraphRunner:
             lora_ids=list(batch.lora_ids or [None] * len(batch.seq_lens_cpu)) + [None] * pad,
             lora_inflight_ids=batch.lora_inflight_ids,
             hisparse_coordinator=self.model_runner.hisparse_coordinator,
-            hisparse_plan=batch.hisparse_plan)
+            hisparse_plan=batch.hisparse_plan, **mamba_track_fields(batch))
 
     def _eager_sampling_batch(self, batch: "ModelWorkerBatch", raw_bs: int) -> ForwardBatch:
         v = self.inputs.views

@@ -82,6 +82,12 @@ class ForwardBatch:
     # step's plan (None: dense attention over req_to_token, every other step).
     hisparse_coordinator: "HiSparseCoordinator | None" = None
     hisparse_plan: "HiSparseStepPlan | None" = None
+    # Hybrid models, extra_buffer: this step's Mamba-state snapshots (ModelWorkerBatch's).
+    mamba_track_indices: torch.Tensor | None = None
+    mamba_track_mask: torch.Tensor | None = None
+    mamba_track_seqlens: torch.Tensor | None = None
+    mamba_track_mask_cpu: list[bool] | None = None
+    mamba_track_seqlens_cpu: list[int] | None = None
 
     @classmethod
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
@@ -121,6 +127,7 @@ class ForwardBatch:
             req_to_token_pool=model_runner.req_to_token_pool,
             token_to_kv_pool=model_runner.token_to_kv_pool,
             attn_backend=model_runner.attn_backend,
+            **mamba_track_fields(batch),
         )
         if batch.sampling_info is not None:
             fb.sampling_info = batch.sampling_info.with_tensors(dev)
@@ -160,6 +167,12 @@ class ForwardBatch:
                 self.req_pool_indices, self.extend_seq_lens, output_size=num_tokens
             )
         pool.req_to_token[rows, self.positions] = self.out_cache_loc.to(torch.int32)
+
+
+def mamba_track_fields(batch: "ModelWorkerBatch") -> dict:
+    names = ("mamba_track_indices", "mamba_track_mask", "mamba_track_seqlens",
+             "mamba_track_mask_cpu", "mamba_track_seqlens_cpu")
+    return {name: getattr(batch, name) for name in names}
 
 
 def _uploads(batch: "ModelWorkerBatch", per_request: bool = True) -> dict:

@@ -20,6 +20,7 @@ from sglab.srt.mem_cache.memory_pool import (
 )
 from sglab.srt.managers.overlap_utils import FutureMap, StepStreams
 from sglab.srt.model_executor.forward_batch_info import DecodeInputCache, ForwardBatch
+from sglab.srt.model_executor.model_runner_mamba_mixin import ModelRunnerMambaMixin
 from sglab.srt.model_loader.loader import get_model
 from sglab.srt.patches import PatchFlags
 from sglab.srt.server_args import ServerArgs
@@ -42,7 +43,7 @@ CPU_DEFAULT_KV_BYTES = 4 * GiB
 GPU_MAX_TOKENS = 1 << 23
 
 
-class ModelRunner:
+class ModelRunner(ModelRunnerMambaMixin):
     def __init__(self, model_config: ModelConfig, server_args: ServerArgs):
         self.model_config = model_config
         self.server_args = server_args
@@ -72,8 +73,9 @@ class ModelRunner:
         self.future_map = FutureMap(self.req_to_token_pool.req_to_token.shape[0], self.device)
         self.graph_runner = None
         # The torch_native reference has no static-metadata hooks: it always runs eagerly.
-        if not server_args.disable_cuda_graph and hasattr(self.attn_backend,
-                                                          "init_cuda_graph_state"):
+        if not server_args.disable_cuda_graph and getattr(
+                self.attn_backend, "supports_cuda_graph",
+                hasattr(self.attn_backend, "init_cuda_graph_state")):
             from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
@@ -91,7 +93,7 @@ class ModelRunner:
     def _cell_size(self) -> int:
         mc = self.model_config
         cell = MHATokenToKVPool.cell_size_bytes(mc.num_key_value_heads, mc.head_dim,
-                                                mc.num_hidden_layers, mc.dtype)
+                                                mc.num_attention_layers, mc.dtype)
         if self.server_args.enable_hisparse:  # the host tier's residency map and summaries
             from sglab.srt.managers.hisparse_coordinator import device_bytes_per_token
 
@@ -108,11 +110,16 @@ class ModelRunner:
         cell = self._cell_size()
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            rest = free - total * (1 - self.server_args.mem_fraction_static)
+            rest = int(free - total * (1 - self.server_args.mem_fraction_static))
+            if self.model_config.hybrid is not None:
+                rest = self.handle_max_mamba_cache(rest)
             # Real models stay far below the cap; tiny test models would otherwise get pools
             # of 10^8 slots whose host-side free lists cost more than they serve.
-            return min(max(int(rest) // cell, 0), GPU_MAX_TOKENS)
-        return min(CPU_DEFAULT_MAX_TOKENS, CPU_DEFAULT_KV_BYTES // cell)
+            return min(max(rest // cell, 0), GPU_MAX_TOKENS)
+        rest = CPU_DEFAULT_KV_BYTES
+        if self.model_config.hybrid is not None:
+            rest = self.handle_max_mamba_cache(rest)
+        return min(CPU_DEFAULT_MAX_TOKENS, rest // cell)
 
     def init_memory_pool(self) -> None:
         args, mc = self.server_args, self.model_config
@@ -133,12 +140,16 @@ class ModelRunner:
             config = self._hisparse_config()
             max_reqs = min(max_reqs, max(2 * tokens // (config.device_buffer_size
                                                         + config.page_size), 1))
+        if mc.hybrid is not None:  # every running request holds state slots
+            max_reqs = min(max_reqs, self.max_mamba_cache_size // self.mamba_ratio())
         self.max_running_requests = max_reqs
-        self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4,
-                                                args.device)
-        self.token_to_kv_pool = MHATokenToKVPool(
-            tokens, self.page_size, mc.dtype, mc.num_key_value_heads, mc.head_dim,
-            mc.num_hidden_layers, args.device)
+        if mc.hybrid is not None:
+            self.init_hybrid_pools(tokens, max_reqs)
+        else:
+            self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4, args.device)
+            self.token_to_kv_pool = MHATokenToKVPool(
+                tokens, self.page_size, mc.dtype, mc.num_key_value_heads, mc.head_dim,
+                mc.num_hidden_layers, args.device)
         alloc_cls = TokenToKVPoolAllocator if self.page_size == 1 else PagedTokenToKVPoolAllocator
         self.token_to_kv_pool_allocator = alloc_cls(tokens, self.token_to_kv_pool)
         if args.enable_hisparse:
@@ -174,6 +185,12 @@ class ModelRunner:
                     config.device_buffer_size, config.top_k)
 
     def _make_attn_backend(self):
+        backend = self._make_full_attn_backend()
+        if self.model_config.hybrid is not None:
+            return self.make_hybrid_attn_backend(backend)
+        return backend
+
+    def _make_full_attn_backend(self):
         name = self.server_args.attention_backend
         if name == "torch_native":
             return TorchNativeAttnBackend(self)

@@ -66,11 +66,12 @@ def load_dummy_weights(model: nn.Module, hidden_size: int, seed: int = 1234) -> 
     parameter, norms included, which leaves a near-dead network: its greedy outputs cycle and
     barely react to numerics, so neither its outputs nor its kernel inputs look like a real
     model's. Each parameter has its own seed (seed + its index), so layers differ."""
+    zero_centered = bool(getattr(model, "zero_centered_norms", False))
     for i, (name, param) in enumerate(model.named_parameters()):
         if not torch.is_floating_point(param):
             continue
         gen = torch.Generator(device=param.device).manual_seed(seed + i)
-        std, mean = init_std_mean(name, tuple(param.shape), hidden_size)
+        std, mean = init_std_mean(name, tuple(param.shape), hidden_size, zero_centered)
         tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         tmp.normal_(mean, std, generator=gen)
         param.data.copy_(tmp.to(param.dtype))

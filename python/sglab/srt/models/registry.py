@@ -5,11 +5,14 @@ from torch import nn
 from sglab.srt.models.llama import LlamaForCausalLM
 from sglab.srt.models.qwen2 import Qwen2ForCausalLM
 from sglab.srt.models.qwen3 import Qwen3ForCausalLM
+from sglab.srt.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5ForConditionalGeneration,
 }
 
 

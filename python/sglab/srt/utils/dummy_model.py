@@ -329,6 +329,79 @@ def _llama3_preset(
     }
 
 
+def _qwen35_preset(
+    *,
+    vocab_size: int,
+    first_special_id: int,
+    hidden_size: int,
+    layer_types: list[str],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    linear_key_heads: int,
+    linear_value_heads: int,
+    linear_head_dim: int,
+    intermediate_size: int,
+    tie: bool,
+    max_pos: int,
+    mrope_section: list[int],
+    dtype: str,
+) -> dict[str, Any]:
+    """Qwen3.5 (dense) text model: Gated DeltaNet and gated full-attention layers."""
+    ids = _qwen_ids(first_special_id)
+    config = {
+        "architectures": ["Qwen3_5ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["endoftext"],
+        "eos_token_id": ids["im_end"],
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "layer_types": layer_types,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": linear_head_dim,
+        "linear_num_key_heads": linear_key_heads,
+        "linear_num_value_heads": linear_value_heads,
+        "linear_value_head_dim": linear_head_dim,
+        "max_position_embeddings": max_pos,
+        "model_type": "qwen3_5_text",
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": len(layer_types),
+        "num_key_value_heads": num_kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {
+            "mrope_interleaved": True,
+            "mrope_section": mrope_section,
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 10000000,
+            "rope_type": "default",
+        },
+        "tie_word_embeddings": tie,
+        "torch_dtype": dtype,
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+    generation = {
+        "bos_token_id": ids["endoftext"],
+        "eos_token_id": [ids["im_end"], ids["endoftext"]],
+        "pad_token_id": ids["endoftext"],
+    }
+    return {
+        "family": "qwen3",
+        "first_special_id": first_special_id,
+        "config": config,
+        "generation_config": generation,
+    }
+
+
+def _every_fourth_full(num_layers: int) -> list[str]:
+    return ["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+            for i in range(num_layers)]
+
+
 _TINY_VOCAB = 1024
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny: q_dim (4 x 32) != hidden (64) as in Qwen3-0.6B; tied embeddings; q/k norm.
@@ -375,6 +448,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_pos=4096,
         dtype="float32",
     ),
+    # Tiny hybrid: full attention at layers 1 and 3 (a non-trivial KV layer map), 2 key / 4
+    # value heads in the Gated DeltaNet layers (grouped values), partial rotary (8 of 32).
+    "tiny-qwen3.5": _qwen35_preset(
+        vocab_size=_TINY_VOCAB,
+        first_special_id=_TINY_VOCAB - len(_QWEN_SPECIAL_TOKENS),
+        hidden_size=64,
+        layer_types=["linear_attention", "full_attention"] * 2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        linear_key_heads=2,
+        linear_value_heads=4,
+        linear_head_dim=16,
+        intermediate_size=128,
+        tie=False,
+        max_pos=4096,
+        mrope_section=[2, 1, 1],
+        dtype="float32",
+    ),
     "qwen3-0.6b": _qwen3_preset(
         vocab_size=151936,
         first_special_id=151643,
@@ -402,6 +494,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_pos=40960,
         dtype="bfloat16",
         sampling={"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95},
+    ),
+    # The dimensions of transformers' Qwen3_5TextConfig defaults (Qwen3.5-9B's text model).
+    "qwen3.5-9b": _qwen35_preset(
+        vocab_size=248320,
+        first_special_id=248044,
+        hidden_size=4096,
+        layer_types=_every_fourth_full(32),
+        num_heads=16,
+        num_kv_heads=4,
+        head_dim=256,
+        linear_key_heads=16,
+        linear_value_heads=32,
+        linear_head_dim=128,
+        intermediate_size=12288,
+        tie=False,
+        max_pos=32768,
+        mrope_section=[11, 11, 10],
+        dtype="bfloat16",
     ),
     # Llama-3.1-8B-Instruct's config and generation config.
     "llama-3.1-8b": _llama3_preset(
@@ -601,8 +711,14 @@ def _write_tokenizer(spec: dict[str, Any], out_dir: str) -> None:
 # ---------------------------------------------------------------- weights
 
 
+def _is_qwen35(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == "qwen3_5_text"
+
+
 def hf_param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF parameter names and shapes of a Llama / Qwen2 / Qwen3 causal LM, as saved."""
+    """HF parameter names and shapes of a Llama / Qwen2 / Qwen3 / Qwen3.5 causal LM, as saved."""
+    if _is_qwen35(config):
+        return _qwen35_param_shapes(config)
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads
@@ -633,14 +749,66 @@ def hf_param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_std_mean(name: str, shape: tuple[int, ...], hidden: int) -> tuple[float, float]:
+def _qwen35_param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads, kv_heads, head_dim = (config["num_attention_heads"], config["num_key_value_heads"],
+                                 config["head_dim"])
+    key_dim = config["linear_key_head_dim"] * config["linear_num_key_heads"]
+    value_heads = config["linear_num_value_heads"]
+    value_dim = config["linear_value_head_dim"] * value_heads
+    inter = config["intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i, kind in enumerate(config["layer_types"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        if kind == "linear_attention":
+            a = p + "linear_attn."
+            shapes[a + "in_proj_qkv.weight"] = (2 * key_dim + value_dim, hidden)
+            shapes[a + "in_proj_z.weight"] = (value_dim, hidden)
+            shapes[a + "in_proj_b.weight"] = (value_heads, hidden)
+            shapes[a + "in_proj_a.weight"] = (value_heads, hidden)
+            shapes[a + "conv1d.weight"] = (2 * key_dim + value_dim, 1,
+                                           config["linear_conv_kernel_dim"])
+            shapes[a + "dt_bias"] = (value_heads,)
+            shapes[a + "A_log"] = (value_heads,)
+            shapes[a + "norm.weight"] = (config["linear_value_head_dim"],)
+            shapes[a + "out_proj.weight"] = (hidden, value_dim)
+        else:
+            a = p + "self_attn."
+            shapes[a + "q_proj.weight"] = (2 * heads * head_dim, hidden)
+            shapes[a + "k_proj.weight"] = (kv_heads * head_dim, hidden)
+            shapes[a + "v_proj.weight"] = (kv_heads * head_dim, hidden)
+            shapes[a + "o_proj.weight"] = (hidden, heads * head_dim)
+            shapes[a + "q_norm.weight"] = (head_dim,)
+            shapes[a + "k_norm.weight"] = (head_dim,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def init_std_mean(name: str, shape: tuple[int, ...], hidden: int,
+                  zero_centered_norms: bool = False) -> tuple[float, float]:
     """sglab's scale-preserving random init of a parameter: (std, mean) of its normal draw.
 
-    Projections keep activations O(1), norms sit near (not at) 1: a live network whose outputs
-    and numerics behave like a trained model's, unlike tiny uniform noise.
+    Projections keep activations O(1), norms sit near (not at) 1 (zero-centred norms, which
+    scale by 1 + weight, near 0): a live network whose outputs and numerics behave like a
+    trained model's, unlike tiny uniform noise. Gated DeltaNet decays (A_log) keep a state alive
+    over tens of tokens.
     """
-    if name.endswith("norm.weight"):
+    if name.endswith(".A_log"):
+        return 0.5, -2.0
+    if name.endswith(".dt_bias"):
         return 0.1, 1.0
+    if name.endswith(("conv1d.weight", "conv1d_weight")):
+        return 1.0 / math.sqrt(shape[-1]), 0.0
+    if name.endswith("norm.weight"):
+        plain = name.endswith("linear_attn.norm.weight")  # the gated norm scales by weight
+        return 0.1, 0.0 if zero_centered_norms and not plain else 1.0
     if name.endswith(".bias"):
         return 0.1, 0.0
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -648,10 +816,11 @@ def init_std_mean(name: str, shape: tuple[int, ...], hidden: int) -> tuple[float
     return 1.0 / math.sqrt(shape[1]), 0.0
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], generator, hidden: int):
+def _random_tensor(name: str, shape: tuple[int, ...], generator, hidden: int,
+                   zero_centered_norms: bool):
     import torch
 
-    std, mean = init_std_mean(name, shape, hidden)
+    std, mean = init_std_mean(name, shape, hidden, zero_centered_norms)
     return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std).add_(mean)
 
 
@@ -682,7 +851,8 @@ def _write_weights(config: dict[str, Any], out_dir: str, seed: int, dtype: str) 
         for name in names:
             # Seeded per tensor, so values do not depend on how tensors fall into shards.
             generator = torch.Generator().manual_seed(seed * 1_000_003 + order[name])
-            tensor = _random_tensor(name, shapes[name], generator, config["hidden_size"])
+            tensor = _random_tensor(name, shapes[name], generator, config["hidden_size"],
+                                    _is_qwen35(config))
             tensors[name] = tensor.to(torch_dtype)
             weight_map[name] = filename
         save_file(tensors, os.path.join(out_dir, filename), metadata={"format": "pt"})

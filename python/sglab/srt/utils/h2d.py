@@ -73,10 +73,36 @@ def h2d_into(dst: torch.Tensor, data: torch.Tensor, pin: bool) -> None:
 
 
 def list_to_device(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """`torch.tensor(list, device=...)`: a blocking host->device copy on an accelerator."""
+    """`torch.tensor(list, device=...)`: a blocking host->device copy on an accelerator, after
+    reading back one by one the elements that are device scalars (0-d tensors: the sync
+    audit's host-read hooks count those reads)."""
     if torch.device(device).type == "cpu":
         _observe("blocking_h2d")  # on CUDA, sync-debug mode reports it
     return torch.tensor(data, dtype=dtype, device=device)
+
+
+def setitem_scalar(t: torch.Tensor, index, value) -> None:
+    """`t[index] = python_scalar`: on an accelerator a blocking host->device copy of the
+    scalar, plus a device->host read when the index is a device scalar (a 0-d tensor)."""
+    if t.device.type == "cpu":  # on CUDA, sync-debug mode reports these
+        if isinstance(index, torch.Tensor) and index.dim() == 0:
+            _observe("d2h")
+        _observe("blocking_h2d")
+    t[index] = value
+
+
+def index_with_list(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """`t[python_list]`: the list goes to the device first, a blocking copy."""
+    if t.device.type == "cpu":
+        _observe("blocking_h2d")
+    return t[index]
+
+
+def index_put_with_list(t: torch.Tensor, index: list[int], value: torch.Tensor) -> None:
+    """`t[python_list] = value`: the list goes to the device first, a blocking copy."""
+    if t.device.type == "cpu":
+        _observe("blocking_h2d")
+    t[index] = value
 
 
 class StepUploader:
