@@ -7,7 +7,8 @@ host microseconds per scheduler component, measured with perf_counter around eac
 
 Also: the kernels and copies launched outside the graph per steady step (profiler runtime
 calls), and the ITL of the same running batch while more than 100 requests wait for KV memory
-(`--saturated`). Writes DIR/decode_host_profile.json and .md.
+(`--saturated`), and greedy rows under deterministic inference (`--deterministic`). Writes
+DIR/decode_host_profile.json and .md.
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ def graph_replay_us(sched, bs: int) -> float | None:
     gr = sched.tp_worker.model_runner.graph_runner
     if gr is None:
         return None
-    key = next((k for k in gr.graphs if k[0] >= bs and k[1] == ("greedy",)), None)
-    graph = gr.graphs[key]
+    # The graph the steps replayed: the smallest captured size for bs, of the batch's sampler
+    # (the last one captured at that size).
+    size = min(k[0] for k in gr.graphs if k[0] >= bs)
+    graph = [g for k, g in gr.graphs.items() if k[0] == size][-1]
     times = []
     for _ in range(30):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -129,8 +132,9 @@ def _prompts(vocab: int, n: int, seed: int, length: int = INPUT_LEN) -> list[lis
     return torch.randint(0, vocab - 64, (n, length), generator=g).tolist()
 
 
-def measure(preset: str, bs: int, sampling: str) -> dict:
-    sched = _scheduler(preset, cuda_graph_max_bs=max(64, bs), max_total_tokens=1 << 18)
+def measure(preset: str, bs: int, sampling: str, deterministic: bool = False) -> dict:
+    sched = _scheduler(preset, cuda_graph_max_bs=max(64, bs), max_total_tokens=1 << 18,
+                       enable_deterministic_inference=deterministic)
     vocab = sched.model_config.vocab_size
     _submit_ids(sched, _prompts(vocab, bs, bs), WARMUP + STEPS + 40, f"d{bs}",
                 SAMPLING[sampling])
@@ -144,7 +148,8 @@ def measure(preset: str, bs: int, sampling: str) -> dict:
         _sync()
         itl_us = (time.perf_counter() - tic) / STEPS * 1e6
     host = {k: statistics.median(v) for k, v in timers.us.items()}
-    row = {"preset": preset, "bs": bs, "sampling": sampling, "itl_us": itl_us,
+    row = {"preset": preset, "bs": bs, "sampling": sampling + (" det" if deterministic else ""),
+           "deterministic": deterministic, "itl_us": itl_us,
            "graph_replay_gpu_us": graph_replay_us(sched, bs), "host_us": host,
            "outside_graph_per_step": outside_graph_calls(sched)}
     if row["graph_replay_gpu_us"]:
@@ -216,9 +221,15 @@ def main() -> None:
     parser.add_argument("--sampling", nargs="+", default=["greedy", "top_p"],
                         choices=list(SAMPLING))
     parser.add_argument("--saturated", action="store_true")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="Also greedy rows under --enable-deterministic-inference (decode as "
+                             "a one-token unified extend): the speed cost of deterministic mode.")
     add_provenance_args(parser)
     args = parser.parse_args()
     rows = [measure(p, bs, s) for p in args.presets for bs in args.bs for s in args.sampling]
+    if args.deterministic:
+        rows += [measure(p, bs, "greedy", deterministic=True) for p in args.presets
+                 for bs in args.bs]
     report = {"provenance": provenance(args.commit), "rows": rows}
     if args.saturated:
         report["saturated"] = {p: saturated(p) for p in args.presets}

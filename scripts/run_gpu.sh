@@ -13,6 +13,7 @@
 #   tests         every GPU test
 #   h2d           patch 0001: host cost, host blocking and memcpy kinds per upload mode
 #   ab-0001       patch 0001 off / PR / packed, 0.6B and 8B shapes, concurrency 1, 4, 32
+#   ab-0001-c32   the same at concurrency 32 only
 #   ab-0003a ab-0005 ab-0005b   the other patch A/Bs
 #   bench unified profile       engine benchmarks (gpu_bench, 0002 per call, one step profile)
 #   hostloop      the decode hot loop: ITL vs graph replay, host per component, saturation
@@ -91,12 +92,14 @@ for step in "$@"; do
       | tee "$R/gpu_tests.log" | tail -n 15 ;;
   h2d)
     timeout 300 python3 benchmark/h2d_0001.py --out "$R" 2>&1 | tail -n 24 ;;
-  ab-0001)
+  ab-0001|ab-0001-c32)
+    # at concurrency 32 the 32 requests are all in flight: 64 prompts keep the batch full
+    [[ $step == ab-0001 ]] && conc="1 4 32" np=8 || conc=32 np=64
     for p in qwen3-0.6b llama-3.1-8b; do
       m=$(mk $p)
       timeout 330 $AB --patch 0001 --model-path $m --variants off on:pr on:packed --audit none \
         --server-args "--load-format dummy --cuda-graph-max-bs 32" --tag ab-0001-$p \
-        --max-concurrencies 1 4 32 -- $(rnd $m) --num-prompts 8 --random-input-len 128 \
+        --max-concurrencies $conc -- $(rnd $m) --num-prompts $np --random-input-len 128 \
         --random-output-len 48 2>&1 | tail -n 40  # never head: a closed pipe kills bench_ab
     done ;;
   ab-0003a)
@@ -117,7 +120,7 @@ for step in "$@"; do
   bench)
     timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
   hostloop)  # decode: host per component vs one graph replay, outside-graph calls, saturation
-    timeout 420 python3 benchmark/decode_host_profile.py --out "$R" --saturated 2>&1 \
+    timeout 420 python3 benchmark/decode_host_profile.py --out "$R" --saturated --deterministic 2>&1 \
       | tail -n 20 ;;
   unified)
     for p in qwen3-0.6b llama-3.1-8b; do
