@@ -89,8 +89,10 @@ def _write(pool: MHATokenToKVPool, slot: torch.Tensor, value: float, sleep_cycle
     """A forward's KV write of the newest token, after `sleep_cycles` of GPU time."""
     if sleep_cycles:
         torch.cuda._sleep(sleep_cycles)
-    pool.k_all[:, slot] = value
-    pool.v_all[:, slot] = value
+    # index_fill_ takes the value as a kernel argument: `t[:, slot] = value` would copy it
+    # host->device blocking, so the host would wait out the sleep here
+    pool.k_all.index_fill_(1, slot, value)
+    pool.v_all.index_fill_(1, slot, value)
 
 
 def _backup_and_overwrite(one: OneRequest, sleep_cycles: int = 0) -> tuple[float, float]:
@@ -119,6 +121,12 @@ def test_backup_copies_what_forward_n_wrote(mode):
 
 
 def _sleep_cycles_for(seconds: float) -> int:
+    """GPU sleep cycles for `seconds`; first runs one backup and one finish of a throwaway
+    request, so no kernel compiles inside a timed region."""
+    warm = OneRequest.make("cuda", "pr")
+    _backup_and_overwrite(warm)
+    warm.coord.request_finished(warm.req)
+    torch.cuda._sleep(1000)
     torch.cuda.synchronize()
     start = time.perf_counter()
     torch.cuda._sleep(10 ** 7)

@@ -258,9 +258,11 @@ def test_gpu_0003b_sync_debug_mode(hybrid_path, audit, monkeypatch):
     syncs = {name: {region: _site_totals(run[1], region).get("cuda_sync", 0)
                     for region in SITES + LEFT_BY_THE_PR} for name, run in runs.items()}
     print("cuda syncs per site:", syncs)
-    for region in SITES[1:]:
+    # free_mamba_cache's list index uploads its index from pageable memory, which on CUDA
+    # does not synchronize: sync-debug mode sees no sync there (the CPU audit counts the copy).
+    for region in (SITES[0], SITES[1], SITES[3]):
         assert syncs["off"][region] > 0, region
     for region in (SITES[0], SITES[2], SITES[3]):
         assert syncs["pr"][region] == 0, region
-    assert syncs["pr"][LEFT_BY_THE_PR[0]] > 0 and syncs["pr"][LEFT_BY_THE_PR[1]] > 0
+    assert syncs["pr"][LEFT_BY_THE_PR[0]] > 0
     assert all(n == 0 for n in syncs["host"].values()), syncs["host"]
