@@ -193,7 +193,7 @@ def saturated(preset: str, bs: int = 32) -> dict:
         out[f"itl_us_waiting_{waiting}"] = (time.perf_counter() - tic) / STEPS * 1e6
         out[f"waiting_{waiting}_queue"] = len(sched.waiting_queue)
         del sched
-    _collect()
+        _collect()
     out["ratio"] = out["itl_us_waiting_128"] / out["itl_us_waiting_0"]
     return out
 
