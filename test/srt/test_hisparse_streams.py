@@ -102,10 +102,12 @@ def _backup_and_overwrite(one: OneRequest, sleep_cycles: int = 0) -> tuple[float
     pool = one.coord.device_pool
     fb = one.plan_step()  # the first decode after staging: it backs up nothing
     one.coord.begin_decode_step(fb)
-    _write(pool, fb.out_cache_loc, 1.0, sleep_cycles)  # forward N
     token = one.seq_len - 1
-    fb = one.plan_step()
-    assert fb.out_cache_loc.item() == fb.hisparse_plan.backup_device[0]  # the reserved slot
+    # Step N+1's host side (its uploads block, so before forward N is in flight).
+    fb_next = one.plan_step()
+    assert fb_next.out_cache_loc.item() == fb_next.hisparse_plan.backup_device[0]  # reserved
+    _write(pool, fb.out_cache_loc, 1.0, sleep_cycles)  # forward N
+    fb = fb_next
     start = time.perf_counter()
     one.coord.begin_decode_step(fb)  # backup N, then forward N+1 waits for it
     blocked = time.perf_counter() - start
@@ -219,7 +221,12 @@ def test_gpu_finishing_step_blocks_with_the_pr_not_with_async_finish(mode):
     one.coord.begin_decode_step(fb)
     _write(one.coord.device_pool, fb.out_cache_loc, 1.0, cycles)  # the forward in flight
     start = time.perf_counter()
-    one.coord.request_finished(one.req)
+    # async_finish: any synchronizing call raises here, naming its line
+    torch.cuda.set_sync_debug_mode("error" if mode == "async_finish" else "default")
+    try:
+        one.coord.request_finished(one.req)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     blocked = time.perf_counter() - start
     torch.cuda.synchronize()
     assert (blocked > 0.6 * delay) if mode == "pr" else (blocked < 0.1 * delay), blocked

@@ -246,7 +246,7 @@ class HiSparseCoordinator:
         self.last_used[:, row] = -1
         self.resident[:, h2d(logical[:held], torch.int64, dev, True)] = \
             h2d(tokens[:held], torch.int32, dev, True)
-        self.managed[row] = True
+        self.managed[row].fill_(True)  # `[row] = True` would copy a host scalar, blocking
 
     def abort_staging(self, match: Callable[["Req"], bool]) -> list["Req"]:
         """Take the matching requests out of staging (their copies done first); the caller
@@ -326,8 +326,8 @@ class HiSparseCoordinator:
         P = self.page_size
         if plan.page_value:
             pages = h2d(plan.page_value, torch.int64, self.device, True)
-            self.resident[:, (pages[:, None] * P + torch.arange(P, device=self.device))
-                          .reshape(-1)] = -1
+            self.resident.index_fill_(
+                1, (pages[:, None] * P + torch.arange(P, device=self.device)).reshape(-1), -1)
         for row, cap in plan.grown:
             self.device_allocator.free(self.req_to_device_buffer_cpu[row, cap:cap + P].clone())
             self.req_to_device_buffer_cpu[row, cap:cap + P] = 0
@@ -507,7 +507,8 @@ class HiSparseCoordinator:
         old = self.buffer_tokens[layer_id][rows, victim].to(torch.int64)
         evicted = miss & (old >= 0)
         old_host = self.req_to_page[rows, old.clamp(min=0) // P] * P + old.clamp(min=0) % P
-        self.resident[layer_id][torch.where(evicted, old_host, 0)] = -1
+        # index_fill_: no host scalar to copy (a blocking upload, refused inside a capture)
+        self.resident[layer_id].index_fill_(0, torch.where(evicted, old_host, 0).reshape(-1), -1)
         dst = self.req_to_device_buffer[rows, victim]
         self.host_pool.load_to_device_per_layer(self.device_pool, host.reshape(-1),
                                                 torch.where(miss, dst, -1).reshape(-1), layer_id)
@@ -581,7 +582,7 @@ class HiSparseCoordinator:
         self.buffer_tokens[:, row] = -1
         self.last_used[:, row] = -1
         self.req_to_device_buffer[row] = 0
-        self.managed[row] = False
+        self.managed[row].fill_(False)
         self.req_to_device_buffer_cpu[row].zero_()
         self.req_device_buffer_size[row] = 0
         self.managed_rows[row] = self._skip_first_backup[row] = False

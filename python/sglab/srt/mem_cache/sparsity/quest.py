@@ -81,8 +81,10 @@ class QuestSelector:
 
     def reset_pages(self, host_pages: torch.Tensor) -> None:
         """Empty the summaries of pages that start this step, every layer."""
-        self.k_min[:, host_pages] = float("inf")
-        self.k_max[:, host_pages] = float("-inf")
+        # index_fill_: `[:, pages] = inf` would upload a host scalar (blocking; refused inside
+        # a CUDA-graph capture)
+        self.k_min.index_fill_(1, host_pages.reshape(-1).long(), float("inf"))
+        self.k_max.index_fill_(1, host_pages.reshape(-1).long(), float("-inf"))
 
     def update_decode_reps(self, layer_id: int, host_pages: torch.Tensor,
                            keys: torch.Tensor) -> None:
