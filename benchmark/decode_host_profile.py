@@ -1,6 +1,7 @@
 """Is the host ever the bottleneck of a decode step? Per batch size: the step time (ITL) with
-overlap and CUDA graphs, the GPU time of one graph replay (CUDA events), their ratio, and the
-host microseconds per scheduler component, measured with perf_counter around each.
+overlap, CUDA graphs and streaming requests, the GPU time of one graph replay (CUDA events),
+their ratio, and the host microseconds per scheduler component, measured with perf_counter
+around each.
 
     python benchmark/decode_host_profile.py --out DIR [--presets qwen3-0.6b llama-3.1-8b]
         [--bs 1 8 64] [--sampling greedy top_p]
@@ -146,7 +147,7 @@ def measure(preset: str, bs: int, sampling: str, deterministic: bool = False) ->
                        enable_deterministic_inference=deterministic)
     vocab = sched.model_config.vocab_size
     _submit_ids(sched, _prompts(vocab, bs, bs), WARMUP + STEPS + 40, f"d{bs}",
-                SAMPLING[sampling])
+                SAMPLING[sampling], stream=True)
     for _ in range(WARMUP):
         sched.run_step()
     with Timers() as timers:

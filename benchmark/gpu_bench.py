@@ -78,9 +78,9 @@ def _submit(scheduler, n: int, input_len: int, output_len: int, tag: str) -> Non
 
 
 def _submit_ids(scheduler, ids_list: list[list[int]], output_len: int, tag: str,
-                params: dict | None = None) -> None:
+                params: dict | None = None, stream: bool = False) -> None:
     """Requests with the given token ids (greedy unless `params` says otherwise), rids
-    `tag-i`."""
+    `tag-i`; `stream`: each step's tokens are sent out as they come."""
     from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
     from sglab.srt.sampling.sampling_params import SamplingParams
 
@@ -89,7 +89,8 @@ def _submit_ids(scheduler, ids_list: list[list[int]], output_len: int, tag: str,
                             **(params or {"temperature": 0}))
         sp.normalize(None)
         scheduler.handle_generate_request(TokenizedGenerateReqInput(
-            rid=f"{tag}-{i}", input_text=None, input_ids=ids, sampling_params=sp))
+            rid=f"{tag}-{i}", input_text=None, input_ids=ids, sampling_params=sp,
+            stream=stream))
 
 
 def _time_steps(scheduler, steps: int) -> float:
