@@ -79,7 +79,7 @@ for step in "$@"; do
   det-served)
     m=$(mk qwen3-0.6b)
     timeout 420 python3 benchmark/deterministic_served.py --model-path $m --out "$R" \
-      --n-trials 12 --max-new-tokens 48 2>&1 | tail -n 8 ;;  # mixed draws its long prompt from trial 11
+      --n-trials 12 --max-new-tokens 48 2>&1 | tail -n 8 ;;  # long prompt: trial 11 on
   tests-det)
     timeout 420 python3 -m pytest -q -m gpu test/srt/test_deterministic.py test/unit/test_h2d.py \
       test/srt/test_patches.py test/srt/test_triton_backend.py test/srt/test_penalties.py \
