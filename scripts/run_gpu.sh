@@ -44,7 +44,8 @@ DET="--load-format dummy --enable-deterministic-inference --cuda-graph-max-bs 32
 GSP="--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per-group 16 \
   --gsp-system-prompt-len 1024 --gsp-question-len 128 --gsp-output-len 32 --disable-tqdm"
 
-HS="--enable-hisparse --disable-radix-cache --hisparse-config '{\"top_k\":2048,\"device_buffer_size\":4096}'"
+HS="--enable-hisparse --disable-radix-cache \
+  --hisparse-config '{\"top_k\":2048,\"device_buffer_size\":4096}'"
 ab_0004() {  # $1: tag, $2: extra server args
   local m; m=$(mk llama-3.1-8b)
   timeout 900 $AB --patch 0004 --model-path $m --variants off on:pr on:async_finish \
@@ -120,7 +121,8 @@ for step in "$@"; do
   bench)
     timeout 360 python3 benchmark/gpu_bench.py all --out "$R" 2>&1 | tail -n 30 ;;
   hostloop)  # decode: host per component vs one graph replay, outside-graph calls, saturation
-    timeout 420 python3 benchmark/decode_host_profile.py --out "$R" --saturated --deterministic 2>&1 \
+    timeout 420 python3 benchmark/decode_host_profile.py --out "$R" --saturated --deterministic \
+      2>&1 \
       | tail -n 20 ;;
   unified)
     for p in qwen3-0.6b llama-3.1-8b; do
