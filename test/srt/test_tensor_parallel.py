@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 import requests
+import torch
 
 from sglab.srt.entrypoints.engine import Engine, _launch_subprocesses
 from sglab.srt.server_args import ServerArgs, ServerArgsError
@@ -20,7 +21,9 @@ from sglab.srt.utils.process import kill_server
 from sglab.test.runners import SchedulerRunner, run_scheduler_with_broken_rank
 from conftest import alive_pids, popen_launch_server, session
 
-TP_ARGS = ["--tp-size", "2", "--skip-server-warmup", "--random-seed", "7"]
+# The integrity check also compares every step's sampled tokens across ranks.
+TP_ARGS = ["--tp-size", "2", "--skip-server-warmup", "--random-seed", "7",
+           "--enable-integrity-check"]
 PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [7, 7, 8, 9], list(range(30, 70))]
 GREEDY = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
 SEEDED = {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 3, "max_new_tokens": 16,
@@ -93,21 +96,40 @@ def test_openai_client_on_tp2_matches_tp1(tp_server, tp1):
     assert out.usage.completion_tokens == 24
 
 
-@pytest.mark.parametrize("preset,load_format", [("tiny-llama", "dummy"),
-                                                ("tiny-qwen2", "auto")])
-def test_engine_tp2_equals_tp1(tiny_model_dir, preset, load_format):
-    """Untied LM head and q/k/v bias; dummy weights shard the tp=1 draw."""
+@pytest.mark.parametrize("preset,load_format,max_total_tokens", [
+    ("tiny-llama", "dummy", None), ("tiny-qwen2", "auto", 128)])
+def test_engine_tp2_equals_tp1(tiny_model_dir, preset, load_format, max_total_tokens):
+    """Untied LM head and q/k/v bias; dummy weights shard the tp=1 draw; a KV pool too small
+    for all three requests retracts on every rank alike."""
     path = tiny_model_dir(preset)
-    ref = SchedulerRunner(model_path=path, load_format=load_format).generate(
-        PROMPTS, GREEDY, return_logprob=True, logprob_start_len=0)
-    with Engine(model_path=path, load_format=load_format, tp_size=2, log_level="error",
-                random_seed=0) as engine:
+    args = dict(model_path=path, load_format=load_format, max_total_tokens=max_total_tokens,
+                disable_radix_cache=max_total_tokens is not None)
+    ref = SchedulerRunner(**args).generate(PROMPTS, GREEDY, return_logprob=True,
+                                           logprob_start_len=0)
+    if max_total_tokens is not None:
+        assert sum(r.total_retractions for r in ref) > 0
+    with Engine(tp_size=2, log_level="error", random_seed=0, **args) as engine:
         got = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True,
                               logprob_start_len=0)
     for out, r in zip(got, ref):
         assert out["output_ids"] == r.output_ids
+        assert out["meta_info"]["total_retractions"] == r.total_retractions
         assert _close([v for v, _, _ in out["meta_info"]["input_token_logprobs"]],
                       r.logprobs["input_token_logprobs_val"])
+
+
+def test_rank_disagreement_is_caught():
+    """The debug check itself: a rank whose tokens differ from rank 0's raises."""
+    from types import SimpleNamespace
+
+    from sglab.srt.managers.scheduler_runtime_checker_mixin import SchedulerRuntimeCheckerMixin
+
+    rank1 = SimpleNamespace(
+        tp_group=SimpleNamespace(world_size=2, rank=1, broadcast_object=lambda obj, src: [4, 5]),
+        server_args=SimpleNamespace(enable_integrity_check=True), forward_ct=3)
+    SchedulerRuntimeCheckerMixin.check_tp_agreement(rank1, [4, 5])
+    with pytest.raises(AssertionError, match="TP rank 1 sampled"):
+        SchedulerRuntimeCheckerMixin.check_tp_agreement(rank1, [4, 6])
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -172,3 +194,23 @@ def test_a_dying_rank_shuts_the_server_down():
     finally:
         kill_server(srv)
     assert alive_pids(srv.child_pids) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graph"])
+def test_gpu_tp2_nccl_equals_tp1(tiny_model_dir, graphs):
+    """NCCL collectives, one GPU per rank; with graphs the all-reduces are captured per rank."""
+    path = tiny_model_dir("tiny-qwen3")
+    common = dict(model_path=path, device="cuda", attention_backend="triton",
+                  disable_cuda_graph=not graphs, log_level="error", random_seed=0)
+    ref = SchedulerRunner(**common).generate(PROMPTS, GREEDY, return_logprob=True,
+                                             logprob_start_len=0)
+    with Engine(tp_size=2, **common) as engine:
+        got = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True,
+                              logprob_start_len=0)
+    for out, r in zip(got, ref):
+        assert out["output_ids"] == r.output_ids
+        assert _close([v for v, _, _ in out["meta_info"]["output_token_logprobs"]],
+                      r.logprobs["output_token_logprobs_val"])

@@ -87,6 +87,11 @@ def initialize_model_parallel(tp_rank: int, tp_size: int, init_method: str, devi
     cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout) \
         if backend == "nccl" else dist.group.WORLD
     _TP = GroupCoordinator(tp_rank, tp_size, dist.group.WORLD, cpu_group)
+    if backend == "nccl":
+        # NCCL builds its communicator at the first collective: here, not inside a CUDA graph
+        # capture, where that is illegal.
+        _TP.all_reduce(torch.zeros(1, device="cuda"))
+        torch.cuda.synchronize()
     return _TP
 
 

@@ -497,6 +497,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     # --- results ------------------------------------------------------------------------------
 
     def process_batch_result(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        self.check_tp_agreement(result.next_token_ids_cpu)
         if batch.forward_mode.is_extend():
             self.process_batch_result_prefill(batch, result)
         else:
