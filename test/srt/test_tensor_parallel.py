@@ -82,6 +82,27 @@ def test_server_tokens_and_logprobs_equal_tp1(tp_server, tp1, params):
         assert all(_close(a, b) for a, b in zip(top, ref.logprobs["output_top_logprobs_val"]))
 
 
+def test_aborted_stream_leaves_every_rank_in_step(tp_server, tp1):
+    """A client disconnect aborts the request on every rank: their pools pass the idle
+    integrity check (a rank that failed it would take the server down) and the next batch
+    still equals tp=1."""
+    http = session()
+    with http.post(f"{tp_server.base_url}/generate", stream=True, timeout=120, json={
+            "input_ids": PROMPTS[0], "stream": True,
+            "sampling_params": {"max_new_tokens": 3500, "ignore_eos": True}}) as res:
+        chunks = res.iter_lines()
+        for _ in range(4):
+            next(chunks)
+    deadline = time.monotonic() + 10  # running to its end would take far longer
+    while http.get(f"{tp_server.base_url}/get_server_info",
+                   timeout=10).json()["internal_states"][0]["num_running_reqs"]:
+        assert time.monotonic() < deadline, "the aborted request kept running"
+        time.sleep(0.2)
+    got, want = _generate(tp_server, GREEDY), _tp1_outputs(tp1, GREEDY)
+    assert [o["output_ids"] for o in got] == [r.output_ids for r in want]
+    assert tp_server.process.poll() is None
+
+
 def test_openai_client_on_tp2_matches_tp1(tp_server, tp1):
     import openai
 
