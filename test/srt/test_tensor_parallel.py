@@ -164,6 +164,11 @@ def test_bad_tp_sizes_are_errors_naming_the_flag(kwargs, message):
         ServerArgs(model_path=get_default_model_path(), **kwargs)
 
 
+def test_in_process_scheduler_refuses_tp():
+    with pytest.raises(ValueError, match="--tp-size 2 needs one process per rank"):
+        SchedulerRunner(model_path=get_default_model_path(), tp_size=2)
+
+
 def test_kv_heads_must_divide_or_be_divided(tmp_path):
     import json
     import shutil

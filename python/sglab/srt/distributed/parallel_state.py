@@ -72,13 +72,16 @@ class GroupCoordinator:
 _TP = GroupCoordinator(rank=0, world_size=1)
 
 
-def initialize_model_parallel(tp_rank: int, tp_size: int, init_method: str, device: str,
-                              timeout_s: float = 1800.0) -> GroupCoordinator:
+def initialize_model_parallel(tp_rank: int, tp_size: int, init_method: str | None,
+                              device: str, timeout_s: float = 1800.0) -> GroupCoordinator:
     """Join the TP group (every rank calls this with the same `init_method`)."""
     global _TP
     if tp_size == 1:
         _TP = GroupCoordinator(rank=0, world_size=1)
         return _TP
+    if init_method is None:
+        raise ValueError(f"--tp-size {tp_size} needs one process per rank: start it through "
+                         "sglab.launch_server or sglab.Engine")
     backend = "nccl" if device == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, world_size=tp_size,
