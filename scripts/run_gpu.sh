@@ -11,6 +11,7 @@
 #                 penalties and a failing request under CUDA graphs
 #   tests-sched   the GPU schedule-invariance tests only
 #   tests         every GPU test
+#   tests-tp      tensor parallelism on 2+ GPUs (NCCL, eager and CUDA graphs) vs tp=1
 #   h2d           patch 0001: host cost, host blocking and memcpy kinds per upload mode
 #   ab-0001       patch 0001 off / PR / packed, 0.6B and 8B shapes, concurrency 1, 4, 32
 #   ab-0001-c32   the same at concurrency 32 only
@@ -91,6 +92,9 @@ for step in "$@"; do
   tests)
     timeout 540 python3 -m pytest -q -m gpu --continue-on-collection-errors test 2>&1 \
       | tee "$R/gpu_tests.log" | tail -n 15 ;;
+  tests-tp)
+    timeout 300 python3 -m pytest -q -m gpu test/srt/test_tensor_parallel.py 2>&1 \
+      | tee "$R/gpu_tests_tp.log" | tail -n 8 ;;
   h2d)
     timeout 300 python3 benchmark/h2d_0001.py --out "$R" 2>&1 | tail -n 24 ;;
   ab-0001|ab-0001-c32)

@@ -28,6 +28,12 @@ def test_cli_names_and_defaults(model_dir):
     assert args.device == "cpu" and args.attention_backend == "torch_native"
     assert args.page_size == 1 and args.load_format == "auto" and args.port == 30000
     assert args.disable_cuda_graph  # no CUDA graphs without CUDA
+    assert args.tp_size == 1
+
+
+@pytest.mark.parametrize("flag", ["--tp", "--tp-size", "--tensor-parallel-size"])
+def test_tp_size_flag_names(model_dir, flag):
+    assert prepare_server_args(["--model", model_dir, flag, "2"]).tp_size == 2
 
 
 @pytest.mark.parametrize("kwargs,flag", [

@@ -50,6 +50,8 @@ class ServerArgs:
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False
     device: str = "auto"
+    # Parallelism: one scheduler process per tensor-parallel rank.
+    tp_size: int = 1
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = 30000
@@ -122,6 +124,7 @@ class ServerArgs:
         self._handle_lora()
         self._check()
         self._handle_hybrid_model()
+        self._check_tensor_parallel()
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -279,6 +282,35 @@ class ServerArgs:
                            "--disable-radix-cache)")
             self.disable_overlap_schedule = True
 
+    def _check_tensor_parallel(self) -> None:
+        """--tp-size against the model's shapes and the features that run on one rank only."""
+        from sglab.srt.configs.mamba_utils import is_hybrid_model_path
+
+        self._check_positive("tp_size", self.tp_size)
+        if self.tp_size == 1:
+            return
+        single_rank = {"--enable-lora": self.enable_lora,
+                       "--enable-hisparse": self.enable_hisparse,
+                       "a hybrid (Gated DeltaNet) model": is_hybrid_model_path(self.model_path)}
+        for what, on in single_rank.items():
+            if on:
+                raise ServerArgsError(f"--tp-size {self.tp_size}: {what} runs on one rank only")
+        if self.device == "cuda":
+            import torch
+
+            if self.tp_size > torch.cuda.device_count():
+                raise ServerArgsError(f"--tp-size {self.tp_size}: only "
+                                      f"{torch.cuda.device_count()} CUDA device(s) visible")
+        split, kv_heads = _tp_split_sizes(self.model_path)
+        for name, value in split.items():
+            if value % self.tp_size:
+                raise ServerArgsError(f"--tp-size {self.tp_size} must divide the model's "
+                                      f"{name} ({value})")
+        # KV heads split over ranks, or each is replicated on tp / kv_heads ranks.
+        if kv_heads % self.tp_size and self.tp_size % kv_heads:
+            raise ServerArgsError(f"--tp-size {self.tp_size} must divide, or be a multiple of, "
+                                  f"the model's num_key_value_heads ({kv_heads})")
+
     def _check_mamba_args(self) -> None:
         if self.mamba_scheduler_strategy not in MAMBA_SCHEDULER_STRATEGY_CHOICES:
             raise ServerArgsError(
@@ -362,6 +394,8 @@ class ServerArgs:
                "server (default: the model path).")
         a("--skip-tokenizer-init", action="store_true",
           help="If set, skip init tokenizer and pass input_ids in generate request.")
+        a("--tensor-parallel-size", "--tp-size", "--tp", dest="tp_size", type=int,
+          default=d.tp_size, help="The tensor parallelism size: one process (and GPU) per rank.")
         a("--device", type=str, default=d.device, choices=DEVICE_CHOICES,
           help="The device to use (default: auto, cuda if available, else cpu).")
         a("--host", type=str, default=d.host, help="The host of the HTTP server.")
@@ -493,6 +527,18 @@ def _add_mamba_args(parser: argparse.ArgumentParser) -> None:
       help="The interval to track the mamba state during decode (extra_buffer).")
 
 
+def _tp_split_sizes(model_path: str) -> tuple[dict[str, int], int]:
+    """The config.json sizes tensor parallelism splits over ranks, and the KV head count."""
+    import json
+
+    with open(os.path.join(model_path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    return ({"num_attention_heads": heads, "intermediate_size": cfg["intermediate_size"]},
+            cfg.get("num_key_value_heads") or heads)
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -510,6 +556,8 @@ class PortArgs:
     tokenizer_ipc_name: str
     scheduler_input_ipc_name: str
     detokenizer_ipc_name: str
+    # The TCP port the TP ranks' torch.distributed group rendezvous on.
+    nccl_port: int | None = None
 
     @staticmethod
     def init_new(server_args: ServerArgs | None = None) -> "PortArgs":
@@ -518,7 +566,17 @@ class PortArgs:
             tokenizer_ipc_name=f"ipc://{base}/tokenizer",
             scheduler_input_ipc_name=f"ipc://{base}/scheduler",
             detokenizer_ipc_name=f"ipc://{base}/detokenizer",
+            nccl_port=_free_port() if server_args is not None and server_args.tp_size > 1
+            else None,
         )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def configure_logging(level: str, prefix: str = "") -> None:

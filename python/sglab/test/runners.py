@@ -151,3 +151,16 @@ def torch_reference_kernels():
             sys.modules.pop("fla", None)
         else:
             sys.modules["fla"] = saved
+
+
+def run_scheduler_with_broken_rank(server_args, port_args, pipe_writer, tp_rank: int) -> None:
+    """A scheduler process target whose TP rank 1 fails to load its model (its model path is
+    gone): the other ranks then wait for it in the process group's rendezvous."""
+    import copy
+
+    from sglab.srt.managers.scheduler import run_scheduler_process
+
+    if tp_rank == 1:
+        server_args = copy.copy(server_args)
+        server_args.model_path = server_args.model_path + "-missing"
+    run_scheduler_process(server_args, port_args, pipe_writer, tp_rank)

@@ -66,6 +66,15 @@ class ModelConfig:
         )
         self.vocab_size: int = cfg.vocab_size
 
+    def get_num_attention_heads(self, tp_size: int) -> int:
+        """Query heads on one TP rank."""
+        return self.num_attention_heads // tp_size
+
+    def get_num_kv_heads(self, tp_size: int) -> int:
+        """KV heads on one TP rank: a slice, or one replicated head when there are fewer KV
+        heads than ranks (upstream's rule)."""
+        return max(1, self.num_key_value_heads // tp_size)
+
     @property
     def num_attention_layers(self) -> int:
         """Layers that keep KV in the token pool (a hybrid model's full-attention layers)."""

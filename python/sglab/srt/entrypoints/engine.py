@@ -74,13 +74,17 @@ class ChildProcesses:
             return
         self._killed = True
         self._stopping.set()
+        # Every child is signalled before any is joined: a TP rank that outlived its peers by
+        # a join would report their closed connections as its own failure.
         for proc in self.processes:
-            _kill_process_tree(proc)
+            _kill_process_tree(proc, join=False)
+        for proc in self.processes:
+            proc.join(5.0)
         if self.ipc_dir is not None:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
-def _kill_process_tree(proc: mp.process.BaseProcess) -> None:
+def _kill_process_tree(proc: mp.process.BaseProcess, join: bool = True) -> None:
     """SIGKILL `proc` and its descendants (children ignore SIGTERM, see _run_child)."""
     if proc.pid is None:
         return
@@ -96,7 +100,8 @@ def _kill_process_tree(proc: mp.process.BaseProcess) -> None:
         pass
     if proc.is_alive():
         proc.kill()
-    proc.join(5.0)
+    if join:
+        proc.join(5.0)
 
 
 def _run_child(target: Callable[..., None], ipc_dir: str | None, *args: Any) -> None:
@@ -183,11 +188,15 @@ def _owned_by_me(path: str) -> bool:
         return False
 
 
-def _launch_subprocesses(server_args: ServerArgs) -> tuple[TokenizerManager, dict]:
-    """Start the scheduler and detokenizer, build the TokenizerManager, wait for readiness.
+def _launch_subprocesses(server_args: ServerArgs,
+                         scheduler_target: Callable[..., None] | None = None,
+                         ) -> tuple[TokenizerManager, dict]:
+    """Start the schedulers (one per TP rank) and the detokenizer, build the TokenizerManager,
+    wait until every rank is ready.
 
     The returned TokenizerManager carries the children as `tokenizer_manager.child_processes`.
-    Raises RuntimeError with the scheduler's message if it fails or dies while starting.
+    Raises RuntimeError with a scheduler's message if one fails or dies while starting (the
+    other ranks, possibly waiting for it in a collective, are killed).
     """
     from sglab.srt.managers.detokenizer_manager import run_detokenizer_process
     from sglab.srt.managers.scheduler import run_scheduler_process
@@ -199,13 +208,9 @@ def _launch_subprocesses(server_args: ServerArgs) -> tuple[TokenizerManager, dic
     if ipc_dir is not None:
         _claim_ipc_dir(ipc_dir)
     ctx = mp.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    scheduler = ctx.Process(target=_run_child, name="sglab::scheduler",
-                            args=(run_scheduler_process, ipc_dir, server_args, port_args,
-                                  writer))
-    scheduler.start()
-    writer.close()
-    processes = [scheduler]
+    schedulers, readers = _start_schedulers(ctx, scheduler_target or run_scheduler_process,
+                                            server_args, port_args, ipc_dir)
+    processes = list(schedulers)
     if not server_args.skip_tokenizer_init:
         detokenizer = ctx.Process(target=_run_child, name="sglab::detokenizer",
                                   args=(run_detokenizer_process, ipc_dir, server_args,
@@ -218,39 +223,76 @@ def _launch_subprocesses(server_args: ServerArgs) -> tuple[TokenizerManager, dic
     tokenizer_manager = None
     try:
         tokenizer_manager = TokenizerManager(server_args, port_args)
-        scheduler_info = _wait_for_scheduler(reader, scheduler, processes)
+        scheduler_info = _wait_for_schedulers(readers, schedulers, processes)
     except BaseException:
         children.kill()
         if tokenizer_manager is not None:
             tokenizer_manager.close()
         raise
     finally:
-        reader.close()
+        for reader in readers:
+            reader.close()
     tokenizer_manager.set_scheduler_info(scheduler_info)
     tokenizer_manager.child_processes = children
     return tokenizer_manager, scheduler_info
 
 
-def _wait_for_scheduler(reader: Any, scheduler: mp.process.BaseProcess,
-                        processes: list[mp.process.BaseProcess]) -> dict:
-    while not reader.poll(0.5):
-        for proc in processes:
-            if not proc.is_alive() and not (proc is scheduler and reader.poll(0)):
-                proc.join(1.0)
-                if proc.exitcode == _REIMPORTED_MAIN_EXIT_CODE:
-                    raise RuntimeError(_main_guard_message())
-                raise RuntimeError(f"{proc.name} died during initialization (exit code "
-                                   f"{proc.exitcode}); see its log above.")
+def _start_schedulers(ctx: Any, target: Callable[..., None], server_args: ServerArgs,
+                      port_args: PortArgs, ipc_dir: str | None) -> tuple[list, list]:
+    """One scheduler process per TP rank, each with the pipe it reports readiness on."""
+    schedulers, readers = [], []
+    for rank in range(server_args.tp_size):
+        reader, writer = ctx.Pipe(duplex=False)
+        name = "sglab::scheduler" if server_args.tp_size == 1 else f"sglab::scheduler_TP{rank}"
+        proc = ctx.Process(target=_run_child, name=name,
+                           args=(target, ipc_dir, server_args, port_args, writer, rank))
+        proc.start()
+        writer.close()
+        schedulers.append(proc)
+        readers.append(reader)
+    return schedulers, readers
+
+
+def _wait_for_schedulers(readers: list, schedulers: list[mp.process.BaseProcess],
+                         processes: list[mp.process.BaseProcess]) -> dict:
+    """Every rank's readiness message (rank 0's is returned); the first failure raises."""
+    pending = dict(zip(readers, schedulers))
+    messages = {}
+    while pending:
+        ready = mp.connection.wait(list(pending), timeout=0.5)
+        for reader in ready:
+            proc = pending.pop(reader)
+            messages[proc.name] = _read_ready(reader, proc, schedulers.index(proc),
+                                              len(schedulers))
+        if not ready:
+            _check_alive(processes, pending)
+    return messages[schedulers[0].name]
+
+
+def _check_alive(processes: list[mp.process.BaseProcess], pending: dict) -> None:
+    waiting = {proc: reader for reader, proc in pending.items()}
+    for proc in processes:
+        if not proc.is_alive() and not (proc in waiting and waiting[proc].poll(0)):
+            proc.join(1.0)
+            if proc.exitcode == _REIMPORTED_MAIN_EXIT_CODE:
+                raise RuntimeError(_main_guard_message())
+            raise RuntimeError(f"{proc.name} died during initialization (exit code "
+                               f"{proc.exitcode}); see its log above.")
+
+
+def _read_ready(reader: Any, scheduler: mp.process.BaseProcess, rank: int,
+                tp_size: int) -> dict:
+    who = "The scheduler" if tp_size == 1 else f"The scheduler of TP rank {rank}"
     try:
         message = reader.recv()
     except EOFError:
         scheduler.join(5.0)
         if scheduler.exitcode == _REIMPORTED_MAIN_EXIT_CODE:
             raise RuntimeError(_main_guard_message()) from None
-        raise RuntimeError(f"The scheduler process died during initialization (exit code "
+        raise RuntimeError(f"{who} process died during initialization (exit code "
                            f"{scheduler.exitcode}); see its log above.") from None
     if message.get("status") != "ready":
-        raise RuntimeError(f"The scheduler failed to start: {message.get('message')}")
+        raise RuntimeError(f"{who} failed to start: {message.get('message')}")
     return message
 
 

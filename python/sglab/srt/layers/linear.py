@@ -1,7 +1,10 @@
-"""Linear layers with fused parameters, loadable from HF's per-projection weights.
+"""Linear layers, tensor-parallel as upstream's: column-parallel layers hold a slice of the output
+rows, row-parallel layers a slice of the input columns followed by an all-reduce. Fused layers
+(qkv, gate_up) load HF's per-projection weights by shard id, each rank keeping its part.
 
-sglab runs one rank, so the "Parallel" names only mark which fused layout a layer has; they keep
-upstream's names so model files and LoRA wrappers read the same as SGLang's.
+Sizes stored on a layer (`output_size`, `output_sizes`, `q_size`, `kv_size`) are this rank's; at
+tp=1 they are the model's. Every weight carries `full_shape`, its tp=1 shape, and `load_full`,
+which loads a tp=1 tensor, so a dummy weight drawn at full shape is each rank's exact shard.
 """
 
 from __future__ import annotations
@@ -11,89 +14,228 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
+from sglab.srt.distributed.parallel_state import get_tp_group
+
+
+def _tp_rank_size(tp_rank: int | None, tp_size: int | None) -> tuple[int, int]:
+    group = get_tp_group()
+    return (group.rank if tp_rank is None else tp_rank,
+            group.world_size if tp_size is None else tp_size)
+
+
+def divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{numerator} is not divisible by the TP size {denominator}")
+    return numerator // denominator
 
 
 class LinearBase(nn.Module):
+    # The weight's dimension split over ranks (None: replicated).
+    shard_dim: int | None = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype: torch.dtype,
-                 batch_invariant: bool):
+                 batch_invariant: bool, tp_rank: int | None = None, tp_size: int | None = None,
+                 full_shape: tuple[int, int] | None = None):
         super().__init__()
+        self.tp_rank, self.tp_size = _tp_rank_size(tp_rank, tp_size)
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=params_dtype),
-                                   requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight = self._make_param((output_size, input_size), params_dtype,
+                                       full_shape or (output_size, input_size))
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=params_dtype),
-                                     requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            full_bias = (full_shape or (output_size,))[0] if self.shard_dim == 0 else output_size
+            self.bias = self._make_param((output_size,), params_dtype, (full_bias,))
         else:
             self.register_parameter("bias", None)
         # --enable-deterministic-inference (ModelOptions.batch_invariant).
         self.batch_invariant = batch_invariant
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _make_param(self, shape: tuple[int, ...], dtype: torch.dtype,
+                    full_shape: tuple[int, ...]) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        param.weight_loader = self.weight_loader
+        param.full_shape = tuple(full_shape)
+        param.load_full = self.load_full_weight
+        return param
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.batch_invariant:
-            return linear_batch_invariant(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return linear_batch_invariant(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.bias)
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
+        """(start, size) of a fused block in this rank's param (rows)."""
+        raise NotImplementedError
+
+    def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
+        """(full size, start, size) of this rank's part of a checkpoint tensor along
+        `shard_dim`."""
         raise NotImplementedError
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: object = None) -> None:
-        if shard_id is None:
-            _copy_checked(param.data, loaded)
-            return
-        start, size = self.shard_range(shard_id)
-        _copy_checked(param.data.narrow(0, start, size), loaded)
+        # A row-parallel bias is replicated; every other sharded tensor is cut along shard_dim.
+        if self.tp_size > 1 and self.shard_dim is not None and \
+                (param.dim() == 2 or self.shard_dim == 0):
+            loaded = self._rank_part(loaded, shard_id)
+        dst = param.data if shard_id is None else param.data.narrow(0,
+                                                                    *self.shard_range(shard_id))
+        _copy_checked(dst, loaded)
+
+    def _rank_part(self, loaded: torch.Tensor, shard_id: object) -> torch.Tensor:
+        full, start, size = self.loaded_range(shard_id)
+        if loaded.shape[self.shard_dim] != full:
+            raise ValueError(f"weight shape mismatch: expected {full} along dim "
+                             f"{self.shard_dim}, got {tuple(loaded.shape)}")
+        return loaded.narrow(self.shard_dim, start, size)
+
+    def load_full_weight(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        """Load a tp=1 tensor (a fused layer's blocks are cut by their shard ids)."""
+        self.weight_loader(param, full)
 
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
-        super().__init__(input_size, output_size, bias, params_dtype, batch_invariant)
+        super().__init__(input_size, output_size, bias, params_dtype, batch_invariant,
+                         tp_rank=0, tp_size=1)
 
 
-class ColumnParallelLinear(ReplicatedLinear):
-    pass
+class ColumnParallelLinear(LinearBase):
+    """Y = X A with A split by output rows; `gather_output` all-gathers the full Y."""
+
+    shard_dim = 0
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
+                 gather_output: bool = False, tp_rank: int | None = None,
+                 tp_size: int | None = None):
+        rank, size = _tp_rank_size(tp_rank, tp_size)
+        self.gather_output = gather_output
+        super().__init__(input_size, divide(output_size, size), bias, params_dtype,
+                         batch_invariant, rank, size, (output_size, input_size))
+
+    def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
+        size = self.output_size
+        return size * self.tp_size, self.tp_rank * size, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._matmul(x, self.bias)
+        return get_tp_group().all_gather(out) if self.gather_output else out
 
 
-class RowParallelLinear(ReplicatedLinear):
-    pass
-
-
-class MergedColumnParallelLinear(LinearBase):
-    """Several column blocks stacked along the output dim (e.g. gate_up_proj); shard ids 0, 1."""
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column blocks stacked along the output dim (e.g. gate_up_proj); shard ids 0, 1.
+    Each rank holds its slice of every block, blocks in order."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
-        self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, params_dtype, batch_invariant)
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
+                 tp_rank: int | None = None, tp_size: int | None = None):
+        _, size = _tp_rank_size(tp_rank, tp_size)
+        self.total_output_sizes = list(output_sizes)
+        self.output_sizes = [divide(s, size) for s in output_sizes]
+        super().__init__(input_size, sum(output_sizes), bias, params_dtype, batch_invariant,
+                         tp_rank=tp_rank, tp_size=tp_size)
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
         idx = int(shard_id)
         return sum(self.output_sizes[:idx]), self.output_sizes[idx]
 
+    def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
+        if shard_id is None:
+            _refuse_fused(type(self).__name__)
+        size = self.output_sizes[int(shard_id)]
+        return self.total_output_sizes[int(shard_id)], self.tp_rank * size, size
 
-class QKVParallelLinear(LinearBase):
-    """q, k and v projections in one matrix; shard ids "q", "k", "v"."""
+    def load_full_weight(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        for i, block in enumerate(full.split(self.total_output_sizes, dim=0)):
+            self.weight_loader(param, block, i)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matrix; shard ids "q", "k", "v". Each rank holds
+    heads / tp query heads and kv_heads / tp KV heads; with fewer KV heads than ranks, each KV
+    head is replicated on tp / kv_heads consecutive ranks (upstream's layout)."""
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int, bias: bool = False,
-                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
+                 tp_rank: int | None = None, tp_size: int | None = None):
+        _, size = _tp_rank_size(tp_rank, tp_size)
         self.head_size = head_size
-        self.num_heads = total_num_heads
-        self.num_kv_heads = total_num_kv_heads
-        self.q_size = total_num_heads * head_size
-        self.kv_size = total_num_kv_heads * head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = divide(total_num_heads, size)
+        if size >= total_num_kv_heads:
+            self.num_kv_heads = 1
+            self.num_kv_head_replicas = divide(size, total_num_kv_heads)
+        else:
+            self.num_kv_heads = divide(total_num_kv_heads, size)
+            self.num_kv_head_replicas = 1
+        self.q_size = self.num_heads * head_size
+        self.kv_size = self.num_kv_heads * head_size
         self.output_sizes = [self.q_size, self.kv_size, self.kv_size]
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, params_dtype,
-                         batch_invariant)
+        self.total_output_sizes = [total_num_heads * head_size,
+                                   total_num_kv_heads * head_size,
+                                   total_num_kv_heads * head_size]
+        rank, _ = _tp_rank_size(tp_rank, tp_size)
+        LinearBase.__init__(self, hidden_size, sum(self.output_sizes), bias, params_dtype,
+                            batch_invariant, rank, size,
+                            (sum(self.total_output_sizes), hidden_size))
+        self.gather_output = False
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
         offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
                    "v": (self.q_size + self.kv_size, self.kv_size)}
         return offsets[shard_id]
+
+    def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
+        if shard_id is None:
+            _refuse_fused(type(self).__name__)
+        if shard_id == "q":
+            return self.total_output_sizes[0], self.tp_rank * self.q_size, self.q_size
+        kv_rank = self.tp_rank // self.num_kv_head_replicas
+        return self.total_output_sizes[1], kv_rank * self.kv_size, self.kv_size
+
+    def load_full_weight(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        for shard_id, block in zip("qkv", full.split(self.total_output_sizes, dim=0)):
+            self.weight_loader(param, block, shard_id)
+
+
+class RowParallelLinear(LinearBase):
+    """Y = X A with A split by input columns (X arrives split the same way); the partial
+    products are all-reduced, then the (replicated) bias is added once."""
+
+    shard_dim = 1
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
+                 reduce_results: bool = True, tp_rank: int | None = None,
+                 tp_size: int | None = None):
+        rank, size = _tp_rank_size(tp_rank, tp_size)
+        self.reduce_results = reduce_results
+        super().__init__(divide(input_size, size), output_size, bias, params_dtype,
+                         batch_invariant, rank, size, (output_size, input_size))
+
+    def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
+        size = self.input_size
+        return size * self.tp_size, self.tp_rank * size, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return self._matmul(x, self.bias)
+        out = self._matmul(x, None)
+        if self.reduce_results:
+            out = get_tp_group().all_reduce(out)
+        return out if self.bias is None else out + self.bias
+
+
+def _refuse_fused(name: str) -> None:
+    raise ValueError(f"{name}: a pre-fused checkpoint tensor cannot be sharded over ranks; "
+                     "load per-projection weights")
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:

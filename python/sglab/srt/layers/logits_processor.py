@@ -10,6 +10,7 @@ from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.distributed.parallel_state import get_tp_group
 from sglab.srt.utils.h2d import h2d, list_to_device
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class LogitsProcessor(nn.Module):
             logits = linear_batch_invariant(hidden_states, lm_head.weight).float()
         else:
             logits = torch.nn.functional.linear(hidden_states, lm_head.weight).float()
+        # Each TP rank holds a slice of the vocabulary: every rank gets all of it, bit for bit.
+        logits = get_tp_group().all_gather(logits, dim=-1)
         if self.logit_scale is not None:
             logits.mul_(self.logit_scale)
         return logits[:, : self.vocab_size]

@@ -62,7 +62,7 @@ class ColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
 
 class RowParallelLinearWithLoRA(ColumnParallelLinearWithLoRA):
     """o_proj / down_proj. With tensor parallelism the delta would be added to the local shard
-    before the all-reduce; sglab runs one rank, so it is the column case."""
+    before the all-reduce; LoRA runs at --tp-size 1 only, so it is the column case."""
 
 
 class MergedColumnParallelLinearWithLoRA(BaseLayerWithLoRA):

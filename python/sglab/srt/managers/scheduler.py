@@ -55,9 +55,12 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     """The loop: receive, schedule, launch, process. Result processing and output building,
     LoRA, the profiler and the idle checks live in the mixins (upstream's layout)."""
 
-    def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None):
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None,
+                 tp_rank: int = 0):
         self.server_args = server_args
-        self.tp_worker = TpModelWorker(server_args)
+        self.tp_rank = tp_rank
+        self.tp_worker = TpModelWorker(server_args, tp_rank, _dist_init_method(port_args))
+        self.tp_group = self.tp_worker.model_runner.tp_group
         runner = self.tp_worker.model_runner
         self.model_config = self.tp_worker.model_config
         self.req_to_token_pool = runner.req_to_token_pool
@@ -102,8 +105,11 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     # --- setup --------------------------------------------------------------------------------
 
     def _init_sockets(self, port_args: PortArgs | None) -> None:
+        """Rank 0 talks to the tokenizer manager and the detokenizer; other TP ranks get their
+        requests from rank 0 (recv_requests) and send nothing."""
         self.recv_from_tokenizer = self.send_to_detokenizer = self.send_to_tokenizer = None
-        if port_args is None:
+        self.discard_outputs = port_args is not None and self.tp_rank != 0
+        if port_args is None or self.tp_rank != 0:
             return
         ctx = zmq.Context(2)
         self.recv_from_tokenizer = ctx.socket(zmq.PULL)
@@ -225,6 +231,12 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             (self.hisparse is None or not self.hisparse.has_ongoing_staging())
 
     def recv_requests(self, block: bool) -> list[Any]:
+        """This step's messages; under TP, rank 0's, broadcast to every rank (upstream's
+        `broadcast_pyobj` over the CPU group), so all ranks schedule the same batches."""
+        reqs = self._recv_from_tokenizer(block) if self.tp_rank == 0 else None
+        return self.tp_group.broadcast_object(reqs, src=0)
+
+    def _recv_from_tokenizer(self, block: bool) -> list[Any]:
         if self.recv_from_tokenizer is None:
             return []
         reqs = []
@@ -485,6 +497,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     # --- results ------------------------------------------------------------------------------
 
     def process_batch_result(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        self.check_tp_agreement(result.next_token_ids_cpu)
         if batch.forward_mode.is_extend():
             self.process_batch_result_prefill(batch, result)
         else:
@@ -602,13 +615,21 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
                 "token_capacity": self.max_total_num_tokens, "graph": 0}
 
 
-def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer) -> None:
+def _dist_init_method(port_args: PortArgs | None) -> str | None:
+    if port_args is None or port_args.nccl_port is None:
+        return None
+    return f"tcp://127.0.0.1:{port_args.nccl_port}"
+
+
+def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer,
+                          tp_rank: int = 0) -> None:
     """Process target: build the scheduler, report readiness on the pipe, then serve forever."""
-    configure_logging(server_args.log_level, " Scheduler")
+    prefix = " Scheduler" if server_args.tp_size == 1 else f" Scheduler TP{tp_rank}"
+    configure_logging(server_args.log_level, prefix)
     faulthandler.enable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        scheduler = Scheduler(server_args, port_args)
+        scheduler = Scheduler(server_args, port_args, tp_rank)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which exits with it
         logger.exception("Scheduler failed to start")
         pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})

@@ -187,6 +187,8 @@ class SchedulerOutputProcessorMixin:
             for out in self.outputs:
                 self.send_to_detokenizer.send_pyobj(out)
             self.outputs = []
+        elif self.discard_outputs:  # a TP rank other than 0: rank 0 sends the same outputs
+            self.outputs = []
 
 
 def internal_error(what: str, error: Exception) -> dict:

@@ -50,6 +50,18 @@ class SchedulerRuntimeCheckerMixin:
             if problem:
                 raise AssertionError(problem)
 
+    def check_tp_agreement(self: Scheduler, next_token_ids_cpu: list[int]) -> None:
+        """Debug (--enable-integrity-check, TP): every rank sampled rank 0's tokens this step.
+        They run the same schedule from the same all-gathered logits; a rank that drifted
+        would schedule differently and hang or corrupt the next collectives."""
+        group = self.tp_group
+        if group.world_size == 1 or not self.server_args.enable_integrity_check:
+            return
+        expected = group.broadcast_object(next_token_ids_cpu, src=0)
+        if expected != next_token_ids_cpu:
+            raise AssertionError(f"TP rank {group.rank} sampled {next_token_ids_cpu}, rank 0 "
+                                 f"{expected} (step {self.forward_ct})")
+
     def _check_slot_sets(self: Scheduler) -> str | None:
         alloc = self.token_to_kv_pool_allocator
         held = self.tree_cache.all_values_flatten()

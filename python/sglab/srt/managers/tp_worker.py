@@ -52,11 +52,14 @@ class GenerationBatchResult:
 
 
 class TpModelWorker:
-    def __init__(self, server_args: ServerArgs):
+    def __init__(self, server_args: ServerArgs, tp_rank: int = 0,
+                 dist_init_method: str | None = None):
+        self.tp_rank = tp_rank
         self.model_config = ModelConfig(server_args.model_path, server_args.dtype,
                                         server_args.context_length, server_args.device,
                                         server_args.trust_remote_code)
-        self.model_runner = ModelRunner(self.model_config, server_args)
+        self.model_runner = ModelRunner(self.model_config, server_args, tp_rank,
+                                        dist_init_method)
         runner = self.model_runner
         self.streams = runner.streams
         self.future_map = runner.future_map

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.distributed.parallel_state import initialize_model_parallel
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, Sampler
@@ -44,20 +46,29 @@ GPU_MAX_TOKENS = 1 << 23
 
 
 class ModelRunner(ModelRunnerMambaMixin):
-    def __init__(self, model_config: ModelConfig, server_args: ServerArgs):
+    def __init__(self, model_config: ModelConfig, server_args: ServerArgs, tp_rank: int = 0,
+                 dist_init_method: str | None = None):
         self.model_config = model_config
         self.server_args = server_args
-        self.device = torch.device(server_args.device)
+        self.tp_rank, self.tp_size = tp_rank, server_args.tp_size
+        # One GPU per rank.
+        self.device = torch.device(f"cuda:{tp_rank}" if server_args.device == "cuda"
+                                   and self.tp_size > 1 else server_args.device)
         self.page_size = server_args.page_size
         torch.manual_seed(server_args.random_seed)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index or 0)
+        elif self.tp_size > 1:  # CPU ranks share the cores instead of each spinning on all
+            torch.set_num_threads(max(1, min(torch.get_num_threads(),
+                                             (os.cpu_count() or 1) // self.tp_size)))
+        self.tp_group = initialize_model_parallel(tp_rank, self.tp_size, dist_init_method,
+                                                  server_args.device)
         # Built once; each consumer gets it (or the one value it needs) through its constructor.
         self.patch_flags = PatchFlags.from_server_args(server_args)
         options = ModelOptions(
             batch_invariant=server_args.enable_deterministic_inference,
             sync_free_logits_metadata=self.patch_flags.sync_free_logits_metadata)
-        self.model = get_model(model_config, server_args.load_format, server_args.device,
+        self.model = get_model(model_config, server_args.load_format, str(self.device),
                                options)
         self.sampler = Sampler()
         self.h2d_mode = h2d_mode(self.patch_flags)
@@ -90,9 +101,14 @@ class ModelRunner(ModelRunnerMambaMixin):
 
     # --- memory -------------------------------------------------------------------------------
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads held by this rank's pool."""
+        return self.model_config.get_num_kv_heads(self.tp_size)
+
     def _cell_size(self) -> int:
         mc = self.model_config
-        cell = MHATokenToKVPool.cell_size_bytes(mc.num_key_value_heads, mc.head_dim,
+        cell = MHATokenToKVPool.cell_size_bytes(self.num_kv_heads, mc.head_dim,
                                                 mc.num_attention_layers, mc.dtype)
         if self.server_args.enable_hisparse:  # the host tier's residency map and summaries
             from sglab.srt.managers.hisparse_coordinator import device_bytes_per_token
@@ -127,7 +143,8 @@ class ModelRunner(ModelRunnerMambaMixin):
         if args.max_total_tokens is not None:
             tokens = min(tokens, args.max_total_tokens) if self.device.type == "cuda" \
                 else args.max_total_tokens
-        tokens = tokens // self.page_size * self.page_size
+        # Every rank holds the same requests: the pool is as large as the tightest rank's.
+        tokens = self.tp_group.all_reduce_min(tokens) // self.page_size * self.page_size
         if tokens < max(self.page_size, 16):
             raise RuntimeError(
                 f"Not enough memory for the KV cache ({tokens} tokens); raise "
@@ -146,10 +163,10 @@ class ModelRunner(ModelRunnerMambaMixin):
         if mc.hybrid is not None:
             self.init_hybrid_pools(tokens, max_reqs)
         else:
-            self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4, args.device)
+            self.req_to_token_pool = ReqToTokenPool(max_reqs, mc.context_len + 4, self.device)
             self.token_to_kv_pool = MHATokenToKVPool(
-                tokens, self.page_size, mc.dtype, mc.num_key_value_heads, mc.head_dim,
-                mc.num_hidden_layers, args.device)
+                tokens, self.page_size, mc.dtype, self.num_kv_heads, mc.head_dim,
+                mc.num_hidden_layers, self.device)
         alloc_cls = TokenToKVPoolAllocator if self.page_size == 1 else PagedTokenToKVPoolAllocator
         self.token_to_kv_pool_allocator = alloc_cls(tokens, self.token_to_kv_pool)
         if args.enable_hisparse:

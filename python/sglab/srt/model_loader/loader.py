@@ -65,13 +65,21 @@ def load_dummy_weights(model: nn.Module, hidden_size: int, seed: int = 1234) -> 
     `init_std_mean`). Upstream's dummy format draws uniform noise in [-1e-3, 1e-3] for every
     parameter, norms included, which leaves a near-dead network: its greedy outputs cycle and
     barely react to numerics, so neither its outputs nor its kernel inputs look like a real
-    model's. Each parameter has its own seed (seed + its index), so layers differ."""
+    model's. Each parameter has its own seed (seed + its index), so layers differ.
+
+    A tensor-parallel parameter is drawn at its tp=1 shape (`full_shape`) and loaded through
+    its `load_full`: every rank holds exactly its shard of the tp=1 model."""
     zero_centered = bool(getattr(model, "zero_centered_norms", False))
     for i, (name, param) in enumerate(model.named_parameters()):
         if not torch.is_floating_point(param):
             continue
+        shape = tuple(getattr(param, "full_shape", param.shape))
         gen = torch.Generator(device=param.device).manual_seed(seed + i)
-        std, mean = init_std_mean(name, tuple(param.shape), hidden_size, zero_centered)
-        tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        std, mean = init_std_mean(name, shape, hidden_size, zero_centered)
+        tmp = torch.empty(shape, dtype=torch.float32, device=param.device)
         tmp.normal_(mean, std, generator=gen)
-        param.data.copy_(tmp.to(param.dtype))
+        load_full = getattr(param, "load_full", None)
+        if load_full is None:
+            param.data.copy_(tmp.to(param.dtype))
+        else:
+            load_full(param, tmp)

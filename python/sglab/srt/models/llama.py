@@ -53,14 +53,17 @@ class LlamaAttention(nn.Module):
         half = self.head_dim // 2
         # The fused q/k norm + RoPE kernel spans half a head with one power-of-two range.
         self.fused_qk_rope_ok = half > 0 and half & (half - 1) == 0
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_kv_heads, bias=qkv_bias, params_dtype=dtype,
                                           batch_invariant=options.batch_invariant)
-        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=o_bias,
-                                        params_dtype=dtype,
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size,
+                                        bias=o_bias, params_dtype=dtype,
                                         batch_invariant=options.batch_invariant)
+        # This TP rank's heads (all of them at tp=1).
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, config)
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
                                    self.num_kv_heads, layer_id)
