@@ -117,7 +117,7 @@ def test_wrong_prompt_types_name_the_field(http, server, body, field):
 
 COMPLETION_REFUSED = {
     "suffix": " the end", "stop_regex": "a+", "regex": "a+", "ebnf": "root ::= 'a'",
-    "json_schema": "{}", "logit_bias": {"5": 1.0}, "custom_logit_processor": "x",
+    "json_schema": "{}", "custom_logit_processor": "x",
     "custom_params": {"a": 1}, "response_format": {"type": "json_object"}, "priority": 1,
     "return_hidden_states": True, "session_params": {"id": "s"}, "extra_key": "k",
     "routed_dp_rank": 0,
@@ -127,7 +127,7 @@ CHAT_REFUSED = {
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
     "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
     "stop_regex": ["a"], "custom_logit_processor": "x", "reasoning_effort": "low",
-    "return_cached_tokens_details": True, "logit_bias": {"1": -100},
+    "return_cached_tokens_details": True,
 }
 GENERATE_REFUSED = {
     "custom_logit_processor": "x", "priority": 1, "extra_key": "k", "routed_dp_rank": 0,
@@ -136,7 +136,7 @@ GENERATE_REFUSED = {
 }
 SAMPLING_REFUSED = {
     "stop_regex": "a", "regex": "a", "json_schema": "{}", "ebnf": "x", "structural_tag": "x",
-    "logit_bias": {"1": 1.0}, "custom_params": {"a": 1}, "n": 2, "stream_interval": 2,
+    "custom_params": {"a": 1}, "stream_interval": 2,
 }
 REFUSED = (
     [("/v1/completions", _completion(**{k: v}), k) for k, v in COMPLETION_REFUSED.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -98,7 +99,7 @@ class SamplingParams:
             )
         if self.n != 1:
             raise ValueError(f"n must be 1, got {self.n}.")
-        for name in ("regex", "json_schema", "ebnf", "structural_tag", "logit_bias"):
+        for name in ("regex", "json_schema", "ebnf", "structural_tag"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is not supported by sglab.")
         if self.stop_regex:
@@ -108,6 +109,7 @@ class SamplingParams:
             raise ValueError(f"sampling_seed must be a 64-bit signed integer, in [{INT64_MIN}, "
                              f"{INT64_MAX}], got {self.sampling_seed}.")
         self._verify_stop(vocab_size)
+        self._verify_logit_bias(vocab_size)
 
     def _verify_stop(self, vocab_size: int | None) -> None:
         stop = self.stop
@@ -120,6 +122,22 @@ class SamplingParams:
                 raise ValueError("stop_token_ids must be a list of integers.")
             if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
                 raise ValueError(f"stop_token_ids must be in [0, {vocab_size}).")
+
+    def _verify_logit_bias(self, vocab_size: int | None) -> None:
+        """{token id (a decimal string, as JSON keys are, or an int): finite bias}."""
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError("logit_bias must be an object mapping token ids to biases.")
+        for token_id, value in bias.items():
+            token = _token_id(token_id)
+            if token is None:
+                raise ValueError(f"logit_bias keys must be token ids, got {token_id!r}.")
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise ValueError(
+                    f"logit_bias must has keys in [0, {vocab_size - 1}], got {token_id}.")
+            _check_finite(f"logit_bias[{token_id!r}]", value)
 
     def normalize(self, tokenizer: Any | None) -> None:
         """Greedy rewrite and stop-string bookkeeping, as upstream does at request arrival."""
@@ -137,6 +155,27 @@ class SamplingParams:
                 self.stop_str_max_len = max(
                     len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop_strs
                 )
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`.
+
+    Sample 0 keeps the request's seed, so n=1 and the first of n samples agree; the others get
+    a seed hashed from (seed, index) in [0, 2**63), so they differ from each other and from
+    the samples of a request seeded seed+1 (vLLM's seed+index would collide there).
+    """
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _token_id(key: Any) -> int | None:
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and key.strip().lstrip("-").isdecimal():
+        return int(key)
+    return None
 
 
 def _is_int(x: Any) -> bool:

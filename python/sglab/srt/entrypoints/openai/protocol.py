@@ -71,7 +71,7 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
-        "logit_bias": ({},), "stop_regex": ([], ""), "regex": ("",), "json_schema": ("",),
+        "stop_regex": ([], ""), "regex": ("",), "json_schema": ("",),
         "ebnf": ("",), "custom_logit_processor": ("",), "custom_params": ({},),
         "session_params": ({},), "return_hidden_states": (False,),
         "return_routed_experts": (False,), "return_cached_tokens_details": (False,),
@@ -99,8 +99,9 @@ class _SamplingFields(BaseModel):
     spaces_between_special_tokens: bool = True
     lora_path: Optional[str] = None
     rid: Optional[str] = None
+    # {"<token id>": bias}, added to the logits each step (after the penalties).
+    logit_bias: Optional[Dict[str, float]] = None
     # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
-    logit_bias: Any = None
     stop_regex: Any = None
     regex: Any = None
     json_schema: Any = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any, AsyncIterator
@@ -186,6 +185,7 @@ class OpenAIServingBase:
             "spaces_between_special_tokens": request.spaces_between_special_tokens,
             "no_stop_trim": request.no_stop_trim,
             "sampling_seed": request.seed,
+            "logit_bias": request.logit_bias or None,
         }
         defaults = self.tokenizer_manager.generation_defaults
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
@@ -265,27 +265,6 @@ def is_noop(value: Any, noops: tuple = ()) -> bool:
 def check_logprobs_cap(value: int | None, name: str) -> None:
     if value is not None and value > MAX_LOGPROBS:
         raise ParamError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}.", name)
-
-
-def choice_seed(seed: int, index: int) -> int:
-    """The seed of choice `index` of a request seeded with `seed`.
-
-    Choice 0 keeps the request's seed, so n=1 and the first of n choices agree; the others get
-    a seed hashed from (seed, index) in [0, 2**63), so they differ from each other and from
-    the choices of a request seeded seed+1 (vLLM's seed+index would collide there).
-    """
-    if index == 0:
-        return seed
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def per_choice_params(params: dict, num_choices: int) -> list[dict]:
-    """The sampling params of each of `num_choices` samples of one prompt."""
-    seed = params.get("sampling_seed")
-    if seed is None:
-        return [params] * num_choices
-    return [{**params, "sampling_seed": choice_seed(seed, i)} for i in range(num_choices)]
 
 
 def finish_reason_type(reason: dict | None) -> str | None:

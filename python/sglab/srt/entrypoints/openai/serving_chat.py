@@ -26,7 +26,6 @@ from sglab.srt.entrypoints.openai.serving_base import (
     check_logprobs_cap,
     finish_reason_type,
     matched_stop,
-    per_choice_params,
     sse,
     usage_from_outputs,
 )
@@ -54,11 +53,11 @@ class OpenAIServingChat(OpenAIServingBase):
             max_new_tokens = request.max_tokens
         sampling_params = self._sampling_params(request, max_new_tokens)
         n = request.n
-        base_id, rid = self._request_ids(request, n)
+        base_id = request.rid or self._new_id()
         obj = GenerateReqInput(
-            input_ids=input_ids if n == 1 else [list(input_ids) for _ in range(n)],
-            sampling_params=sampling_params if n == 1 else per_choice_params(sampling_params, n),
-            rid=rid,
+            input_ids=input_ids,
+            sampling_params={**sampling_params, "n": n},  # n samples share the prompt's prefix
+            rid=base_id,
             stream=request.stream,
             return_logprob=request.logprobs,
             top_logprobs_num=request.top_logprobs or 0,
