@@ -1,13 +1,16 @@
 """Upstream SGLang's request features on a real server process: parallel sampling (`n` on
-/generate, single and batch, streamed), logit_bias, with the official openai client for the
-OpenAI routes and requests for the native ones."""
+/generate, single and batch, streamed), logit_bias and /abort_request, with the official
+openai client for the OpenAI routes and requests for the native ones."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import session
 
 SAMPLED = {"temperature": 1.0, "max_new_tokens": 6, "ignore_eos": True}
 
@@ -144,3 +147,100 @@ def test_logit_bias_through_the_openai_client(client):
 def test_bad_logit_bias_is_a_400_on_generate(http, server, bias, message):
     res = _generate(http, server, {"text": "a", "sampling_params": {"logit_bias": bias}}, 400)
     assert res["error"]["message"].startswith(message), res
+
+
+# --- /abort_request ---------------------------------------------------------------------------
+
+LONG = {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}
+
+
+def _start_stream(server, body):
+    """A streaming /generate whose first chunk has arrived: (response, line iterator)."""
+    res = session().post(f"{server.base_url}/generate", json={**body, "stream": True},
+                         stream=True, timeout=120)
+    lines = (ln for ln in res.iter_lines() if ln)
+    assert next(lines).startswith(b"data: ")
+    return res, lines
+
+
+def _last_event(lines) -> dict:
+    events = [ln for ln in lines if ln != b"data: [DONE]"]
+    return json.loads(events[-1][len(b"data: "):])
+
+
+def _wait_pool_full(http, server, timeout=30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = http.get(f"{server.base_url}/get_server_info", timeout=30).json()
+        if info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0:
+            assert info["available_kv_tokens"] + info["evictable_kv_tokens"] == \
+                info["max_total_num_tokens"], info
+            return
+        time.sleep(0.1)
+    raise AssertionError("server not idle")
+
+
+def test_abort_request_by_rid_frees_its_kv_and_spares_the_others(http, server):
+    prompt = "The capital of France is"
+    short = {"text": prompt, "sampling_params": GREEDY}
+    solo = _generate(http, server, short)["output_ids"]
+    rid = uuid.uuid4().hex
+    res, lines = _start_stream(server, {"text": "Once upon a time", "rid": rid,
+                                        "sampling_params": LONG})
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(_generate, session(), server, short)
+        ok = http.post(f"{server.base_url}/abort_request", json={"rid": rid}, timeout=30)
+        assert ok.status_code == 200 and ok.content == b""
+        last = _last_event(lines)
+        assert other.result()["output_ids"] == solo
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert last["meta_info"]["completion_tokens"] < LONG["max_new_tokens"]
+    res.close()
+    _wait_pool_full(http, server)
+
+
+def test_abort_all_ends_every_request(http, server):
+    streams = [_start_stream(server, {"text": f"story {i}", "sampling_params": LONG})
+               for i in range(2)]
+    res = http.post(f"{server.base_url}/abort_request", json={"abort_all": True}, timeout=30)
+    assert res.status_code == 200
+    for response, lines in streams:
+        assert _last_event(lines)["meta_info"]["finish_reason"]["type"] == "abort"
+        response.close()
+    _wait_pool_full(http, server)
+    # An unknown rid is ignored, as upstream; the server keeps serving.
+    res = http.post(f"{server.base_url}/abort_request", json={"rid": "nope"}, timeout=30)
+    assert res.status_code == 200
+    assert _generate(http, server, {"text": "a", "sampling_params": GREEDY})["output_ids"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"rid": 5}, "rid must be a string."),
+    ({"abort_all": "yes"}, "abort_all must be a boolean."),
+    ([1], "The request body must be a JSON object."),
+])
+def test_bad_abort_request_is_a_400(http, server, body, message):
+    res = http.post(f"{server.base_url}/abort_request", json=body, timeout=30)
+    assert res.status_code == 400 and res.json()["error"]["message"] == message
+
+
+# --- upstream's error wording ----------------------------------------------------------------
+
+
+def test_duplicate_rid_and_too_many_completion_tokens_use_upstream_wording(http, server):
+    rid = uuid.uuid4().hex
+    res, lines = _start_stream(server, {"text": "a", "rid": rid, "sampling_params": LONG})
+    dup = _generate(http, server, {"text": "b", "rid": rid}, 400)
+    assert dup["error"]["message"] == f"Duplicate request ID detected: {rid}"
+    http.post(f"{server.base_url}/abort_request", json={"rid": rid}, timeout=30)
+    assert _last_event(lines)["meta_info"]["finish_reason"]["type"] == "abort"
+    res.close()
+    context_len = http.get(f"{server.base_url}/v1/models/default",
+                           timeout=30).json()["max_model_len"]
+    body = {"model": "default", "messages": [{"role": "user", "content": "a"}],
+            "max_completion_tokens": context_len + 1}
+    err = http.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30).json()
+    assert err["error"]["message"] == (
+        f"max_completion_tokens is too large: {context_len + 1}. This model supports at most "
+        f"{context_len} completion tokens.")
+    assert err["error"]["param"] == "max_completion_tokens"

@@ -116,17 +116,16 @@ def test_wrong_prompt_types_name_the_field(http, server, body, field):
 # --- fields sglab does not implement ----------------------------------------------------------
 
 COMPLETION_REFUSED = {
-    "suffix": " the end", "stop_regex": "a+", "regex": "a+", "ebnf": "root ::= 'a'",
-    "json_schema": "{}", "custom_logit_processor": "x",
-    "custom_params": {"a": 1}, "response_format": {"type": "json_object"}, "priority": 1,
+    "suffix": " the end", "stop_regex": "a+", "custom_logit_processor": "x",
+    "custom_params": {"a": 1}, "response_format": {"type": "structural_tag"}, "priority": 1,
     "return_hidden_states": True, "session_params": {"id": "s"}, "extra_key": "k",
     "routed_dp_rank": 0,
 }
 CHAT_REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
-    "stop_regex": ["a"], "custom_logit_processor": "x", "reasoning_effort": "low",
+    "response_format": {"type": "structural_tag"}, "stop_regex": ["a"],
+    "custom_logit_processor": "x", "reasoning_effort": "low",
     "return_cached_tokens_details": True,
 }
 GENERATE_REFUSED = {
@@ -135,7 +134,7 @@ GENERATE_REFUSED = {
     "return_entropy": True,
 }
 SAMPLING_REFUSED = {
-    "stop_regex": "a", "regex": "a", "json_schema": "{}", "ebnf": "x", "structural_tag": "x",
+    "stop_regex": "a", "structural_tag": "x",
     "custom_params": {"a": 1}, "stream_interval": 2,
 }
 REFUSED = (

@@ -247,7 +247,7 @@ BAD_BODIES = {
     "n_zero": {"text": "a", "sampling_params": {"n": 0}},
     "n_str": {"text": "a", "sampling_params": {"n": "2"}},
     "n_differs": {"text": ["a", "b"], "sampling_params": [{"n": 2}, {"n": 3}]},
-    "regex": {"text": "a", "sampling_params": {"regex": "a+"}},
+    "regex_invalid": {"text": "a", "sampling_params": {"regex": "(a"}},
     "body_is_list": ["a"],
     "too_long_prompt": {"input_ids": [1] * 5000},
     "too_many_new_tokens": {"text": "a", "sampling_params": {"max_new_tokens": 10**6}},

@@ -38,7 +38,8 @@ def test_cli_names_and_defaults(model_dir):
     ({"attention_backend": "flashinfer"}, "--attention-backend"),
     ({"dtype": "int4"}, "--dtype"),
     ({"load_format": "gguf"}, "--load-format"),
-    ({"schedule_policy": "random"}, "--schedule-policy"),
+    ({"schedule_policy": "dfs-weight"}, "--schedule-policy"),
+    ({"grammar_backend": "guidance"}, "--grammar-backend"),
     ({"device": "cuda"}, "--device"),
 ])
 def test_bad_values_name_the_flag(model_dir, kwargs, flag):

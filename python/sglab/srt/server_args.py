@@ -16,7 +16,8 @@ DEVICE_CHOICES = ["auto", "cuda", "cpu"]
 DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 LOAD_FORMAT_CHOICES = ["auto", "safetensors", "dummy"]
 ATTENTION_BACKEND_CHOICES = ["torch_native", "triton"]
-SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm"]
+SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm", "random", "lof"]
+GRAMMAR_BACKEND_CHOICES = ["xgrammar", "outlines", "llguidance", "none"]
 MAMBA_SCHEDULER_STRATEGY_CHOICES = ["auto", "no_buffer", "extra_buffer"]
 MAMBA_SSM_DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
@@ -69,6 +70,9 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0
     disable_radix_cache: bool = False
+    # Structured outputs (sglab.srt.constrained): the backend, and JSON without free whitespace.
+    grammar_backend: str = "xgrammar"
+    constrained_json_disable_any_whitespace: bool = False
     # HiSparse (sglab.srt.mem_cache.sparsity.config): the KV tier on the host, sparse decode.
     enable_hisparse: bool = False
     hisparse_config: str | None = None
@@ -211,6 +215,7 @@ class ServerArgs:
             "load_format": (self.load_format, LOAD_FORMAT_CHOICES),
             "attention_backend": (self.attention_backend, ATTENTION_BACKEND_CHOICES),
             "schedule_policy": (self.schedule_policy, SCHEDULE_POLICY_CHOICES),
+            "grammar_backend": (self.grammar_backend, GRAMMAR_BACKEND_CHOICES),
             "log_level": (self.log_level, LOG_LEVEL_CHOICES),
         }
         for name, (value, allowed) in choices.items():
@@ -398,6 +403,13 @@ class ServerArgs:
           help="The number of tokens in a page.")
         a("--schedule-policy", type=str, default=d.schedule_policy,
           choices=SCHEDULE_POLICY_CHOICES, help="The scheduling policy of the requests.")
+        a("--grammar-backend", type=str, default=d.grammar_backend,
+          choices=GRAMMAR_BACKEND_CHOICES,
+          help="Choose the backend for grammar-guided decoding (json_schema, regex, ebnf). "
+               "sglab implements xgrammar (an optional package); the others are refused per "
+               "request with a message.")
+        a("--constrained-json-disable-any-whitespace", action="store_true",
+          help="Constrained JSON output without free whitespace (compact separators).")
         a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness,
           help="How conservative the schedule policy is (upstream's flag; accepted for "
                "compatibility, sglab's scheduler does not use it).")

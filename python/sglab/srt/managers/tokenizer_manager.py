@@ -382,7 +382,7 @@ class TokenizerManager:
     def _check_new_rids(self, reqs: list[TokenizedGenerateReqInput]) -> None:
         for req in reqs:
             if req.rid in self.rid_to_state:
-                raise ValueError(f"Duplicate request ID: {req.rid!r} is already in flight.")
+                raise ValueError(f"Duplicate request ID detected: {req.rid}")  # upstream's
 
     def _register(self, reqs: list[TokenizedGenerateReqInput], event: asyncio.Event,
                   obj: GenerateReqInput, log_metrics: bool = True) -> list[ReqState]:
@@ -451,10 +451,12 @@ class TokenizerManager:
             state.abandoned = True
             self.abort_request(state.rid)
 
-    def abort_request(self, rid: str) -> None:
-        """Ask the scheduler to finish `rid` with an abort; its state goes when that arrives."""
-        if rid in self.rid_to_state and self.dead_message is None:
-            self.send_to_scheduler.send_pyobj(AbortReq(rid=rid))
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Ask the scheduler to finish `rid` (or every request) with an abort; the states go
+        when those finishes arrive. An unknown rid is ignored, as upstream."""
+        if self.dead_message is not None or (not abort_all and rid not in self.rid_to_state):
+            return
+        self.send_to_scheduler.send_pyobj(AbortReq(rid=rid, abort_all=abort_all))
 
     def _build_output(self, state: ReqState) -> dict:
         meta: dict[str, Any] = {

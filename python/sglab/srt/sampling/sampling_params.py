@@ -99,9 +99,9 @@ class SamplingParams:
             )
         if self.n != 1:
             raise ValueError(f"n must be 1, got {self.n}.")
-        for name in ("regex", "json_schema", "ebnf", "structural_tag"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is not supported by sglab.")
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported by sglab.")
+        self._verify_grammar()
         if self.stop_regex:
             raise ValueError("stop_regex is not supported by sglab.")
         _check_type("sampling_seed", self.sampling_seed, int, allow_none=True)
@@ -122,6 +122,15 @@ class SamplingParams:
                 raise ValueError("stop_token_ids must be a list of integers.")
             if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
                 raise ValueError(f"stop_token_ids must be in [0, {vocab_size}).")
+
+    def _verify_grammar(self) -> None:
+        grammars = [name for name in ("json_schema", "regex", "ebnf")
+                    if getattr(self, name) is not None]
+        if len(grammars) > 1:  # upstream's wording
+            raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+        for name in grammars:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string.")
 
     def _verify_logit_bias(self, vocab_size: int | None) -> None:
         """{token id (a decimal string, as JSON keys are, or an int): finite bias}."""

@@ -71,8 +71,7 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
-        "stop_regex": ([], ""), "regex": ("",), "json_schema": ("",),
-        "ebnf": ("",), "custom_logit_processor": ("",), "custom_params": ({},),
+        "stop_regex": ([], ""), "custom_logit_processor": ("",), "custom_params": ({},),
         "session_params": ({},), "return_hidden_states": (False,),
         "return_routed_experts": (False,), "return_cached_tokens_details": (False,),
         "priority": (), "extra_key": ("",), "cache_salt": ("",), "custom_labels": ({},),
@@ -101,11 +100,12 @@ class _SamplingFields(BaseModel):
     rid: Optional[str] = None
     # {"<token id>": bias}, added to the logits each step (after the penalties).
     logit_bias: Optional[Dict[str, float]] = None
+    # Structured outputs (SGLang extensions): at most one, with response_format.
+    regex: Optional[str] = None
+    json_schema: Optional[str] = None
+    ebnf: Optional[str] = None
     # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
     stop_regex: Any = None
-    regex: Any = None
-    json_schema: Any = None
-    ebnf: Any = None
     custom_logit_processor: Any = None
     custom_params: Any = None
     session_params: Any = None
@@ -124,10 +124,17 @@ class _SamplingFields(BaseModel):
     data_parallel_rank: Any = None
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    # For json_schema: {"name", "schema", "strict", "description"}, as OpenAI's.
+    json_schema: Optional[Dict[str, Any]] = None
+
+
 class CompletionRequest(_SamplingFields):
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
         **_SamplingFields.UNSUPPORTED_FIELDS, "suffix": ("",),
-        "response_format": ({"type": "text"},),
     }
 
     prompt: Union[List[int], List[List[int]], str, List[str]]
@@ -141,7 +148,7 @@ class CompletionRequest(_SamplingFields):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     suffix: Any = None
-    response_format: Any = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class LogProbs(BaseModel):
@@ -203,12 +210,6 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
     tool_calls: Optional[List[Dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -186,6 +186,7 @@ class OpenAIServingBase:
             "no_stop_trim": request.no_stop_trim,
             "sampling_seed": request.seed,
             "logit_bias": request.logit_bias or None,
+            **grammar_params(request),
         }
         defaults = self.tokenizer_manager.generation_defaults
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
@@ -265,6 +266,28 @@ def is_noop(value: Any, noops: tuple = ()) -> bool:
 def check_logprobs_cap(value: int | None, name: str) -> None:
     if value is not None and value > MAX_LOGPROBS:
         raise ParamError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}.", name)
+
+
+def grammar_params(request: Any) -> dict:
+    """json_schema / regex / ebnf from SGLang's extras and `response_format`, as upstream
+    (json_object is the schema {"type": "object"})."""
+    params = {name: getattr(request, name) for name in ("json_schema", "regex", "ebnf")
+              if getattr(request, name) is not None}
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return params
+    if fmt.type == "structural_tag":
+        raise ParamError("response_format type 'structural_tag' is not supported by sglab.",
+                         "response_format")
+    if fmt.type == "json_object":
+        params["json_schema"] = '{"type": "object"}'
+        return params
+    spec = fmt.json_schema or {}
+    if "schema" not in spec:  # upstream's wording
+        raise ParamError("schema_ is required for json_schema response format request.",
+                         "response_format")
+    params["json_schema"] = json.dumps(spec["schema"])
+    return params
 
 
 def finish_reason_type(reason: dict | None) -> str | None:

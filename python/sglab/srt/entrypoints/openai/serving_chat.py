@@ -66,12 +66,13 @@ class OpenAIServingChat(OpenAIServingBase):
         )
         return obj, {"id": base_id, "created": int(time.time()), "n": n}
 
-    @staticmethod
-    def _check_request(request: ChatCompletionRequest) -> None:
-        fmt = request.response_format
-        if fmt is not None and fmt.type != "text":
-            raise ParamError(f"response_format type {fmt.type!r} is not supported by sglab.",
-                             "response_format")
+    def _check_request(self, request: ChatCompletionRequest) -> None:
+        max_output = request.max_completion_tokens or request.max_tokens
+        context_len = self.tokenizer_manager.context_len
+        if max_output and context_len and max_output > context_len:  # upstream's wording
+            raise ParamError(f"max_completion_tokens is too large: {max_output}. This model "
+                             f"supports at most {context_len} completion tokens.",
+                             "max_completion_tokens")
         check_logprobs_cap(request.top_logprobs, "top_logprobs")
         if request.top_logprobs and not request.logprobs:
             raise ParamError("top_logprobs requires logprobs to be true.", "top_logprobs")
