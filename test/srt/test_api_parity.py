@@ -1,10 +1,11 @@
 """Upstream SGLang's request features on a real server process: parallel sampling (`n` on
-/generate, single and batch, streamed), logit_bias and /abort_request, with the official
+/generate, single and batch, streamed), logit_bias, stop_regex and /abort_request, with the official
 openai client for the OpenAI routes and requests for the native ones."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -244,3 +245,34 @@ def test_duplicate_rid_and_too_many_completion_tokens_use_upstream_wording(http,
         f"max_completion_tokens is too large: {context_len + 1}. This model supports at most "
         f"{context_len} completion tokens.")
     assert err["error"]["param"] == "max_completion_tokens"
+
+
+# --- stop_regex -------------------------------------------------------------------------------
+
+
+def test_stop_regex_stops_at_the_first_match(http, server, client):
+    prompt = "Once upon a time"
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    plain = _generate(http, server, {"text": prompt, "sampling_params": params})
+    ids = plain["output_ids"]
+    tok = _tokenizer(server)
+    # A pattern first matched once the fourth token is out (and not before).
+    k = next(k for k in range(4, 12) if tok.decode(ids[k - 1:k]).strip()
+             and tok.decode(ids[k - 1:k]) not in tok.decode(ids[:k - 1]))
+    pattern = re.escape(tok.decode(ids[k - 1:k])) + "$"
+    out = _generate(http, server, {"text": prompt,
+                                   "sampling_params": {**params, "stop_regex": [pattern]}})
+    assert out["output_ids"] == ids[:k]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
+    res = client.completions.create(model="default", prompt=prompt, max_tokens=12,
+                                    temperature=0, extra_body={"stop_regex": pattern,
+                                                               "ignore_eos": True})
+    assert res.choices[0].finish_reason == "stop" and res.choices[0].matched_stop == pattern
+    bad = _generate(http, server, {"text": "a", "sampling_params": {"stop_regex": "("}}, 400)
+    assert bad["error"]["message"].startswith("stop_regex '(' is not a valid regular expression")
+
+
+def _tokenizer(server):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(server.model_path)

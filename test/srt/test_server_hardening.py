@@ -116,7 +116,7 @@ def test_wrong_prompt_types_name_the_field(http, server, body, field):
 # --- fields sglab does not implement ----------------------------------------------------------
 
 COMPLETION_REFUSED = {
-    "suffix": " the end", "stop_regex": "a+", "custom_logit_processor": "x",
+    "suffix": " the end", "custom_logit_processor": "x",
     "custom_params": {"a": 1}, "response_format": {"type": "structural_tag"}, "priority": 1,
     "return_hidden_states": True, "session_params": {"id": "s"}, "extra_key": "k",
     "routed_dp_rank": 0,
@@ -124,8 +124,7 @@ COMPLETION_REFUSED = {
 CHAT_REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "response_format": {"type": "structural_tag"}, "stop_regex": ["a"],
-    "custom_logit_processor": "x", "reasoning_effort": "low",
+    "response_format": {"type": "structural_tag"}, "custom_logit_processor": "x", "reasoning_effort": "low",
     "return_cached_tokens_details": True,
 }
 GENERATE_REFUSED = {
@@ -134,7 +133,7 @@ GENERATE_REFUSED = {
     "return_entropy": True,
 }
 SAMPLING_REFUSED = {
-    "stop_regex": "a", "structural_tag": "x",
+    "structural_tag": "x",
     "custom_params": {"a": 1}, "stream_interval": 2,
 }
 REFUSED = (

@@ -40,6 +40,7 @@ def test_cli_names_and_defaults(model_dir):
     ({"load_format": "gguf"}, "--load-format"),
     ({"schedule_policy": "dfs-weight"}, "--schedule-policy"),
     ({"grammar_backend": "guidance"}, "--grammar-backend"),
+    ({"is_embedding": True}, "--is-embedding: embedding and rerank models are not supported"),
     ({"device": "cuda"}, "--device"),
 ])
 def test_bad_values_name_the_flag(model_dir, kwargs, flag):

@@ -50,6 +50,7 @@ class ServerArgs:
     trust_remote_code: bool = False
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False
+    is_embedding: bool = False  # upstream's flag; refused (generation models only)
     device: str = "auto"
     # HTTP server.
     host: str = "127.0.0.1"
@@ -223,6 +224,9 @@ class ServerArgs:
                 raise ServerArgsError(
                     f"--{_flag(name)}: invalid choice {value!r} (choose from {', '.join(allowed)})"
                 )
+        if self.is_embedding:
+            raise ServerArgsError("--is-embedding: embedding and rerank models are not "
+                                  "supported by sglab (it serves generation models only).")
         self._check_positive("page_size", self.page_size)
         self._check_positive("max_total_tokens", self.max_total_tokens)
         self._check_positive("max_running_requests", self.max_running_requests)
@@ -365,6 +369,8 @@ class ServerArgs:
         a("--served-model-name", type=str, default=d.served_model_name,
           help="Override the model name returned by the v1/models endpoint in OpenAI API "
                "server (default: the model path).")
+        a("--is-embedding", action="store_true",
+          help="Upstream's flag for embedding models: refused, sglab serves generation models.")
         a("--skip-tokenizer-init", action="store_true",
           help="If set, skip init tokenizer and pass input_ids in generate request.")
         a("--device", type=str, default=d.device, choices=DEVICE_CHOICES,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +181,14 @@ class Req:
             for stop in params.stop_strs:
                 if stop in tail:
                     self.finished_reason = finish_stop(stop)
+                    return
+        if params.stop_regex_strs and tokenizer is not None:
+            # A pattern's match may span the whole output: search all of it (upstream bounds
+            # the tail by the pattern's longest match, unbounded for `+` and `*`).
+            text = tokenizer.decode(self.output_ids)
+            for pattern in params.stop_regex_strs:
+                if re.search(pattern, text):
+                    self.finished_reason = finish_stop(pattern)
                     return
 
     def __repr__(self) -> str:

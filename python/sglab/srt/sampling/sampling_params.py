@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _SAMPLING_EPS = 1e-6
 TOP_K_ALL = 1 << 30
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_DERIVED = ("stop_strs", "stop_str_max_len", "stop_regex_strs")
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
                  "repetition_penalty")
 
@@ -44,11 +46,12 @@ class SamplingParams:
     # Derived in normalize(): the stop strings as a list, and the longest one in tokens.
     stop_strs: list[str] = field(default_factory=list, repr=False)
     stop_str_max_len: int = 0
+    stop_regex_strs: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
         d = dict(d or {})
-        known = {k for k in cls.__dataclass_fields__ if k not in ("stop_strs", "stop_str_max_len")}
+        known = {k for k in cls.__dataclass_fields__ if k not in _DERIVED}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown sampling parameter(s): {', '.join(unknown)}")
@@ -56,8 +59,8 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("stop_strs")
-        d.pop("stop_str_max_len")
+        for name in _DERIVED:
+            d.pop(name)
         return d
 
     def verify(self, vocab_size: int | None = None) -> None:
@@ -102,8 +105,7 @@ class SamplingParams:
         if self.structural_tag is not None:
             raise ValueError("structural_tag is not supported by sglab.")
         self._verify_grammar()
-        if self.stop_regex:
-            raise ValueError("stop_regex is not supported by sglab.")
+        self._verify_stop_regex()
         _check_type("sampling_seed", self.sampling_seed, int, allow_none=True)
         if self.sampling_seed is not None and not INT64_MIN <= self.sampling_seed <= INT64_MAX:
             raise ValueError(f"sampling_seed must be a 64-bit signed integer, in [{INT64_MIN}, "
@@ -122,6 +124,16 @@ class SamplingParams:
                 raise ValueError("stop_token_ids must be a list of integers.")
             if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
                 raise ValueError(f"stop_token_ids must be in [0, {vocab_size}).")
+
+    def _verify_stop_regex(self) -> None:
+        for pattern in _as_list(self.stop_regex):
+            if not isinstance(pattern, str):
+                raise ValueError("stop_regex must be a string or a list of strings.")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"stop_regex {pattern!r} is not a valid regular expression: "
+                                 f"{e}.") from None
 
     def _verify_grammar(self) -> None:
         grammars = [name for name in ("json_schema", "regex", "ebnf")
@@ -157,6 +169,7 @@ class SamplingParams:
             self.top_k = TOP_K_ALL
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_strs = [s for s in stops if s]
+        self.stop_regex_strs = [p for p in _as_list(self.stop_regex) if p]
         if self.stop_strs:
             if tokenizer is None:
                 self.stop_str_max_len = max(len(s) for s in self.stop_strs)
@@ -177,6 +190,12 @@ def choice_seed(seed: int, index: int) -> int:
         return seed
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
 
 
 def _token_id(key: Any) -> int | None:

@@ -71,7 +71,7 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
-        "stop_regex": ([], ""), "custom_logit_processor": ("",), "custom_params": ({},),
+        "custom_logit_processor": ("",), "custom_params": ({},),
         "session_params": ({},), "return_hidden_states": (False,),
         "return_routed_experts": (False,), "return_cached_tokens_details": (False,),
         "priority": (), "extra_key": ("",), "cache_salt": ("",), "custom_labels": ({},),
@@ -104,8 +104,9 @@ class _SamplingFields(BaseModel):
     regex: Optional[str] = None
     json_schema: Optional[str] = None
     ebnf: Optional[str] = None
+    # Stop once the output matches one of these patterns (re.search), as upstream.
+    stop_regex: Optional[Union[str, List[str]]] = None
     # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
-    stop_regex: Any = None
     custom_logit_processor: Any = None
     custom_params: Any = None
     session_params: Any = None

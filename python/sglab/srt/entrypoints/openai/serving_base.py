@@ -177,6 +177,7 @@ class OpenAIServingBase:
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": request.min_tokens,
             "stop": request.stop,
+            "stop_regex": request.stop_regex or None,
             "stop_token_ids": request.stop_token_ids,
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
