@@ -1,5 +1,5 @@
-"""Frequency, presence and repetition penalties and min_new_tokens, end to end through the
-scheduler, against reference decode loops on HF transformers."""
+"""Frequency, presence and repetition penalties, min_new_tokens and logit_bias, end to end
+through the scheduler, against reference decode loops on HF transformers."""
 
 from __future__ import annotations
 
@@ -82,6 +82,48 @@ def test_penalties_match_reference_decode(runner, hf, case):
     assert runner.integrity_error() is None
 
 
+def _bias_tensor(bias: dict[str, float], vocab: int) -> torch.Tensor:
+    t = torch.zeros(vocab)
+    for token, value in bias.items():
+        t[int(token)] = value
+    return t
+
+
+def test_logit_bias_matches_reference_decode_and_logprobs(runner, hf):
+    prompts = _prompts([6, 19, 33], seed=6)
+    plain = runner.generate(prompts, GREEDY)
+    vocab = runner.scheduler.model_config.vocab_size
+    for prompt, base in zip(prompts, plain):
+        # Forbid what greedy picked first, and lift a token it never picked.
+        lifted = next(t for t in range(vocab) if t not in base.output_ids)
+        bias = {str(t): -100.0 for t in set(base.output_ids[:3])} | {str(lifted): 4.0}
+        (out,) = runner.generate([prompt], {**GREEDY, "logit_bias": bias},
+                                 return_logprob=True)
+        added = _bias_tensor(bias, vocab)
+        want = hf_decode(hf, prompt, 16, lambda ids, scores, _: scores + added)
+        assert out.output_ids == want and out.output_ids != base.output_ids
+        assert not set(out.output_ids) & set(base.output_ids[:3])
+        ids = list(prompt)
+        for token, logprob in zip(out.output_ids, out.logprobs["output_token_logprobs_val"]):
+            ref = torch.log_softmax(hf.logits(ids)[-1].float() + added, -1)[token]
+            assert abs(logprob - float(ref)) < 1e-3
+            ids.append(token)
+    assert runner.integrity_error() is None
+
+
+def test_logit_bias_of_one_request_leaves_its_batch_alone(runner):
+    prompts = _prompts([9, 14, 21], seed=7)
+    plain = runner.generate(prompts, GREEDY)
+    forced = 123
+    rids = [runner.submit(p, {**GREEDY, "logit_bias": {str(forced): 100.0}} if i == 1
+                          else GREEDY) for i, p in enumerate(prompts)]
+    outs = runner.run()
+    assert outs[rids[1]].output_ids == [forced] * 16
+    assert outs[rids[0]].output_ids == plain[0].output_ids
+    assert outs[rids[2]].output_ids == plain[2].output_ids
+    assert runner.integrity_error() is None
+
+
 def _early_token(runner: SchedulerRunner) -> tuple[list[int], int, int]:
     """A prompt whose greedy output repeats a token early: (prompt, token, first index)."""
     for prompt in _prompts([5] * 20, seed=2):
@@ -157,12 +199,14 @@ def test_batch_invariant_and_free_for_requests_without_penalties(path):
 
 
 PENALIZED = [{"repetition_penalty": 1.6}, {"frequency_penalty": 0.8},
-             {"presence_penalty": 1.2, "min_new_tokens": 20}, {}]
+             {"presence_penalty": 1.2, "min_new_tokens": 20}, {},
+             {"logit_bias": {"7": 3.0, "300": -100.0}, "frequency_penalty": 0.3}]
 
 
 def test_penalties_survive_retraction_and_chunked_prefill(path):
     prompts = _prompts([40, 45, 50, 55, 60, 35, 70, 30], seed=4)
-    params = [{**GREEDY, "max_new_tokens": 40, **PENALIZED[i % 4]} for i in range(len(prompts))]
+    params = [{**GREEDY, "max_new_tokens": 40, **PENALIZED[i % len(PENALIZED)]}
+              for i in range(len(prompts))]
 
     def run(**kwargs):
         runner = SchedulerRunner(model_path=path, **kwargs)

@@ -143,3 +143,44 @@ def test_scheduling_step_time_with_256_long_requests_waiting(path):
         assert matches[0] == (256 if whole_queue else 8)
     print(f"\nprefill scheduling step, 256 waiting x 1024 tokens: whole-queue matching "
           f"{times[True] * 1e3:.2f} ms, fcfs matching on admission {times[False] * 1e3:.2f} ms")
+
+
+def _reqs(max_new: list[int]) -> list:
+    from sglab.srt.managers.schedule_batch import Req
+    from sglab.srt.sampling.sampling_params import SamplingParams
+
+    return [Req(f"r{i}", None, [1, 2], SamplingParams(max_new_tokens=m), 0)
+            for i, m in enumerate(max_new)]
+
+
+def test_random_policy_shuffles_reproducibly_without_a_cache():
+    from sglab.srt.managers.schedule_policy import SchedulePolicy
+
+    reqs = _reqs([4] * 20)
+    orders = []
+    for seed in (1, 1, 2):
+        queue = list(reqs)
+        assert SchedulePolicy("random", None, seed).calc_priority(queue, None) is False
+        orders.append([r.rid for r in queue])
+    assert sorted(orders[0]) == sorted(r.rid for r in reqs)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    assert orders[0] != [r.rid for r in reqs]
+    # lpm needs a prefix cache: without one it is fcfs, as upstream.
+    queue = list(reqs)
+    SchedulePolicy("lpm", None).calc_priority(queue, None)
+    assert queue == reqs
+
+
+def test_lof_puts_the_longest_output_first(path):
+    from sglab.srt.managers.schedule_policy import SchedulePolicy
+
+    queue = _reqs([3, 9, 1, 9, 5])
+    SchedulePolicy("lof", None).calc_priority(queue, None)
+    assert [r.rid for r in queue] == ["r1", "r3", "r4", "r0", "r2"]
+    rng = random.Random(5)
+    prompts = [_tokens(rng, 8) for _ in range(6)]
+    want = [o.output_ids for o in SchedulerRunner(model_path=path).generate(prompts, GREEDY)]
+    for policy in ("random", "lof"):
+        runner = SchedulerRunner(model_path=path, schedule_policy=policy,
+                                 max_running_requests=2)
+        assert [o.output_ids for o in runner.generate(prompts, GREEDY)] == want, policy

@@ -116,18 +116,16 @@ def test_wrong_prompt_types_name_the_field(http, server, body, field):
 # --- fields sglab does not implement ----------------------------------------------------------
 
 COMPLETION_REFUSED = {
-    "suffix": " the end", "stop_regex": "a+", "regex": "a+", "ebnf": "root ::= 'a'",
-    "json_schema": "{}", "logit_bias": {"5": 1.0}, "custom_logit_processor": "x",
-    "custom_params": {"a": 1}, "response_format": {"type": "json_object"}, "priority": 1,
+    "suffix": " the end", "custom_logit_processor": "x",
+    "custom_params": {"a": 1}, "response_format": {"type": "structural_tag"}, "priority": 1,
     "return_hidden_states": True, "session_params": {"id": "s"}, "extra_key": "k",
     "routed_dp_rank": 0,
 }
 CHAT_REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
-    "stop_regex": ["a"], "custom_logit_processor": "x", "reasoning_effort": "low",
-    "return_cached_tokens_details": True, "logit_bias": {"1": -100},
+    "response_format": {"type": "structural_tag"}, "custom_logit_processor": "x", "reasoning_effort": "low",
+    "return_cached_tokens_details": True,
 }
 GENERATE_REFUSED = {
     "custom_logit_processor": "x", "priority": 1, "extra_key": "k", "routed_dp_rank": 0,
@@ -135,8 +133,8 @@ GENERATE_REFUSED = {
     "return_entropy": True,
 }
 SAMPLING_REFUSED = {
-    "stop_regex": "a", "regex": "a", "json_schema": "{}", "ebnf": "x", "structural_tag": "x",
-    "logit_bias": {"1": 1.0}, "custom_params": {"a": 1}, "n": 2, "stream_interval": 2,
+    "structural_tag": "x",
+    "custom_params": {"a": 1}, "stream_interval": 2,
 }
 REFUSED = (
     [("/v1/completions", _completion(**{k: v}), k) for k, v in COMPLETION_REFUSED.items()]

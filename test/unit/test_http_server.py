@@ -1,4 +1,4 @@
-"""The HTTP layer without a server: OpenAPI operation ids, profiler paths, per-choice seeds,
+"""The HTTP layer without a server: OpenAPI operation ids, profiler paths, parallel samples,
 invalid Unicode, and the cleanup of IPC directories left by killed servers."""
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ import psutil
 import pytest
 from sglab.srt.entrypoints import engine
 from sglab.srt.entrypoints.http_server import app
-from sglab.srt.entrypoints.openai.serving_base import choice_seed, per_choice_params
-from sglab.srt.managers.io_struct import invalid_unicode_path
-from sglab.srt.managers.tokenizer_manager import resolve_profile_dir
+from sglab.srt.managers.io_struct import TokenizedGenerateReqInput, invalid_unicode_path
+from sglab.srt.managers.tokenizer_manager import (
+    parallel_samples,
+    prefill_only,
+    resolve_profile_dir,
+)
+from sglab.srt.sampling.sampling_params import SamplingParams, choice_seed
 
 
 def test_openapi_operation_ids_are_unique():
@@ -48,9 +52,30 @@ def test_choice_seeds_are_distinct_stable_and_in_int64():
     assert all(0 <= s < 2**63 for s in seeds[1:])
     # Neighbouring request seeds do not share choices (as seed + index would).
     assert not set(seeds) & {choice_seed(8, i) for i in range(64)}
-    params = {"temperature": 1.0, "sampling_seed": 7}
-    assert [p["sampling_seed"] for p in per_choice_params(params, 3)] == seeds[:3]
-    assert per_choice_params({"temperature": 1.0}, 2) == [{"temperature": 1.0}] * 2
+
+
+def _req(rid: str, seed: int | None) -> TokenizedGenerateReqInput:
+    params = SamplingParams(temperature=1.0, sampling_seed=seed, max_new_tokens=5,
+                            min_new_tokens=2)
+    return TokenizedGenerateReqInput(rid=rid, input_text=None, input_ids=[1, 2],
+                                     sampling_params=params, return_logprob=True)
+
+
+def test_parallel_samples_are_prompt_major_with_choice_seeds():
+    samples = parallel_samples([_req("a", 7), _req("b", None)], 3)
+    assert [s.rid for s in samples] == ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2"]
+    assert [s.sampling_params.sampling_seed for s in samples[:3]] == \
+        [choice_seed(7, j) for j in range(3)]
+    assert all(s.sampling_params.sampling_seed is None for s in samples[3:])
+    assert len({id(s.sampling_params) for s in samples}) == 6  # no shared mutable params
+
+
+def test_prefill_only_asks_for_no_token_and_leaves_the_request_alone():
+    req = _req("a", 7)
+    prefill = prefill_only(req)
+    assert prefill.rid != "a" and prefill.input_ids == req.input_ids
+    assert prefill.sampling_params.max_new_tokens == 0 and not prefill.return_logprob
+    assert req.sampling_params.max_new_tokens == 5 and req.sampling_params.min_new_tokens == 2
 
 
 def test_invalid_unicode_is_found_with_its_path():

@@ -116,12 +116,16 @@ def test_completion_sampling_params_are_all_known_and_carry_values():
     assert obj.text == "hi" and obj.rid == context["id"]
 
 
-def test_completion_n_and_batch_expand_prompts():
+def test_completion_n_is_parallel_sampling_of_each_prompt():
     serving = OpenAIServingCompletion(_fake_tm())
     obj, context = serving._convert_to_internal_request(
-        CompletionRequest(prompt=["a", "b"], n=2))
-    assert obj.text == ["a", "a", "b", "b"]
-    assert len(set(obj.rid)) == 4 and context["n"] == 2
+        CompletionRequest(prompt=["a", "b"], n=2, logit_bias={"3": -100}))
+    assert obj.text == ["a", "b"] and obj.sampling_params["n"] == 2
+    assert obj.sampling_params["logit_bias"] == {"3": -100.0}
+    assert len(set(obj.rid)) == 2 and context["n"] == 2
+    obj.normalize_batch_and_arguments()
+    assert obj.parallel_sample_num == 2 and obj.answers_as_batch
+    assert all("n" not in p for p in obj.sampling_params)
 
 
 def test_chat_uses_model_defaults_only_when_unset():

@@ -44,7 +44,9 @@ def test_tp_size_flag_names(model_dir, flag):
     ({"attention_backend": "flashinfer"}, "--attention-backend"),
     ({"dtype": "int4"}, "--dtype"),
     ({"load_format": "gguf"}, "--load-format"),
-    ({"schedule_policy": "random"}, "--schedule-policy"),
+    ({"schedule_policy": "dfs-weight"}, "--schedule-policy"),
+    ({"grammar_backend": "guidance"}, "--grammar-backend"),
+    ({"is_embedding": True}, "--is-embedding: embedding and rerank models are not supported"),
     ({"device": "cuda"}, "--device"),
 ])
 def test_bad_values_name_the_flag(model_dir, kwargs, flag):

@@ -16,7 +16,8 @@ DEVICE_CHOICES = ["auto", "cuda", "cpu"]
 DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 LOAD_FORMAT_CHOICES = ["auto", "safetensors", "dummy"]
 ATTENTION_BACKEND_CHOICES = ["torch_native", "triton"]
-SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm"]
+SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm", "random", "lof"]
+GRAMMAR_BACKEND_CHOICES = ["xgrammar", "outlines", "llguidance", "none"]
 MAMBA_SCHEDULER_STRATEGY_CHOICES = ["auto", "no_buffer", "extra_buffer"]
 MAMBA_SSM_DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
@@ -49,6 +50,7 @@ class ServerArgs:
     trust_remote_code: bool = False
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False
+    is_embedding: bool = False  # upstream's flag; refused (generation models only)
     device: str = "auto"
     # Parallelism: one scheduler process per tensor-parallel rank.
     tp_size: int = 1
@@ -71,6 +73,9 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0
     disable_radix_cache: bool = False
+    # Structured outputs (sglab.srt.constrained): the backend, and JSON without free whitespace.
+    grammar_backend: str = "xgrammar"
+    constrained_json_disable_any_whitespace: bool = False
     # HiSparse (sglab.srt.mem_cache.sparsity.config): the KV tier on the host, sparse decode.
     enable_hisparse: bool = False
     hisparse_config: str | None = None
@@ -214,6 +219,7 @@ class ServerArgs:
             "load_format": (self.load_format, LOAD_FORMAT_CHOICES),
             "attention_backend": (self.attention_backend, ATTENTION_BACKEND_CHOICES),
             "schedule_policy": (self.schedule_policy, SCHEDULE_POLICY_CHOICES),
+            "grammar_backend": (self.grammar_backend, GRAMMAR_BACKEND_CHOICES),
             "log_level": (self.log_level, LOG_LEVEL_CHOICES),
         }
         for name, (value, allowed) in choices.items():
@@ -221,6 +227,9 @@ class ServerArgs:
                 raise ServerArgsError(
                     f"--{_flag(name)}: invalid choice {value!r} (choose from {', '.join(allowed)})"
                 )
+        if self.is_embedding:
+            raise ServerArgsError("--is-embedding: embedding and rerank models are not "
+                                  "supported by sglab (it serves generation models only).")
         self._check_positive("page_size", self.page_size)
         self._check_positive("max_total_tokens", self.max_total_tokens)
         self._check_positive("max_running_requests", self.max_running_requests)
@@ -392,6 +401,8 @@ class ServerArgs:
         a("--served-model-name", type=str, default=d.served_model_name,
           help="Override the model name returned by the v1/models endpoint in OpenAI API "
                "server (default: the model path).")
+        a("--is-embedding", action="store_true",
+          help="Upstream's flag for embedding models: refused, sglab serves generation models.")
         a("--skip-tokenizer-init", action="store_true",
           help="If set, skip init tokenizer and pass input_ids in generate request.")
         a("--tensor-parallel-size", "--tp-size", "--tp", dest="tp_size", type=int,
@@ -432,6 +443,13 @@ class ServerArgs:
           help="The number of tokens in a page.")
         a("--schedule-policy", type=str, default=d.schedule_policy,
           choices=SCHEDULE_POLICY_CHOICES, help="The scheduling policy of the requests.")
+        a("--grammar-backend", type=str, default=d.grammar_backend,
+          choices=GRAMMAR_BACKEND_CHOICES,
+          help="Choose the backend for grammar-guided decoding (json_schema, regex, ebnf). "
+               "sglab implements xgrammar (an optional package); the others are refused per "
+               "request with a message.")
+        a("--constrained-json-disable-any-whitespace", action="store_true",
+          help="Constrained JSON output without free whitespace (compact separators).")
         a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness,
           help="How conservative the schedule policy is (upstream's flag; accepted for "
                "compatibility, sglab's scheduler does not use it).")

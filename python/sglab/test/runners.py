@@ -59,7 +59,8 @@ class SchedulerRunner:
     def run(self, max_steps: int = 100000) -> dict[str, RunOutput]:
         """Step until idle; returns every request's output, merged from the streamed deltas."""
         for _ in range(max_steps):
-            if not self.scheduler.run_step() and not self._staging():
+            if not self.scheduler.run_step() and not self._staging() and \
+                    not self._compiling():
                 break
         else:
             raise RuntimeError("scheduler did not become idle")
@@ -69,6 +70,14 @@ class SchedulerRunner:
         """HiSparse: requests whose KV is still on its way to the host (nothing to run yet)."""
         hisparse = self.scheduler.hisparse
         return hisparse is not None and hisparse.has_ongoing_staging()
+
+    def _compiling(self) -> bool:
+        """Requests waiting for their grammar to compile (nothing to run yet)."""
+        pending = [r.grammar_future for r in self.scheduler.waiting_queue
+                   if r.grammar_future is not None]
+        if pending:
+            pending[0].exception()  # wait for it (its error, if any, is the request's)
+        return bool(pending)
 
     def collect(self) -> dict[str, RunOutput]:
         results: dict[str, RunOutput] = {}

@@ -354,6 +354,23 @@ async def metrics() -> Response:
     return Response(body, media_type=content_type)
 
 
+@app.post("/abort_request")
+async def abort_request(raw_request: Request) -> Response:
+    """Abort the request `rid`, or all of them with `abort_all` (upstream's AbortReq): they
+    finish with finish_reason `abort`; 200 with an empty body, as upstream."""
+    try:
+        body = await _optional_json_object(raw_request)
+        rid, abort_all = body.get("rid") or "", body.get("abort_all", False)
+        if not isinstance(rid, str):
+            raise ValueError("rid must be a string.")
+        if not isinstance(abort_all, bool):
+            raise ValueError("abort_all must be a boolean.")
+    except ValueError as e:
+        return error_for_exception(e)
+    _tm().abort_request(rid, abort_all=abort_all)
+    return Response(status_code=200)
+
+
 # --- native generate -----------------------------------------------------------------------
 
 

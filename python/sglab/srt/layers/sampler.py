@@ -16,6 +16,7 @@ from torch import nn
 from sglab.srt.sampling.sampling_params import TOP_K_ALL
 
 if TYPE_CHECKING:
+    from sglab.srt.constrained.grammar_backend import VocabMask
     from sglab.srt.sampling.penaltylib import BatchedPenalizerOrchestrator
 
 
@@ -31,6 +32,8 @@ class SamplingBatchInfo:
     need_top_p_top_k: bool
     # The batch's penalty state (already on the device), or None.
     penalizer_orchestrator: "BatchedPenalizerOrchestrator | None" = None
+    # This step's grammar bitmask (already on the device), or None: no request has a grammar.
+    vocab_mask: "VocabMask | None" = None
 
     @classmethod
     def from_params(cls, params: list, seeds: list[int],

@@ -35,9 +35,11 @@ class GenerateReqInput:
     extra_key: str | None = None
     routed_dp_rank: int | None = None
     log_metrics: bool = True
-    # Set by normalize_batch_and_arguments().
+    # Set by normalize_batch_and_arguments(): `batch_size` prompts, each sampled
+    # `parallel_sample_num` times (sampling_params' `n`, the same for every prompt).
     is_single: bool = True
     batch_size: int = 1
+    parallel_sample_num: int = 1
 
     def normalize_batch_and_arguments(self) -> None:
         """Validate the shape of the request and expand every per-item field to a list."""
@@ -63,6 +65,7 @@ class GenerateReqInput:
             raise ValueError("The batch is empty.")
         n = self.batch_size
         self.sampling_params = _expand(self.sampling_params, n, "sampling_params", dict, {})
+        self.parallel_sample_num = _parallel_sample_num(self.sampling_params)
         self.rid = _expand(self.rid, n, "rid", str, None)
         self.rid = [r if r is not None else uuid.uuid4().hex for r in self.rid]
         if len(set(self.rid)) != n:
@@ -71,6 +74,11 @@ class GenerateReqInput:
         self.logprob_start_len = _expand(self.logprob_start_len, n, "logprob_start_len", int, -1)
         self.top_logprobs_num = _expand(self.top_logprobs_num, n, "top_logprobs_num", int, 0)
         self.lora_path = _expand(self.lora_path, n, "lora_path", str, None)
+
+    @property
+    def answers_as_batch(self) -> bool:
+        """A list of outputs (or indexed stream chunks): a batch, or n > 1 samples (upstream)."""
+        return not self.is_single or self.parallel_sample_num > 1
 
     def item(self, i: int) -> dict:
         """The i-th request of a normalized batch, as keyword arguments."""
@@ -86,6 +94,25 @@ class GenerateReqInput:
             "top_logprobs_num": self.top_logprobs_num[i],
             "lora_path": self.lora_path[i],
         }
+
+
+MAX_PARALLEL_SAMPLE_NUM = 128
+
+
+def _parallel_sample_num(sampling_params: list[dict]) -> int:
+    """The prompts' common `n`, removed from each of their (copied) sampling params."""
+    nums = [params.pop("n", 1) for params in sampling_params]
+    n = nums[0]
+    if any(m != n for m in nums):
+        raise ValueError(
+            "The parallel_sample_num should be the same for all samples in sample params.")
+    if not _is_int(n) or not 1 <= n <= MAX_PARALLEL_SAMPLE_NUM:
+        raise ValueError(f"n must be an integer in [1, {MAX_PARALLEL_SAMPLE_NUM}], got {n!r}.")
+    return n
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def invalid_unicode_path(obj: Any) -> str | None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sglab.srt.constrained.grammar_backend import VocabMask
 from sglab.srt.layers.sampler import SamplingBatchInfo
 from sglab.srt.managers.schedule_batch_mamba import ScheduleBatchMambaMixin
 from sglab.srt.model_executor.forward_batch_info import ForwardMode
@@ -21,6 +23,9 @@ from sglab.srt.sampling.penaltylib import PENALIZERS, BatchedPenalizerOrchestrat
 from sglab.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from sglab.srt.constrained.grammar_backend import Grammar
     from sglab.srt.managers.hisparse_coordinator import HiSparseCoordinator, HiSparseStepPlan
     from sglab.srt.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
     from sglab.srt.mem_cache.radix_cache import RadixCache
@@ -102,6 +107,9 @@ class Req:
         self.output_top_logprobs_idx: list[list[int]] = []
         # How much of each list was already sent to the detokenizer.
         self.send_offsets: dict[str, int] = {}
+        # Structured outputs: the grammar's compilation while waiting, then its matcher.
+        self.grammar_future: Future | None = None
+        self.grammar: Grammar | None = None
 
     # --- lengths ------------------------------------------------------------------------------
 
@@ -157,6 +165,9 @@ class Req:
         if len(self.origin_input_ids) + len(self.output_ids) >= context_len:
             self.finished_reason = finish_length(len(self.output_ids))
             return
+        if self.grammar is not None and self.grammar.is_terminated():
+            self.finished_reason = finish_stop(self.output_ids[-1])
+            return
         if len(self.output_ids) < params.min_new_tokens:
             return
         last = self.output_ids[-1]
@@ -170,6 +181,14 @@ class Req:
             for stop in params.stop_strs:
                 if stop in tail:
                     self.finished_reason = finish_stop(stop)
+                    return
+        if params.stop_regex_strs and tokenizer is not None:
+            # A pattern's match may span the whole output: search all of it (upstream bounds
+            # the tail by the pattern's longest match, unbounded for `+` and `*`).
+            text = tokenizer.decode(self.output_ids)
+            for pattern in params.stop_regex_strs:
+                if re.search(pattern, text):
+                    self.finished_reason = finish_stop(pattern)
                     return
 
     def __repr__(self) -> str:
@@ -482,8 +501,14 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             self.sampling_info = SamplingBatchInfo.from_params(
                 [r.sampling_params for r in self.reqs], [r.seed for r in self.reqs])
             self.sampling_composition = self.composition
+        grammars = [r.grammar for r in self.reqs]
+        vocab_mask = None
+        if any(g is not None for g in grammars):  # changes every step: never cached
+            vocab_mask = VocabMask.from_grammars(grammars, self.vocab_size,
+                                                 self.req_to_token_pool.device)
         return dataclasses.replace(self.sampling_info,
-                                   penalizer_orchestrator=self.penalizer_orchestrator)
+                                   penalizer_orchestrator=self.penalizer_orchestrator,
+                                   vocab_mask=vocab_mask)
 
     def _device_out_cache_loc(self) -> torch.Tensor:
         """The slots the worker writes the step's KV to (with HiSparse the allocator's are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Callable
 
 from sglab.srt.managers.schedule_batch import Req
@@ -16,12 +17,16 @@ CLIP_MAX_NEW_TOKENS = 4096
 LPM_MAX_QUEUE = 128
 
 
+# Upstream's cache-aware policies fall back to fcfs without a prefix cache; the others do not.
+CACHE_AWARE_POLICIES = ("lpm",)
+
+
 class SchedulePolicy:
-    def __init__(self, policy: str, tree_cache: "RadixCache | None"):
-        # As upstream: without a prefix cache there is no prefix to sort by.
+    def __init__(self, policy: str, tree_cache: "RadixCache | None", seed: int = 0):
         no_cache = tree_cache is None or tree_cache.disable
-        self.policy = "fcfs" if no_cache else policy
+        self.policy = "fcfs" if no_cache and policy in CACHE_AWARE_POLICIES else policy
         self.tree_cache = tree_cache
+        self.rng = random.Random(seed)  # random: a reproducible shuffle per --random-seed
 
     def calc_priority(self, waiting_queue: list[Req],
                       match_prefix: Callable[[Req], bool]) -> bool:
@@ -30,7 +35,14 @@ class SchedulePolicy:
         lpm matches the whole queue (`match_prefix(req)`, which drops a request whose match
         failed) and sorts it by the cached prefix, while the queue has at most LPM_MAX_QUEUE
         requests; above that, and under fcfs, the order stays and admission matches only the
-        requests it considers (upstream's fcfs fallback)."""
+        requests it considers (upstream's fcfs fallback). random shuffles the queue and lof
+        puts the longest max_new_tokens first (upstream's cache-agnostic policies)."""
+        if self.policy == "random":
+            self.rng.shuffle(waiting_queue)
+            return False
+        if self.policy == "lof":
+            waiting_queue.sort(key=lambda r: -(r.sampling_params.max_new_tokens or 0))
+            return False
         if self.policy != "lpm" or len(waiting_queue) > LPM_MAX_QUEUE:
             return False
         for req in list(waiting_queue):

@@ -30,6 +30,7 @@ from sglab.srt.managers.io_struct import (
 from sglab.srt.managers.request_validator import InvalidRequestError, RequestValidator
 from sglab.srt.managers.schedule_batch import Req, ScheduleBatch, finish_abort
 from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
+from sglab.srt.managers.scheduler_grammar_mixin import SchedulerGrammarMixin
 from sglab.srt.managers.scheduler_lora_mixin import SchedulerLoRAMixin
 from sglab.srt.managers.scheduler_output_processor_mixin import (
     SchedulerOutputProcessorMixin,
@@ -51,9 +52,9 @@ _DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
 
 
 class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProfilerMixin,
-                SchedulerRuntimeCheckerMixin):
+                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin):
     """The loop: receive, schedule, launch, process. Result processing and output building,
-    LoRA, the profiler and the idle checks live in the mixins (upstream's layout)."""
+    LoRA, the profiler, the idle checks and grammars live in the mixins (upstream's layout)."""
 
     def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None,
                  tp_rank: int = 0):
@@ -72,7 +73,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.hisparse = runner.hisparse_coordinator  # None unless --enable-hisparse
         self.tree_cache = create_prefix_cache(server_args, self.req_to_token_pool,
                                               self.token_to_kv_pool_allocator)
-        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache,
+                                     server_args.random_seed or 0)
         self.context_len = self.model_config.context_len
         self.max_req_input_len = self.context_len - 1
         self.validator = RequestValidator(
@@ -80,6 +82,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self.max_total_num_tokens, enable_lora=self.lora_manager is not None)
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = self._eos_token_ids()
+        self.init_grammar_backend()
         self.seed_rng = random.Random(server_args.random_seed)
         self.waiting_queue: list[Req] = []
         self.running_batch: ScheduleBatch = self._new_batch([])
@@ -282,7 +285,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         try:
             self.validator.validate(recv_req, self._loaded_lora_adapters(recv_req.lora_path))
             req = self._make_req(recv_req)
-            error = None
+            error = self.submit_grammar(req)
         except InvalidRequestError as e:
             req, error = Req(recv_req.rid, None, [], SamplingParams(), 0), str(e)
         except Exception as e:  # noqa: BLE001 - a malformed request is refused, never fatal
@@ -318,10 +321,12 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         aborted = [r for r in self.waiting_queue if match(r)]
         self.waiting_queue = [r for r in self.waiting_queue if not match(r)]
         for req in aborted:
+            logger.debug("Abort queued request. req.rid=%r", req.rid)  # upstream's line
             req.finished_reason = finish_abort(recv_req.message)
         self.stream_output(aborted)
         for req in self.running_batch.reqs + ([self.chunked_req] if self.chunked_req else []):
             if match(req):
+                logger.debug("Abort running request. req.rid=%r", req.rid)
                 req.to_finish = finish_abort(recv_req.message)
         if self.hisparse is not None:
             self._abort_hisparse_staging(match, recv_req.message)
@@ -414,6 +419,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         for req in list(self.waiting_queue):
             if not adder.has_room():
                 break
+            if not self.grammar_ready(req):
+                continue
             if not prefix_computed and not self._match_prefix(req):
                 continue
             if not self._lora_admits(lora_ids, req) or not adder.add_one_req(req):
@@ -435,16 +442,15 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         """Filter, retract if memory is short, prepare the decode step; False when there is
         nothing to launch (no request left, or the step already ran request by request)."""
         batch = self.running_batch
-        # Requests that will have all their tokens once the in-flight step lands sit out.
-        batch.filter_batch([r for r in batch.reqs
-                            if not r.finished() and not r.will_finish_by_length()])
+        _drop_finishing(batch)
         if batch.is_empty():
             return False
-        if not batch.check_decode_mem() and self.result_queue:
-            # Retraction needs every token on the host: land the in-flight step first.
+        grammar = any(r.grammar is not None for r in batch.reqs)
+        if self.result_queue and (grammar or not batch.check_decode_mem()):
+            # Retraction needs every token on the host, and a grammar's next mask its last
+            # token: land the in-flight step first.
             self.process_pending_result()
-            batch.filter_batch([r for r in batch.reqs
-                                if not r.finished() and not r.will_finish_by_length()])
+            _drop_finishing(batch)
             if batch.is_empty():
                 return False
         if not batch.check_decode_mem():
@@ -613,6 +619,12 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         return {"weight": weight / (1 << 30),
                 "kvcache": runner.token_to_kv_pool.get_kv_size_bytes() / (1 << 30),
                 "token_capacity": self.max_total_num_tokens, "graph": 0}
+
+
+def _drop_finishing(batch: ScheduleBatch) -> None:
+    """Requests that will have all their tokens once the in-flight step lands sit out."""
+    batch.filter_batch([r for r in batch.reqs
+                        if not r.finished() and not r.will_finish_by_length()])
 
 
 def _dist_init_method(port_args: PortArgs | None) -> str | None:

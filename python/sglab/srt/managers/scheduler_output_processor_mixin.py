@@ -96,7 +96,10 @@ class SchedulerOutputProcessorMixin:
 
     def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
         req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
-        req.output_ids.append(result.next_token_ids_cpu[i])
+        token = result.next_token_ids_cpu[i]
+        req.output_ids.append(token)
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            req.finished_reason = finish_abort(f"The grammar does not accept token {token}.")
         if req.return_logprob:
             req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])
             req.output_token_logprobs_idx.append(result.next_token_ids_cpu[i])

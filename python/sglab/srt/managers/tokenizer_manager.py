@@ -8,11 +8,14 @@ socket, and outputs (text from the detokenizer, or token ids straight from the s
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -38,7 +41,7 @@ from sglab.srt.managers.io_struct import (
 )
 from sglab.srt.managers.request_validator import LORA_NOT_ENABLED, RequestValidator
 from sglab.srt.patches import PatchFlags, patch_status
-from sglab.srt.sampling.sampling_params import SamplingParams
+from sglab.srt.sampling.sampling_params import SamplingParams, choice_seed
 from sglab.srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -353,20 +356,16 @@ class TokenizerManager:
             raise RuntimeError("The scheduler is not ready yet.")
         obj.normalize_batch_and_arguments()
         tokenized = [self._tokenize_one_request(obj, i) for i in range(obj.batch_size)]
-        for req in tokenized:
-            if req.rid in self.rid_to_state:
-                raise ValueError(f"Duplicate request ID: {req.rid!r} is already in flight.")
+        if obj.parallel_sample_num > 1:
+            self._check_new_rids(tokenized)
+            await self._cache_prefixes(tokenized, request)
+            tokenized = parallel_samples(tokenized, obj.parallel_sample_num)
+        self._check_new_rids(tokenized)
         event = asyncio.Event()
-        now = time.time()
-        states = [ReqState(req.rid, event, len(req.input_ids), req.return_logprob,
-                           req.top_logprobs_num, bool(obj.return_text_in_logprobs), now,
-                           log_metrics=bool(obj.log_metrics))
-                  for req in tokenized]
-        for state in states:
-            self.rid_to_state[state.rid] = state
-        self.send_to_scheduler.send_pyobj(tokenized[0] if obj.is_single else tokenized)
+        states = self._register(tokenized, event, obj)
+        self.send_to_scheduler.send_pyobj(tokenized if obj.answers_as_batch else tokenized[0])
         try:
-            if obj.is_single:
+            if not obj.answers_as_batch:
                 async for _, state, finished in self._updates(states, event, request):
                     if obj.stream or finished:
                         yield self._build_output(state)
@@ -377,6 +376,37 @@ class TokenizerManager:
                 async for _ in self._updates(states, event, request):
                     pass
                 yield [self._build_output(state) for state in states]
+        finally:
+            self._abort_unfinished(states)
+
+    def _check_new_rids(self, reqs: list[TokenizedGenerateReqInput]) -> None:
+        for req in reqs:
+            if req.rid in self.rid_to_state:
+                raise ValueError(f"Duplicate request ID detected: {req.rid}")  # upstream's
+
+    def _register(self, reqs: list[TokenizedGenerateReqInput], event: asyncio.Event,
+                  obj: GenerateReqInput, log_metrics: bool = True) -> list[ReqState]:
+        now = time.time()
+        states = [ReqState(req.rid, event, len(req.input_ids), req.return_logprob,
+                           req.top_logprobs_num, bool(obj.return_text_in_logprobs), now,
+                           log_metrics=log_metrics and bool(obj.log_metrics))
+                  for req in reqs]
+        for state in states:
+            self.rid_to_state[state.rid] = state
+        return states
+
+    async def _cache_prefixes(self, reqs: list[TokenizedGenerateReqInput], request: Any) -> None:
+        """As upstream before n > 1 samples: prefill each prompt once (no output token), so
+        that its samples find it in the radix cache and prefill only their last token."""
+        if self.server_args.disable_radix_cache:
+            return
+        prefills = [prefill_only(req) for req in reqs]
+        event = asyncio.Event()
+        states = self._register(prefills, event, GenerateReqInput(), log_metrics=False)
+        self.send_to_scheduler.send_pyobj(prefills)
+        try:
+            async for _ in self._updates(states, event, request):
+                pass
         finally:
             self._abort_unfinished(states)
 
@@ -421,10 +451,12 @@ class TokenizerManager:
             state.abandoned = True
             self.abort_request(state.rid)
 
-    def abort_request(self, rid: str) -> None:
-        """Ask the scheduler to finish `rid` with an abort; its state goes when that arrives."""
-        if rid in self.rid_to_state and self.dead_message is None:
-            self.send_to_scheduler.send_pyobj(AbortReq(rid=rid))
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Ask the scheduler to finish `rid` (or every request) with an abort; the states go
+        when those finishes arrive. An unknown rid is ignored, as upstream."""
+        if self.dead_message is not None or (not abort_all and rid not in self.rid_to_state):
+            return
+        self.send_to_scheduler.send_pyobj(AbortReq(rid=rid, abort_all=abort_all))
 
     def _build_output(self, state: ReqState) -> dict:
         meta: dict[str, Any] = {
@@ -645,6 +677,29 @@ def _check_profile_prefix(prefix: Any) -> None:
     if any(c in prefix for c in bad) or invalid_unicode_path(prefix) is not None:
         raise ValueError(f"profile_prefix must be a file name prefix without path separators, "
                          f"got {prefix!r}.")
+
+
+def prefill_only(req: TokenizedGenerateReqInput) -> TokenizedGenerateReqInput:
+    """`req` under a new rid, asking for no output token (and no logprobs)."""
+    params = copy.copy(req.sampling_params)
+    params.max_new_tokens, params.min_new_tokens = 0, 0
+    return dataclasses.replace(req, rid=uuid.uuid4().hex, sampling_params=params,
+                               return_logprob=False, top_logprobs_num=0, stream=False)
+
+
+def parallel_samples(reqs: list[TokenizedGenerateReqInput],
+                     n: int) -> list[TokenizedGenerateReqInput]:
+    """`n` samples of each request, prompt-major (upstream's order), rids `<rid>-<j>`; a seeded
+    request's sample j is seeded `choice_seed(seed, j)`, so the samples differ and repeat."""
+    out = []
+    for req in reqs:
+        seed = req.sampling_params.sampling_seed
+        for j in range(n):
+            params = copy.copy(req.sampling_params)
+            if seed is not None:
+                params.sampling_seed = choice_seed(seed, j)
+            out.append(dataclasses.replace(req, rid=f"{req.rid}-{j}", sampling_params=params))
+    return out
 
 
 def _retrieve_exception(task: asyncio.Task) -> None:

@@ -287,6 +287,7 @@ class CudaGraphRunner:
         fb.return_logprob, fb.top_logprobs_nums = batch.return_logprob, batch.top_logprobs_nums
         info = _static_sampling_info(v, raw_bs, _kind_of(batch.sampling_info))
         info.penalizer_orchestrator = batch.sampling_info.penalizer_orchestrator
+        info.vocab_mask = batch.sampling_info.vocab_mask
         fb.sampling_info = info
         return fb
 
@@ -294,7 +295,8 @@ class CudaGraphRunner:
 def graph_sampling_kind(batch: "ModelWorkerBatch") -> tuple | None:
     """The sampler a graph can end with for this batch, or None: sample after the replay."""
     info = batch.sampling_info
-    if batch.return_logprob or info.penalizer_orchestrator is not None:
+    if batch.return_logprob or info.penalizer_orchestrator is not None or \
+            info.vocab_mask is not None:
         return None
     return _kind_of(info)
 

@@ -241,6 +241,8 @@ class ModelRunner(ModelRunnerMambaMixin):
         penalizer = info.penalizer_orchestrator
         if penalizer is not None:
             logits = penalizer.apply(logits)
+        if info.vocab_mask is not None:
+            logits = info.vocab_mask.apply(logits)
         out = self.sampler(logits, info, forward_batch.seq_lens, forward_batch.return_logprob,
                            top_k)
         if penalizer is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _SAMPLING_EPS = 1e-6
 TOP_K_ALL = 1 << 30
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_DERIVED = ("stop_strs", "stop_str_max_len", "stop_regex_strs")
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
                  "repetition_penalty")
 
@@ -43,11 +46,12 @@ class SamplingParams:
     # Derived in normalize(): the stop strings as a list, and the longest one in tokens.
     stop_strs: list[str] = field(default_factory=list, repr=False)
     stop_str_max_len: int = 0
+    stop_regex_strs: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
         d = dict(d or {})
-        known = {k for k in cls.__dataclass_fields__ if k not in ("stop_strs", "stop_str_max_len")}
+        known = {k for k in cls.__dataclass_fields__ if k not in _DERIVED}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown sampling parameter(s): {', '.join(unknown)}")
@@ -55,8 +59,8 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("stop_strs")
-        d.pop("stop_str_max_len")
+        for name in _DERIVED:
+            d.pop(name)
         return d
 
     def verify(self, vocab_size: int | None = None) -> None:
@@ -98,16 +102,16 @@ class SamplingParams:
             )
         if self.n != 1:
             raise ValueError(f"n must be 1, got {self.n}.")
-        for name in ("regex", "json_schema", "ebnf", "structural_tag", "logit_bias"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is not supported by sglab.")
-        if self.stop_regex:
-            raise ValueError("stop_regex is not supported by sglab.")
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported by sglab.")
+        self._verify_grammar()
+        self._verify_stop_regex()
         _check_type("sampling_seed", self.sampling_seed, int, allow_none=True)
         if self.sampling_seed is not None and not INT64_MIN <= self.sampling_seed <= INT64_MAX:
             raise ValueError(f"sampling_seed must be a 64-bit signed integer, in [{INT64_MIN}, "
                              f"{INT64_MAX}], got {self.sampling_seed}.")
         self._verify_stop(vocab_size)
+        self._verify_logit_bias(vocab_size)
 
     def _verify_stop(self, vocab_size: int | None) -> None:
         stop = self.stop
@@ -121,6 +125,41 @@ class SamplingParams:
             if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
                 raise ValueError(f"stop_token_ids must be in [0, {vocab_size}).")
 
+    def _verify_stop_regex(self) -> None:
+        for pattern in _as_list(self.stop_regex):
+            if not isinstance(pattern, str):
+                raise ValueError("stop_regex must be a string or a list of strings.")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"stop_regex {pattern!r} is not a valid regular expression: "
+                                 f"{e}.") from None
+
+    def _verify_grammar(self) -> None:
+        grammars = [name for name in ("json_schema", "regex", "ebnf")
+                    if getattr(self, name) is not None]
+        if len(grammars) > 1:  # upstream's wording
+            raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+        for name in grammars:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string.")
+
+    def _verify_logit_bias(self, vocab_size: int | None) -> None:
+        """{token id (a decimal string, as JSON keys are, or an int): finite bias}."""
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError("logit_bias must be an object mapping token ids to biases.")
+        for token_id, value in bias.items():
+            token = _token_id(token_id)
+            if token is None:
+                raise ValueError(f"logit_bias keys must be token ids, got {token_id!r}.")
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise ValueError(
+                    f"logit_bias must has keys in [0, {vocab_size - 1}], got {token_id}.")
+            _check_finite(f"logit_bias[{token_id!r}]", value)
+
     def normalize(self, tokenizer: Any | None) -> None:
         """Greedy rewrite and stop-string bookkeeping, as upstream does at request arrival."""
         if 0.0 <= self.temperature < _SAMPLING_EPS:
@@ -130,6 +169,7 @@ class SamplingParams:
             self.top_k = TOP_K_ALL
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_strs = [s for s in stops if s]
+        self.stop_regex_strs = [p for p in _as_list(self.stop_regex) if p]
         if self.stop_strs:
             if tokenizer is None:
                 self.stop_str_max_len = max(len(s) for s in self.stop_strs)
@@ -137,6 +177,33 @@ class SamplingParams:
                 self.stop_str_max_len = max(
                     len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop_strs
                 )
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`.
+
+    Sample 0 keeps the request's seed, so n=1 and the first of n samples agree; the others get
+    a seed hashed from (seed, index) in [0, 2**63), so they differ from each other and from
+    the samples of a request seeded seed+1 (vLLM's seed+index would collide there).
+    """
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _token_id(key: Any) -> int | None:
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and key.strip().lstrip("-").isdecimal():
+        return int(key)
+    return None
 
 
 def _is_int(x: Any) -> bool:

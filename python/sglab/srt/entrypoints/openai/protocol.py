@@ -71,8 +71,7 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
-        "logit_bias": ({},), "stop_regex": ([], ""), "regex": ("",), "json_schema": ("",),
-        "ebnf": ("",), "custom_logit_processor": ("",), "custom_params": ({},),
+        "custom_logit_processor": ("",), "custom_params": ({},),
         "session_params": ({},), "return_hidden_states": (False,),
         "return_routed_experts": (False,), "return_cached_tokens_details": (False,),
         "priority": (), "extra_key": ("",), "cache_salt": ("",), "custom_labels": ({},),
@@ -99,12 +98,15 @@ class _SamplingFields(BaseModel):
     spaces_between_special_tokens: bool = True
     lora_path: Optional[str] = None
     rid: Optional[str] = None
+    # {"<token id>": bias}, added to the logits each step (after the penalties).
+    logit_bias: Optional[Dict[str, float]] = None
+    # Structured outputs (SGLang extensions): at most one, with response_format.
+    regex: Optional[str] = None
+    json_schema: Optional[str] = None
+    ebnf: Optional[str] = None
+    # Stop once the output matches one of these patterns (re.search), as upstream.
+    stop_regex: Optional[Union[str, List[str]]] = None
     # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
-    logit_bias: Any = None
-    stop_regex: Any = None
-    regex: Any = None
-    json_schema: Any = None
-    ebnf: Any = None
     custom_logit_processor: Any = None
     custom_params: Any = None
     session_params: Any = None
@@ -123,10 +125,17 @@ class _SamplingFields(BaseModel):
     data_parallel_rank: Any = None
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    # For json_schema: {"name", "schema", "strict", "description"}, as OpenAI's.
+    json_schema: Optional[Dict[str, Any]] = None
+
+
 class CompletionRequest(_SamplingFields):
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
         **_SamplingFields.UNSUPPORTED_FIELDS, "suffix": ("",),
-        "response_format": ({"type": "text"},),
     }
 
     prompt: Union[List[int], List[List[int]], str, List[str]]
@@ -140,7 +149,7 @@ class CompletionRequest(_SamplingFields):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     suffix: Any = None
-    response_format: Any = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class LogProbs(BaseModel):
@@ -202,12 +211,6 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
     tool_calls: Optional[List[Dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
 
 
 class ChatCompletionRequest(_SamplingFields):

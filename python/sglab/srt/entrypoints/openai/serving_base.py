@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any, AsyncIterator
@@ -178,6 +177,7 @@ class OpenAIServingBase:
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": request.min_tokens,
             "stop": request.stop,
+            "stop_regex": request.stop_regex or None,
             "stop_token_ids": request.stop_token_ids,
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
@@ -186,6 +186,8 @@ class OpenAIServingBase:
             "spaces_between_special_tokens": request.spaces_between_special_tokens,
             "no_stop_trim": request.no_stop_trim,
             "sampling_seed": request.seed,
+            "logit_bias": request.logit_bias or None,
+            **grammar_params(request),
         }
         defaults = self.tokenizer_manager.generation_defaults
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
@@ -267,25 +269,26 @@ def check_logprobs_cap(value: int | None, name: str) -> None:
         raise ParamError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}.", name)
 
 
-def choice_seed(seed: int, index: int) -> int:
-    """The seed of choice `index` of a request seeded with `seed`.
-
-    Choice 0 keeps the request's seed, so n=1 and the first of n choices agree; the others get
-    a seed hashed from (seed, index) in [0, 2**63), so they differ from each other and from
-    the choices of a request seeded seed+1 (vLLM's seed+index would collide there).
-    """
-    if index == 0:
-        return seed
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def per_choice_params(params: dict, num_choices: int) -> list[dict]:
-    """The sampling params of each of `num_choices` samples of one prompt."""
-    seed = params.get("sampling_seed")
-    if seed is None:
-        return [params] * num_choices
-    return [{**params, "sampling_seed": choice_seed(seed, i)} for i in range(num_choices)]
+def grammar_params(request: Any) -> dict:
+    """json_schema / regex / ebnf from SGLang's extras and `response_format`, as upstream
+    (json_object is the schema {"type": "object"})."""
+    params = {name: getattr(request, name) for name in ("json_schema", "regex", "ebnf")
+              if getattr(request, name) is not None}
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return params
+    if fmt.type == "structural_tag":
+        raise ParamError("response_format type 'structural_tag' is not supported by sglab.",
+                         "response_format")
+    if fmt.type == "json_object":
+        params["json_schema"] = '{"type": "object"}'
+        return params
+    spec = fmt.json_schema or {}
+    if "schema" not in spec:  # upstream's wording
+        raise ParamError("schema_ is required for json_schema response format request.",
+                         "response_format")
+    params["json_schema"] = json.dumps(spec["schema"])
+    return params
 
 
 def finish_reason_type(reason: dict | None) -> str | None:

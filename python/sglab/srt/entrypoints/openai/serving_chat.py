@@ -26,7 +26,6 @@ from sglab.srt.entrypoints.openai.serving_base import (
     check_logprobs_cap,
     finish_reason_type,
     matched_stop,
-    per_choice_params,
     sse,
     usage_from_outputs,
 )
@@ -54,11 +53,11 @@ class OpenAIServingChat(OpenAIServingBase):
             max_new_tokens = request.max_tokens
         sampling_params = self._sampling_params(request, max_new_tokens)
         n = request.n
-        base_id, rid = self._request_ids(request, n)
+        base_id = request.rid or self._new_id()
         obj = GenerateReqInput(
-            input_ids=input_ids if n == 1 else [list(input_ids) for _ in range(n)],
-            sampling_params=sampling_params if n == 1 else per_choice_params(sampling_params, n),
-            rid=rid,
+            input_ids=input_ids,
+            sampling_params={**sampling_params, "n": n},  # n samples share the prompt's prefix
+            rid=base_id,
             stream=request.stream,
             return_logprob=request.logprobs,
             top_logprobs_num=request.top_logprobs or 0,
@@ -67,12 +66,13 @@ class OpenAIServingChat(OpenAIServingBase):
         )
         return obj, {"id": base_id, "created": int(time.time()), "n": n}
 
-    @staticmethod
-    def _check_request(request: ChatCompletionRequest) -> None:
-        fmt = request.response_format
-        if fmt is not None and fmt.type != "text":
-            raise ParamError(f"response_format type {fmt.type!r} is not supported by sglab.",
-                             "response_format")
+    def _check_request(self, request: ChatCompletionRequest) -> None:
+        max_output = request.max_completion_tokens or request.max_tokens
+        context_len = self.tokenizer_manager.context_len
+        if max_output and context_len and max_output > context_len:  # upstream's wording
+            raise ParamError(f"max_completion_tokens is too large: {max_output}. This model "
+                             f"supports at most {context_len} completion tokens.",
+                             "max_completion_tokens")
         check_logprobs_cap(request.top_logprobs, "top_logprobs")
         if request.top_logprobs and not request.logprobs:
             raise ParamError("top_logprobs requires logprobs to be true.", "top_logprobs")

@@ -22,7 +22,6 @@ from sglab.srt.entrypoints.openai.serving_base import (
     check_logprobs_cap,
     finish_reason_type,
     matched_stop,
-    per_choice_params,
     sse,
     usage_from_outputs,
 )
@@ -38,15 +37,14 @@ class OpenAIServingCompletion(OpenAIServingBase):
         check_logprobs_cap(request.logprobs, "logprobs")
         samples = _num_samples(request)
         items = [p for p in prompts for _ in range(samples)]
-        item_params = per_choice_params(sampling_params, samples) * len(prompts)
-        single = len(items) == 1
-        batch = items[0] if single else items
-        base_id, rid = self._request_ids(request, len(items))
+        # One request per prompt; its `samples` samples share its prefix-cache entry.
+        batch = prompts[0] if len(prompts) == 1 else prompts
+        base_id, rid = self._request_ids(request, len(prompts))
         want_logprobs = request.logprobs is not None
         obj = GenerateReqInput(
             text=batch if is_text else None,
             input_ids=None if is_text else batch,
-            sampling_params=item_params[0] if single else item_params,
+            sampling_params={**sampling_params, "n": samples},
             rid=rid,
             stream=request.stream,
             return_logprob=want_logprobs or samples > request.n,

@@ -1,0 +1,142 @@
+"""Grammar-constrained decoding: a request's `json_schema`, `regex` or `ebnf` compiles (in a
+worker thread, off the scheduler loop; cached by spec) to a grammar. Each request gets its own
+matcher, which follows the request's tokens on the host and fills the request's row of the
+batch's token bitmask before each step; the mask is applied on the device (`VocabMask`).
+
+Backends as upstream's `--grammar-backend`: `xgrammar` (the default; optional dependency,
+`pip install sglab[structured]`), `outlines` and `llguidance` (names accepted, not bundled:
+a request needing them is refused with a message saying so) and `none`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sglab.srt.utils.h2d import h2d
+
+logger = logging.getLogger(__name__)
+
+GRAMMAR_BACKEND_CHOICES = ("xgrammar", "outlines", "llguidance", "none")
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+_BITS = 32
+
+
+class GrammarUnavailableError(ValueError):
+    """The server cannot compile grammars (no backend, or its package is missing)."""
+
+
+def grammar_key(params: Any) -> tuple[str, str] | None:
+    """(kind, spec) of the one constraint a SamplingParams sets, or None."""
+    for name in GRAMMAR_FIELDS:
+        value = getattr(params, name)
+        if value is not None:
+            return name, value
+    return None
+
+
+class Grammar:
+    """One request's matcher over a compiled grammar."""
+
+    def __init__(self, matcher: Any):
+        self.matcher = matcher
+
+    def accept_token(self, token: int) -> bool:
+        return bool(self.matcher.accept_token(token))
+
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+class GrammarBackend:
+    """Compiles grammars for one tokenizer and vocabulary (xgrammar)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: set[int],
+                 any_whitespace: bool = True):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids))
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.any_whitespace = any_whitespace
+        self.vocab_size = vocab_size
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self.compiled: dict[tuple[str, str], Future] = {}
+
+    def submit(self, key: tuple[str, str]) -> Future:
+        """The compilation of `key` (kind, spec), started now unless one is cached."""
+        future = self.compiled.get(key)
+        if future is None:
+            future = self.executor.submit(self._compile, key)
+            self.compiled[key] = future
+        return future
+
+    def _compile(self, key: tuple[str, str]) -> Any:
+        kind, spec = key
+        try:
+            if kind == "json_schema":
+                return self.compiler.compile_json_schema(spec,
+                                                         any_whitespace=self.any_whitespace)
+            if kind == "regex":
+                return self.compiler.compile_regex(spec)
+            return self.compiler.compile_grammar(spec)
+        except Exception as e:  # noqa: BLE001 - the client's grammar is at fault
+            raise ValueError(f"Invalid {kind}: {_clean(e)}") from None
+
+    def new_grammar(self, compiled: Any) -> Grammar:
+        return Grammar(self.xgr.GrammarMatcher(compiled))
+
+
+def _clean(error: Exception) -> str:
+    """The message of a compiler error, without its C++ source location."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
+
+
+def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int, stop_token_ids: set[int],
+                           any_whitespace: bool) -> tuple[GrammarBackend | None, str | None]:
+    """(backend, None), or (None, why a grammar request is refused)."""
+    if name == "none":
+        return None, "Grammar-constrained decoding is off (--grammar-backend none)."
+    if name != "xgrammar":
+        return None, (f"The grammar backend {name!r} is not installed in sglab; use "
+                      "--grammar-backend xgrammar.")
+    if tokenizer is None:
+        return None, "Grammar-constrained decoding needs a tokenizer (--skip-tokenizer-init)."
+    try:
+        return GrammarBackend(tokenizer, vocab_size, stop_token_ids, any_whitespace), None
+    except ImportError:
+        return None, ("The grammar backend 'xgrammar' is not installed: pip install "
+                      "sglab[structured] (xgrammar) to use json_schema, regex or ebnf.")
+
+
+@dataclass
+class VocabMask:
+    """The batch's allowed tokens this step: a bitmask [bs, ceil(vocab / 32)] int32 on the
+    device (bit t % 32 of word t // 32; rows without a grammar allow everything)."""
+
+    bitmask: torch.Tensor
+
+    @classmethod
+    def from_grammars(cls, grammars: list[Grammar | None], vocab_size: int,
+                      device: torch.device | str) -> "VocabMask":
+        num_words = (vocab_size + _BITS - 1) // _BITS
+        host = torch.full((len(grammars), num_words), -1, dtype=torch.int32)
+        for row, grammar in enumerate(grammars):
+            if grammar is not None:
+                grammar.fill_bitmask(host, row)
+        return cls(h2d(host, torch.int32, device, pin=True))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
+        bits = (self.bitmask.unsqueeze(-1) >> shifts) & 1
+        allowed = bits.view(self.bitmask.shape[0], -1)[:, :logits.shape[-1]].bool()
+        return logits.masked_fill(~allowed, float("-inf"))

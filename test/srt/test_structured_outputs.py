@@ -1,0 +1,178 @@
+"""Structured outputs (json_schema, regex, ebnf; response_format on the OpenAI routes): every
+output parses and validates against its constraint, with random weights and sampling at
+temperature 1; constrained requests are batch-, overlap- and chunking-invariant and leave the
+unconstrained requests of their batch alone; bad grammars and unavailable backends are 400s."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from sglab.srt.constrained.grammar_backend import create_grammar_backend
+from sglab.test.runners import SchedulerRunner
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+SERVER_ARGS = ["--skip-server-warmup", "--constrained-json-disable-any-whitespace"]
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "n"],
+          "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+REGEX = r"(yes|no)-[0-9]{2}"
+EBNF = 'root ::= "x" ("a" | "b") ("a" | "b") "!"'
+SAMPLED = {"temperature": 1.0, "max_new_tokens": 48}
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [300, 301, 302, 303, 304, 305]]
+
+
+@pytest.fixture(scope="module")
+def path(tiny_model_dir):
+    return tiny_model_dir("tiny-qwen3")
+
+
+def _runner(path, **kw) -> SchedulerRunner:
+    return SchedulerRunner(model_path=path, constrained_json_disable_any_whitespace=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def runner(path):
+    return _runner(path)
+
+
+def _text(runner: SchedulerRunner, out) -> str:
+    return runner.tokenizer.decode(out.output_ids, skip_special_tokens=True)
+
+
+CONSTRAINTS = {
+    "json_schema": (json.dumps(SCHEMA), lambda t: jsonschema.validate(json.loads(t), SCHEMA)),
+    "regex": (REGEX, lambda t: re.fullmatch(REGEX, t) or pytest.fail(t)),
+    "ebnf": (EBNF, lambda t: re.fullmatch(r"x[ab]{2}!", t) or pytest.fail(t)),
+}
+
+
+@pytest.mark.parametrize("kind", CONSTRAINTS)
+def test_every_sample_satisfies_its_constraint(runner, kind):
+    spec, check = CONSTRAINTS[kind]
+    outs = runner.generate(PROMPTS, {**SAMPLED, kind: spec, "sampling_seed": 3})
+    for out in outs:
+        assert out.finish_reason["type"] == "stop", out.finish_reason
+        check(_text(runner, out))
+    assert runner.integrity_error() is None
+
+
+def test_unconstrained_neighbours_and_schedules_are_unchanged(path, runner):
+    """One constrained request among greedy ones: the others keep their exact tokens; the
+    constrained one samples the same under overlap, chunked prefill and a warm radix cache."""
+    greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    plain = runner.generate(PROMPTS, greedy)
+    spec = {**SAMPLED, "json_schema": json.dumps(SCHEMA), "sampling_seed": 4}
+    long_prompt = list(range(40, 90))
+    rids = [runner.submit(p, spec if i == 1 else greedy) for i, p in enumerate(PROMPTS)]
+    rids.append(runner.submit(long_prompt, spec))
+    outs = runner.run()
+    assert [outs[rids[i]].output_ids for i in (0, 2)] == [plain[0].output_ids,
+                                                           plain[2].output_ids]
+    want = [outs[rids[1]].output_ids, outs[rids[3]].output_ids]
+    for kw in ({"disable_overlap_schedule": True}, {"chunked_prefill_size": 16}, {}):
+        other = _runner(path, **kw) if kw else runner  # {}: the same runner, radix warm
+        got = other.generate([PROMPTS[1], long_prompt], spec)
+        assert [o.output_ids for o in got] == want, kw
+        assert other.integrity_error() is None
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"regex": "("}, "Invalid regex: Regex parsing error"),
+    ({"json_schema": "{not json"}, "Invalid json_schema: "),
+    ({"ebnf": "root ::= undefined_rule"}, "Invalid ebnf: "),
+])
+def test_an_invalid_grammar_refuses_only_its_request(runner, params, message):
+    bad = runner.submit([5, 6], {**SAMPLED, **params})
+    good = runner.submit([5, 6], {**SAMPLED, "regex": REGEX})
+    outs = runner.run()
+    reason = outs[bad].finish_reason
+    assert reason["type"] == "abort" and reason["status_code"] == 400
+    assert reason["message"].startswith(message), reason
+    assert re.fullmatch(REGEX, _text(runner, outs[good]))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("none", "Grammar-constrained decoding is off (--grammar-backend none)."),
+    ("outlines", "The grammar backend 'outlines' is not installed in sglab"),
+    ("llguidance", "The grammar backend 'llguidance' is not installed in sglab"),
+])
+def test_unavailable_backends_say_so(name, message):
+    backend, refusal = create_grammar_backend(name, object(), 1024, {1}, True)
+    assert backend is None and refusal.startswith(message)
+
+
+# --- a real server ------------------------------------------------------------------------------
+
+def test_openai_response_format_json_schema(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    res = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Answer in JSON."}],
+        max_tokens=48, temperature=1.0, n=3, seed=1, response_format=fmt)
+    for choice in res.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+def test_openai_regex_and_ebnf_extras(client):
+    res = client.completions.create(model="default", prompt="Well?", max_tokens=20,
+                                    temperature=1.0, n=2, extra_body={"regex": REGEX})
+    assert all(re.fullmatch(REGEX, c.text) for c in res.choices), res.choices
+    res = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "x"}], max_tokens=20,
+        extra_body={"ebnf": EBNF})
+    assert re.fullmatch(r"x[ab]{2}!", res.choices[0].message.content)
+
+
+def test_generate_json_schema_streams_valid_json(http, server):
+    body = {"text": "JSON:", "stream": True, "sampling_params": {
+        **SAMPLED, "json_schema": json.dumps(SCHEMA)}}
+    res = http.post(f"{server.base_url}/generate", json=body, stream=True, timeout=120)
+    events = [json.loads(ln[6:]) for ln in res.iter_lines() if ln and ln != b"data: [DONE]"]
+    assert len(events) > 1 and events[-1]["meta_info"]["finish_reason"]["type"] == "stop"
+    jsonschema.validate(json.loads(events[-1]["text"]), SCHEMA)
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/generate", {"text": "a", "sampling_params": {"regex": "a", "ebnf": EBNF}},
+     "Only one of regex, json_schema, or ebnf can be set."),
+    ("/generate", {"text": "a", "sampling_params": {"regex": "("}},
+     "Invalid regex: Regex parsing error at position 2"),
+    ("/generate", {"text": "a", "sampling_params": {"json_schema": {"type": "object"}}},
+     "json_schema must be a string."),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "x"}}},
+     "schema_ is required for json_schema response format request."),
+    ("/v1/completions", {"prompt": "a", "regex": "a", "response_format": {
+        "type": "json_object"}}, "Only one of regex, json_schema, or ebnf can be set."),
+])
+def test_bad_constraints_are_400s_and_the_server_keeps_serving(http, server, path, body,
+                                                               message):
+    res = http.post(f"{server.base_url}{path}", json=body, timeout=60)
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["message"].startswith(message), res.text
+    ok = http.post(f"{server.base_url}/generate", timeout=60, json={
+        "text": "a", "sampling_params": {**SAMPLED, "regex": REGEX}}).json()
+    assert re.fullmatch(REGEX, ok["text"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_constrained_samples_match_with_cuda_graphs_and_overlap(path):
+    gpu = {"device": "cuda", "dtype": "float32", "attention_backend": "triton"}
+    eager = _runner(path, disable_cuda_graph=True, disable_overlap_schedule=True, **gpu)
+    graphs = _runner(path, **gpu)
+    assert graphs.scheduler.tp_worker.model_runner.graph_runner is not None
+    for kind, (spec, check) in CONSTRAINTS.items():
+        params = {**SAMPLED, kind: spec, "sampling_seed": 8}
+        want = eager.generate(PROMPTS, params)
+        got = graphs.generate(PROMPTS, params)
+        assert [o.output_ids for o in got] == [o.output_ids for o in want], kind
+        for out in got:
+            check(_text(graphs, out))
