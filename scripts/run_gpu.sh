@@ -22,7 +22,8 @@
 #                 graphs and overlap, 0003b under set_sync_debug_mode), gpu_bench of qwen3.5-9b
 #                 (ITL bs 1/8/64, throughput at 64, weight+state roofline, HF peer), and the
 #                 0003b A/B: requests arriving and finishing every step, and long decodes
-#                 crossing the track interval (extra_buffer)
+#                 crossing the track interval (extra_buffer); its parts run alone as
+#                 qwen35-tests qwen35-bench ab-0003b-churn ab-0003b-long
 #   hisparse      all of: tests-hisparse ab-0004 ab-0004-control hisparse-bench
 #   tests-hisparse  HiSparse / patch 0004 GPU tests (stream order, UVA kernel, graphs)
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
@@ -53,6 +54,20 @@ ab_0004() {  # $1: tag, $2: extra server args
     --audit first --server-args "--load-format dummy $HS $2" --tag $1 \
     --max-concurrencies 4 -- $(rnd $m) --num-prompts 16 --random-input-len 8192 \
     --random-output-len 512 2>&1 | tail -n 40
+}
+ab_0003b() {  # $1: ab-0003b-churn (arrive and finish every step) or ab-0003b-long
+  local m q; m=$(mk qwen3.5-9b)
+  q="--load-format dummy --mamba-scheduler-strategy extra_buffer --cuda-graph-max-bs 64"
+  if [[ $1 == ab-0003b-churn ]]; then
+    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
+      --server-args "$q" --tag $1 --request-rates 32 -- $(rnd $m) \
+      --num-prompts 192 --random-input-len 128 --random-output-len 16 2>&1 | tail -n 30
+  else
+    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
+      --server-args "$q --mamba-track-interval 64" --tag $1 --max-concurrencies 16 \
+      -- $(rnd $m) --num-prompts 32 --random-input-len 256 --random-output-len 512 2>&1 \
+      | tail -n 30
+  fi
 }
 hisparse_steps() {
   case $1 in
@@ -133,21 +148,18 @@ for step in "$@"; do
       timeout 150 python3 benchmark/bench_unified_extend.py --preset $p --out "$R/unified-$p" \
         2>&1 | tail -n 8
     done ;;
-  qwen35)
+  qwen35-tests)
     timeout 420 python3 -m pytest -q -m gpu test/kernels/test_gdn_kernels.py \
       test/srt/test_qwen35.py test/srt/test_patches.py -k "gdn or qwen35 or 0003b" 2>&1 \
-      | tee "$R/gpu_tests_qwen35.log" | tail -n 15
+      | tee "$R/gpu_tests_qwen35.log" | tail -n 15 ;;
+  qwen35-bench)
     timeout 420 python3 benchmark/gpu_bench.py all --presets qwen3.5-9b --out "$R/qwen35" \
-      2>&1 | tail -n 20
-    m=$(mk qwen3.5-9b)
-    Q35="--load-format dummy --mamba-scheduler-strategy extra_buffer --cuda-graph-max-bs 64"
-    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
-      --server-args "$Q35" --tag ab-0003b-churn --request-rates 32 -- $(rnd $m) \
-      --num-prompts 192 --random-input-len 128 --random-output-len 16 2>&1 | tail -n 30
-    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
-      --server-args "$Q35 --mamba-track-interval 64" --tag ab-0003b-long \
-      --max-concurrencies 16 -- $(rnd $m) --num-prompts 32 --random-input-len 256 \
-      --random-output-len 512 2>&1 | tail -n 30 ;;
+      2>&1 | tail -n 20 ;;
+  ab-0003b-churn|ab-0003b-long) ab_0003b $step ;;
+  qwen35)
+    for part in qwen35-tests qwen35-bench ab-0003b-churn ab-0003b-long; do
+      bash "$0" "$part"
+    done ;;
   profile)
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
