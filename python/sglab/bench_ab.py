@@ -11,7 +11,9 @@ ABBA order (`bench_stats.abba_order`), `--rounds` per variant, the first of each
 in the report and left out of the statistics. By default each variant's server is launched once
 and all stay alive while the rounds alternate between them; as they share one GPU and the KV
 pool is sized from the free memory, a KV cap (`--max-total-tokens`, `--kv-cap-tokens`) is added
-to every server when the user set none, so each variant gets the same pool.
+to every server when the user set none, so each variant gets the same pool; for a hybrid
+(linear-attention) model the state pool is capped the same way (`--max-mamba-cache-size`,
+`--mamba-cap-slots`), as it too is sized from the free memory.
 `--restart-each-round` launches a fresh server per round instead.
 
 Every run's requests must be the same: bench_serving records a digest per request sent (token
@@ -55,6 +57,7 @@ REQUEST_METRICS = [("pooled_ttft_p50_ms", "ttfts_ms", 50), ("pooled_ttft_p95_ms"
 # 7-9 GiB of KV for the Qwen3-0.6B / Llama-3.1-8B / Qwen3-8B shapes (112-144 KiB a token): three
 # 8B servers and their weights fit one H200; far above what the A/B workloads hold at once.
 DEFAULT_KV_CAP_TOKENS = 65536
+DEFAULT_MAMBA_CAP_SLOTS = 256
 
 
 class InputsDifferError(ValueError):
@@ -179,14 +182,35 @@ class ServerSet:
         return popen_launch_server(self.argv(variant, audited), timeout=self.args.launch_timeout)
 
 
+def _user_sets(server_args: str, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in shlex.split(server_args))
+
+
 def kv_cap_flags(server_args: str, live_servers: int, cap_tokens: int) -> list[str]:
     """`--max-total-tokens CAP` when servers share the device and the user set no cap."""
-    user = shlex.split(server_args)
-    user_cap = any(a == "--max-total-tokens" or a.startswith("--max-total-tokens=")
-                   for a in user)
-    if live_servers < 2 or user_cap or cap_tokens <= 0:
+    if live_servers < 2 or _user_sets(server_args, "--max-total-tokens") or cap_tokens <= 0:
         return []
     return ["--max-total-tokens", str(cap_tokens)]
+
+
+def mamba_cap_flags(server_args: str, live_servers: int, cap_slots: int,
+                    model_path: str) -> list[str]:
+    """`--max-mamba-cache-size CAP` for a hybrid model when servers share the device: its
+    state pool is otherwise a share of all free memory, leaving none for the next server."""
+    if (live_servers < 2 or cap_slots <= 0 or not _is_hybrid(model_path)
+            or _user_sets(server_args, "--max-mamba-cache-size")):
+        return []
+    return ["--max-mamba-cache-size", str(cap_slots)]
+
+
+def _is_hybrid(model_path: str) -> bool:
+    from sglab.srt.configs.mamba_utils import is_hybrid_architecture
+
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return is_hybrid_architecture(json.load(f).get("architectures") or [])
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +405,10 @@ def _method(report: dict) -> str:
     cap = report["kv_cap"]
     cap_note = (f"; KV pool capped at {cap['max_total_tokens']} tokens for every server "
                 f"(`--max-total-tokens`, added: {cap['reason']})" if cap else "")
+    mamba = report.get("mamba_cap")
+    if mamba:
+        cap_note += (f"; state pool capped at {mamba['max_mamba_cache_size']} slots "
+                     f"(`--max-mamba-cache-size`, added: {mamba['reason']})")
     audit = {"first": "sync audit in separate runs, never a timed round" if not
              report["restart_each_round"] else "sync audit in the warm-up rounds",
              "all": "every run audited, timed rounds included (their timings carry the audit's "
@@ -492,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kv-cap-tokens", type=int, default=DEFAULT_KV_CAP_TOKENS,
         help="--max-total-tokens given to every server when several run at once and "
              "--server-args sets none (0: never)")
+    add("--mamba-cap-slots", type=int, default=DEFAULT_MAMBA_CAP_SLOTS,
+        help="--max-mamba-cache-size given to every server of a hybrid model when several run "
+             "at once and --server-args sets none (0: never)")
     add("--server-args", default="", help="extra launch_server arguments")
     add("--out-dir", default="benchmark/results")
     add("--tag", default=None, help="file name stem (default: date + patch)")
@@ -545,14 +576,18 @@ def main(argv: list[str] | None = None) -> dict:
     steps = plan_steps(names, args.rounds, args.audit, args.restart_each_round)
     live = 1 if args.restart_each_round else len(variants)
     kv_cap = kv_cap_flags(args.server_args, live, args.kv_cap_tokens)
+    mamba_cap = mamba_cap_flags(args.server_args, live, args.mamba_cap_slots, args.model_path)
     meta = {"patch": args.patch, "variants": names, "model_path": args.model_path,
             "server_args": args.server_args, "rounds": args.rounds,
             "restart_each_round": args.restart_each_round, "audit": args.audit,
             "kv_cap": {"max_total_tokens": int(kv_cap[1]),
                        "reason": f"{live} servers at once"} if kv_cap else None,
+            "mamba_cap": {"max_mamba_cache_size": int(mamba_cap[1]),
+                          "reason": f"{live} servers at once"} if mamba_cap else None,
             "provenance": provenance(args.commit)}
     try:
-        runs = run_steps(args, variants, steps, [w for _, w in workloads], kv_cap)
+        runs = run_steps(args, variants, steps, [w for _, w in workloads],
+                         kv_cap + mamba_cap)
     except InputsDifferError as e:
         parser.exit(2, f"bench_ab: error: {e}\n")
     stem = os.path.join(args.out_dir, args.tag or

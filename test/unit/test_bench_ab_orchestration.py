@@ -299,3 +299,22 @@ def test_workload_sweep_by_rate_and_concurrency():
     sweep = _workloads(["x"], [0.5], [1, 32])
     assert sweep == [("-rate0.5-c1", ["x", "--request-rate", "0.5", "--max-concurrency", "1"]),
                      ("-rate0.5-c32", ["x", "--request-rate", "0.5", "--max-concurrency", "32"])]
+
+
+def test_hybrid_model_state_pool_capped_when_servers_share_the_device(tmp_path, monkeypatch):
+    hybrid, dense = tmp_path / "hybrid", tmp_path / "dense"
+    for path, arch in ((hybrid, "Qwen3_5ForCausalLM"), (dense, "Qwen3ForCausalLM")):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    cap = ["--max-mamba-cache-size", str(bench_ab.DEFAULT_MAMBA_CAP_SLOTS)]
+    assert bench_ab.mamba_cap_flags("", 2, bench_ab.DEFAULT_MAMBA_CAP_SLOTS, str(hybrid)) == cap
+    assert bench_ab.mamba_cap_flags("", 2, 256, str(dense)) == []
+    assert bench_ab.mamba_cap_flags("", 1, 256, str(hybrid)) == []
+    assert bench_ab.mamba_cap_flags("--max-mamba-cache-size=9", 3, 256, str(hybrid)) == []
+    fakes = Fakes(monkeypatch)
+    report = bench_ab.main(["--patch", "0003b", "--model-path", str(hybrid), "--out-dir",
+                            str(tmp_path), "--tag", "ab", "--rounds", "2", "--audit", "none",
+                            "--", "--num-prompts", "2"])
+    assert fakes.launches and all(a.count("--max-mamba-cache-size") == 1 for a in fakes.launches)
+    assert report["mamba_cap"]["max_mamba_cache_size"] == bench_ab.DEFAULT_MAMBA_CAP_SLOTS
+    assert "--max-mamba-cache-size" in (tmp_path / "ab.md").read_text()
