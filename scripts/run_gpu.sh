@@ -34,6 +34,9 @@ OUT=${OUT:-/tmp/sglab-gpu}
 R=$OUT/r
 mkdir -p "$R"
 export SGLAB_COMMIT=${SGLAB_COMMIT:-unknown}
+# Autotuning results persist in the Triton cache, so each server of an A/B (and every later
+# launch) reuses the first one's choices instead of tuning again (fla's GDN kernels autotune).
+export TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$R/gpu.txt"
 echo "commit $SGLAB_COMMIT" | tee -a "$R/gpu.txt"
 
@@ -56,14 +59,15 @@ ab_0004() {  # $1: tag, $2: extra server args
     --random-output-len 512 2>&1 | tail -n 40
 }
 ab_0003b() {  # $1: ab-0003b-churn (arrive and finish every step) or ab-0003b-long
+  # Six launches of the 9b shape (three audited, three live) take minutes: one step per call.
   local m q; m=$(mk qwen3.5-9b)
   q="--load-format dummy --mamba-scheduler-strategy extra_buffer --cuda-graph-max-bs 64"
   if [[ $1 == ab-0003b-churn ]]; then
-    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
+    timeout 560 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
       --server-args "$q" --tag $1 --request-rates 32 -- $(rnd $m) \
       --num-prompts 192 --random-input-len 128 --random-output-len 16 2>&1 | tail -n 30
   else
-    timeout 420 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
+    timeout 560 $AB --patch 0003b --model-path $m --variants off on on:host --audit first \
       --server-args "$q --mamba-track-interval 64" --tag $1 --max-concurrencies 16 \
       -- $(rnd $m) --num-prompts 32 --random-input-len 256 --random-output-len 512 2>&1 \
       | tail -n 30
