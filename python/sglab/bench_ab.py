@@ -22,8 +22,9 @@ requests. Outputs are compared by a digest of the token ids.
 
 The sync audit costs time per sync it sees (on CUDA each one is a Python warning), which would
 slow the patch-off variant only, so by default no timed round is audited: `--audit first` counts
-syncs in one extra run per variant on its own audited server (with `--restart-each-round`, in
-the warm-up rounds); `--audit all` audits every server, timed rounds included; `none` skips it.
+syncs in each variant's warm-up round (on a live server, switched on for that round only
+through `/set_internal_state`); `--audit all` audits every server, timed rounds included;
+`none` skips it.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _variant(patch: str, spec: str) -> Variant:
 
 @dataclass(frozen=True)
 class Step:
-    """One run: a variant's round (`round` >= 1) or, for `--audit first`, its audit run (0)."""
+    """One run: a variant's round (from 1); `--audit first` audits the warm-up rounds."""
 
     variant: str
     round: int
@@ -110,25 +111,21 @@ class Step:
 
     @property
     def timed(self) -> bool:
-        return self.round > 0 and not self.warmup
+        return not self.warmup
 
     @property
     def label(self) -> str:
-        return f"{self.variant} {'audit' if self.round == 0 else f'r{self.round}'}"
+        return f"{self.variant} r{self.round}"
 
 
-def plan_steps(variants: list[str], rounds: int, audit: str, restart: bool) -> list[Step]:
-    """The runs in execution order: audit runs (if separate), then the ABBA rounds."""
+def plan_steps(variants: list[str], rounds: int, audit: str) -> list[Step]:
+    """The ABBA rounds in execution order."""
     order = bench_stats.abba_order(variants, rounds)
-    warmups = bench_stats.warmup_flags(order)
     seen: dict[str, int] = {}
     steps = []
-    if audit == "first" and not restart:
-        steps = [Step(v, 0, False, True) for v in variants]
-    for v, warm in zip(order, warmups):
+    for v, warm in zip(order, bench_stats.warmup_flags(order)):
         seen[v] = seen.get(v, 0) + 1
-        audited = audit == "all" or (audit == "first" and restart and warm)
-        steps.append(Step(v, seen[v], warm, audited))
+        steps.append(Step(v, seen[v], warm, audit == "all" or (audit == "first" and warm)))
     return steps
 
 
@@ -161,12 +158,13 @@ class ServerSet:
             signal.signal(signal.SIGTERM, previous)
 
     def server_for(self, step: Step) -> tuple[ServerProcess, bool]:
-        """(server, is_fresh): a fresh launch for audit runs and with --restart-each-round."""
-        if step.round == 0 or self.args.restart_each_round:
+        """(server, is_fresh): a fresh launch per step with --restart-each-round. A live
+        server is launched audited only under `--audit all`."""
+        if self.args.restart_each_round:
             self.fresh.append(self._launch(step.variant, step.audited))
             return self.fresh[-1], True
         if step.variant not in self.live:
-            self.live[step.variant] = self._launch(step.variant, step.audited)
+            self.live[step.variant] = self._launch(step.variant, self.args.audit == "all")
         return self.live[step.variant], False
 
     def stop(self, server: ServerProcess) -> None:
@@ -249,9 +247,20 @@ def _flush_cache(base_url: str) -> None:
         raise RuntimeError(f"flush_cache failed ({resp.status_code}): {resp.text[:200]}")
 
 
-def run_workload(base_url: str, step: Step, bench_argv: list[str]) -> dict:
-    """One bench_serving run against `base_url`; the run record bench_ab keeps."""
+def _set_sync_audit(base_url: str, enabled: bool) -> None:
+    resp = requests.post(f"{base_url}/set_internal_state", timeout=60,
+                         json={"server_args": {"enable_sync_audit": enabled}})
+    if resp.status_code != 200:
+        raise RuntimeError(f"set_internal_state failed ({resp.status_code}): {resp.text[:200]}")
+
+
+def run_workload(base_url: str, step: Step, bench_argv: list[str],
+                 switch_audit: bool = False) -> dict:
+    """One bench_serving run against `base_url`; the run record bench_ab keeps. With
+    `switch_audit` the server's sync audit is on for this run only."""
     _flush_cache(base_url)
+    if switch_audit:
+        _set_sync_audit(base_url, True)
     audit_before = _sync_audit(_server_info(base_url))
     with tempfile.TemporaryDirectory() as tmp:
         bargs = bench_serving.parse_args([
@@ -259,6 +268,8 @@ def run_workload(base_url: str, step: Step, bench_argv: list[str]) -> dict:
             os.path.join(tmp, "run.jsonl"), "--output-details", "--disable-tqdm", *bench_argv])
         result = bench_serving.run_benchmark(bargs)
     info = _server_info(base_url)
+    if switch_audit:
+        _set_sync_audit(base_url, False)
     ok = [not e for e in result["errors"]]
     return {"variant": step.variant, "round": step.round, "warmup": step.warmup,
             "audited": step.audited, "timed": step.timed, "label": step.label,
@@ -299,8 +310,9 @@ def run_steps(args: argparse.Namespace, variants: list[Variant], steps: list[Ste
     with ServerSet(args, variants, kv_cap) as servers:
         for step in steps:
             server, fresh = servers.server_for(step)
+            switch = step.audited and not fresh and args.audit == "first"
             for j, bench_argv in enumerate(workloads):
-                run = run_workload(server.base_url, step, bench_argv)
+                run = run_workload(server.base_url, step, bench_argv, switch)
                 if runs[j]:
                     check_same_inputs(runs[j][0], run)
                 runs[j].append(run)
@@ -409,8 +421,9 @@ def _method(report: dict) -> str:
     if mamba:
         cap_note += (f"; state pool capped at {mamba['max_mamba_cache_size']} slots "
                      f"(`--max-mamba-cache-size`, added: {mamba['reason']})")
-    audit = {"first": "sync audit in separate runs, never a timed round" if not
-             report["restart_each_round"] else "sync audit in the warm-up rounds",
+    audit = {"first": "sync audit in the warm-up rounds" + (
+                 "" if report["restart_each_round"] else
+                 " (switched on for that round only), never a timed round"),
              "all": "every run audited, timed rounds included (their timings carry the audit's "
                     "cost)", "none": "no sync audit"}
     return (f"Model `{report['model_path']}`, server args `{report['server_args']}`, bench args "
@@ -433,8 +446,8 @@ def _comparison_row(c: dict) -> str:
 
 
 def _kind(run: dict) -> str:
-    kind = ["audit run" if run["round"] == 0 else "warm-up" if run["warmup"] else "timed"]
-    return ", ".join(kind + (["audited"] if run["audited"] and run["round"] else []))
+    kind = ["warm-up" if run["warmup"] else "timed"]
+    return ", ".join(kind + (["audited"] if run["audited"] else []))
 
 
 def _num(x: float | None) -> str:
@@ -442,8 +455,8 @@ def _num(x: float | None) -> str:
 
 
 def plot(runs: list[dict], variants: list[str], path: str) -> None:
-    """Per-round median ITL and throughput in run order (warm-up hollow, audit runs x), next to
-    the ITL distribution of each variant's timed rounds."""
+    """Per-round median ITL and throughput in run order (warm-up hollow), next to the ITL
+    distribution of each variant's timed rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,11 +469,8 @@ def plot(runs: list[dict], variants: list[str], path: str) -> None:
             c, y = colors[r["variant"]], r["result"][metric]
             if y is None:
                 continue
-            if r["round"] == 0:
-                ax.scatter(i, y, marker="x", color=c)
-            else:
-                ax.scatter(i, y, marker="o", edgecolors=c, facecolors="none" if r["warmup"] else c)
-        ax.set_xlabel("run (order executed; hollow = warm-up, x = audit run)")
+            ax.scatter(i, y, marker="o", edgecolors=c, facecolors="none" if r["warmup"] else c)
+        ax.set_xlabel("run (order executed; hollow = warm-up)")
         ax.set_ylabel(metric)
     for v in variants:
         itls = [x for r in runs if r["timed"] and r["variant"] == v for g in r["itls_ms"]
@@ -515,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--restart-each-round", action="store_true",
         help="a fresh server per round (default: one server per variant, kept alive)")
     add("--audit", choices=["first", "all", "none"], default="first",
-        help="first: sync counts from an extra untimed run per variant (with "
-             "--restart-each-round: the warm-up rounds); all: every run audited; none")
+        help="first: sync counts from each variant's warm-up round (a live server's audit "
+             "is switched on for that round only); all: every run audited; none")
     add("--kv-cap-tokens", type=int, default=DEFAULT_KV_CAP_TOKENS,
         help="--max-total-tokens given to every server when several run at once and "
              "--server-args sets none (0: never)")
@@ -573,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
         bench_argv += ["--seed", "1"]
     workloads = _workloads(bench_argv, args.request_rates, args.max_concurrencies)
     names = [v.name for v in variants]
-    steps = plan_steps(names, args.rounds, args.audit, args.restart_each_round)
+    steps = plan_steps(names, args.rounds, args.audit)
     live = 1 if args.restart_each_round else len(variants)
     kv_cap = kv_cap_flags(args.server_args, live, args.kv_cap_tokens)
     mamba_cap = mamba_cap_flags(args.server_args, live, args.mamba_cap_slots, args.model_path)

@@ -11,12 +11,12 @@ from sglab.srt.utils.dummy_model import get_default_model_path
 
 
 def test_bench_ab_0001_report(tmp_path):
-    """Two live servers (one KV cap for both, both audited: the separate audit runs of the
-    default `--audit first` cost two more launches, see test/unit/test_bench_ab.py), 2 ABBA
-    rounds each, two workloads (request rates) per round."""
+    """Two live servers (one KV cap for both), 2 ABBA rounds each, two workloads (request
+    rates) per round; `--audit first`: each server's audit switched on for its warm-up round
+    only (`/set_internal_state`)."""
     model = get_default_model_path()
     out = bench_ab.main([
-        "--patch", "0001", "--model-path", model, "--rounds", "2", "--audit", "all",
+        "--patch", "0001", "--model-path", model, "--rounds", "2", "--audit", "first",
         "--kv-cap-tokens", "4096",
         "--server-args=--skip-server-warmup", "--out-dir", str(tmp_path), "--tag", "ab",
         "--request-rates", "inf", "50", "--commit", "feedc0de",
@@ -31,7 +31,7 @@ def test_bench_ab_0001_report(tmp_path):
             ("off", 1, False), ("on", 1, False), ("on", 2, True), ("off", 2, True)]
         assert all(r["result"]["completed"] == 6 for r in runs)
         assert all(r["max_total_num_tokens"] == 4096 for r in runs)  # the cap reached them
-        assert all(r["audited"] for r in runs)
+        assert [r["audited"] for r in runs] == [True, True, False, False]
         assert "0001" not in runs[0]["active_patches"] and "0001" in runs[1]["active_patches"]
         assert runs[1]["patch_modes"]["0001"] == "pr"
         assert len({r["input_digest"] for r in runs}) == 1 and len(report["input_digests"]) == 6
@@ -48,7 +48,9 @@ def test_bench_ab_0001_report(tmp_path):
         md = (tmp_path / f"{stem}.md").read_text()
         assert md.index("| median_itl_ms |") < md.index("## Rounds")
         assert os.path.getsize(tmp_path / f"{stem}.png") > 1000
-    assert all(r["sync_audit"]["steps"] > 0 for rep in reports for r in rep["runs"])
+    # The audit counted the warm-up rounds and nothing once it was switched off again.
+    assert all((r["sync_audit"]["steps"] > 0) == r["audited"] for rep in reports
+               for r in rep["runs"])
 
 
 def _check_comparisons(comps: list[dict], off: dict, on: dict) -> None:

@@ -103,6 +103,9 @@ ROUTES = {
     "/load_lora_adapter": _bodies({"lora_name": "a", "lora_path": "/nowhere"},
                                   ["lora_name", "lora_path", "pinned"]),
     "/unload_lora_adapter": _bodies({"lora_name": "a"}, ["lora_name"]),
+    "/set_internal_state": st.one_of(
+        _bodies({"server_args": {"enable_sync_audit": False}}, ["server_args"]),
+        _mutated({}, ["server_args"]).map(lambda d: {"server_args": d})),
 }
 # Well-typed bodies whose options combine in every way (batches, n, best_of, echo, logprobs,
 # streams, usage options, zero-token generations): the paths a valid request can take.

@@ -383,3 +383,44 @@ def test_startup_log_names_model_source_device_dtype_and_url(server):
                      rf"{re.escape(server.model_path)} \(sglab's default tiny-qwen3 model .*\) "
                      rf"on (cpu|cuda), dtype (float32|float16|bfloat16), at "
                      rf"{re.escape(server.base_url)}$", line), line
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"server_args": {"max_running_requests": 4}}, "Updating max_running_requests is not"),
+    ({"server_args": {"enable_sync_audit": 1}}, "must be a bool"),
+    ({"server_args": {}}, "at least one entry"),
+    ({"enable_sync_audit": True}, '{"server_args"'),
+    ([1], '{"server_args"'),
+])
+def test_set_internal_state_refuses_what_it_cannot_change(http, server, body, message):
+    error = _error(http, server, "/set_internal_state", body)
+    assert message in error["message"] and error["param"] == "server_args", error
+
+
+def test_sync_audit_switched_on_and_off_while_serving(http, server):
+    def audit():
+        info = http.get(f"{server.base_url}/get_server_info", timeout=60).json()
+        return info["internal_states"][0]["sync_audit"]
+
+    def generate():
+        res = http.post(f"{server.base_url}/generate", timeout=120,
+                        json={"text": PROMPT, "sampling_params": {"max_new_tokens": 3}})
+        assert res.status_code == 200, res.text
+
+    def switch(on):
+        res = http.post(f"{server.base_url}/set_internal_state", timeout=60,
+                        json={"server_args": {"enable_sync_audit": on}})
+        assert res.status_code == 200 and res.json() == [
+            {"updated": True, "server_args": {"enable_sync_audit": on}}], res.text
+
+    try:
+        switch(True)
+        assert audit()["steps"] == 0  # switching on starts the counts afresh
+        generate()
+        counted = audit()
+        assert counted["enabled"] and counted["steps"] >= 3 and counted["host_ms_per_step"]
+    finally:
+        switch(False)
+    generate()
+    after = audit()
+    assert not after["enabled"] and after["steps"] == counted["steps"]

@@ -24,6 +24,7 @@ class Fakes:
         self.launches: list[list[str]] = []
         self.stopped: list[str] = []
         self.rounds: list[tuple[str, str, int]] = []  # (server url, variant, round)
+        self.switched: list[tuple[str, int]] = []  # (server url, round) audited by switching
         self.values = values or (lambda step: 10.0)
         self.digests = digests or (lambda step: DIGESTS)
         monkeypatch.setattr(bench_ab, "popen_launch_server", self.launch)
@@ -37,8 +38,10 @@ class Fakes:
     def kill(self, server):
         self.stopped.append(server.base_url)
 
-    def run(self, base_url, step, bench_argv):
+    def run(self, base_url, step, bench_argv, switch_audit=False):
         self.rounds.append((base_url, step.variant, step.round))
+        if switch_audit:
+            self.switched.append((base_url, step.round))
         v = self.values(step)
         return {"variant": step.variant, "round": step.round, "warmup": step.warmup,
                 "audited": step.audited, "timed": step.timed, "label": step.label,
@@ -58,28 +61,27 @@ def _main(tmp_path, *extra, variants=("off", "on"), rounds="3"):
                           "--", "--num-prompts", "6"])
 
 
-def test_live_servers_launched_once_audit_runs_apart_and_kv_cap(tmp_path, monkeypatch):
+def test_live_servers_launched_once_warmups_audited_by_switching_and_kv_cap(tmp_path,
+                                                                            monkeypatch):
     fakes = Fakes(monkeypatch)
     report = _main(tmp_path)
     cap = ["--max-total-tokens", str(bench_ab.DEFAULT_KV_CAP_TOKENS)]
-    assert fakes.launches == [
-        ["--model-path", "m", *cap, "--disable-pinned-h2d", "--enable-sync-audit"],
-        ["--model-path", "m", *cap, "--enable-pinned-h2d", "--enable-sync-audit"],
-        ["--model-path", "m", *cap, "--disable-pinned-h2d"],
-        ["--model-path", "m", *cap, "--enable-pinned-h2d"]]
-    # Audit runs on their own servers, stopped at once; then ABBA against the two live ones.
-    assert fakes.rounds == [("fake://1", "off", 0), ("fake://2", "on", 0),
-                            ("fake://3", "off", 1), ("fake://4", "on", 1), ("fake://4", "on", 2),
-                            ("fake://3", "off", 2), ("fake://3", "off", 3), ("fake://4", "on", 3)]
-    assert fakes.stopped[:2] == ["fake://1", "fake://2"]
-    assert sorted(fakes.stopped[2:]) == ["fake://3", "fake://4"]
+    # One launch per variant, none audited from the start: the audit is switched on at runtime
+    # for each warm-up round only.
+    assert fakes.launches == [["--model-path", "m", *cap, "--disable-pinned-h2d"],
+                              ["--model-path", "m", *cap, "--enable-pinned-h2d"]]
+    assert fakes.rounds == [("fake://1", "off", 1), ("fake://2", "on", 1), ("fake://2", "on", 2),
+                            ("fake://1", "off", 2), ("fake://1", "off", 3), ("fake://2", "on", 3)]
+    assert fakes.switched == [("fake://1", 1), ("fake://2", 1)]
+    assert sorted(fakes.stopped) == ["fake://1", "fake://2"]
     assert report["kv_cap"] == {"max_total_tokens": bench_ab.DEFAULT_KV_CAP_TOKENS,
                                 "reason": "2 servers at once"}
     runs = report["runs"]
     assert [(r["timed"], r["warmup"], r["audited"]) for r in runs] == (
-        [(False, False, True)] * 2 + [(False, True, False)] * 2 + [(True, False, False)] * 4)
+        [(False, True, True)] * 2 + [(True, False, False)] * 4)
     assert report["summary"]["syncs_per_step"] == {"off": 9.0, "on": 0.0}
-    assert "--max-total-tokens" in (tmp_path / "ab.md").read_text()
+    md = (tmp_path / "ab.md").read_text()
+    assert "--max-total-tokens" in md and "switched on for that round only" in md
 
 
 def test_restart_each_round_audits_warmups_and_needs_no_cap(tmp_path, monkeypatch):
@@ -163,10 +165,10 @@ def test_differing_inputs_are_refused_with_the_request_indices(tmp_path, monkeyp
 def test_a_failing_round_still_stops_every_server(tmp_path, monkeypatch):
     fakes = Fakes(monkeypatch)
 
-    def boom(base_url, step, bench_argv):
+    def boom(base_url, step, bench_argv, switch_audit=False):
         if step.variant == "on":
             raise RuntimeError("server died")
-        return Fakes.run(fakes, base_url, step, bench_argv)
+        return Fakes.run(fakes, base_url, step, bench_argv, switch_audit)
 
     monkeypatch.setattr(bench_ab, "run_workload", boom)
     with pytest.raises(RuntimeError, match="server died"):
@@ -187,7 +189,7 @@ def test_report_leads_with_verdicts_then_rounds_with_digests(tmp_path, monkeypat
     assert "| median_itl_ms | 2+2 rounds |" in md  # 3 rounds, the first a warm-up
     assert "| pooled_ttft_p50_ms | 12+12 requests |" in md
     digest = report["runs"][0]["output_digest"]
-    assert md.count(f"`{digest}`") == 8 and "Token-identical across all 8 runs: yes" in md
+    assert md.count(f"`{digest}`") == 6 and "Token-identical across all 6 runs: yes" in md
     saved = json.loads((tmp_path / "ab.json").read_text())
     assert saved["provenance"]["commit"] == "c0ffee" and saved["input_digests"] == DIGESTS
     assert "itls_ms" not in saved["runs"][0] and saved["runs"][0]["ttfts_ms"]
@@ -215,7 +217,7 @@ def launch(argv, timeout):
     print("launched", proc.pid, flush=True)
     return ServerProcess(proc, f"fake://{proc.pid}", os.devnull)
 
-def run(base_url, step, bench_argv):
+def run(base_url, step, bench_argv, switch_audit=False):
     if step.variant == "on":
         print("ready", flush=True)
         time.sleep(600)

@@ -57,6 +57,7 @@ from sglab.srt.managers.io_struct import (
     GenerateReqInput,
     LoadLoRAAdapterReqInput,
     LoRAUpdateOutput,
+    RUNTIME_SERVER_ARGS,
     UnloadLoRAAdapterReqInput,
     invalid_unicode_path,
 )
@@ -293,6 +294,33 @@ async def flush_cache(timeout: float = 0.0) -> Response:
         return PlainTextResponse(_FLUSH_CACHE_MESSAGE)
     message = ret.message or "Cache not flushed: there are running or waiting requests."
     return PlainTextResponse(message, status_code=400)
+
+
+@app.post("/set_internal_state")
+@app.put("/set_internal_state")
+async def set_internal_state(raw_request: Request) -> Response:
+    """Upstream's route: `{"server_args": {...}}`; sglab changes RUNTIME_SERVER_ARGS only."""
+    try:
+        body = await _json_body(raw_request)
+        ret = await _tm().set_internal_state(_runtime_server_args(body))
+    except Exception as e:  # noqa: BLE001
+        return error_for_exception(e)
+    return json_response([dataclasses.asdict(ret)])
+
+
+def _runtime_server_args(body: Any) -> dict:
+    args = body.get("server_args") if isinstance(body, dict) else None
+    if not isinstance(args, dict) or not args:
+        raise ParamError('The body must be {"server_args": {...}} with at least one entry.',
+                         "server_args")
+    for name, value in args.items():
+        kind = RUNTIME_SERVER_ARGS.get(name)
+        if kind is None:
+            raise ParamError(f"Updating {name} is not supported (settable while serving: "
+                             f"{', '.join(RUNTIME_SERVER_ARGS)}).", "server_args")
+        if not isinstance(value, kind):
+            raise ParamError(f"server_args.{name} must be a {kind.__name__}.", "server_args")
+    return args
 
 
 @app.get("/start_profile")

@@ -274,6 +274,22 @@ class GetInternalStateReqOutput:
 
 
 @dataclass
+class SetInternalStateReq:
+    server_args: dict  # of the names in RUNTIME_SERVER_ARGS
+
+
+@dataclass
+class SetInternalStateReqOutput:
+    updated: bool
+    server_args: dict
+
+
+# Server args `/set_internal_state` may change while serving: switching the sync audit on for
+# one run and off again lets an A/B audit a live server instead of launching another.
+RUNTIME_SERVER_ARGS = {"enable_sync_audit": bool}
+
+
+@dataclass
 class ProfileReq:
     type: str  # "start" or "stop"
     output_dir: str | None = None

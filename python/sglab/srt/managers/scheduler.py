@@ -24,6 +24,8 @@ from sglab.srt.managers.io_struct import (
     GetInternalStateReqOutput,
     LoadLoRAAdapterReqInput,
     ProfileReq,
+    SetInternalStateReq,
+    SetInternalStateReqOutput,
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
 )
@@ -265,6 +267,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self._reply(FlushCacheReqOutput(success=self.flush_cache()))
         elif isinstance(obj, GetInternalStateReq):
             self._reply(GetInternalStateReqOutput(internal_state=self.get_internal_state()))
+        elif isinstance(obj, SetInternalStateReq):
+            self._reply(self.set_internal_state(obj))
         elif isinstance(obj, ProfileReq):
             self._reply(self.profile(obj))
         elif isinstance(obj, LoadLoRAAdapterReqInput):
@@ -612,6 +616,17 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             "sync_audit": AUDIT.report(),
             "hisparse": self.hisparse.get_token_stats() if self.hisparse is not None else None,
         }
+
+    def set_internal_state(self, req: SetInternalStateReq) -> SetInternalStateReqOutput:
+        """Only RUNTIME_SERVER_ARGS (the HTTP layer refuses others). Switching the audit on
+        starts its counts afresh."""
+        enable = req.server_args.get("enable_sync_audit")
+        if enable is not None:
+            if enable and not AUDIT.enabled:
+                AUDIT.reset()
+            AUDIT.enabled = self.server_args.enable_sync_audit = bool(enable)
+        return SetInternalStateReqOutput(
+            updated=True, server_args={"enable_sync_audit": self.server_args.enable_sync_audit})
 
     def _memory_usage(self) -> dict:
         runner = self.tp_worker.model_runner

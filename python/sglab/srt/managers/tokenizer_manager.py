@@ -35,6 +35,8 @@ from sglab.srt.managers.io_struct import (
     LoRAUpdateOutput,
     ProfileReq,
     ProfileReqOutput,
+    SetInternalStateReq,
+    SetInternalStateReqOutput,
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
     invalid_unicode_path,
@@ -183,6 +185,7 @@ class TokenizerManager:
         self._internal_state_task: asyncio.Task | None = None
         self.internal_state_communicator = _Communicator(self)
         self.profile_communicator = _Communicator(self)
+        self.set_internal_state_communicator = _Communicator(self)
         self.lora_update_communicator = _Communicator(self)
         # LoRA adapters by name -> path, as the scheduler last reported them.
         self.loaded_lora_adapters: dict[str, str] = {}
@@ -229,7 +232,8 @@ class TokenizerManager:
             state.event.set()
         error = EngineDeadError(message)
         for communicator in (self.flush_cache_communicator, self.internal_state_communicator,
-                             self.profile_communicator, self.lora_update_communicator):
+                             self.profile_communicator, self.lora_update_communicator,
+                             self.set_internal_state_communicator):
             communicator.fail(error)
 
     def check_alive(self) -> None:
@@ -268,6 +272,8 @@ class TokenizerManager:
             self.internal_state_communicator.handle(obj)
         elif isinstance(obj, ProfileReqOutput):
             self.profile_communicator.handle(obj)
+        elif isinstance(obj, SetInternalStateReqOutput):
+            self.set_internal_state_communicator.handle(obj)
         elif isinstance(obj, LoRAUpdateOutput):
             self.lora_update_communicator.handle(obj)
         else:
@@ -573,6 +579,10 @@ class TokenizerManager:
         reply = await self.internal_state_communicator(GetInternalStateReq())
         self.internal_state, self.internal_state_time = reply.internal_state, time.time()
         return reply.internal_state
+
+    async def set_internal_state(self, server_args: dict) -> SetInternalStateReqOutput:
+        self.auto_create_handle_loop()
+        return await self.set_internal_state_communicator(SetInternalStateReq(server_args))
 
     async def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
                             activities: list[str] | None = None, with_stack: bool | None = None,
