@@ -59,7 +59,7 @@ ab_0004() {  # $1: tag, $2: extra server args
     --random-output-len 512 2>&1 | tail -n 40
 }
 ab_0003b() {  # $1: ab-0003b-churn (arrive and finish every step) or ab-0003b-long
-  # Six launches of the 9b shape (three audited, three live) take minutes: one step per call.
+  # Three launches of the 9b shape and 21 rounds take minutes: one step per device call.
   local m q; m=$(mk qwen3.5-9b)
   q="--load-format dummy --mamba-scheduler-strategy extra_buffer --cuda-graph-max-bs 64"
   if [[ $1 == ab-0003b-churn ]]; then
