@@ -544,6 +544,19 @@ def test_decode_real_sizes_gpu(page_size: int, deterministic: bool) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+def test_decode_one_launch_racing_splits_gpu() -> None:
+    """64 requests of up to 4096 keys in 16 splits: 1024 programs per kv head race for the merge
+    counters, launch after launch; every launch gives the two-stage bits."""
+    seq_lens = [1 + (i * 997) % 4096 for i in range(64)]
+    b = make_decode_batch(seq_lens, 32, 8, 128, BF16, page_size=1, seed=27)
+    splits = [16] * len(seq_lens)
+    two = run_decode(b, splits, 16)
+    for _ in range(10):
+        assert torch.equal(run_decode(b, splits, 16, merge=True), two)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_extend_real_sizes_gpu(page_size: int) -> None:
     b = make_batch(
