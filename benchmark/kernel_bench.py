@@ -15,7 +15,6 @@ and DIR/kernel_bench.md.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -27,13 +26,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_host_profile import graph_replay_us  # noqa: E402
-from gpu_bench import _drain, _scheduler, _submit, measure_bandwidth, write_results  # noqa: E402
-
-from sglab.srt.utils.provenance import (  # noqa: E402
-    add_provenance_args,
-    provenance,
-    provenance_line,
+from gpu_bench import (  # noqa: E402
+    _drain,
+    _scheduler,
+    _submit,
+    bench_parser,
+    measure_bandwidth,
+    write_results,
 )
+
+from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
 
 FUSION = ("off", "on")
 DECODE_BS = [1, 64]
@@ -200,13 +202,8 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["all", "decode", "attention"])
-    parser.add_argument("--preset", default="qwen3-0.6b")
+    parser = bench_parser(["all", "decode", "attention"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
-    parser.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
-    parser.add_argument("--out", default=".")
-    add_provenance_args(parser)
     args = parser.parse_args()
     if args.kind == "all":
         run_all(args.presets, args.out, args.commit)
