@@ -109,6 +109,24 @@ def test_deterministic_schedule_invariance_with_fusion(tiny_model_dir):
     assert [str(m) for m in mismatches] == []
 
 
+@pytest.mark.parametrize("patches,kw", [
+    ("none", {}), ("all", {}),
+    ("none", {"attention_backend": "triton", "enable_deterministic_inference": True}),
+], ids=["off", "on", "off-unified-extend"])
+def test_patch_sync_counts_unchanged(tiny_model_dir, audit, patches, kw):
+    """Every audited region makes the same host syncs and uploads per step, fusion on or off
+    (patches off: upstream's counts, including 0002's per-layer reads; patches on: none)."""
+    path, prompts = tiny_model_dir("tiny-qwen3"), _prompts()[::2]
+    steps = {}
+    for fusion in ("off", "on"):
+        audit.reset()
+        SchedulerRunner(model_path=path, kernel_fusion=fusion, patches=patches,
+                        enable_sync_audit=True, **kw).generate(prompts, PARAMS)
+        steps[fusion] = list(audit.steps)
+    assert any(steps["off"]) == (patches == "none")  # the audit saw the unpatched syncs
+    assert steps["on"] == steps["off"]
+
+
 def test_fusion_flag_validation(tiny_model_dir, monkeypatch):
     path = tiny_model_dir("tiny-qwen3")
     with pytest.raises(ServerArgsError, match="--kernel-fusion: invalid choice"):
