@@ -294,14 +294,20 @@ def _roofline(s: dict, batch_size: int, bandwidth_gbps: float) -> float:
     return (s["weight_bytes"] + state) / (bandwidth_gbps * 1e9)
 
 
-def main() -> None:
+def bench_parser(kinds: list[str]) -> argparse.ArgumentParser:
+    """`KIND [--preset P | --presets P...] [--out DIR] [--commit C]`: a driver ("all") and the
+    children it starts, one measurement each."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["all", "sglab", "hf", "bandwidth"])
+    parser.add_argument("kind", choices=kinds)
     parser.add_argument("--preset", default="qwen3-0.6b")
     parser.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
     parser.add_argument("--out", default=".")
     add_provenance_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = bench_parser(["all", "sglab", "hf", "bandwidth"]).parse_args()
     if args.kind == "all":
         run_all(args.presets, args.out, args.commit)
         return

@@ -29,6 +29,9 @@
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
 #                 concurrency 4, overlap on;  ab-0004-control: the same with overlap off
 #   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k
+#   kernels       --kernel-fusion: GPU tests of the fused kernels, then kernel_bench (off vs on:
+#                 decode graph time and kernels per replay at bs 1/64, 8k prefill MFU,
+#                 long-context decode attention bandwidth)
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
 R=$OUT/r
@@ -168,6 +171,11 @@ for step in "$@"; do
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
     grep '^==' "$R/profile-qwen3-0.6b-bs1.txt" ;;
+  kernels)
+    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_elementwise.py \
+      test/kernels/test_triton_attention.py test/srt/test_kernel_fusion.py 2>&1 \
+      | tee "$R/gpu_tests_kernels.log" | tail -n 8
+    timeout 270 python3 benchmark/kernel_bench.py all --out "$R" 2>&1 | tail -n 32 ;;
   tests-hisparse|ab-0004|ab-0004-control|hisparse-bench) hisparse_steps $step ;;
   hisparse)
     for part in tests-hisparse ab-0004 ab-0004-control hisparse-bench; do

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from sglab.srt.layers.activation import SiluAndMul
-from sglab.srt.layers.elementwise import qk_norm_rope, rmsnorm, silu_and_mul
+from sglab.srt.layers.elementwise import KVWrite, qk_norm_rope, rmsnorm, silu_and_mul
 from sglab.srt.layers.layernorm import RMSNorm
+from sglab.srt.layers.logits_processor import linear_fp32_out
+from sglab.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglab.srt.layers.rotary_embedding import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,6 +96,60 @@ def test_qk_rope_llama3_scaling():
     _check_qk_norm_rope(6, 4, 2, 32, torch.float32, False, scaling)
 
 
+def _check_kv_write(tokens: int, hq: int, hkv: int, head_dim: int, dtype, with_norm: bool,
+                    page_size: int = 1) -> None:
+    """The fused K/V write stores what set_kv_buffer stores, at the same slots, bit for bit,
+    touches no other slot, and leaves q and k as without it."""
+    torch.manual_seed(3)
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0).to(DEVICE)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([hq * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
+    positions = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    weights = {}
+    if with_norm:
+        weights = {"q_weight": _norm(head_dim, dtype).weight,
+                   "k_weight": _norm(head_dim, dtype).weight, "eps": 1e-6}
+    pools = [MHATokenToKVPool(4 * tokens + 8, page_size, dtype, hkv, head_dim, 2, DEVICE)
+             for _ in range(2)]
+    loc = torch.randperm(4 * tokens, device=DEVICE)[:tokens] + page_size
+    q_ref, k_ref = qk_norm_rope(q, k, positions, rope.cos_sin_cache, head_dim, **weights)
+    layer = type("Layer", (), {"layer_id": 1})()
+    pools[0].set_kv_buffer(layer, loc, k_ref, v)
+    k_buf, v_buf = pools[1].get_kv_buffer(1)
+    q_out, k_out = qk_norm_rope(q, k, positions, rope.cos_sin_cache, head_dim, **weights,
+                                kv_write=KVWrite(v, loc, k_buf, v_buf))
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert torch.equal(pools[1].k_all, pools[0].k_all)
+    assert torch.equal(pools[1].v_all, pools[0].v_all)
+    assert pools[1].k_all[1, loc].abs().sum() > 0 and not pools[1].k_all[0].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("tokens,hq,hkv,head_dim,page_size",
+                         [(1, 4, 2, 32, 1), (6, 8, 8, 16, 4), (9, 6, 2, 64, 1)])
+def test_qk_norm_rope_kv_write(tokens, hq, hkv, head_dim, page_size, dtype, with_norm):
+    _check_kv_write(tokens, hq, hkv, head_dim, dtype, with_norm, page_size)
+
+
+def test_kv_write_refuses_other_layouts():
+    k_buf = torch.zeros(8, 2, 32, device=DEVICE, dtype=torch.bfloat16)
+    q, k, v = torch.randn(2, 128, device=DEVICE), torch.randn(2, 64, device=DEVICE), \
+        torch.randn(2, 64, device=DEVICE)
+    positions = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    cache = RotaryEmbedding(32, 16, 10000.0).to(DEVICE).cos_sin_cache
+    with pytest.raises(AssertionError):  # a bf16 pool for fp32 keys: set_kv_buffer's cast
+        qk_norm_rope(q, k, positions, cache, 32,
+                     kv_write=KVWrite(v, positions, k_buf, k_buf.clone()))
+
+
+def test_linear_fp32_out_cpu_is_linear_then_float():
+    x, w = torch.randn(3, 16).to(torch.bfloat16), torch.randn(40, 16).to(torch.bfloat16)
+    out = linear_fp32_out(x, w)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.nn.functional.linear(x, w).float())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,d", [(1, 64), (5, 100), (3, 1500)])
 def test_silu_and_mul(tokens, d, dtype):
@@ -121,3 +177,28 @@ def test_gpu_real_sizes(hidden):
     _check_qk_norm_rope(257, 32, 8, 128, torch.bfloat16, False)
     x = torch.randn(257, 2 * 14336, device="cuda", dtype=torch.bfloat16)
     _close(silu_and_mul(x), SiluAndMul().forward_native(x), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kv_write_real_sizes():
+    _check_kv_write(257, 16, 8, 128, torch.bfloat16, True)  # qwen3-0.6b
+    _check_kv_write(257, 32, 8, 128, torch.bfloat16, False)  # llama-3.1-8b
+    _check_kv_write(64, 32, 8, 128, torch.bfloat16, False, page_size=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 64, 2048])
+def test_gpu_linear_fp32_out(m):
+    """The logits GEMM writing fp32: no bf16 rounding of the logits, so it is closer to the fp32
+    product than the bf16 GEMM followed by a cast."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(151936, 1024, generator=gen, device="cuda") * 0.05).to(torch.bfloat16)
+    out = linear_fp32_out(x, w)
+    exact = x.float() @ w.float().t()
+    cast = torch.nn.functional.linear(x, w).float()
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    torch.testing.assert_close(out, exact, atol=1e-3, rtol=1e-3)
+    assert (out - exact).abs().mean() < (cast - exact).abs().mean()

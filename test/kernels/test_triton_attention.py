@@ -167,8 +167,10 @@ def run_decode(
     max_kv_splits: int,
     logit_cap: float = 0.0,
     scratch_splits: int | None = None,
+    merge: bool = False,
     **blocks: int,
 ) -> torch.Tensor:
+    """merge: the one-launch form (`merge_count`), whose counters must come back zeroed."""
     q = b.q()
     kv_indptr, kv_indices = b.unified_kv()
     bs, hq, _ = q.shape
@@ -178,6 +180,7 @@ def run_decode(
     attn_logits = torch.full((bs, hq, scratch_splits, dv), float("nan"), device=DEVICE)
     attn_lse = torch.full((bs, hq, scratch_splits), float("nan"), device=DEVICE)
     splits = torch.tensor(num_kv_splits, dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(bs * hq, dtype=torch.int32, device=DEVICE) if merge else None
     decode_attention_fwd(
         q,
         b.k_buffer,
@@ -191,8 +194,11 @@ def run_decode(
         max_kv_splits,
         q.shape[-1] ** -0.5,
         logit_cap,
+        merge_count=counts,
         **blocks,
     )
+    if merge:
+        assert not counts.any(), "merge counters left set"
     if scratch_splits > max_kv_splits:
         assert attn_lse[:, :, max_kv_splits:].isnan().all(), "wrote past max_kv_splits"
     return o
@@ -392,6 +398,21 @@ def test_decode_matches_reference(
     kv_indptr, kv_indices = b.unified_kv()
     ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, d**-0.5, cap)
     assert_close(o, ref, dtype)
+    # One launch (--kernel-fusion on): the last split merges with stage 2's arithmetic and order.
+    assert torch.equal(run_decode(b, splits, max_splits, cap, merge=True), o)
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (2, 2), (20, 1)])
+def test_decode_one_launch_short_and_long_rows(hq: int, hkv: int) -> None:
+    """Rows of one split (written by stage 1 itself) next to rows merged from several, a
+    group wider than one program's heads (20 > 16), against the reference."""
+    b = make_decode_batch([1, 64, 150, 33], hq, hkv, 32, FP32, page_size=1, seed=6)
+    splits = [1, 1, 3, 4]
+    one = run_decode(b, splits, 4, merge=True)
+    kv_indptr, kv_indices = b.unified_kv()
+    ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, 32**-0.5)
+    assert_close(one, ref, FP32)
+    assert torch.equal(one, run_decode(b, splits, 4))
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (2, 2)])
@@ -516,8 +537,22 @@ def test_decode_real_sizes_gpu(page_size: int, deterministic: bool) -> None:
     kv_indptr, kv_indices = b.unified_kv()
     ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, 128**-0.5)
     assert_close(o, ref, BF16)
+    assert torch.equal(run_decode(b, splits, 16, merge=True), o)  # --kernel-fusion on
     if deterministic:
         assert torch.equal(run_decode(b.select([3]), splits[3:4], 16), o[3:4])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_one_launch_racing_splits_gpu() -> None:
+    """64 requests of up to 4096 keys in 16 splits: 1024 programs per kv head race for the merge
+    counters, launch after launch; every launch gives the two-stage bits."""
+    seq_lens = [1 + (i * 997) % 4096 for i in range(64)]
+    b = make_decode_batch(seq_lens, 32, 8, 128, BF16, page_size=1, seed=27)
+    splits = [16] * len(seq_lens)
+    two = run_decode(b, splits, 16)
+    for _ in range(10):
+        assert torch.equal(run_decode(b, splits, 16, merge=True), two)
 
 
 @pytest.mark.gpu
@@ -572,3 +607,4 @@ def test_mha_real_sizes_gpu() -> None:
     kv_indptr, kv_indices = dec.unified_kv()
     ref = ref_decode_attention(dec.q(), dec.k_buffer, dec.v_buffer, kv_indptr, kv_indices)
     assert_close(run_decode(dec, [8, 3], 8), ref, BF16)
+    assert torch.equal(run_decode(dec, [8, 3], 8, merge=True), run_decode(dec, [8, 3], 8))

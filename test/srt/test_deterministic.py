@@ -5,7 +5,6 @@ under the gpu mark; the sglab.test.test_deterministic client against a real serv
 
 from __future__ import annotations
 
-import gc
 import random
 
 import pytest
@@ -21,7 +20,7 @@ from sglab.srt.layers.linear import LinearBase
 from sglab.srt.server_args import ServerArgs, ServerArgsError
 from sglab.test import schedule_invariance as sched
 from sglab.test import test_deterministic as client
-from sglab.test.runners import SchedulerRunner
+from sglab.test.runners import SchedulerRunner, free_gpu_memory
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 SAMPLED = {"temperature": 0.5, "sampling_seed": 42, "max_new_tokens": 16, "ignore_eos": True}
@@ -351,12 +350,12 @@ def gpu_samples(path: str, deterministic: bool, n_trials: int = 4) -> tuple[list
     prefix = [prefix_and_radix_samples(runner, p, n_trials) for p in (GREEDY, SAMPLED)]
     assert runner.integrity_error() is None
     del runner
-    _free_gpu()
+    free_gpu_memory()
     chunked = _gpu_runner(path, deterministic, chunked_prefill_size=16)
     prefix = [_merge(samples, chunked_samples(chunked, p))
               for samples, p in zip(prefix, (GREEDY, SAMPLED))]
     del chunked
-    _free_gpu()
+    free_gpu_memory()
     return single, prefix
 
 
@@ -368,16 +367,11 @@ def _gpu_runner(path: str, deterministic: bool, **kw) -> SchedulerRunner:
                            enable_deterministic_inference=deterministic, **kw)
 
 
-def _free_gpu() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama"])
 def test_gpu_single_and_prefix(tiny_model_dir, preset):
-    _free_gpu()
+    free_gpu_memory()
     single, prefix = gpu_samples(tiny_model_dir(preset), True)
     assert len(single) == MAX_BS * (MAX_BS + 1) // 2
     assert len(set(single)) == 1
@@ -405,7 +399,7 @@ def test_gpu_matmul_fixed_tiles_rows():
 @pytest.mark.gpu
 @cuda
 def test_gpu_checks_differ_without_deterministic_mode(tiny_model_dir):
-    _free_gpu()
+    free_gpu_memory()
     single, prefix = gpu_samples(tiny_model_dir("tiny-qwen3"), False)
     counts = [len(set(single))] + [c for samples in prefix for c in _unique_counts(samples)]
     if max(counts) == 1:
@@ -437,7 +431,7 @@ def test_gpu_schedule_invariance_for_every_index_build(tmp_path):
     path = make_dummy_model("qwen3-0.6b", str(tmp_path / "m"), weights=False)
     reference, failures = None, {}
     for build in INDEX_BUILDS:
-        _free_gpu()
+        free_gpu_memory()
         runner = _gpu_real_shape_runner(path, build)
         workload = sched.make_workload(runner.scheduler.model_config.vocab_size,
                                        **GPU_WORKLOAD)
@@ -456,7 +450,7 @@ def test_gpu_schedule_invariance_check_can_fail(tmp_path):
     from sglab.srt.utils.dummy_model import make_dummy_model
 
     path = make_dummy_model("qwen3-0.6b", str(tmp_path / "m"), weights=False)
-    _free_gpu()
+    free_gpu_memory()
     runner = _gpu_runner(path, False, load_format="dummy", chunked_prefill_size=512,
                          cuda_graph_max_bs=16)
     workload = sched.make_workload(runner.scheduler.model_config.vocab_size, **GPU_WORKLOAD)

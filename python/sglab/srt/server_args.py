@@ -20,6 +20,7 @@ SCHEDULE_POLICY_CHOICES = ["fcfs", "lpm", "random", "lof"]
 GRAMMAR_BACKEND_CHOICES = ["xgrammar", "outlines", "llguidance", "none"]
 MAMBA_SCHEDULER_STRATEGY_CHOICES = ["auto", "no_buffer", "extra_buffer"]
 MAMBA_SSM_DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+KERNEL_FUSION_CHOICES = ["off", "on"]
 LOG_LEVEL_CHOICES = ["debug", "info", "warning", "error", "critical"]
 # fla's chunk length: a prefill's Mamba-state snapshots fall on multiples of it (with page 1).
 MAMBA_CACHE_CHUNK_SIZE = 64
@@ -89,6 +90,8 @@ class ServerArgs:
     attention_backend: str | None = None
     random_seed: int | None = None
     enable_deterministic_inference: bool = False
+    # sglab's own: the fused decoder kernels (sglab.srt.layers.fused_kernels); off = main's path.
+    kernel_fusion: str = "off"
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
@@ -221,6 +224,7 @@ class ServerArgs:
             "schedule_policy": (self.schedule_policy, SCHEDULE_POLICY_CHOICES),
             "grammar_backend": (self.grammar_backend, GRAMMAR_BACKEND_CHOICES),
             "log_level": (self.log_level, LOG_LEVEL_CHOICES),
+            "kernel_fusion": (self.kernel_fusion, KERNEL_FUSION_CHOICES),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -247,6 +251,7 @@ class ServerArgs:
                     f"of --page-size ({self.page_size})"
                 )
         self._check_deterministic_inference()
+        self._check_kernel_fusion()
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ServerArgsError(
                 f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
@@ -371,6 +376,13 @@ class ServerArgs:
                 "--enable-deterministic-inference does not cover LoRA adapters: the LoRA "
                 "segment GEMMs are not batch invariant (drop --enable-lora / --lora-paths)")
 
+    def _check_kernel_fusion(self) -> None:
+        """The fused kernels are Triton: on CPU they run only in Triton's interpreter."""
+        if self.kernel_fusion == "on" and self.device != "cuda" and \
+                os.environ.get("TRITON_INTERPRET") != "1":
+            raise ServerArgsError("--kernel-fusion on: the fused kernels are Triton kernels; "
+                                  "on CPU they need Triton's interpreter (TRITON_INTERPRET=1)")
+
     @staticmethod
     def _check_positive(name: str, value: int | None) -> None:
         if value is not None and value <= 0:
@@ -471,6 +483,10 @@ class ServerArgs:
         a("--random-seed", type=int, default=d.random_seed, help="The random seed.")
         a("--enable-deterministic-inference", action="store_true",
           help="Enable deterministic inference mode with batch invariant ops.")
+        a("--kernel-fusion", type=str, default=d.kernel_fusion, choices=KERNEL_FUSION_CHOICES,
+          help="sglab's fused decoder kernels: q/k norm + RoPE + the KV-cache write in one "
+               "kernel, decode attention in one kernel (no separate merge), fp32 logits "
+               "straight from the GEMM. off (default) keeps the unfused path.")
         a("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
           help="Set the maximum batch size for cuda graph. It will extend the cuda graph "
                "capture batch size to this value.")

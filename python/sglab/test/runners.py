@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import itertools
 import sys
@@ -26,6 +27,13 @@ class RunOutput:
     cached_tokens: int = 0
     total_retractions: int = 0
     logprobs: dict[str, list] = field(default_factory=dict)
+
+
+def free_gpu_memory() -> None:
+    """Collect a dropped runner's pools (held in reference cycles) and return their memory, so
+    the next runner sizes its KV cache from the whole GPU."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 class SchedulerRunner:

@@ -18,3 +18,5 @@ class ModelOptions:
     # Patch 0003a (PatchFlags.sync_free_logits_metadata): the logits processor's prompt-logprob
     # index tensors.
     sync_free_logits_metadata: bool
+    # --kernel-fusion on: q/k norm + RoPE + KV write in one kernel, fp32 logits from the GEMM.
+    kernel_fusion: bool

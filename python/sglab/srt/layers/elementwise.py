@@ -1,5 +1,6 @@
 """Fused row-wise Triton kernels for the decoder's small ops: RMSNorm (with the residual add),
-per-head q/k RMSNorm + neox RoPE, and SiLU-and-mul.
+per-head q/k RMSNorm + neox RoPE (optionally with the K/V write into the paged cache:
+`--kernel-fusion on`), and SiLU-and-mul.
 
 Each replaces a chain of 5-20 eager kernels with one launch, which is what bounds a small-batch
 decode step (and its CUDA-graph launch). They round to the storage dtype at the same points as
@@ -8,6 +9,8 @@ reference (and the CPU path). Every program reads one row (or one head): batch i
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -57,8 +60,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr,
-                         stride_q, stride_k, num_q_heads, eps, HAS_NORM: tl.constexpr,
-                         HALF: tl.constexpr):
+                         stride_q, stride_k, num_q_heads, eps, v_ptr, loc_ptr, k_buf_ptr,
+                         v_buf_ptr, stride_v, stride_kb, stride_kbh, stride_vb, stride_vbh,
+                         HAS_NORM: tl.constexpr, HALF: tl.constexpr, WRITE_KV: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     num_kv_heads = tl.num_programs(1) - num_q_heads
@@ -90,15 +94,29 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos
     o2 = (f2 * cos).to(dtype).to(tl.float32) + (f1 * sin).to(dtype).to(tl.float32)
     tl.store(dst + offs, o1.to(dtype))
     tl.store(dst + HALF + offs, o2.to(dtype))
+    if WRITE_KV:  # a k head's program also writes the head's k and v into the KV pool
+        if head >= num_q_heads:
+            kv_head = head - num_q_heads
+            loc = tl.load(loc_ptr + tok).to(tl.int64)
+            k_dst = k_buf_ptr + loc * stride_kb + kv_head * stride_kbh
+            tl.store(k_dst + offs, o1.to(dtype))
+            tl.store(k_dst + HALF + offs, o2.to(dtype))
+            v_src = v_ptr + tok * stride_v + kv_head * 2 * HALF
+            v_dst = v_buf_ptr + loc * stride_vb + kv_head * stride_vbh
+            tl.store(v_dst + offs, tl.load(v_src + offs))
+            tl.store(v_dst + HALF + offs, tl.load(v_src + HALF + offs))
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor, head_dim: int,
                  q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-6, kv_write: KVWrite | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optional per-head RMSNorm of q and k, then neox RoPE; one launch for both.
 
     q: [T, Hq*D], k: [T, Hkv*D], row-strided views are fine (e.g. splits of a fused qkv).
+    With `kv_write`, the same launch stores the rotated k and the untouched v at the tokens'
+    KV-pool slots (what `set_kv_buffer` would store, bit for bit).
     """
     num_tokens = q.shape[0]
     hq, hkv = q.shape[1] // head_dim, k.shape[1] // head_dim
@@ -106,11 +124,34 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     k_out = torch.empty((num_tokens, hkv * head_dim), dtype=k.dtype, device=k.device)
     if num_tokens:
         has_norm = q_weight is not None
+        kv = kv_write.args(k, hkv, head_dim) if kv_write is not None else (k, positions, k, k,
+                                                                            0, 0, 0, 0, 0)
         _qk_norm_rope_kernel[(num_tokens, hq + hkv)](
             q, k, q_out, k_out, q_weight if has_norm else q, k_weight if has_norm else k,
-            positions, cos_sin_cache, q.stride(0), k.stride(0), hq, eps, HAS_NORM=has_norm,
-            HALF=head_dim // 2, num_warps=1)
+            positions, cos_sin_cache, q.stride(0), k.stride(0), hq, eps, *kv,
+            HAS_NORM=has_norm, HALF=head_dim // 2, WRITE_KV=kv_write is not None, num_warps=1)
     return q_out, k_out
+
+
+@dataclass(frozen=True)
+class KVWrite:
+    """Where `qk_norm_rope` writes k and v: one layer's K/V pool buffers
+    ([slots, Hkv, D]) at `loc[t]` for token t; `v` is [T, Hkv*D] (a row-strided view is fine)."""
+
+    v: torch.Tensor
+    loc: torch.Tensor
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
+
+    def args(self, k: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple:
+        for buf in (self.k_buffer, self.v_buffer):
+            assert buf.dtype == k.dtype and buf.shape[1:] == (num_kv_heads, head_dim)
+            assert buf.stride(2) == 1
+        assert self.v.shape == k.shape and self.v.stride(1) == 1 and self.v.dtype == k.dtype
+        assert self.loc.shape == (k.shape[0],)
+        return (self.v, self.loc, self.k_buffer, self.v_buffer, self.v.stride(0),
+                self.k_buffer.stride(0), self.k_buffer.stride(1), self.v_buffer.stride(0),
+                self.v_buffer.stride(1))
 
 
 @triton.jit

@@ -28,12 +28,14 @@ class LogitsProcessorOutput:
 
 class LogitsProcessor(nn.Module):
     def __init__(self, vocab_size: int, logit_scale: float | None = None, *,
-                 sync_free_metadata: bool, batch_invariant: bool = False):
+                 sync_free_metadata: bool, batch_invariant: bool = False,
+                 fp32_gemm_out: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
         self.logit_scale = logit_scale
         self.sync_free_metadata = sync_free_metadata  # patch 0003a
         self.batch_invariant = batch_invariant  # --enable-deterministic-inference
+        self.fp32_gemm_out = fp32_gemm_out  # --kernel-fusion on
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, lm_head: nn.Module,
                 forward_batch: "ForwardBatch") -> LogitsProcessorOutput:
@@ -52,6 +54,8 @@ class LogitsProcessor(nn.Module):
         # The head may be the (tied) input embedding: project through its weight directly.
         if self.batch_invariant:
             logits = linear_batch_invariant(hidden_states, lm_head.weight).float()
+        elif self.fp32_gemm_out:
+            logits = linear_fp32_out(hidden_states, lm_head.weight)
         else:
             logits = torch.nn.functional.linear(hidden_states, lm_head.weight).float()
         # Each TP rank holds a slice of the vocabulary: every rank gets all of it, bit for bit.
@@ -92,6 +96,14 @@ class LogitsProcessor(nn.Module):
         if max_k > 0:
             out.input_top_logprobs_val, out.input_top_logprobs_idx = logprobs.topk(max_k, dim=-1)
         return out
+
+
+def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T in fp32: on CUDA, a half-precision GEMM that writes fp32 itself (cuBLAS
+    accumulates in fp32 either way), so there is no bf16 rounding and no separate cast."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(x, weight).float()
 
 
 def _prefix_sums(lens: list[int]) -> list[int]:

@@ -67,7 +67,8 @@ class ModelRunner(ModelRunnerMambaMixin):
         self.patch_flags = PatchFlags.from_server_args(server_args)
         options = ModelOptions(
             batch_invariant=server_args.enable_deterministic_inference,
-            sync_free_logits_metadata=self.patch_flags.sync_free_logits_metadata)
+            sync_free_logits_metadata=self.patch_flags.sync_free_logits_metadata,
+            kernel_fusion=server_args.kernel_fusion == "on")
         self.model = get_model(model_config, server_args.load_format, str(self.device),
                                options)
         self.sampler = Sampler()

@@ -9,7 +9,7 @@ from torch import nn
 
 from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.layers.activation import SiluAndMul
-from sglab.srt.layers.elementwise import qk_norm_rope, use_fused_kernels
+from sglab.srt.layers.elementwise import KVWrite, qk_norm_rope, use_fused_kernels
 from sglab.srt.layers.layernorm import RMSNorm
 from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglab.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
@@ -53,6 +53,8 @@ class LlamaAttention(nn.Module):
         half = self.head_dim // 2
         # The fused q/k norm + RoPE kernel spans half a head with one power-of-two range.
         self.fused_qk_rope_ok = half > 0 and half & (half - 1) == 0
+        # --kernel-fusion on: that kernel also writes k and v into the KV pool.
+        self.fuse_kv_write = options.kernel_fusion and self.fused_qk_rope_ok
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_kv_heads, bias=qkv_bias, params_dtype=dtype,
                                           batch_invariant=options.batch_invariant)
@@ -76,23 +78,36 @@ class LlamaAttention(nn.Module):
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         return q, k
 
-    def _fused_qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def _fused_qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            kv_write: KVWrite | None):
+        cache = self.rotary_emb.cos_sin_cache
         if not self.qk_norm:
-            return qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin_cache, self.head_dim)
-        return qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin_cache, self.head_dim,
-                            self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon)
+            return qk_norm_rope(q, k, positions, cache, self.head_dim, kv_write=kv_write)
+        return qk_norm_rope(q, k, positions, cache, self.head_dim, self.q_norm.weight,
+                            self.k_norm.weight, self.q_norm.variance_epsilon, kv_write)
+
+    def _kv_write(self, forward_batch: ForwardBatch, v: torch.Tensor) -> KVWrite | None:
+        """This layer's KV-pool buffers for the fused write, or None (not fused, or a pool
+        that stores another dtype: fp8 caches cast on the way in)."""
+        pool = forward_batch.token_to_kv_pool
+        if not self.fuse_kv_write or pool.dtype != v.dtype or pool.store_dtype != pool.dtype:
+            return None
+        k_buf, v_buf = pool.get_kv_buffer(self.attn.layer_id)
+        return KVWrite(v, forward_batch.out_cache_loc, k_buf, v_buf)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 forward_batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.fused_qk_rope_ok and use_fused_kernels(q):
-            q, k = self._fused_qk_norm_rope(positions, q, k)
+        kv_write = self._kv_write(forward_batch, v)
+        if kv_write is not None or (self.fused_qk_rope_ok and use_fused_kernels(q)):
+            q, k = self._fused_qk_norm_rope(positions, q, k, kv_write)
         else:
             if self.qk_norm:
                 q, k = self._apply_qk_norm(q, k)
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, forward_batch))
+        out = self.attn(q, k, v, forward_batch, save_kv_cache=kv_write is None)
+        return self.o_proj(out)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -158,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
         self.logits_processor = LogitsProcessor(
             config.vocab_size, sync_free_metadata=options.sync_free_logits_metadata,
-            batch_invariant=options.batch_invariant)
+            batch_invariant=options.batch_invariant, fp32_gemm_out=options.kernel_fusion)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -84,6 +84,13 @@ class TritonAttnBackend(AttentionBackend):
                                "batched": self._build_unified_batched,
                                "kernel": self._build_unified_kernel}[index_build]
         self.max_kv_splits = MAX_KV_SPLITS
+        # --kernel-fusion on: decode attention in one launch; its split counters, zero between
+        # launches, shared by every layer and graph (all on the forward stream).
+        self.merge_count = None
+        if args.kernel_fusion == "on" and not self.unified_decode:
+            rows = max(self.req_to_token.shape[0], args.cuda_graph_max_bs or 0)
+            self.merge_count = torch.zeros(rows * self.num_q_heads, dtype=torch.int32,
+                                           device=self.device)
         self.forward_metadata: ForwardMetadata | None = None
         self.graph_state: dict[str, torch.Tensor] | None = None
 
@@ -265,5 +272,5 @@ class TritonAttnBackend(AttentionBackend):
             return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
         decode_attention_fwd(q, k_buf, v_buf, o, md.kv_indptr, md.kv_indices, md.attn_logits,
                              md.attn_lse, md.num_kv_splits, self.max_kv_splits, layer.scaling,
-                             layer.logit_cap)
+                             layer.logit_cap, merge_count=self.merge_count)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -6,6 +6,10 @@ preallocated `attn_logits` / `attn_lse`. Stage 2 merges the ranges in order. Gri
 host ints (`bs`, heads, `max_kv_splits`), so the launch is CUDA-graph safe and never syncs.
 Split boundaries depend only on a request's own length and split count, so a request's output
 does not depend on what else is in the batch.
+
+With a merge counter (`--kernel-fusion on`) there is no stage 2: a request with one split writes
+its output from stage 1, and otherwise the last split to finish merges, in the same order and
+arithmetic as stage 2, so both forms give the same bits.
 """
 
 from __future__ import annotations
@@ -42,6 +46,43 @@ def _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV: tl.constexpr):
 
 
 @triton.jit
+def _num_active_splits(seq_len, num_splits, MIN_BLOCK_KV: tl.constexpr):
+    """Splits with keys: the first ones (`_split_range` leaves only trailing splits empty)."""
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), MIN_BLOCK_KV) * MIN_BLOCK_KV
+    return tl.cdiv(seq_len, per_split)
+
+
+@triton.jit
+def _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os, offs_dv, mask_dv,
+                  BLOCK_DV: tl.constexpr, VOLATILE: tl.constexpr):
+    """One head's output from its splits' partials, merged in split order (batch invariant:
+    the same order whoever merges). VOLATILE: partials another program of this launch wrote."""
+    e_max = -float("inf")
+    e_sum = 0.0
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for split_id in range(num_active):
+        part = tl.load(Att_Out + mid + split_id * stride_mid_os + offs_dv, mask=mask_dv,
+                       other=0.0, volatile=VOLATILE)
+        part_lse = tl.load(Att_Lse + lse + split_id, volatile=VOLATILE)
+        n_max = tl.maximum(part_lse, e_max)
+        old_scale = tl.exp(e_max - n_max)
+        part_scale = tl.exp(part_lse - n_max)
+        acc = acc * old_scale + part_scale * part
+        e_sum = e_sum * old_scale + part_scale
+        e_max = n_max
+    return acc / e_sum
+
+
+@triton.jit
+def _is_last_split(Merge_Count, idx, num_active):
+    """Counts one finished split of counter `idx` in; True for the last of `num_active`, which
+    then merges (and zeroes the counter for the next launch)."""
+    tl.debug_barrier()  # every thread's partial stores happen before the release below
+    arrived = tl.atomic_add(Merge_Count + idx, 1, sem="acq_rel", scope="gpu")
+    return arrived == num_active - 1
+
+
+@triton.jit
 def _decode_stage1_kernel(
     Q,
     K_Buffer,
@@ -63,6 +104,10 @@ def _decode_stage1_kernel(
     stride_mid_os,
     stride_lse_b,
     stride_lse_h,
+    O,
+    stride_obs,
+    stride_oh,
+    Merge_Count,
     kv_group_num: tl.constexpr,
     Lk: tl.constexpr,
     Lv: tl.constexpr,
@@ -71,8 +116,10 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr,
     MIN_BLOCK_KV: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
-    """One q head per program; vector math (no tl.dot), for MHA."""
+    """One q head per program; vector math (no tl.dot), for MHA. MERGE: see
+    `decode_attention_fwd`'s `merge_count`."""
     cur_batch = tl.program_id(0)
     cur_head = tl.program_id(1)
     split_id = tl.program_id(2)
@@ -125,10 +172,23 @@ def _decode_stage1_kernel(
             acc = acc * re_scale + tl.sum(p[:, None] * v.to(tl.float32), 0)
             e_sum = e_sum * re_scale + tl.sum(p, 0)
             e_max = n_max
-        mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh + split_id * stride_mid_os
-        tl.store(Att_Out + mid + offs_dv, acc / e_sum, mask=mask_dv)
-        lse = cur_batch * stride_lse_b + cur_head * stride_lse_h + split_id
-        tl.store(Att_Lse + lse, e_max + tl.log(e_sum))
+        num_active = _num_active_splits(seq_len, num_splits, MIN_BLOCK_KV)
+        out = O + cur_batch * stride_obs + cur_head * stride_oh + offs_dv
+        if MERGE and num_active == 1:
+            tl.store(out, acc / e_sum, mask=mask_dv)
+        else:
+            mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
+            tl.store(Att_Out + mid + split_id * stride_mid_os + offs_dv, acc / e_sum,
+                     mask=mask_dv)
+            lse = cur_batch * stride_lse_b + cur_head * stride_lse_h
+            tl.store(Att_Lse + lse + split_id, e_max + tl.log(e_sum))
+            if MERGE:
+                counter = cur_batch * tl.num_programs(1) + cur_head
+                if _is_last_split(Merge_Count, counter, num_active):
+                    merged = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active,
+                                           stride_mid_os, offs_dv, mask_dv, BLOCK_DV, True)
+                    tl.store(out, merged, mask=mask_dv)
+                    tl.store(Merge_Count + counter, 0)
 
 
 @triton.jit
@@ -153,6 +213,10 @@ def _decode_grouped_stage1_kernel(
     stride_mid_os,
     stride_lse_b,
     stride_lse_h,
+    O,
+    stride_obs,
+    stride_oh,
+    Merge_Count,
     q_head_num,
     kv_group_num: tl.constexpr,
     Lk: tl.constexpr,
@@ -165,8 +229,10 @@ def _decode_grouped_stage1_kernel(
     LOGIT_CAP: tl.constexpr,
     PORTABLE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
-    """Up to BLOCK_H q heads sharing one kv head per program; q @ k^T and p @ v via tl.dot."""
+    """Up to BLOCK_H q heads sharing one kv head per program; q @ k^T and p @ v via tl.dot.
+    MERGE: see `decode_attention_fwd`'s `merge_count`."""
     cur_batch = tl.program_id(0)
     cur_head_id = tl.program_id(1)
     split_id = tl.program_id(2)
@@ -228,16 +294,45 @@ def _decode_grouped_stage1_kernel(
             e_sum = e_sum * re_scale + tl.sum(p, 1)
             e_max = n_max
         e_sum = tl.where(mask_h, e_sum, 1.0)
-        mid = (
-            cur_batch * stride_mid_ob + cur_head[:, None] * stride_mid_oh + split_id * stride_mid_os
-        )
-        tl.store(
-            Att_Out + mid + offs_dv[None, :],
-            acc / e_sum[:, None],
-            mask=mask_h[:, None] & mask_dv[None, :],
-        )
-        lse = cur_batch * stride_lse_b + cur_head * stride_lse_h + split_id
-        tl.store(Att_Lse + lse, e_max + tl.log(e_sum), mask=mask_h)
+        num_active = _num_active_splits(seq_len, num_splits, MIN_BLOCK_KV)
+        mask_o = mask_h[:, None] & mask_dv[None, :]
+        if MERGE and num_active == 1:
+            out = O + cur_batch * stride_obs + cur_head[:, None] * stride_oh + offs_dv[None, :]
+            tl.store(out, acc / e_sum[:, None], mask=mask_o)
+        else:
+            mid = (
+                cur_batch * stride_mid_ob
+                + cur_head[:, None] * stride_mid_oh
+                + split_id * stride_mid_os
+            )
+            tl.store(Att_Out + mid + offs_dv[None, :], acc / e_sum[:, None], mask=mask_o)
+            lse = cur_batch * stride_lse_b + cur_head * stride_lse_h + split_id
+            tl.store(Att_Lse + lse, e_max + tl.log(e_sum), mask=mask_h)
+            if MERGE:
+                counter = cur_batch * tl.num_programs(1) + cur_head_id
+                if _is_last_split(Merge_Count, counter, num_active):
+                    _merge_group(Att_Out, Att_Lse, O, cur_batch, cur_head_id * VALID_BLOCK_H,
+                                 q_head_num, num_active, stride_mid_ob, stride_mid_oh,
+                                 stride_mid_os, stride_lse_b, stride_lse_h, stride_obs,
+                                 stride_oh, offs_dv, mask_dv, BLOCK_DV, VALID_BLOCK_H)
+                    tl.store(Merge_Count + counter, 0)
+
+
+@triton.jit
+def _merge_group(Att_Out, Att_Lse, O, cur_batch, first_head, q_head_num, num_active,
+                 stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
+                 stride_obs, stride_oh, offs_dv, mask_dv, BLOCK_DV: tl.constexpr,
+                 NUM_HEADS: tl.constexpr):
+    """The merge of a grouped program's heads, one head at a time (as stage 2 does)."""
+    for h in tl.static_range(NUM_HEADS):
+        head = first_head + h
+        if head < q_head_num:
+            mid = cur_batch * stride_mid_ob + head * stride_mid_oh
+            lse = cur_batch * stride_lse_b + head * stride_lse_h
+            merged = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os,
+                                   offs_dv, mask_dv, BLOCK_DV, True)
+            tl.store(O + cur_batch * stride_obs + head * stride_oh + offs_dv, merged,
+                     mask=mask_dv)
 
 
 @triton.jit
@@ -264,26 +359,12 @@ def _decode_stage2_kernel(
     mask_dv = offs_dv < Lv
 
     seq_len = tl.load(kv_indptr + cur_batch + 1) - tl.load(kv_indptr + cur_batch)
-    num_splits = tl.load(num_kv_splits + cur_batch)
-    e_max = -float("inf")
-    e_sum = 0.0
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    num_active = _num_active_splits(seq_len, tl.load(num_kv_splits + cur_batch), MIN_BLOCK_KV)
     mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
     lse = cur_batch * stride_lse_b + cur_head * stride_lse_h
-    for split_id in range(num_splits):
-        split_start, split_end = _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV)
-        if split_end > split_start:
-            part = tl.load(
-                Att_Out + mid + split_id * stride_mid_os + offs_dv, mask=mask_dv, other=0.0
-            )
-            part_lse = tl.load(Att_Lse + lse + split_id)
-            n_max = tl.maximum(part_lse, e_max)
-            old_scale = tl.exp(e_max - n_max)
-            part_scale = tl.exp(part_lse - n_max)
-            acc = acc * old_scale + part_scale * part
-            e_sum = e_sum * old_scale + part_scale
-            e_max = n_max
-    tl.store(O + cur_batch * stride_obs + cur_head * stride_oh + offs_dv, acc / e_sum, mask=mask_dv)
+    out = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os, offs_dv, mask_dv,
+                        BLOCK_DV, False)
+    tl.store(O + cur_batch * stride_obs + cur_head * stride_oh + offs_dv, out, mask=mask_dv)
 
 
 def _portable_dot(t: torch.Tensor) -> bool:
@@ -308,6 +389,7 @@ def decode_attention_fwd(
     logit_cap: float = 0.0,
     *,
     block_n: int | None = None,
+    merge_count: torch.Tensor | None = None,
 ) -> None:
     """o[i] = softmax(q[i] k^T * sm_scale) v over the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]].
 
@@ -315,6 +397,10 @@ def decode_attention_fwd(
     num_kv_splits: [bs] int32, each in [1, max_kv_splits]; attn_logits:
     [bs, num_q_heads, >= max_kv_splits, head_dim_v] fp32; attn_lse: [bs, num_q_heads, >=
     max_kv_splits] fp32. Every request needs at least one key.
+
+    merge_count (int32, >= bs * num_q_heads zeros, left zeroed): one launch instead of two. A
+    request with one split writes o directly; otherwise the split that finishes last (counted
+    atomically) merges the partials, in split order, as stage 2 would: the same bits.
     """
     bs, head_num, Lk = q.shape
     Lv = v_buffer.shape[-1]
@@ -325,11 +411,14 @@ def decode_attention_fwd(
     for t in (q, k_buffer, v_buffer, o):
         assert t.dim() == 3 and t.stride(-1) == 1, "expected [tokens, heads, dim], dim contiguous"
     assert attn_logits.stride(-1) == 1 and attn_lse.stride(-1) == 1
+    if merge_count is not None:
+        assert merge_count.dtype == torch.int32 and merge_count.numel() >= bs * head_num
     if bs == 0:
         return
     on_cuda = q.is_cuda
     BLOCK_DMODEL = triton.next_power_of_2(Lk)
     BLOCK_DV = triton.next_power_of_2(Lv)
+    merge = merge_count is not None
     common = {
         "Lk": Lk,
         "Lv": Lv,
@@ -337,6 +426,7 @@ def decode_attention_fwd(
         "BLOCK_DV": BLOCK_DV,
         "MIN_BLOCK_KV": _MIN_BLOCK_KV,
         "LOGIT_CAP": logit_cap,
+        "MERGE": merge,
         "num_warps": 4,
     }
     strides = (
@@ -363,6 +453,10 @@ def decode_attention_fwd(
         attn_lse,
         num_kv_splits,
         *strides,
+        o,
+        o.stride(0),
+        o.stride(1),
+        merge_count if merge else num_kv_splits,
     )
     if kv_group_num == 1:
         block = block_n or (64 if on_cuda else 32)
@@ -382,6 +476,8 @@ def decode_attention_fwd(
             num_stages=2 if on_cuda else 1,
             **common,
         )
+    if merge:
+        return
     _decode_stage2_kernel[(bs, head_num)](
         attn_logits,
         attn_lse,

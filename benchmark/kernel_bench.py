@@ -1,0 +1,217 @@
+"""--kernel-fusion off vs on, measured side by side in one run:
+
+    python benchmark/kernel_bench.py all --out DIR [--presets qwen3-0.6b llama-3.1-8b]
+
+- decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1 and 64, against the
+  roofline (weight bytes / measured copy bandwidth), and the kernels in one replay (profiler);
+- prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
+  without HTTP), model FLOPs / latency, and MFU against the measured bf16 matmul peak;
+- long-context decode attention (llama-3.1-8b heads): KV bytes read per second at bs 64 x 4096
+  and bs 8 x 32768, two stages vs one launch, against the copy bandwidth.
+
+Each scheduler runs in its own process (one at a time on the GPU). Writes DIR/kernel_bench.json
+and DIR/kernel_bench.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_host_profile import graph_replay_us  # noqa: E402
+from gpu_bench import (  # noqa: E402
+    _drain,
+    _scheduler,
+    _submit,
+    bench_parser,
+    measure_bandwidth,
+    write_results,
+)
+
+from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
+
+FUSION = ("off", "on")
+DECODE_BS = [1, 64]
+INPUT_LEN, DECODE_STEPS = 256, 8
+PREFILL_PRESET, PREFILL_LEN = "llama-3.1-8b", 8192
+ATTN_SHAPES = [(64, 4096), (8, 32768)]  # (batch, context)
+ATTN_HEADS = (32, 8, 128)  # llama-3.1-8b: q heads, kv heads, head dim
+
+
+def _graph(sched, bs: int):
+    gr = sched.tp_worker.model_runner.graph_runner
+    return [g for k, g in gr.graphs.items() if k[0] == bs][-1]
+
+
+def kernels_per_replay(graph) -> dict:
+    """Kernels (and copies/memsets) the profiler sees in one replay, by name."""
+    from torch.autograd import DeviceType
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {"count": len(names), "by_name": collections.Counter(names).most_common()}
+
+
+def decode_child(preset: str, fusion: str) -> dict:
+    from sglab.bench_one_batch import measure_matmul_tflops, run_one
+
+    prefill = preset == PREFILL_PRESET
+    sched = _scheduler(preset, kernel_fusion=fusion, cuda_graph_bs=DECODE_BS,
+                       disable_overlap_schedule=True,
+                       chunked_prefill_size=PREFILL_LEN if prefill else None)
+    out: dict = {"preset": preset, "fusion": fusion,
+                 "weight_bytes": sched.model_config.weight_bytes(), "decode": []}
+    run_one(sched, 1, 16, 4, seed=99)  # compile and warm up
+    for bs in DECODE_BS:
+        _submit(sched, bs, INPUT_LEN, DECODE_STEPS + 40, f"d{bs}")
+        for _ in range(DECODE_STEPS):
+            sched.run_step()
+        graph = _graph(sched, bs)
+        out["decode"].append({"bs": bs, "graph_gpu_us": graph_replay_us(sched, bs),
+                              "kernels": kernels_per_replay(graph)})
+        _drain(sched)
+        sched.flush_cache()
+    if prefill:
+        peak = measure_matmul_tflops("cuda", torch.bfloat16)
+        runs = [run_one(sched, 1, PREFILL_LEN, 2, seed=s, peak_tflops=peak) for s in (1, 2, 3)]
+        best = min(runs, key=lambda r: r.prefill_latency_s)
+        out["prefill"] = {**best.__dict__,
+                          "latencies_s": [r.prefill_latency_s for r in runs]}
+    return out
+
+
+def attention_child() -> dict:
+    from sglab.srt.layers.attention.triton_backend import MAX_KV_SPLITS, MIN_KEYS_PER_SPLIT
+    from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+
+    hq, hkv, d = ATTN_HEADS
+    rows = []
+    for bs, ctx in ATTN_SHAPES:
+        k_buf = torch.randn(bs * ctx + 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v_buf = torch.randn_like(k_buf)
+        q = torch.randn(bs, hq, d, device="cuda", dtype=torch.bfloat16)
+        o = torch.empty_like(q)
+        indptr = (torch.arange(bs + 1, device="cuda") * ctx).to(torch.int32)
+        indices = torch.arange(1, bs * ctx + 1, device="cuda")
+        tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // MAX_KV_SPLITS))
+        splits = torch.full((bs,), min(MAX_KV_SPLITS, -(-ctx // tile)), dtype=torch.int32,
+                            device="cuda")
+        logits = torch.empty(bs, hq, MAX_KV_SPLITS, d, device="cuda")
+        lse = torch.empty(bs, hq, MAX_KV_SPLITS, device="cuda")
+        counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
+        kv_bytes = 2 * k_buf[1:].numel() * k_buf.element_size() + indices.numel() * 8
+        for merge in (False, True):
+            def call():
+                decode_attention_fwd(q, k_buf, v_buf, o, indptr, indices, logits, lse, splits,
+                                     MAX_KV_SPLITS, d ** -0.5,
+                                     merge_count=counts if merge else None)
+            t = _cuda_time(call)
+            rows.append({"bs": bs, "context": ctx, "one_launch": merge, "median_s": t,
+                         "kv_read_gbps": kv_bytes / t / 1e9})
+    return {"rows": rows}
+
+
+def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
+    times = []
+    for i in range(warmup + reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_all(presets: list[str], out_dir: str, commit: str | None) -> dict:
+    report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
+    for preset in presets:
+        report["models"][preset] = {f: _child(["decode", "--preset", preset, "--fusion", f])
+                                    for f in FUSION}
+        print(json.dumps(report["models"][preset])[:1500], flush=True)
+    report["attention"] = _child(["attention"])
+    write_results(out_dir, "kernel_bench", report, to_markdown(report))
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    bw = report["bandwidth"]["bandwidth_gbps"]
+    lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
+             "Decode: GPU time of one CUDA-graph replay, --kernel-fusion off vs on:", "",
+             "| model | bs | off (µs) | on (µs) | on / off | roofline (µs) | off / roof | "
+             "on / roof | kernels off | kernels on |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset, m in report["models"].items():
+        if any("error" in m[f] for f in FUSION):
+            lines.append(f"| {preset} | error | | | | | | | | |")
+            continue
+        roof = m["off"]["weight_bytes"] / (bw * 1e9) * 1e6
+        for off, on in zip(m["off"]["decode"], m["on"]["decode"]):
+            a, b = off["graph_gpu_us"], on["graph_gpu_us"]
+            lines.append(f"| {preset} | {off['bs']} | {a:.0f} | {b:.0f} | {b / a:.3f} | "
+                         f"{roof:.0f} | {a / roof:.2f} | {b / roof:.2f} | "
+                         f"{off['kernels']['count']} | {on['kernels']['count']} |")
+    lines += _prefill_lines(report) + _attention_lines(report, bw)
+    return "\n".join(lines) + "\n"
+
+
+def _prefill_lines(report: dict) -> list[str]:
+    m = report["models"].get(PREFILL_PRESET, {})
+    if not m or any("error" in m[f] or "prefill" not in m[f] for f in FUSION):
+        return []
+    lines = ["", f"Prefill, {PREFILL_PRESET}, one prompt of {PREFILL_LEN} new tokens (best of 3):",
+             "", "| fusion | chunks | latency (ms) | TFLOP/s | MFU | bf16 matmul peak (TFLOP/s) |",
+             "|---|---|---|---|---|---|"]
+    for f in FUSION:
+        p = m[f]["prefill"]
+        lines.append(f"| {f} | {len(p['prefill_chunk_latencies_s'])} | "
+                     f"{p['prefill_latency_s'] * 1e3:.1f} | {p['prefill_tflops']:.0f} | "
+                     f"{p['prefill_mfu']:.1%} | {p['peak_tflops']:.0f} |")
+    return lines
+
+
+def _attention_lines(report: dict, bw: float) -> list[str]:
+    att = report.get("attention", {})
+    if "rows" not in att:
+        return ["", f"Decode attention: {att.get('error', 'not run')[-300:]}"]
+    lines = ["", "Decode attention alone (llama-3.1-8b heads, bf16), KV bytes read per second:",
+             "", "| bs x context | kernel | median (µs) | KV read (GB/s) | of copy bandwidth |",
+             "|---|---|---|---|---|"]
+    for r in att["rows"]:
+        kind = "one launch" if r["one_launch"] else "two stages"
+        lines.append(f"| {r['bs']} x {r['context']} | {kind} | {r['median_s'] * 1e6:.0f} | "
+                     f"{r['kv_read_gbps']:.0f} | {r['kv_read_gbps'] / bw:.0%} |")
+    return lines
+
+
+def main() -> None:
+    parser = bench_parser(["all", "decode", "attention"])
+    parser.add_argument("--fusion", choices=FUSION, default="off")
+    args = parser.parse_args()
+    if args.kind == "all":
+        run_all(args.presets, args.out, args.commit)
+        return
+    result = decode_child(args.preset, args.fusion) if args.kind == "decode" else \
+        attention_child()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

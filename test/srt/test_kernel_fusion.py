@@ -1,0 +1,170 @@
+"""--kernel-fusion on against off: the same tokens, logprobs within fp32 rounding, the fused
+paths really taken, and deterministic mode's schedule invariance kept.
+
+On CPU the fused kernels run in Triton's interpreter (test/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sglab.srt.layers.attention.triton_ops import decode_attention
+from sglab.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglab.srt.server_args import ServerArgs, ServerArgsError
+from sglab.test import schedule_invariance as sched
+from sglab.test.runners import SchedulerRunner, free_gpu_memory
+
+PARAMS = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+LOGPROB_TOL = 1e-4
+
+
+def _prompts() -> list[list[int]]:
+    """A shared 24-token prefix (a radix hit for the second), one prompt past 64 keys (several
+    decode splits), one short."""
+    rng = random.Random(0)
+    shared = [rng.randrange(1000) for _ in range(24)]
+    return [shared + [rng.randrange(1000) for _ in range(n)] for n in (3, 90)] + [
+        [rng.randrange(1000) for _ in range(9)]]
+
+
+def _run(path: str, fusion: str, **kw) -> list:
+    runner = SchedulerRunner(model_path=path, kernel_fusion=fusion, **kw)
+    prompts = _prompts()
+    outs = runner.generate(prompts[:1], PARAMS, return_logprob=True, logprob_start_len=0)
+    outs += runner.generate(prompts[1:], PARAMS, return_logprob=True)  # output logprobs only
+    assert outs[1].cached_tokens >= 16
+    assert runner.integrity_error() is None
+    return outs
+
+
+def _assert_same_outputs(on: list, off: list) -> None:
+    assert [o.output_ids for o in on] == [o.output_ids for o in off]
+    assert len(on[0].logprobs["input_token_logprobs_val"]) == len(_prompts()[0])
+    for a, b in zip(on, off):
+        for name, values in a.logprobs.items():
+            if name.endswith("_val") and values:  # the first prompt token has None
+                got = torch.tensor([x for x in values if x is not None])
+                want = torch.tensor([x for x in b.logprobs[name] if x is not None])
+                torch.testing.assert_close(got, want, atol=LOGPROB_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("preset,backend", [("tiny-qwen3", "triton"),
+                                            ("tiny-qwen3", "torch_native"),
+                                            ("tiny-llama", "torch_native")])
+def test_fusion_on_matches_off(tiny_model_dir, preset, backend):
+    """Triton: the fused K/V write and the one-launch decode; torch_native: the K/V write alone,
+    with (Qwen3) and without (Llama) q/k norm."""
+    path = tiny_model_dir(preset)
+    kw = {"attention_backend": backend, "chunked_prefill_size": 32}
+    _assert_same_outputs(_run(path, "on", **kw), _run(path, "off", **kw))
+
+
+def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
+    """With fusion on, no layer calls set_kv_buffer (the RoPE kernel wrote K/V) and every
+    decode attention runs as one launch; off, both run as before."""
+    calls = {"set_kv_buffer": 0, "merged": 0, "two_stage": 0}
+    set_kv = MHATokenToKVPool.set_kv_buffer
+    decode = decode_attention.decode_attention_fwd
+
+    def counting_set_kv(self, *a, **kw):
+        calls["set_kv_buffer"] += 1
+        return set_kv(self, *a, **kw)
+
+    def counting_decode(*a, merge_count=None, **kw):
+        calls["merged" if merge_count is not None else "two_stage"] += 1
+        return decode(*a, merge_count=merge_count, **kw)
+
+    monkeypatch.setattr(MHATokenToKVPool, "set_kv_buffer", counting_set_kv)
+    monkeypatch.setattr("sglab.srt.layers.attention.triton_backend.decode_attention_fwd",
+                        counting_decode)
+    path = tiny_model_dir("tiny-qwen3")
+    counts = {}
+    for fusion in ("on", "off"):
+        calls.update(dict.fromkeys(calls, 0))
+        SchedulerRunner(model_path=path, kernel_fusion=fusion,
+                        attention_backend="triton").generate(_prompts()[2:], PARAMS)
+        counts[fusion] = dict(calls)
+    layers, decodes = 2, PARAMS["max_new_tokens"] - 1
+    assert counts["on"] == {"set_kv_buffer": 0, "merged": layers * decodes, "two_stage": 0}
+    assert counts["off"] == {"set_kv_buffer": layers * (1 + decodes), "merged": 0,
+                             "two_stage": layers * decodes}
+
+
+def test_deterministic_schedule_invariance_with_fusion(tiny_model_dir):
+    """Deterministic mode keeps the unified-extend decode; the fused q/k norm + RoPE + KV write
+    is row-wise, so each request still gets its alone-bits whatever the schedule."""
+    runner = SchedulerRunner(model_path=tiny_model_dir("tiny-qwen3"), kernel_fusion="on",
+                             attention_backend="triton", enable_deterministic_inference=True,
+                             chunked_prefill_size=16)
+    assert runner.scheduler.tp_worker.model_runner.attn_backend.merge_count is None
+    workload = sched.make_workload(runner.scheduler.model_config.vocab_size, num_groups=1,
+                                   per_group=3, prefix_len=20, question_lens=(2, 12),
+                                   max_new_tokens=4)
+    reference = sched.alone_reference(runner, workload)
+    _, mismatches = sched.check_schedules(runner, workload, reference,
+                                          ("all at once", "warm radix"))
+    assert [str(m) for m in mismatches] == []
+
+
+@pytest.mark.parametrize("patches,kw", [
+    ("none", {}), ("all", {}),
+    ("none", {"attention_backend": "triton", "enable_deterministic_inference": True}),
+], ids=["off", "on", "off-unified-extend"])
+def test_patch_sync_counts_unchanged(tiny_model_dir, audit, patches, kw):
+    """Every audited region makes the same host syncs and uploads per step, fusion on or off
+    (patches off: upstream's counts, including 0002's per-layer reads; patches on: none)."""
+    path, prompts = tiny_model_dir("tiny-qwen3"), _prompts()[::2]
+    steps = {}
+    for fusion in ("off", "on"):
+        audit.reset()
+        SchedulerRunner(model_path=path, kernel_fusion=fusion, patches=patches,
+                        enable_sync_audit=True, **kw).generate(prompts, PARAMS)
+        steps[fusion] = list(audit.steps)
+    assert any(steps["off"]) == (patches == "none")  # the audit saw the unpatched syncs
+    assert steps["on"] == steps["off"]
+
+
+def test_fusion_flag_validation(tiny_model_dir, monkeypatch):
+    path = tiny_model_dir("tiny-qwen3")
+    with pytest.raises(ServerArgsError, match="--kernel-fusion: invalid choice"):
+        ServerArgs(model_path=path, kernel_fusion="yes")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ServerArgsError, match="--kernel-fusion on.*TRITON_INTERPRET=1"):
+        ServerArgs(model_path=path, kernel_fusion="on")
+    assert ServerArgs(model_path=path).kernel_fusion == "off"
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama"])
+def test_gpu_fusion_on_matches_off_with_graphs(tiny_model_dir, preset):
+    """fp32, CUDA graphs and overlap, 24 requests of up to 600 keys (one and several decode
+    splits in one batch): the same tokens and logprobs (on CUDA both paths use the same q/k
+    norm + RoPE arithmetic, and the one-launch decode merges as stage 2 does)."""
+    path = tiny_model_dir(preset)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 600))] for _ in range(24)]
+    params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+    outs = {}
+    for fusion in ("off", "on"):
+        free_gpu_memory()
+        runner = SchedulerRunner(model_path=path, device="cuda", dtype="float32",
+                                 attention_backend="triton", cuda_graph_max_bs=16,
+                                 chunked_prefill_size=256, kernel_fusion=fusion)
+        assert runner.scheduler.tp_worker.model_runner.graph_runner is not None
+        outs[fusion] = runner.generate(prompts, params, return_logprob=True)
+        assert runner.integrity_error() is None
+        del runner
+    assert [o.output_ids for o in outs["on"]] == [o.output_ids for o in outs["off"]]
+    for a, b in zip(outs["on"], outs["off"]):
+        torch.testing.assert_close(torch.tensor(a.logprobs["output_token_logprobs_val"]),
+                                   torch.tensor(b.logprobs["output_token_logprobs_val"]),
+                                   atol=LOGPROB_TOL, rtol=0)
