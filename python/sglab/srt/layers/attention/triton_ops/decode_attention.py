@@ -240,9 +240,14 @@ def _decode_grouped_stage1_kernel(
         VALID_BLOCK_H: tl.constexpr = BLOCK_H
     else:
         VALID_BLOCK_H: tl.constexpr = kv_group_num
-    cur_kv_head = cur_head_id // tl.cdiv(kv_group_num, BLOCK_H)
-    cur_head = cur_head_id * VALID_BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = (cur_head < (cur_head_id + 1) * VALID_BLOCK_H) & (cur_head < q_head_num)
+    # A group wider than BLOCK_H takes several programs; none reaches into the next group.
+    PROGRAMS_PER_KV_HEAD: tl.constexpr = (kv_group_num + BLOCK_H - 1) // BLOCK_H
+    cur_kv_head = cur_head_id // PROGRAMS_PER_KV_HEAD
+    first_head = (cur_kv_head * kv_group_num
+                  + (cur_head_id % PROGRAMS_PER_KV_HEAD) * VALID_BLOCK_H)
+    end_head = tl.minimum((cur_kv_head + 1) * kv_group_num, q_head_num)
+    cur_head = first_head + tl.arange(0, BLOCK_H)
+    mask_h = (cur_head < first_head + VALID_BLOCK_H) & (cur_head < end_head)
 
     offs_d = tl.arange(0, BLOCK_DMODEL)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -311,22 +316,22 @@ def _decode_grouped_stage1_kernel(
             if MERGE:
                 counter = cur_batch * tl.num_programs(1) + cur_head_id
                 if _is_last_split(Merge_Count, counter, num_active):
-                    _merge_group(Att_Out, Att_Lse, O, cur_batch, cur_head_id * VALID_BLOCK_H,
-                                 q_head_num, num_active, stride_mid_ob, stride_mid_oh,
+                    _merge_group(Att_Out, Att_Lse, O, cur_batch, first_head,
+                                 end_head, num_active, stride_mid_ob, stride_mid_oh,
                                  stride_mid_os, stride_lse_b, stride_lse_h, stride_obs,
                                  stride_oh, offs_dv, mask_dv, BLOCK_DV, VALID_BLOCK_H)
                     tl.store(Merge_Count + counter, 0)
 
 
 @triton.jit
-def _merge_group(Att_Out, Att_Lse, O, cur_batch, first_head, q_head_num, num_active,
+def _merge_group(Att_Out, Att_Lse, O, cur_batch, first_head, end_head, num_active,
                  stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
                  stride_obs, stride_oh, offs_dv, mask_dv, BLOCK_DV: tl.constexpr,
                  NUM_HEADS: tl.constexpr):
     """The merge of a grouped program's heads, one head at a time (as stage 2 does)."""
     for h in tl.static_range(NUM_HEADS):
         head = first_head + h
-        if head < q_head_num:
+        if head < end_head:
             mid = cur_batch * stride_mid_ob + head * stride_mid_oh
             lse = cur_batch * stride_lse_b + head * stride_lse_h
             merged = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os,
@@ -464,7 +469,8 @@ def decode_attention_fwd(
         _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block, **common)
     else:
         block = block_n or (32 if on_cuda else 16)
-        grid = (bs, triton.cdiv(head_num, min(_BLOCK_H, kv_group_num)), max_kv_splits)
+        programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, _BLOCK_H)
+        grid = (bs, programs, max_kv_splits)
         _decode_grouped_stage1_kernel[grid](
             *args,
             head_num,
