@@ -168,3 +168,21 @@ def test_gpu_fusion_on_matches_off_with_graphs(tiny_model_dir, preset):
         torch.testing.assert_close(torch.tensor(a.logprobs["output_token_logprobs_val"]),
                                    torch.tensor(b.logprobs["output_token_logprobs_val"]),
                                    atol=LOGPROB_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("factor, fused", [(1.0, True), (0.5, False)])
+def test_partial_rope_never_takes_the_whole_head_kernel(factor: float, fused: bool) -> None:
+    """The fused q/k norm + RoPE kernel rotates whole heads: a config with
+    partial_rotary_factor < 1 must keep the unfused RoPE (and its unfused K/V write)."""
+    from transformers import LlamaConfig
+
+    from sglab.srt.configs.model_options import ModelOptions
+    from sglab.srt.models.llama import LlamaAttention
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, partial_rotary_factor=factor)
+    options = ModelOptions(batch_invariant=False, sync_free_logits_metadata=True,
+                           kernel_fusion=True)
+    attn = LlamaAttention(config, 0, torch.float32, options)
+    assert attn.rotary_emb.rotary_dim == int(16 * factor)
+    assert (attn.fused_qk_rope_ok, attn.fuse_kv_write) == (fused, fused)

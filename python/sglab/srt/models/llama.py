@@ -50,11 +50,6 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        half = self.head_dim // 2
-        # The fused q/k norm + RoPE kernel spans half a head with one power-of-two range.
-        self.fused_qk_rope_ok = half > 0 and half & (half - 1) == 0
-        # --kernel-fusion on: that kernel also writes k and v into the KV pool.
-        self.fuse_kv_write = options.kernel_fusion and self.fused_qk_rope_ok
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_kv_heads, bias=qkv_bias, params_dtype=dtype,
                                           batch_invariant=options.batch_invariant)
@@ -67,6 +62,13 @@ class LlamaAttention(nn.Module):
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, config)
+        half = self.head_dim // 2
+        # The fused q/k norm + RoPE kernel rotates whole heads, half a head with one
+        # power-of-two range; partial RoPE (rotary_dim < head_dim) takes the unfused path.
+        self.fused_qk_rope_ok = (half > 0 and half & (half - 1) == 0
+                                 and self.rotary_emb.rotary_dim == self.head_dim)
+        # --kernel-fusion on: that kernel also writes k and v into the KV pool.
+        self.fuse_kv_write = options.kernel_fusion and self.fused_qk_rope_ok
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
                                    self.num_kv_heads, layer_id)
         if self.qk_norm:
