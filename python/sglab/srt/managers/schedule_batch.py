@@ -105,7 +105,8 @@ class Req:
         self.output_token_logprobs_idx: list[int] = []
         self.output_top_logprobs_val: list[list[float]] = []
         self.output_top_logprobs_idx: list[list[int]] = []
-        # How much of each list was already sent to the detokenizer.
+        # How much was already sent to the detokenizer: of output_ids, of each logprob list.
+        self.send_token_offset = 0
         self.send_offsets: dict[str, int] = {}
         # Structured outputs: the grammar's compilation while waiting, then its matcher.
         self.grammar_future: Future | None = None
