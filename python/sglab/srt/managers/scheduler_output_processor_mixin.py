@@ -64,7 +64,7 @@ class SchedulerOutputProcessorMixin:
     def process_batch_result_decode(self: Scheduler, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
         for i, req in enumerate(batch.reqs):
-            if req.finished():
+            if req.finished_reason is not None:
                 self._release_overlap_slot(req, batch.out_cache_loc[i])
                 continue
             try:
@@ -73,7 +73,7 @@ class SchedulerOutputProcessorMixin:
                 self._fail_in_place(req, e, "processing its output", mid_step=False)
             if req.mamba_ping_pong_track_buffer is not None:
                 self._mamba_prefix_cache_update(req)
-            if req.finished():
+            if req.finished_reason is not None:
                 if self.hisparse is not None:
                     self.hisparse.request_finished(req)
                 self.tree_cache.cache_finished_req(req)
@@ -98,7 +98,8 @@ class SchedulerOutputProcessorMixin:
             self.token_to_kv_pool_allocator.free(slot.view(1))
 
     def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
-        req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
+        pending = req.num_pending_tokens
+        req.num_pending_tokens = pending - 1 if pending > 0 else 0
         token = result.next_token_ids_cpu[i]
         req.output_ids.append(token)
         if req.grammar is not None and not req.grammar.accept_token(token):
