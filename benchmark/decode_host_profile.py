@@ -54,6 +54,8 @@ COMPONENTS = {
                            "synchronize"),
     "process_batch_result_decode": ("sglab.srt.managers.scheduler", "Scheduler",
                                     "process_batch_result_decode"),
+    # Part of the one before: the streamed requests' message to the detokenizer.
+    "stream_output": ("sglab.srt.managers.scheduler", "Scheduler", "stream_output"),
 }
 
 

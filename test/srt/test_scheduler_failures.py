@@ -79,8 +79,8 @@ STAGES = {
     "decode_forward": lambda mp: _forward_fails_for(mp, _in_decode),
     "result": lambda mp: _wrap(mp, scheduler_mod.Scheduler, "_append_token",
                                lambda s, req, result, i: _in_decode(req)),
-    "output": lambda mp: _wrap(mp, scheduler_mod.Scheduler, "_append_output",
-                               lambda s, out, req: _in_decode(req)),
+    "output": lambda mp: _wrap(mp, scheduler_mod.Scheduler, "_token_output",
+                               lambda s, reqs: any(_in_decode(r) for r in reqs)),
 }
 
 

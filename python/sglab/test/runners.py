@@ -51,14 +51,14 @@ class SchedulerRunner:
     def submit(self, input_ids: list[int], sampling_params: dict | None = None,
                return_logprob: bool = False, logprob_start_len: int = -1,
                top_logprobs_num: int = 0, rid: str | None = None,
-               lora_path: str | None = None) -> str:
+               lora_path: str | None = None, stream: bool = False) -> str:
         params = SamplingParams.from_dict(sampling_params)
         params.normalize(self.tokenizer)
         rid = rid or f"r{next(self._rids)}"
         self.scheduler.handle_generate_request(TokenizedGenerateReqInput(
             rid=rid, input_text=None, input_ids=list(input_ids), sampling_params=params,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num, lora_path=lora_path))
+            top_logprobs_num=top_logprobs_num, lora_path=lora_path, stream=stream))
         return rid
 
     def abort(self, rid: str) -> None:

@@ -7,6 +7,7 @@ of `req_to_token`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import re
@@ -105,7 +106,8 @@ class Req:
         self.output_token_logprobs_idx: list[int] = []
         self.output_top_logprobs_val: list[list[float]] = []
         self.output_top_logprobs_idx: list[list[int]] = []
-        # How much of each list was already sent to the detokenizer.
+        # How much was already sent to the detokenizer: of output_ids, of each logprob list.
+        self.send_token_offset = 0
         self.send_offsets: dict[str, int] = {}
         # Structured outputs: the grammar's compilation while waiting, then its matcher.
         self.grammar_future: Future | None = None
@@ -153,7 +155,7 @@ class Req:
     # --- finish -------------------------------------------------------------------------------
 
     def check_finished(self, tokenizer: Any, context_len: int) -> None:
-        if self.finished():
+        if self.finished_reason is not None:
             return
         if self.to_finish is not None:
             self.finished_reason, self.to_finish = self.to_finish, None
@@ -234,6 +236,23 @@ class ModelWorkerBatch:
     mamba_track_seqlens_cpu: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class RequestFacts:
+    """Per-request values that hold as long as a batch keeps its requests (a composition)."""
+
+    composition: int
+    return_logprob: bool
+    top_logprobs_nums: list[int]
+    lora_ids: list[str | None]
+    has_grammar: bool
+
+    @classmethod
+    def of(cls, reqs: list[Req], composition: int) -> "RequestFacts":
+        return cls(composition, any(r.return_logprob for r in reqs),
+                   [r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+                   [r.lora_id for r in reqs], any(r.grammar is not None for r in reqs))
+
+
 @dataclass
 class ScheduleBatch(ScheduleBatchMambaMixin):
     reqs: list[Req]
@@ -269,6 +288,7 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
     decode_composition: int = -1
     sampling_info: SamplingBatchInfo | None = None
     sampling_composition: int = -1
+    facts: RequestFacts | None = None
     # HiSparse (None: off): the allocator's slots are logical (host-backed) ones; the
     # coordinator gives the device slots of a decode step (its plan) and manages the rows.
     hisparse: "HiSparseCoordinator | None" = None
@@ -294,9 +314,14 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
     def is_empty(self) -> bool:
         return not self.reqs
 
+    def request_facts(self) -> RequestFacts:
+        if self.facts is None or self.facts.composition != self.composition:
+            self.facts = RequestFacts.of(self.reqs, self.composition)
+        return self.facts
+
     @property
     def return_logprob(self) -> bool:
-        return any(r.return_logprob for r in self.reqs)
+        return self.request_facts().return_logprob
 
     # --- memory -------------------------------------------------------------------------------
 
@@ -493,7 +518,9 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
 
     def copy(self) -> "ScheduleBatch":
         """A snapshot for processing this step's result after the batch moved on (overlap)."""
-        return dataclasses.replace(self, reqs=list(self.reqs))
+        snapshot = copy.copy(self)
+        snapshot.reqs = list(self.reqs)
+        return snapshot
 
     def _sampling_batch_info(self) -> SamplingBatchInfo:
         """The batch's sampling tensors, rebuilt only when its requests change."""
@@ -501,11 +528,12 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             self.sampling_info = SamplingBatchInfo.from_params(
                 [r.sampling_params for r in self.reqs], [r.seed for r in self.reqs])
             self.sampling_composition = self.composition
-        grammars = [r.grammar for r in self.reqs]
         vocab_mask = None
-        if any(g is not None for g in grammars):  # changes every step: never cached
-            vocab_mask = VocabMask.from_grammars(grammars, self.vocab_size,
-                                                 self.req_to_token_pool.device)
+        if self.request_facts().has_grammar:  # changes every step: never cached
+            vocab_mask = VocabMask.from_grammars([r.grammar for r in self.reqs],
+                                                 self.vocab_size, self.req_to_token_pool.device)
+        if self.penalizer_orchestrator is None and vocab_mask is None:
+            return self.sampling_info
         return dataclasses.replace(self.sampling_info,
                                    penalizer_orchestrator=self.penalizer_orchestrator,
                                    vocab_mask=vocab_mask)
@@ -520,7 +548,7 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
         return self.hisparse.allocator.to_device(self.out_cache_loc)
 
     def get_model_worker_batch(self) -> ModelWorkerBatch:
-        reqs = self.reqs
+        facts = self.request_facts()
         self.step_row_writes = self.req_to_token_pool.take_pending_writes()
         mwb = ModelWorkerBatch(
             forward_mode=self.forward_mode,
@@ -531,11 +559,11 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             seq_lens_max=int(self.seq_lens_cpu.max()),
             out_cache_loc=self._device_out_cache_loc(),
             sampling_info=self._sampling_batch_info(),
-            return_logprob=self.return_logprob,
-            top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+            return_logprob=facts.return_logprob,
+            top_logprobs_nums=facts.top_logprobs_nums,
             req_to_token_writes=self.req_to_token_pool.flatten_writes(self.step_row_writes),
             composition=self.composition,
-            lora_ids=[r.lora_id for r in reqs],
+            lora_ids=facts.lora_ids,
             hisparse_plan=self.hisparse_plan,
         )
         self._mamba_worker_fields(mwb)

@@ -449,7 +449,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         _drop_finishing(batch)
         if batch.is_empty():
             return False
-        grammar = any(r.grammar is not None for r in batch.reqs)
+        grammar = batch.request_facts().has_grammar
         if self.result_queue and (grammar or not batch.check_decode_mem()):
             # Retraction needs every token on the host, and a grammar's next mask its last
             # token: land the in-flight step first.
@@ -639,7 +639,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
 def _drop_finishing(batch: ScheduleBatch) -> None:
     """Requests that will have all their tokens once the in-flight step lands sit out."""
     batch.filter_batch([r for r in batch.reqs
-                        if not r.finished() and not r.will_finish_by_length()])
+                        if r.finished_reason is None and not r.will_finish_by_length()])
 
 
 def _dist_init_method(port_args: PortArgs | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# What a message sends up to, per request: len(output_ids), and each logprob list's length
+# (None: the request returns no logprobs).
+_Sent = tuple[int, "tuple[int, ...] | None"]
 _LOGPROB_FIELDS = (
     "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
     "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
@@ -61,7 +64,7 @@ class SchedulerOutputProcessorMixin:
     def process_batch_result_decode(self: Scheduler, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
         for i, req in enumerate(batch.reqs):
-            if req.finished():
+            if req.finished_reason is not None:
                 self._release_overlap_slot(req, batch.out_cache_loc[i])
                 continue
             try:
@@ -70,7 +73,7 @@ class SchedulerOutputProcessorMixin:
                 self._fail_in_place(req, e, "processing its output", mid_step=False)
             if req.mamba_ping_pong_track_buffer is not None:
                 self._mamba_prefix_cache_update(req)
-            if req.finished():
+            if req.finished_reason is not None:
                 if self.hisparse is not None:
                     self.hisparse.request_finished(req)
                 self.tree_cache.cache_finished_req(req)
@@ -95,7 +98,8 @@ class SchedulerOutputProcessorMixin:
             self.token_to_kv_pool_allocator.free(slot.view(1))
 
     def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
-        req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
+        pending = req.num_pending_tokens
+        req.num_pending_tokens = pending - 1 if pending > 0 else 0
         token = result.next_token_ids_cpu[i]
         req.output_ids.append(token)
         if req.grammar is not None and not req.grammar.accept_token(token):
@@ -134,56 +138,67 @@ class SchedulerOutputProcessorMixin:
 
 
     def stream_output(self: Scheduler, reqs: list[Req]) -> None:
-        """Queue a BatchTokenIDOutput with what each request has new since its last message."""
+        """Queue a BatchTokenIDOutput with what each request has new since its last message:
+        one pass over the requests, column by column; where that fails, request by request,
+        so only the request whose output cannot be built is aborted."""
         interval = self.server_args.stream_interval
-        chosen = [r for r in reqs if r.finished() or (
-            r.stream and len(r.output_ids) > r.send_offsets.get("output_ids", 0)
+        chosen = [r for r in reqs if r.finished_reason is not None or (
+            r.stream and len(r.output_ids) > r.send_token_offset
             and (len(r.output_ids) % interval == 0 or len(r.output_ids) == 1))]
         if not chosen:
             return
+        try:
+            out, sent = self._token_output(chosen)
+        except Exception:  # noqa: BLE001 - one request's output is the cause: find it
+            out = self._token_output_one_by_one(chosen)
+        else:
+            _mark_sent(chosen, sent)
+        if out.rids:
+            self.outputs.append(out)
+
+    def _token_output(self: Scheduler,
+                      reqs: list[Req]) -> tuple[BatchTokenIDOutput, list[_Sent]]:
+        """The message for `reqs` and, for `_mark_sent`, the list lengths it sends up to; the
+        requests are left as they were."""
+        ends = [len(r.output_ids) for r in reqs]
+        params = [r.sampling_params for r in reqs]
         out = BatchTokenIDOutput(
-            rids=[], finished_reasons=[], output_ids=[], prompt_tokens=[], completion_tokens=[],
-            cached_tokens=[], skip_special_tokens=[], spaces_between_special_tokens=[],
-            no_stop_trim=[], stop_strs=[], total_retractions=[])
-        for req in chosen:
-            num_rows = len(out.rids)
+            rids=[r.rid for r in reqs],
+            finished_reasons=[r.finished_reason for r in reqs],
+            output_ids=[r.output_ids[r.send_token_offset:n] for r, n in zip(reqs, ends)],
+            prompt_tokens=[len(r.origin_input_ids) for r in reqs],
+            completion_tokens=ends,
+            cached_tokens=[r.cached_tokens for r in reqs],
+            skip_special_tokens=[p.skip_special_tokens for p in params],
+            spaces_between_special_tokens=[p.spaces_between_special_tokens for p in params],
+            no_stop_trim=[p.no_stop_trim for p in params],
+            stop_strs=[p.stop_strs for p in params],
+            total_retractions=[r.total_retractions for r in reqs])
+        logprob_ends = [_logprob_lens(r) if r.return_logprob else None for r in reqs]
+        any_logprob = any(logprob_ends)
+        for k, name in enumerate(_LOGPROB_FIELDS):
+            setattr(out, name, [getattr(r, name)[r.send_offsets.get(name, 0):lens[k]]
+                                if lens is not None else None
+                                for r, lens in zip(reqs, logprob_ends)]
+                    if any_logprob else [None] * len(reqs))
+        return out, list(zip(ends, logprob_ends))
+
+    def _token_output_one_by_one(self: Scheduler, reqs: list[Req]) -> BatchTokenIDOutput:
+        out = _empty_token_output()
+        for req in reqs:
             try:
-                self._append_output(out, req)
+                row, sent = self._token_output([req])
             except Exception as e:  # noqa: BLE001 - aborts this request only
-                for f in dataclasses.fields(out):  # drop its partial entry
-                    del getattr(out, f.name)[num_rows:]
                 if not req.finished():  # it finishes, and is freed, at its next token
                     self._fail_in_place(req, e, "building its output", mid_step=True)
                     continue
                 logger.error("Output of request %s failed", req.rid, exc_info=e)
-                for name, value in _failed_output_row(
-                        req, internal_error("building its output", e)).items():
-                    getattr(out, name).append(value)
-        if out.rids:
-            self.outputs.append(out)
-
-    def _append_output(self: Scheduler, out: BatchTokenIDOutput, req: Req) -> None:
-        params = req.sampling_params
-        out.rids.append(req.rid)
-        out.finished_reasons.append(req.finished_reason)
-        out.output_ids.append(self._delta(req, "output_ids", req.output_ids))
-        out.prompt_tokens.append(len(req.origin_input_ids))
-        out.completion_tokens.append(len(req.output_ids))
-        out.cached_tokens.append(req.cached_tokens)
-        out.skip_special_tokens.append(params.skip_special_tokens)
-        out.spaces_between_special_tokens.append(params.spaces_between_special_tokens)
-        out.no_stop_trim.append(params.no_stop_trim)
-        out.stop_strs.append(list(params.stop_strs))
-        out.total_retractions.append(req.total_retractions)
-        for name in _LOGPROB_FIELDS:
-            value = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
-            getattr(out, name).append(value)
-
-    @staticmethod
-    def _delta(req: Req, name: str, values: list) -> list:
-        start = req.send_offsets.get(name, 0)
-        req.send_offsets[name] = len(values)
-        return values[start:]
+                row = _failed_output_row(req, internal_error("building its output", e))
+            else:
+                _mark_sent([req], sent)
+            for f in dataclasses.fields(out):
+                getattr(out, f.name).extend(getattr(row, f.name))
+        return out
 
     def flush_outputs(self: Scheduler) -> None:
         if self.send_to_detokenizer is not None:
@@ -199,12 +214,27 @@ def internal_error(what: str, error: Exception) -> dict:
                         status_code=500)
 
 
-def _failed_output_row(req: Req, finished_reason: dict) -> dict[str, Any]:
+def _logprob_lens(req: Req) -> tuple[int, ...]:
+    return tuple(len(getattr(req, name)) for name in _LOGPROB_FIELDS)
+
+
+def _mark_sent(reqs: list[Req], sent: list[_Sent]) -> None:
+    for req, (num_ids, logprob_lens) in zip(reqs, sent):
+        req.send_token_offset = num_ids
+        if logprob_lens is not None:
+            req.send_offsets.update(zip(_LOGPROB_FIELDS, logprob_lens))
+
+
+def _empty_token_output() -> BatchTokenIDOutput:
+    return BatchTokenIDOutput(**{f.name: [] for f in dataclasses.fields(BatchTokenIDOutput)})
+
+
+def _failed_output_row(req: Req, finished_reason: dict) -> BatchTokenIDOutput:
     """The entry of a finished request whose output could not be built: its abort only."""
-    row: dict[str, Any] = dict.fromkeys(_LOGPROB_FIELDS)
-    row.update(rids=req.rid, finished_reasons=finished_reason, output_ids=[],
-               prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
-               cached_tokens=req.cached_tokens, skip_special_tokens=True,
-               spaces_between_special_tokens=True, no_stop_trim=False, stop_strs=[],
-               total_retractions=req.total_retractions)
-    return row
+    return BatchTokenIDOutput(
+        rids=[req.rid], finished_reasons=[finished_reason], output_ids=[[]],
+        prompt_tokens=[len(req.origin_input_ids)], completion_tokens=[len(req.output_ids)],
+        cached_tokens=[req.cached_tokens], skip_special_tokens=[True],
+        spaces_between_special_tokens=[True], no_stop_trim=[False], stop_strs=[[]],
+        total_retractions=[req.total_retractions],
+        **{name: [None] for name in _LOGPROB_FIELDS})

@@ -50,6 +50,8 @@ _INPUTS = (("out_cache_loc", torch.int64, 0), ("seq_lens", torch.int64, 1),
            ("sampling_seeds", torch.int64, 0), ("sampling_temperatures", torch.float32, 1.0),
            ("sampling_top_ps", torch.float32, 1.0), ("sampling_min_ps", torch.float32, 0.0))
 _PER_STEP = ("out_cache_loc", "seq_lens")
+_PADS = {name: pad for name, _, pad in _INPUTS}
+_DTYPES = {name: dtype for name, dtype, _ in _INPUTS}
 # Sampling kinds a graph can end with: greedy, or the general path with its two filter flags.
 GREEDY = ("greedy",)
 
@@ -97,9 +99,7 @@ class GraphInputs:
             for name, (t, _) in batch.sampling_info.host_tensors().items():
                 items[name] = t.view(-1)
             self.composition, self.bs = batch.composition, bs
-        pads = {name: pad for name, _, pad in _INPUTS}
-        dtypes = {name: dtype for name, dtype, _ in _INPUTS}
-        padded = {name: _pad(t, bs, pads[name], dtypes[name]) for name, t in items.items()}
+        padded = {name: _pad(t, bs, _PADS[name], _DTYPES[name]) for name, t in items.items()}
         if self.h2d_mode == "packed":
             self._upload_packed(padded)
         else:
@@ -276,10 +276,15 @@ class CudaGraphRunner:
             positions=None,  # type: ignore[arg-type]
             seq_lens_sum=batch.seq_lens_sum + pad, seq_lens_cpu=batch.seq_lens_cpu,
             seq_lens_max=batch.seq_lens_max,
-            lora_ids=list(batch.lora_ids or [None] * len(batch.seq_lens_cpu)) + [None] * pad,
+            lora_ids=self._lora_ids(batch, pad),
             lora_inflight_ids=batch.lora_inflight_ids,
             hisparse_coordinator=self.model_runner.hisparse_coordinator,
             hisparse_plan=batch.hisparse_plan, **mamba_track_fields(batch))
+
+    def _lora_ids(self, batch: "ModelWorkerBatch", pad: int) -> list[str | None] | None:
+        if self.model_runner.lora_manager is None:
+            return None
+        return list(batch.lora_ids or [None] * len(batch.seq_lens_cpu)) + [None] * pad
 
     def _eager_sampling_batch(self, batch: "ModelWorkerBatch", raw_bs: int) -> ForwardBatch:
         v = self.inputs.views

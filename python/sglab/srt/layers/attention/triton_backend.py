@@ -157,16 +157,21 @@ class TritonAttnBackend(AttentionBackend):
             g["attn_logits"], g["attn_lse"] = self._decode_scratch(max_bs)
             g["num_kv_splits"] = torch.ones(max_bs, dtype=torch.int32, device=self.device)
         self.graph_state = g
+        self.graph_metadata: dict[int, ForwardMetadata] = {}
 
     def prepare_capture(self, bs: int) -> None:
+        if bs not in self.graph_metadata:  # built once per size: a replay only selects it
+            self.graph_metadata[bs] = self._graph_metadata(bs)
+        self.forward_metadata = self.graph_metadata[bs]
+
+    def _graph_metadata(self, bs: int) -> ForwardMetadata:
         g = self.graph_state
         if self.unified_decode:
-            self.forward_metadata = ForwardMetadata(
+            return ForwardMetadata(
                 g["kv_indptr"][: bs + 1], g["kv_indices"], qo_indptr=g["qo_indptr"][: bs + 1],
                 max_extend_len=1,
                 unified=(g["kv_indptr"][: bs + 1], g["kv_indices"], g["prefix_lens"][:bs]))
-            return
-        self.forward_metadata = ForwardMetadata(
+        return ForwardMetadata(
             g["kv_indptr"][: bs + 1], g["kv_indices"], g["attn_logits"][:bs],
             g["attn_lse"][:bs], g["num_kv_splits"][:bs])
 
@@ -185,7 +190,7 @@ class TritonAttnBackend(AttentionBackend):
 
     def prepare_replay(self, forward_batch: "ForwardBatch", bs: int) -> None:
         """The static metadata views of `bs` (the replay computes their values in
-        graph_prologue; an eager forward since capture may have replaced the views)."""
+        graph_prologue; an eager forward since capture may have replaced them)."""
         self.prepare_capture(bs)
 
     # --- forward ------------------------------------------------------------------------------
