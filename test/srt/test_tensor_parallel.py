@@ -146,7 +146,8 @@ def test_rank_disagreement_is_caught():
     from sglab.srt.managers.scheduler_runtime_checker_mixin import SchedulerRuntimeCheckerMixin
 
     rank1 = SimpleNamespace(
-        tp_group=SimpleNamespace(world_size=2, rank=1, broadcast_object=lambda obj, src: [4, 5]),
+        attn_tp_group=SimpleNamespace(world_size=2, rank=1,
+                                      broadcast_object=lambda obj, src: [4, 5]),
         server_args=SimpleNamespace(enable_integrity_check=True), forward_ct=3)
     SchedulerRuntimeCheckerMixin.check_tp_agreement(rank1, [4, 5])
     with pytest.raises(AssertionError, match="TP rank 1 sampled"):

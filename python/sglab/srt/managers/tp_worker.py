@@ -81,6 +81,8 @@ class TpModelWorker:
             forward_batch.input_ids = self.future_map.gather(forward_batch.req_pool_indices)
         logits_output = self.model_runner.forward(forward_batch)
         sample_output = self.model_runner.sample(logits_output, forward_batch)
+        if forward_batch.forward_mode.is_idle():
+            return logits_output, sample_output
         self.future_map.store(forward_batch.req_pool_indices, sample_output.next_token_ids)
         return logits_output, sample_output
 

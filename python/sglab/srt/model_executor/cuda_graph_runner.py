@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.layers.dp_attention import DpPaddingMode, DpStepInfo
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, SamplingBatchInfo
 from sglab.srt.mem_cache.memory_pool import PADDING_ROW
@@ -181,7 +182,15 @@ class CudaGraphRunner:
             attn_backend=mr.attn_backend, lora_ids=[None] * bs,
             hisparse_coordinator=mr.hisparse_coordinator)
         fb.sampling_info = _static_sampling_info(v, bs, kind)
+        fb.dp_step = self._dp_step(bs)
         return fb
+
+    def _dp_step(self, bs: int) -> DpStepInfo | None:
+        """DP attention: every rank replays the graph of the same size, padded (MAX_LEN)."""
+        info = self.model_runner.dp_info
+        if not info.enabled:
+            return None
+        return DpStepInfo([bs] * info.dp_size, DpPaddingMode.MAX_LEN)
 
     @torch.inference_mode()
     def _capture(self, bs: int, kind: tuple) -> None:
@@ -236,15 +245,30 @@ class CudaGraphRunner:
 
     # --- replay -------------------------------------------------------------------------------
 
+    def fits_locally(self, mode: ForwardMode, bs: int, num_tokens: int) -> bool:
+        """This rank's vote in DP attention's agreement (an IDLE rank pads to any size)."""
+        return mode.is_idle() or (mode.is_decode() and bs <= self.max_bs)
+
     def can_run(self, batch: "ModelWorkerBatch") -> bool:
+        if batch.global_num_tokens is not None:  # DP attention: every rank replays, or none
+            return batch.can_run_dp_cuda_graph and not batch.is_extend_in_batch and \
+                max(batch.global_num_tokens) <= self.max_bs
         return batch.forward_mode.is_decode() and len(batch.seq_lens_cpu) <= self.max_bs
+
+    def _graph_bs(self, batch: "ModelWorkerBatch") -> int:
+        """The captured size to replay: the batch's, or under DP attention the largest
+        rank's."""
+        raw_bs = len(batch.seq_lens_cpu)
+        if batch.global_num_tokens is not None:
+            raw_bs = max(batch.global_num_tokens)
+        return self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
 
     @torch.inference_mode()
     def run(self, batch: "ModelWorkerBatch") -> tuple[LogitsProcessorOutput, SampleOutput]:
         """A decode step through a graph: upload, replay, and, where the graph's sampler is not
         what the batch asks (logprobs, penalties), sample from the graph's logits."""
         raw_bs = len(batch.seq_lens_cpu)
-        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+        bs = self._graph_bs(batch)
         with audit_region("ForwardBatch.init_new"):
             self.inputs.upload(batch, bs)
         fb = self._replay_batch(batch, bs)
@@ -270,6 +294,7 @@ class CudaGraphRunner:
         pad = bs - len(batch.seq_lens_cpu)
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=None,  # type: ignore
+            dp_step=self._dp_step(bs),
             req_pool_indices=self.inputs.views["req_pool_indices"][:bs],
             seq_lens=self.inputs.views["seq_lens"][:bs],
             out_cache_loc=self.inputs.views["out_cache_loc"][:bs],

@@ -10,7 +10,10 @@ import torch
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.debug.sync_audit import audit_region
-from sglab.srt.distributed.parallel_state import initialize_model_parallel
+from sglab.srt.distributed.parallel_state import (
+    get_dp_attention_info,
+    initialize_model_parallel,
+)
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, Sampler
@@ -61,8 +64,11 @@ class ModelRunner(ModelRunnerMambaMixin):
         elif self.tp_size > 1:  # CPU ranks share the cores instead of each spinning on all
             torch.set_num_threads(max(1, min(torch.get_num_threads(),
                                              (os.cpu_count() or 1) // self.tp_size)))
-        self.tp_group = initialize_model_parallel(tp_rank, self.tp_size, dist_init_method,
-                                                  server_args.device)
+        self.tp_group = initialize_model_parallel(
+            tp_rank, self.tp_size, dist_init_method, server_args.device,
+            dp_size=server_args.dp_size, enable_dp_attention=server_args.enable_dp_attention)
+        self.dp_info = get_dp_attention_info()
+        self.attn_tp_size = self.dp_info.attn_tp_size  # ranks each attention layer spans
         # Built once; each consumer gets it (or the one value it needs) through its constructor.
         self.patch_flags = PatchFlags.from_server_args(server_args)
         options = ModelOptions(
@@ -104,7 +110,7 @@ class ModelRunner(ModelRunnerMambaMixin):
     @property
     def num_kv_heads(self) -> int:
         """KV heads held by this rank's pool."""
-        return self.model_config.get_num_kv_heads(self.tp_size)
+        return self.model_config.get_num_kv_heads(self.attn_tp_size)
 
     def _cell_size(self) -> int:
         mc = self.model_config
@@ -222,6 +228,9 @@ class ModelRunner(ModelRunnerMambaMixin):
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
         """An eager forward (decode steps that fit a CUDA graph go through `graph_runner`)."""
+        if forward_batch.forward_mode.is_idle():  # DP attention: only the collectives
+            return self.model.forward(forward_batch.input_ids, forward_batch.positions,
+                                      forward_batch)
         hisparse = forward_batch.hisparse_coordinator
         if hisparse is not None:  # a decode step: backups, then the step's sparse state
             hisparse.begin_decode_step(forward_batch)
@@ -235,6 +244,8 @@ class ModelRunner(ModelRunnerMambaMixin):
     @torch.inference_mode()
     def sample(self, logits_output: LogitsProcessorOutput,
                forward_batch: ForwardBatch) -> SampleOutput:
+        if forward_batch.forward_mode.is_idle():
+            return SampleOutput(next_token_ids=forward_batch.input_ids)
         top_k = max(forward_batch.top_logprobs_nums or [0])
         info = forward_batch.sampling_info
         logits = logits_output.next_token_logits

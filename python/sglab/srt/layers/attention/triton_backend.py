@@ -70,7 +70,7 @@ class TritonAttnBackend(AttentionBackend):
     def __init__(self, model_runner):
         mc = model_runner.model_config
         self.device = model_runner.device
-        self.num_q_heads = mc.get_num_attention_heads(model_runner.tp_size)
+        self.num_q_heads = mc.get_num_attention_heads(model_runner.attn_tp_size)
         self.head_dim = mc.head_dim
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         args = model_runner.server_args
