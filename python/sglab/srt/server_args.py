@@ -138,6 +138,7 @@ class ServerArgs:
         self._handle_hybrid_model()
         self._handle_data_parallelism()
         self._check_tensor_parallel()
+        self._check_prefill_cuda_graph()
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -358,6 +359,22 @@ class ServerArgs:
             self.chunked_prefill_size = max(per_dp // self.page_size, 1) * self.page_size
         if self.max_running_requests is not None:
             self.max_running_requests = max(self.max_running_requests // self.dp_size, 1)
+
+    def _check_prefill_cuda_graph(self) -> None:
+        """Prefill graphs hold the whole forward: the triton backend's extend kernel, no
+        per-request adapter or tier state."""
+        from sglab.srt.configs.mamba_utils import is_hybrid_model_path
+
+        if not self.enable_prefill_cuda_graph:
+            return
+        refused = {"--enable-lora": self.enable_lora, "--enable-hisparse": self.enable_hisparse,
+                   "--enable-deterministic-inference": self.enable_deterministic_inference,
+                   "a hybrid (Gated DeltaNet) model": is_hybrid_model_path(self.model_path),
+                   f"--attention-backend {self.attention_backend}":
+                       self.attention_backend != "triton"}
+        for what, on in refused.items():
+            if on:
+                raise ServerArgsError(f"--enable-prefill-cuda-graph does not support {what}")
 
     def _check_mamba_args(self) -> None:
         if self.mamba_scheduler_strategy not in MAMBA_SCHEDULER_STRATEGY_CHOICES:

@@ -645,6 +645,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             "memory_usage": self._memory_usage(),
             "effective_max_running_requests_per_dp": self.max_running_requests,
             "sync_audit": AUDIT.report(),
+            "cuda_graph_replays": {r.name: r.num_replays
+                                   for r in self.tp_worker.model_runner.graph_runners()},
             "hisparse": self.hisparse.get_token_stats() if self.hisparse is not None else None,
         }
 

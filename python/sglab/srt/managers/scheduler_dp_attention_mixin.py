@@ -52,12 +52,10 @@ class SchedulerDPAttentionMixin:
 
     def _can_run_graph_locally(self: Scheduler, batch: ScheduleBatch | None) -> bool:
         """Whether this rank's part of the step fits a captured graph (an IDLE rank pads)."""
-        runner = self.tp_worker.model_runner.graph_runner
-        if runner is None:
-            return False
+        runner = self.tp_worker.model_runner
         if batch is None:
-            return True
-        return runner.fits_locally(batch.forward_mode, batch.batch_size(), batch.num_tokens())
+            return runner.graph_runner is not None
+        return any(r.fits_locally(batch) for r in runner.graph_runners())
 
     def should_block_on_recv(self: Scheduler) -> bool:
         """Wait for requests only while no rank has work (the others would wait for us)."""

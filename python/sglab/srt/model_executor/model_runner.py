@@ -96,6 +96,26 @@ class ModelRunner(ModelRunnerMambaMixin):
             from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
+        self.prefill_graph_runner = None
+        if self.graph_runner is not None and self.uses_prefill_graphs():
+            from sglab.srt.model_executor.prefill_cuda_graph_runner import (
+                PrefillCudaGraphRunner,
+            )
+
+            self.prefill_graph_runner = PrefillCudaGraphRunner(self)
+
+    def uses_prefill_graphs(self) -> bool:
+        """--enable-prefill-cuda-graph; under DP attention only with patch 0003c (upstream
+        0.5.11 runs no prefill graph there)."""
+        return self.server_args.enable_prefill_cuda_graph and \
+            (not self.dp_info.enabled or self.patch_flags.dp_prefill_cuda_graph)
+
+    def graph_runners(self) -> list:
+        return [r for r in (self.graph_runner, self.prefill_graph_runner) if r is not None]
+
+    def graph_for(self, batch):
+        """The graph runner that replays this batch, or None: eager."""
+        return next((r for r in self.graph_runners() if r.can_run(batch)), None)
 
     def init_lora_manager(self) -> None:
         """Swap LoRA wrappers into the model and allocate the adapter slots (before the KV pool
