@@ -12,6 +12,12 @@
 #   tests-sched   the GPU schedule-invariance tests only
 #   tests         every GPU test
 #   tests-tp      tensor parallelism on 2+ GPUs (NCCL, eager and CUDA graphs) vs tp=1
+#   tests-dp      DP attention on 2 GPUs (tp 2 / dp 2, NCCL, eager and graphs) vs tp=1
+#   tests-prefill-graph  prefill CUDA graphs on one GPU: on == off
+#   bench-tp      llama-3.1-8b served at tp 1 and tp 2 (bench_serving, same workload)
+#   ab-0003c      patch 0003c off / on: tp 2 / dp 2 DP attention with prefill graphs, many
+#                 small prompts (TTFT, throughput), 6 rounds (2 GPUs)
+#   ab-prefill-graph  one GPU, --enable-prefill-cuda-graph off / on: TTFT of small prefills
 #   h2d           patch 0001: host cost, host blocking and memcpy kinds per upload mode
 #   ab-0001       patch 0001 off / PR / packed, 0.6B and 8B shapes, concurrency 1, 4, 32
 #   ab-0001-c32   the same at concurrency 32 only
@@ -33,6 +39,8 @@
 #                 decode graph time and kernels per replay at bs 1/64, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
 set -o pipefail
+# Every multi-GPU process: no NVLink multicast (NVLS) in NCCL, torch symmetric memory, NVSHMEM.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/sglab-gpu}
 R=$OUT/r
 mkdir -p "$R"
@@ -75,6 +83,36 @@ ab_0003b() {  # $1: ab-0003b-churn (arrive and finish every step) or ab-0003b-lo
       -- $(rnd $m) --num-prompts 32 --random-input-len 256 --random-output-len 512 2>&1 \
       | tail -n 30
   fi
+}
+serve_bench() {  # $1: tag, $2: model, $3: server args, rest: bench_serving args
+  local tag=$1 m=$2 sargs=$3 port=31877; shift 3
+  python3 -m sglab.launch_server --model-path $m --port $port $sargs > "$R/$tag.server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 600); do
+    curl -sf localhost:$port/health_generate > /dev/null && break; sleep 1
+  done
+  timeout 400 python3 -m sglab.bench_serving --backend sglab --port $port \
+    --output-file "$R/$tag.jsonl" "$@" 2>&1 | tail -n 30
+  kill $pid; wait $pid 2>/dev/null
+}
+SMALL="--num-prompts 256 --random-input-len 64 --random-output-len 8 --request-rate 64"
+multi_gpu_steps() {
+  case $1 in
+  tests-dp)
+    timeout 420 python3 -m pytest -q -m gpu test/srt/test_dp_attention.py 2>&1 \
+      | tee "$R/gpu_tests_dp.log" | tail -n 8 ;;
+  bench-tp)
+    m=$(mk llama-3.1-8b)
+    for tp in 1 2; do
+      serve_bench bench-tp$tp $m "--load-format dummy --tp $tp" $(rnd $m) \
+        --num-prompts 64 --random-input-len 512 --random-output-len 128 --max-concurrency 16
+    done ;;
+  ab-0003c)
+    m=$(mk qwen3-0.6b)
+    timeout 900 $AB --patch 0003c --model-path $m --audit first --tag ab-0003c --server-args \
+      "--load-format dummy --tp 2 --dp 2 --enable-dp-attention --enable-prefill-cuda-graph" \
+      -- $(rnd $m) $SMALL 2>&1 | tail -n 30 ;;
+  esac
 }
 hisparse_steps() {
   case $1 in
@@ -176,6 +214,16 @@ for step in "$@"; do
       test/kernels/test_triton_attention.py test/srt/test_kernel_fusion.py 2>&1 \
       | tee "$R/gpu_tests_kernels.log" | tail -n 8
     timeout 270 python3 benchmark/kernel_bench.py all --out "$R" 2>&1 | tail -n 32 ;;
+  tests-prefill-graph)
+    timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
+      | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;
+  ab-prefill-graph)  # 6 rounds in ABBA order; each round's TTFT goes to its variant's jsonl
+    m=$(mk qwen3-0.6b)
+    for g in off on on off off on on off off on on off; do
+      extra=""; [[ $g == on ]] && extra="--enable-prefill-cuda-graph"
+      serve_bench prefill-graph-$g $m "--load-format dummy $extra" $(rnd $m) $SMALL
+    done ;;
+  tests-dp|bench-tp|ab-0003c) multi_gpu_steps $step ;;
   tests-hisparse|ab-0004|ab-0004-control|hisparse-bench) hisparse_steps $step ;;
   hisparse)
     for part in tests-hisparse ab-0004 ab-0004-control hisparse-bench; do

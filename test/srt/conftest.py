@@ -46,6 +46,46 @@ def popen_launch_server(args: list[str], api_key: str | None = None,
     return server
 
 
+# Parity of a multi-rank server against tp=1: prompts, seeded sampling, and the tolerance of
+# fp32 logprobs through another reduction order (partial matmuls plus a sum).
+PARITY_PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [7, 7, 8, 9], list(range(30, 70))]
+SEEDED = {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 3, "max_new_tokens": 16,
+          "ignore_eos": True}
+LOGPROB_TOL = 1e-4
+
+
+def close_logprobs(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None
+                                      and abs(x - y) <= LOGPROB_TOL) for x, y in zip(a, b))
+
+
+def assert_matches_tp1(out: dict, ref) -> None:
+    """A /generate result (with logprobs, top 2) against the tp=1 SchedulerRunner's."""
+    meta = out["meta_info"]
+    assert out["output_ids"] == ref.output_ids
+    assert close_logprobs([v for v, _, _ in meta["output_token_logprobs"]],
+                          ref.logprobs["output_token_logprobs_val"])
+    assert close_logprobs([v for v, _, _ in meta["input_token_logprobs"]],
+                          ref.logprobs["input_token_logprobs_val"])
+    top = [[v for v, _, _ in row] for row in meta["output_top_logprobs"]]
+    assert all(close_logprobs(a, b) for a, b in zip(top, ref.logprobs["output_top_logprobs_val"]))
+
+
+def serve_until_sigterm(args: list[str]):
+    """A server for a module's tests; at the end SIGTERM must stop it cleanly, leaving no
+    child process (no rank, no controller) behind."""
+    import signal
+
+    srv = popen_launch_server(args)
+    yield srv
+    srv.process.send_signal(signal.SIGTERM)
+    code = srv.process.wait(60)
+    kill_server(srv)
+    assert code == 0, srv.log()[-3000:]
+    assert alive_pids(srv.child_pids) == []
+
+
 def alive_pids(pids: list[int]) -> list[int]:
     """The pids that still run (zombies waiting for their reaper count as gone)."""
     alive = []

@@ -4,7 +4,6 @@ startup errors, and a rank that fails or dies taking the whole server down."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -19,28 +18,27 @@ from sglab.srt.server_args import ServerArgs, ServerArgsError
 from sglab.srt.utils.dummy_model import get_default_model_path
 from sglab.srt.utils.process import kill_server
 from sglab.test.runners import SchedulerRunner, run_scheduler_with_broken_rank
-from conftest import alive_pids, popen_launch_server, session
+from conftest import (
+    PARITY_PROMPTS,
+    SEEDED,
+    alive_pids,
+    assert_matches_tp1,
+    close_logprobs,
+    popen_launch_server,
+    serve_until_sigterm,
+    session,
+)
 
 # The integrity check also compares every step's sampled tokens across ranks.
 TP_ARGS = ["--tp-size", "2", "--skip-server-warmup", "--random-seed", "7",
            "--enable-integrity-check"]
-PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [7, 7, 8, 9], list(range(30, 70))]
+PROMPTS = PARITY_PROMPTS
 GREEDY = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
-SEEDED = {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 3, "max_new_tokens": 16,
-          "ignore_eos": True}
-# fp32 logits through a different reduction order (two partial matmuls plus a sum).
-LOGPROB_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def tp_server():
-    srv = popen_launch_server(TP_ARGS)
-    yield srv
-    srv.process.send_signal(signal.SIGTERM)
-    code = srv.process.wait(60)
-    kill_server(srv)
-    assert code == 0, srv.log()[-3000:]
-    assert alive_pids(srv.child_pids) == []  # SIGTERM leaves no rank behind
+    yield from serve_until_sigterm(TP_ARGS)  # SIGTERM leaves no rank behind
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +50,6 @@ def tp1():
 def _tp1_outputs(runner: SchedulerRunner, params: dict) -> list:
     return runner.generate(PROMPTS, params, return_logprob=True, logprob_start_len=0,
                            top_logprobs_num=2)
-
-
-def _close(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(
-        (x is None and y is None) or (x is not None and y is not None
-                                      and abs(x - y) <= LOGPROB_TOL) for x, y in zip(a, b))
 
 
 def _generate(srv, params: dict) -> list[dict]:
@@ -72,14 +64,7 @@ def _generate(srv, params: dict) -> list[dict]:
 def test_server_tokens_and_logprobs_equal_tp1(tp_server, tp1, params):
     got, want = _generate(tp_server, params), _tp1_outputs(tp1, params)
     for out, ref in zip(got, want):
-        meta = out["meta_info"]
-        assert out["output_ids"] == ref.output_ids
-        assert _close([v for v, _, _ in meta["output_token_logprobs"]],
-                      ref.logprobs["output_token_logprobs_val"])
-        assert _close([v for v, _, _ in meta["input_token_logprobs"]],
-                      ref.logprobs["input_token_logprobs_val"])
-        top = [[v for v, _, _ in row] for row in meta["output_top_logprobs"]]
-        assert all(_close(a, b) for a, b in zip(top, ref.logprobs["output_top_logprobs_val"]))
+        assert_matches_tp1(out, ref)
 
 
 def test_aborted_stream_leaves_every_rank_in_step(tp_server, tp1):
@@ -135,8 +120,8 @@ def test_engine_tp2_equals_tp1(tiny_model_dir, preset, load_format, max_total_to
     for out, r in zip(got, ref):
         assert out["output_ids"] == r.output_ids
         assert out["meta_info"]["total_retractions"] == r.total_retractions
-        assert _close([v for v, _, _ in out["meta_info"]["input_token_logprobs"]],
-                      r.logprobs["input_token_logprobs_val"])
+        assert close_logprobs([v for v, _, _ in out["meta_info"]["input_token_logprobs"]],
+                              r.logprobs["input_token_logprobs_val"])
 
 
 def test_rank_disagreement_is_caught():
@@ -146,7 +131,8 @@ def test_rank_disagreement_is_caught():
     from sglab.srt.managers.scheduler_runtime_checker_mixin import SchedulerRuntimeCheckerMixin
 
     rank1 = SimpleNamespace(
-        tp_group=SimpleNamespace(world_size=2, rank=1, broadcast_object=lambda obj, src: [4, 5]),
+        attn_tp_group=SimpleNamespace(world_size=2, rank=1,
+                                      broadcast_object=lambda obj, src: [4, 5]),
         server_args=SimpleNamespace(enable_integrity_check=True), forward_ct=3)
     SchedulerRuntimeCheckerMixin.check_tp_agreement(rank1, [4, 5])
     with pytest.raises(AssertionError, match="TP rank 1 sampled"):
@@ -238,5 +224,5 @@ def test_gpu_tp2_nccl_equals_tp1(tiny_model_dir, graphs):
                               logprob_start_len=0)
     for out, r in zip(got, ref):
         assert out["output_ids"] == r.output_ids
-        assert _close([v for v, _, _ in out["meta_info"]["output_token_logprobs"]],
-                      r.logprobs["output_token_logprobs_val"])
+        assert close_logprobs([v for v, _, _ in out["meta_info"]["output_token_logprobs"]],
+                              r.logprobs["output_token_logprobs_val"])

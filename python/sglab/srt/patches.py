@@ -69,6 +69,10 @@ def _with_lora(server_args: ServerArgs) -> bool:
 _LORA_SCOPE = "only with LoRA (--enable-lora or --lora-paths)"
 
 
+def _with_dp_attention(server_args: ServerArgs) -> bool:
+    return bool(server_args.enable_dp_attention)
+
+
 def _serves_hybrid(server_args: ServerArgs) -> bool:
     from sglab.srt.configs.mamba_utils import is_hybrid_model_path
 
@@ -103,6 +107,10 @@ PATCHES: list[Patch] = [
           requires=_serves_hybrid,
           scope="only hybrid Gated DeltaNet models (Qwen3.5); the decode track sites only with "
                 "--mamba-scheduler-strategy extra_buffer"),
+    Patch("0003c", "dp-all-extend-in-batch", "dp_prefill_cuda_graph", "sglang#19190",
+          "all_extend_in_batch through the batch types: prefill CUDA graphs under DP attention",
+          requires=_with_dp_attention,
+          scope="only with --enable-dp-attention (every DP rank votes on each step)"),
     Patch("0004", "hisparse-async-backup", "hisparse_async_backup", "sglang#21932",
           "HiSparse decode backup on its own stream, chained by events",
           mode_field="hisparse_backup_mode", modes=("pr", "async_finish"),
@@ -150,6 +158,7 @@ class PatchFlags:
     sync_free_unified_extend: bool  # 0002
     sync_free_logits_metadata: bool  # 0003a
     sync_free_mamba_pool: bool  # 0003b
+    dp_prefill_cuda_graph: bool  # 0003c
     hisparse_async_backup: bool  # 0004
     lora_cache_qkv_offset: bool  # 0005
     lora_async_batch_info: bool  # 0005b

@@ -53,8 +53,11 @@ class ServerArgs:
     skip_tokenizer_init: bool = False
     is_embedding: bool = False  # upstream's flag; refused (generation models only)
     device: str = "auto"
-    # Parallelism: one scheduler process per tensor-parallel rank.
+    # Parallelism: one scheduler process per tensor-parallel rank; under DP attention the ranks
+    # form dp_size attention groups of tp_size / dp_size ranks, each with its own requests.
     tp_size: int = 1
+    dp_size: int = 1
+    enable_dp_attention: bool = False
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = 30000
@@ -96,6 +99,9 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
     disable_cuda_graph: bool = False
+    # sglab's prefill CUDA graphs (small extend batches, by token-count bucket).
+    enable_prefill_cuda_graph: bool = False
+    prefill_cuda_graph_max_tokens: int = 256
     watchdog_timeout: float = 300.0
     # LoRA (sglab.srt.lora.lora_args): lora_paths become LoRARefs.
     enable_lora: bool | None = None
@@ -111,6 +117,7 @@ class ServerArgs:
     enable_sync_free_unified_extend: bool | None = None
     enable_sync_free_logits_metadata: bool | None = None
     enable_sync_free_mamba_pool: bool | None = None
+    enable_dp_prefill_cuda_graph: bool | None = None
     enable_lora_cache_qkv_offset: bool | None = None
     enable_lora_async_batch_info: bool | None = None
     enable_hisparse_async_backup: bool | None = None
@@ -132,7 +139,9 @@ class ServerArgs:
         self._handle_lora()
         self._check()
         self._handle_hybrid_model()
+        self._handle_data_parallelism()
         self._check_tensor_parallel()
+        self._check_prefill_cuda_graph()
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -241,6 +250,7 @@ class ServerArgs:
         self._check_positive("context_length", self.context_length)
         self._check_positive("stream_interval", self.stream_interval)
         self._check_positive("cuda_graph_max_bs", self.cuda_graph_max_bs)
+        self._check_positive("prefill_cuda_graph_max_tokens", self.prefill_cuda_graph_max_tokens)
         if self.cuda_graph_bs and min(self.cuda_graph_bs) <= 0:
             raise ServerArgsError(f"--cuda-graph-bs must be positive, got {self.cuda_graph_bs}")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1:
@@ -316,14 +326,60 @@ class ServerArgs:
                 raise ServerArgsError(f"--tp-size {self.tp_size}: only "
                                       f"{torch.cuda.device_count()} CUDA device(s) visible")
         split, kv_heads = _tp_split_sizes(self.model_path)
+        attn = self.attn_tp_size
+        what = "--tp-size" if attn == self.tp_size else "--tp-size / --dp-size"
         for name, value in split.items():
-            if value % self.tp_size:
-                raise ServerArgsError(f"--tp-size {self.tp_size} must divide the model's "
-                                      f"{name} ({value})")
+            size = attn if name == "num_attention_heads" else self.tp_size
+            if value % size:
+                flag = what if name == "num_attention_heads" else "--tp-size"
+                raise ServerArgsError(f"{flag} {size} must divide the model's {name} ({value})")
         # KV heads split over ranks, or each is replicated on tp / kv_heads ranks.
-        if kv_heads % self.tp_size and self.tp_size % kv_heads:
-            raise ServerArgsError(f"--tp-size {self.tp_size} must divide, or be a multiple of, "
+        if kv_heads % attn and attn % kv_heads:
+            raise ServerArgsError(f"{what} {attn} must divide, or be a multiple of, "
                                   f"the model's num_key_value_heads ({kv_heads})")
+
+    @property
+    def attn_tp_size(self) -> int:
+        """Ranks each attention layer is split over (tp / dp under DP attention)."""
+        return self.tp_size // self.dp_size if self.enable_dp_attention else self.tp_size
+
+    def _handle_data_parallelism(self) -> None:
+        """--dp-size with --enable-dp-attention (upstream's checks); the chunk budget and an
+        explicit --max-running-requests are per attention group, divided by dp (upstream)."""
+        self._check_positive("dp_size", self.dp_size)
+        if not self.enable_dp_attention:
+            if self.dp_size > 1:
+                raise ServerArgsError(
+                    f"--dp-size {self.dp_size} without --enable-dp-attention: sglab serves data "
+                    "parallelism as DP attention only (add --enable-dp-attention)")
+            return
+        if self.dp_size == 1:
+            raise ServerArgsError("--enable-dp-attention needs --dp-size > 1 (with --dp-size 1 "
+                                  "it is plain tensor parallelism)")
+        if self.tp_size % self.dp_size:
+            raise ServerArgsError(f"--dp-size {self.dp_size} must divide --tp-size "
+                                  f"{self.tp_size} under --enable-dp-attention")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size > 0:
+            per_dp = self.chunked_prefill_size // self.dp_size
+            self.chunked_prefill_size = max(per_dp // self.page_size, 1) * self.page_size
+        if self.max_running_requests is not None:
+            self.max_running_requests = max(self.max_running_requests // self.dp_size, 1)
+
+    def _check_prefill_cuda_graph(self) -> None:
+        """Prefill graphs hold the whole forward: the triton backend's extend kernel, no
+        per-request adapter or tier state."""
+        from sglab.srt.configs.mamba_utils import is_hybrid_model_path
+
+        if not self.enable_prefill_cuda_graph:
+            return
+        refused = {"--enable-lora": self.enable_lora, "--enable-hisparse": self.enable_hisparse,
+                   "--enable-deterministic-inference": self.enable_deterministic_inference,
+                   "a hybrid (Gated DeltaNet) model": is_hybrid_model_path(self.model_path),
+                   f"--attention-backend {self.attention_backend}":
+                       self.attention_backend != "triton"}
+        for what, on in refused.items():
+            if on:
+                raise ServerArgsError(f"--enable-prefill-cuda-graph does not support {what}")
 
     def _check_mamba_args(self) -> None:
         if self.mamba_scheduler_strategy not in MAMBA_SCHEDULER_STRATEGY_CHOICES:
@@ -419,6 +475,14 @@ class ServerArgs:
           help="If set, skip init tokenizer and pass input_ids in generate request.")
         a("--tensor-parallel-size", "--tp-size", "--tp", dest="tp_size", type=int,
           default=d.tp_size, help="The tensor parallelism size: one process (and GPU) per rank.")
+        a("--data-parallel-size", "--dp-size", "--dp", dest="dp_size", type=int,
+          default=d.dp_size, help="The data parallelism size (with --enable-dp-attention: the "
+                                  "number of attention groups the TP ranks form).")
+        a("--enable-dp-attention", action="store_true",
+          help="Enabling data parallelism for attention and tensor parallelism for FFN. The dp "
+               "size should be equal to the tp size. Currently DeepSeek-V2 and Qwen 2/3 MoE "
+               "models are supported upstream; sglab runs its dense models (attention groups "
+               "of tp / dp ranks, requests dealt round robin).")
         a("--device", type=str, default=d.device, choices=DEVICE_CHOICES,
           help="The device to use (default: auto, cuda if available, else cpu).")
         a("--host", type=str, default=d.host, help="The host of the HTTP server.")
@@ -493,6 +557,13 @@ class ServerArgs:
         a("--cuda-graph-bs", type=int, nargs="+", default=d.cuda_graph_bs,
           help="Set the list of batch sizes for cuda graph.")
         a("--disable-cuda-graph", action="store_true", help="Disable cuda graph.")
+        a("--enable-prefill-cuda-graph", action="store_true",
+          help="sglab: replay CUDA graphs for small extend batches (captured per token-count "
+               "bucket up to --prefill-cuda-graph-max-tokens; larger batches run eagerly). "
+               "Upstream's nearest is --enable-piecewise-cuda-graph, which graphs the layers "
+               "between attention calls; sglab's graph holds the whole forward, attention too.")
+        a("--prefill-cuda-graph-max-tokens", type=int, default=d.prefill_cuda_graph_max_tokens,
+          help="The largest extend batch (in tokens) a prefill CUDA graph is captured for.")
         a("--disable-overlap-schedule", action="store_true",
           help="Disable the overlap scheduler, which overlaps the CPU scheduler with GPU model "
                "worker.")
@@ -592,16 +663,21 @@ class PortArgs:
     detokenizer_ipc_name: str
     # The TCP port the TP ranks' torch.distributed group rendezvous on.
     nccl_port: int | None = None
+    # DP attention: where the data-parallel controller sends each attention group its requests.
+    dp_scheduler_ipc_names: list[str] = field(default_factory=list)
 
     @staticmethod
     def init_new(server_args: ServerArgs | None = None) -> "PortArgs":
         base = tempfile.mkdtemp(prefix="sglab-ipc-")
+        dp = server_args.dp_size if server_args is not None and \
+            server_args.enable_dp_attention else 0
         return PortArgs(
             tokenizer_ipc_name=f"ipc://{base}/tokenizer",
             scheduler_input_ipc_name=f"ipc://{base}/scheduler",
             detokenizer_ipc_name=f"ipc://{base}/detokenizer",
             nccl_port=_free_port() if server_args is not None and server_args.tp_size > 1
             else None,
+            dp_scheduler_ipc_names=[f"ipc://{base}/scheduler_dp{r}" for r in range(dp)],
         )
 
 

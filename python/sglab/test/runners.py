@@ -181,3 +181,51 @@ def run_scheduler_with_broken_rank(server_args, port_args, pipe_writer, tp_rank:
         server_args = copy.copy(server_args)
         server_args.model_path = server_args.model_path + "-missing"
     run_scheduler_process(server_args, port_args, pipe_writer, tp_rank)
+
+
+def install_eager_graphs(model_runner) -> None:
+    """The CUDA graph runners a GPU would build (decode, and prefill where enabled), with
+    `EagerGraph` standing in for the CUDA graph: CPU tests drive their padding, buckets and,
+    under DP attention, their MAX_LEN layout and per-rank votes."""
+    from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner, EagerGraph
+    from sglab.srt.model_executor.prefill_cuda_graph_runner import PrefillCudaGraphRunner
+
+    model_runner.graph_runner = CudaGraphRunner(model_runner, graph_factory=EagerGraph)
+    model_runner.prefill_graph_runner = None
+    if model_runner.uses_prefill_graphs():
+        model_runner.prefill_graph_runner = PrefillCudaGraphRunner(model_runner,
+                                                                   graph_factory=EagerGraph)
+
+
+def run_scheduler_with_eager_graphs(server_args, port_args, pipe_writer, tp_rank: int) -> None:
+    """A scheduler process target whose ranks replay `EagerGraph`s on CPU (see
+    install_eager_graphs); every rank captures the same sizes in the same order."""
+    from sglab.srt.model_executor.model_runner import ModelRunner
+    from sglab.srt.managers.scheduler import run_scheduler_process
+
+    init = ModelRunner.__init__
+
+    def init_with_graphs(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        install_eager_graphs(self)
+
+    ModelRunner.__init__ = init_with_graphs
+    run_scheduler_process(server_args, port_args, pipe_writer, tp_rank)
+
+
+def run_scheduler_failing_at_step(server_args, port_args, pipe_writer, tp_rank: int) -> None:
+    """A scheduler process target whose TP rank 1 raises inside its 3rd forward (the other
+    ranks are then inside, or on their way to, that step's collectives)."""
+    from sglab.srt.model_executor.model_runner import ModelRunner
+    from sglab.srt.managers.scheduler import run_scheduler_process
+
+    forward, calls = ModelRunner.forward, [0]
+
+    def failing_forward(self, forward_batch):
+        calls[0] += 1
+        if tp_rank == 1 and calls[0] == 3:
+            raise RuntimeError("injected failure on TP rank 1")
+        return forward(self, forward_batch)
+
+    ModelRunner.forward = failing_forward
+    run_scheduler_process(server_args, port_args, pipe_writer, tp_rank)

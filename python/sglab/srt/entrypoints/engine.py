@@ -191,8 +191,8 @@ def _owned_by_me(path: str) -> bool:
 def _launch_subprocesses(server_args: ServerArgs,
                          scheduler_target: Callable[..., None] | None = None,
                          ) -> tuple[TokenizerManager, dict]:
-    """Start the schedulers (one per TP rank) and the detokenizer, build the TokenizerManager,
-    wait until every rank is ready.
+    """Start the schedulers (one per TP rank), the data-parallel controller (DP attention) and
+    the detokenizer, build the TokenizerManager, wait until every rank is ready.
 
     The returned TokenizerManager carries the children as `tokenizer_manager.child_processes`.
     Raises RuntimeError with a scheduler's message if one fails or dies while starting (the
@@ -211,6 +211,16 @@ def _launch_subprocesses(server_args: ServerArgs,
     schedulers, readers = _start_schedulers(ctx, scheduler_target or run_scheduler_process,
                                             server_args, port_args, ipc_dir)
     processes = list(schedulers)
+    if server_args.enable_dp_attention:
+        from sglab.srt.managers.data_parallel_controller import (
+            run_data_parallel_controller_process,
+        )
+
+        controller = ctx.Process(target=_run_child, name="sglab::data_parallel_controller",
+                                 args=(run_data_parallel_controller_process, ipc_dir,
+                                       server_args, port_args))
+        controller.start()
+        processes.append(controller)
     if not server_args.skip_tokenizer_init:
         detokenizer = ctx.Process(target=_run_child, name="sglab::detokenizer",
                                   args=(run_detokenizer_process, ipc_dir, server_args,

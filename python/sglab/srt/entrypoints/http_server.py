@@ -305,7 +305,7 @@ async def set_internal_state(raw_request: Request) -> Response:
         ret = await _tm().set_internal_state(_runtime_server_args(body))
     except Exception as e:  # noqa: BLE001
         return error_for_exception(e)
-    return json_response([dataclasses.asdict(ret)])
+    return json_response([dataclasses.asdict(r) for r in ret])
 
 
 def _runtime_server_args(body: Any) -> dict:

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
-from sglab.srt.distributed.parallel_state import get_tp_group
+from sglab.srt.distributed.parallel_state import GroupCoordinator, get_tp_group
 
 
-def _tp_rank_size(tp_rank: int | None, tp_size: int | None) -> tuple[int, int]:
-    group = get_tp_group()
+def _tp_rank_size(tp_rank: int | None, tp_size: int | None,
+                  group: GroupCoordinator | None = None) -> tuple[int, int]:
+    group = group or get_tp_group()
     return (group.rank if tp_rank is None else tp_rank,
             group.world_size if tp_size is None else tp_size)
 
@@ -35,9 +36,11 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype: torch.dtype,
                  batch_invariant: bool, tp_rank: int | None = None, tp_size: int | None = None,
-                 full_shape: tuple[int, int] | None = None):
+                 full_shape: tuple[int, int] | None = None,
+                 group: GroupCoordinator | None = None):
         super().__init__()
-        self.tp_rank, self.tp_size = _tp_rank_size(tp_rank, tp_size)
+        self.group = group or get_tp_group()  # the collectives' group
+        self.tp_rank, self.tp_size = _tp_rank_size(tp_rank, tp_size, self.group)
         self.input_size = input_size
         self.output_size = output_size
         self.weight = self._make_param((output_size, input_size), params_dtype,
@@ -112,11 +115,11 @@ class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
                  gather_output: bool = False, tp_rank: int | None = None,
-                 tp_size: int | None = None):
-        rank, size = _tp_rank_size(tp_rank, tp_size)
+                 tp_size: int | None = None, group: GroupCoordinator | None = None):
+        rank, size = _tp_rank_size(tp_rank, tp_size, group)
         self.gather_output = gather_output
         super().__init__(input_size, divide(output_size, size), bias, params_dtype,
-                         batch_invariant, rank, size, (output_size, input_size))
+                         batch_invariant, rank, size, (output_size, input_size), group)
 
     def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
         size = self.output_size
@@ -124,7 +127,7 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._matmul(x, self.bias)
-        return get_tp_group().all_gather(out) if self.gather_output else out
+        return self.group.all_gather(out) if self.gather_output else out
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -133,12 +136,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
-                 tp_rank: int | None = None, tp_size: int | None = None):
-        _, size = _tp_rank_size(tp_rank, tp_size)
+                 tp_rank: int | None = None, tp_size: int | None = None,
+                 group: GroupCoordinator | None = None):
+        _, size = _tp_rank_size(tp_rank, tp_size, group)
         self.total_output_sizes = list(output_sizes)
         self.output_sizes = [divide(s, size) for s in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias, params_dtype, batch_invariant,
-                         tp_rank=tp_rank, tp_size=tp_size)
+                         tp_rank=tp_rank, tp_size=tp_size, group=group)
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
         idx = int(shard_id)
@@ -163,8 +167,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
-                 tp_rank: int | None = None, tp_size: int | None = None):
-        _, size = _tp_rank_size(tp_rank, tp_size)
+                 tp_rank: int | None = None, tp_size: int | None = None,
+                 group: GroupCoordinator | None = None):
+        _, size = _tp_rank_size(tp_rank, tp_size, group)
         self.head_size = head_size
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
@@ -181,10 +186,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.total_output_sizes = [total_num_heads * head_size,
                                    total_num_kv_heads * head_size,
                                    total_num_kv_heads * head_size]
-        rank, _ = _tp_rank_size(tp_rank, tp_size)
+        rank, _ = _tp_rank_size(tp_rank, tp_size, group)
         LinearBase.__init__(self, hidden_size, sum(self.output_sizes), bias, params_dtype,
                             batch_invariant, rank, size,
-                            (sum(self.total_output_sizes), hidden_size))
+                            (sum(self.total_output_sizes), hidden_size), group)
         self.gather_output = False
 
     def shard_range(self, shard_id: object) -> tuple[int, int]:
@@ -214,11 +219,14 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, batch_invariant: bool = False,
                  reduce_results: bool = True, tp_rank: int | None = None,
-                 tp_size: int | None = None):
-        rank, size = _tp_rank_size(tp_rank, tp_size)
+                 tp_size: int | None = None, group: GroupCoordinator | None = None):
+        rank, size = _tp_rank_size(tp_rank, tp_size, group)
         self.reduce_results = reduce_results
+        if bias and not reduce_results:
+            raise ValueError("RowParallelLinear: a bias needs reduce_results (it is added once, "
+                             "after the sum)")
         super().__init__(divide(input_size, size), output_size, bias, params_dtype,
-                         batch_invariant, rank, size, (output_size, input_size))
+                         batch_invariant, rank, size, (output_size, input_size), group)
 
     def loaded_range(self, shard_id: object) -> tuple[int, int, int]:
         size = self.input_size
@@ -229,7 +237,7 @@ class RowParallelLinear(LinearBase):
             return self._matmul(x, self.bias)
         out = self._matmul(x, None)
         if self.reduce_results:
-            out = get_tp_group().all_reduce(out)
+            out = self.group.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.debug.sync_audit import audit_region
-from sglab.srt.distributed.parallel_state import get_tp_group
 from sglab.srt.utils.h2d import h2d, list_to_device
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ class LogitsProcessor(nn.Module):
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, lm_head: nn.Module,
                 forward_batch: "ForwardBatch") -> LogitsProcessorOutput:
         fb = forward_batch
-        if fb.forward_mode.is_decode():
+        if fb.forward_mode.is_decode() or fb.forward_mode.is_idle():
             return LogitsProcessorOutput(self._get_logits(hidden_states, lm_head))
         with audit_region("LogitsProcessor"):
             pruned_lens = fb.extend_logprob_pruned_lens_cpu
@@ -59,7 +58,7 @@ class LogitsProcessor(nn.Module):
         else:
             logits = torch.nn.functional.linear(hidden_states, lm_head.weight).float()
         # Each TP rank holds a slice of the vocabulary: every rank gets all of it, bit for bit.
-        logits = get_tp_group().all_gather(logits, dim=-1)
+        logits = lm_head.group.all_gather(logits, dim=-1)
         if self.logit_scale is not None:
             logits.mul_(self.logit_scale)
         return logits[:, : self.vocab_size]

@@ -11,15 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglab.srt.distributed.parallel_state import get_tp_group
+from sglab.srt.distributed.parallel_state import (
+    GroupCoordinator,
+    get_attention_tp_group,
+    get_tp_group,
+    is_dp_attention_enabled,
+)
+
+
+def vocab_group() -> GroupCoordinator:
+    """The group the vocabulary is split over: the TP group, or under DP attention (where each
+    attention group embeds and projects its own tokens) the attention-TP group, as upstream's
+    `--enable-dp-lm-head`."""
+    return get_attention_tp_group() if is_dp_attention_enabled() else get_tp_group()
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  params_dtype: torch.dtype = torch.float32, tp_rank: int | None = None,
-                 tp_size: int | None = None):
+                 tp_size: int | None = None, group: GroupCoordinator | None = None):
         super().__init__()
-        group = get_tp_group()
+        self.group = group = group or vocab_group()
         self.tp_rank = group.rank if tp_rank is None else tp_rank
         self.tp_size = group.world_size if tp_size is None else tp_size
         self.num_embeddings = num_embeddings
@@ -48,7 +60,7 @@ class VocabParallelEmbedding(nn.Module):
         in_range = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
         local_ids = (input_ids - self.vocab_start_index) * in_range
         out = F.embedding(local_ids, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
-        return get_tp_group().all_reduce(out)
+        return self.group.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

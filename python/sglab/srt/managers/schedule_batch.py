@@ -234,6 +234,13 @@ class ModelWorkerBatch:
     mamba_track_seqlens: torch.Tensor | None = None
     mamba_track_mask_cpu: list[bool] | None = None
     mamba_track_seqlens_cpu: list[int] | None = None
+    # DP attention (Scheduler.prepare_mlp_sync_batch): every DP rank's token count, whether any
+    # rank extends (MAX), whether all can replay a CUDA graph (MIN) and, patch 0003c, whether
+    # all extend (MIN).
+    global_num_tokens: list[int] | None = None
+    is_extend_in_batch: bool = False
+    can_run_dp_cuda_graph: bool = False
+    all_extend_in_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -299,6 +306,11 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
     mamba_track_seqlens: torch.Tensor | None = None
     mamba_track_mask_cpu: list[bool] | None = None
     mamba_track_seqlens_cpu: list[int] | None = None
+    # DP attention: the step's agreement over ranks (see ModelWorkerBatch).
+    global_num_tokens: list[int] | None = None
+    is_extend_in_batch: bool = False
+    can_run_dp_cuda_graph: bool = False
+    all_extend_in_batch: bool = False
 
     @classmethod
     def init_new(cls, reqs: list[Req], req_to_token_pool, token_to_kv_pool_allocator,
@@ -547,7 +559,31 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             return self.hisparse_plan.out_cache_loc
         return self.hisparse.allocator.to_device(self.out_cache_loc)
 
+    def prepare_for_idle(self) -> None:
+        """DP attention: no tokens this step, only the other ranks' collectives."""
+        self.forward_mode = ForwardMode.IDLE
+        self._begin_step()
+        self.input_ids = self.req_pool_indices = self.seq_lens_cpu = _EMPTY
+        self.prefix_lens, self.extend_lens, self.extend_num_tokens = [], [], 0
+
+    def num_tokens(self) -> int:
+        """Tokens this step runs (DP attention's per-rank count)."""
+        if self.forward_mode.is_extend():
+            return self.extend_num_tokens
+        return 0 if self.forward_mode.is_idle() else len(self.reqs)
+
+    def _dp_worker_fields(self, mwb: ModelWorkerBatch) -> None:
+        mwb.global_num_tokens = self.global_num_tokens
+        mwb.is_extend_in_batch = self.is_extend_in_batch
+        mwb.can_run_dp_cuda_graph = self.can_run_dp_cuda_graph
+        mwb.all_extend_in_batch = self.all_extend_in_batch
+
     def get_model_worker_batch(self) -> ModelWorkerBatch:
+        if self.forward_mode.is_idle():
+            mwb = ModelWorkerBatch(ForwardMode.IDLE, _EMPTY, _EMPTY, _EMPTY, 0, 0, _EMPTY,
+                                   self._sampling_batch_info(), top_logprobs_nums=[])
+            self._dp_worker_fields(mwb)
+            return mwb
         facts = self.request_facts()
         self.step_row_writes = self.req_to_token_pool.take_pending_writes()
         mwb = ModelWorkerBatch(
@@ -567,6 +603,7 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             hisparse_plan=self.hisparse_plan,
         )
         self._mamba_worker_fields(mwb)
+        self._dp_worker_fields(mwb)
         if self.forward_mode.is_extend():
             mwb.extend_num_tokens = self.extend_num_tokens
             mwb.extend_seq_lens = self.extend_lens

@@ -15,6 +15,7 @@ import zmq
 
 from sglab.srt.debug.schedule_trace import ScheduleTrace
 from sglab.srt.debug.sync_audit import AUDIT
+from sglab.srt.distributed.parallel_state import get_attention_tp_group
 from sglab.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOutput,
@@ -32,6 +33,7 @@ from sglab.srt.managers.io_struct import (
 from sglab.srt.managers.request_validator import InvalidRequestError, RequestValidator
 from sglab.srt.managers.schedule_batch import Req, ScheduleBatch, finish_abort
 from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
+from sglab.srt.managers.scheduler_dp_attention_mixin import SchedulerDPAttentionMixin
 from sglab.srt.managers.scheduler_grammar_mixin import SchedulerGrammarMixin
 from sglab.srt.managers.scheduler_lora_mixin import SchedulerLoRAMixin
 from sglab.srt.managers.scheduler_output_processor_mixin import (
@@ -48,15 +50,17 @@ from sglab.srt.server_args import PortArgs, ServerArgs, configure_logging
 logger = logging.getLogger(__name__)
 
 DETERMINISTIC_DEFAULT_SEED = 42
+DP_IDLE_POLL_MS = 5
 _DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
                        if hasattr(torch, name))
 
 
 
 class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProfilerMixin,
-                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin):
+                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin, SchedulerDPAttentionMixin):
     """The loop: receive, schedule, launch, process. Result processing and output building,
-    LoRA, the profiler, the idle checks and grammars live in the mixins (upstream's layout)."""
+    LoRA, the profiler, the idle checks, grammars and DP attention's per-step agreement live in
+    the mixins (upstream's layout)."""
 
     def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None,
                  tp_rank: int = 0):
@@ -65,6 +69,12 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.tp_worker = TpModelWorker(server_args, tp_rank, _dist_init_method(port_args))
         self.tp_group = self.tp_worker.model_runner.tp_group
         runner = self.tp_worker.model_runner
+        # Under DP attention each attention group schedules its own requests: its rank 0
+        # receives them and broadcasts them to the group (the whole TP group without DP).
+        self.dp_info = runner.dp_info
+        self.attn_tp_group = get_attention_tp_group()
+        self.dp_peers_busy = False  # some rank had a batch at the last agreement
+        self.patch_flags = runner.patch_flags
         self.model_config = self.tp_worker.model_config
         self.req_to_token_pool = runner.req_to_token_pool
         self.token_to_kv_pool_allocator = runner.token_to_kv_pool_allocator
@@ -110,15 +120,20 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     # --- setup --------------------------------------------------------------------------------
 
     def _init_sockets(self, port_args: PortArgs | None) -> None:
-        """Rank 0 talks to the tokenizer manager and the detokenizer; other TP ranks get their
-        requests from rank 0 (recv_requests) and send nothing."""
+        """Rank 0 (of each attention group, under DP attention) talks to the tokenizer manager
+        and the detokenizer; the group's other ranks get their requests from it
+        (recv_requests) and send nothing. Under DP attention requests come from the
+        data-parallel controller, each group on its own socket."""
         self.recv_from_tokenizer = self.send_to_detokenizer = self.send_to_tokenizer = None
-        self.discard_outputs = port_args is not None and self.tp_rank != 0
-        if port_args is None or self.tp_rank != 0:
+        leader = self.attn_tp_group.rank == 0
+        self.discard_outputs = port_args is not None and not leader
+        if port_args is None or not leader:
             return
         ctx = zmq.Context(2)
         self.recv_from_tokenizer = ctx.socket(zmq.PULL)
-        self.recv_from_tokenizer.connect(port_args.scheduler_input_ipc_name)
+        self.recv_from_tokenizer.connect(
+            port_args.dp_scheduler_ipc_names[self.dp_info.dp_rank] if self.dp_info.enabled
+            else port_args.scheduler_input_ipc_name)
         out_name = (port_args.tokenizer_ipc_name if self.server_args.skip_tokenizer_init
                     else port_args.detokenizer_ipc_name)
         self.send_to_detokenizer = ctx.socket(zmq.PUSH)
@@ -171,13 +186,13 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
 
     def event_loop_normal(self) -> None:
         while True:
-            self.process_input_requests(self.recv_requests(block=self.is_idle()))
+            self.process_input_requests(self.recv_requests(block=self.should_block_on_recv()))
             self.run_step_normal()
             self.flush_outputs()
 
     def event_loop_overlap(self) -> None:
         while True:
-            self.process_input_requests(self.recv_requests(block=self.is_idle()))
+            self.process_input_requests(self.recv_requests(block=self.should_block_on_recv()))
             self.run_step_overlap()
             self.flush_outputs()
 
@@ -187,11 +202,18 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             return self.run_step_overlap()
         return self.run_step_normal()
 
+    def next_batch(self) -> ScheduleBatch | None:
+        """This step's batch; under DP attention agreed with the other ranks (maybe IDLE)."""
+        batch = self.get_next_batch_to_run()
+        if self.dp_info.enabled:
+            batch = self.prepare_mlp_sync_batch(batch)
+        return batch
+
     def run_step_normal(self) -> bool:
         self.ran_alone = False
-        batch = self.get_next_batch_to_run()
+        batch = self.next_batch()
         result = self.run_batch(batch) if batch is not None else None
-        if result is None:
+        if result is None or batch.forward_mode.is_idle():
             if not self.ran_alone:
                 self.on_idle()
             return self.ran_alone
@@ -209,9 +231,9 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         whose writes the device runs after N+1 has read them.
         """
         self.ran_alone = False
-        batch = self.get_next_batch_to_run()
+        batch = self.next_batch()
         result = self.run_batch(batch) if batch is not None else None
-        if result is None:
+        if result is None or batch.forward_mode.is_idle():
             batch = None
         else:
             self._mark_pending(batch, result)
@@ -236,16 +258,21 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             (self.hisparse is None or not self.hisparse.has_ongoing_staging())
 
     def recv_requests(self, block: bool) -> list[Any]:
-        """This step's messages; under TP, rank 0's, broadcast to every rank (upstream's
-        `broadcast_pyobj` over the CPU group), so all ranks schedule the same batches."""
-        reqs = self._recv_from_tokenizer(block) if self.tp_rank == 0 else None
-        return self.tp_group.broadcast_object(reqs, src=0)
+        """This step's messages; under TP, rank 0's, broadcast to every rank of the attention
+        group (upstream's `broadcast_pyobj` over the CPU group), so they schedule the same
+        batches."""
+        group = self.attn_tp_group
+        reqs = self._recv_from_tokenizer(block) if group.rank == 0 else None
+        return group.broadcast_object(reqs, src=0)
 
     def _recv_from_tokenizer(self, block: bool) -> list[Any]:
         if self.recv_from_tokenizer is None:
             return []
         reqs = []
-        if block and self.recv_from_tokenizer.poll(timeout=1000) == 0:
+        # Under DP attention the other groups' ranks poll too: a request that arrives here
+        # waits for them at the next agreement, so they wait for messages only briefly.
+        timeout_ms = DP_IDLE_POLL_MS if self.dp_info.enabled else 1000
+        if block and self.recv_from_tokenizer.poll(timeout=timeout_ms) == 0:
             return reqs
         while True:
             try:
@@ -481,6 +508,11 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         try:
             return self._launch(batch)
         except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
+            if self.dp_info.enabled:  # the other ranks are in (or heading to) its collectives
+                raise RuntimeError(
+                    f"DP attention: TP rank {self.tp_rank} (DP rank {self.dp_info.dp_rank}) "
+                    f"failed inside a step that every rank runs together: "
+                    f"{type(e).__name__}: {e}") from e
             self._isolate_failed_batch(batch, e)
             return None
 
@@ -507,6 +539,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     # --- results ------------------------------------------------------------------------------
 
     def process_batch_result(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        if batch.forward_mode.is_idle():
+            return
         self.check_tp_agreement(result.next_token_ids_cpu)
         if batch.forward_mode.is_extend():
             self.process_batch_result_prefill(batch, result)
@@ -537,7 +571,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self.tp_worker.restore_future_tokens([r.req_pool_idx for r in live],
                                                  [r.output_ids[-1] for r in live])
         for req in [r for r in batch.reqs if not r.finished()]:
-            if len(batch.reqs) == 1:
+            # Under DP attention a step alone would leave the other ranks' collectives behind.
+            if len(batch.reqs) == 1 or self.dp_info.enabled:
                 self._abort_failed(req, batch, error)
             else:
                 self._run_alone(req, batch)
@@ -614,6 +649,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             "memory_usage": self._memory_usage(),
             "effective_max_running_requests_per_dp": self.max_running_requests,
             "sync_audit": AUDIT.report(),
+            "cuda_graph_replays": {r.name: r.num_replays
+                                   for r in self.tp_worker.model_runner.graph_runners()},
             "hisparse": self.hisparse.get_token_stats() if self.hisparse is not None else None,
         }
 
@@ -652,6 +689,8 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_wri
                           tp_rank: int = 0) -> None:
     """Process target: build the scheduler, report readiness on the pipe, then serve forever."""
     prefix = " Scheduler" if server_args.tp_size == 1 else f" Scheduler TP{tp_rank}"
+    if server_args.enable_dp_attention:
+        prefix += f" DP{tp_rank // server_args.attn_tp_size}"
     configure_logging(server_args.log_level, prefix)
     faulthandler.enable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -54,7 +54,7 @@ class SchedulerRuntimeCheckerMixin:
         """Debug (--enable-integrity-check, TP): every rank sampled rank 0's tokens this step.
         They run the same schedule from the same all-gathered logits; a rank that drifted
         would schedule differently and hang or corrupt the next collectives."""
-        group = self.tp_group
+        group = self.attn_tp_group  # under DP attention each group samples its own requests
         if group.world_size == 1 or not self.server_args.enable_integrity_check:
             return
         expected = group.broadcast_object(next_token_ids_cpu, src=0)

@@ -108,12 +108,15 @@ class ReqState:
 
 
 class _Communicator:
-    """One control request to the scheduler at a time, answered by one reply type."""
+    """One control request to the scheduler at a time, answered by one reply type (under DP
+    attention by each attention group: `fan_out` replies, returned as a list)."""
 
-    def __init__(self, tm: "TokenizerManager"):
+    def __init__(self, tm: "TokenizerManager", fan_out: int = 1):
         self.tm = tm
+        self.fan_out = fan_out
         self.lock: asyncio.Lock | None = None
         self.future: asyncio.Future | None = None
+        self.replies: list[Any] = []
 
     async def __call__(self, req: Any, timeout: float = _CONTROL_TIMEOUT_S) -> Any:
         if self.lock is None:
@@ -121,6 +124,7 @@ class _Communicator:
         async with self.lock:
             self.tm.check_alive()
             self.future = asyncio.get_running_loop().create_future()
+            self.replies = []
             self.tm.send_to_scheduler.send_pyobj(req)
             try:
                 return await asyncio.wait_for(self.future, timeout)
@@ -132,8 +136,11 @@ class _Communicator:
                 self.future = None
 
     def handle(self, reply: Any) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result(reply)
+        if self.future is None or self.future.done():
+            return
+        self.replies.append(reply)
+        if len(self.replies) == self.fan_out:
+            self.future.set_result(reply if self.fan_out == 1 else list(self.replies))
 
     def fail(self, error: BaseException) -> None:
         if self.future is not None and not self.future.done():
@@ -178,14 +185,18 @@ class TokenizerManager:
         self.dead_message: str | None = None
         self.last_receive_tstamp = 0.0
         self.server_status = "Starting"  # "Starting" -> "Up"; "UnHealthy" once a child dies
-        self.flush_cache_communicator = _Communicator(self)
-        # The scheduler's last reported internal state, when, and the request fetching it.
+        # Under DP attention every attention group answers a control request.
+        fan_out = server_args.dp_size if server_args.enable_dp_attention else 1
+        self.flush_cache_communicator = _Communicator(self, fan_out)
+        # The scheduler's last reported internal state (DP attention: group 0's, and every
+        # group's in internal_states), when, and the request fetching it.
         self.internal_state: dict | None = None
+        self.internal_states: list[dict] = []
         self.internal_state_time = 0.0
         self._internal_state_task: asyncio.Task | None = None
-        self.internal_state_communicator = _Communicator(self)
-        self.profile_communicator = _Communicator(self)
-        self.set_internal_state_communicator = _Communicator(self)
+        self.internal_state_communicator = _Communicator(self, fan_out)
+        self.profile_communicator = _Communicator(self, fan_out)
+        self.set_internal_state_communicator = _Communicator(self, fan_out)
         self.lora_update_communicator = _Communicator(self)
         # LoRA adapters by name -> path, as the scheduler last reported them.
         self.loaded_lora_adapters: dict[str, str] = {}
@@ -553,7 +564,8 @@ class TokenizerManager:
 
     async def flush_cache(self) -> FlushCacheReqOutput:
         self.auto_create_handle_loop()
-        return await self.flush_cache_communicator(FlushCacheReqInput())
+        replies = _as_list(await self.flush_cache_communicator(FlushCacheReqInput()))
+        return FlushCacheReqOutput(success=all(r.success for r in replies))
 
     async def get_internal_state(self, max_wait: float | None = None) -> dict:
         """The scheduler's internal state. With `max_wait`, a scheduler busy for longer gets
@@ -576,13 +588,16 @@ class TokenizerManager:
         return {**known, "age_s": age}
 
     async def _fetch_internal_state(self) -> dict:
-        reply = await self.internal_state_communicator(GetInternalStateReq())
-        self.internal_state, self.internal_state_time = reply.internal_state, time.time()
-        return reply.internal_state
+        replies = _as_list(await self.internal_state_communicator(GetInternalStateReq()))
+        self.internal_states = [r.internal_state for r in replies]
+        self.internal_state, self.internal_state_time = self.internal_states[0], time.time()
+        return self.internal_state
 
-    async def set_internal_state(self, server_args: dict) -> SetInternalStateReqOutput:
+    async def set_internal_state(self, server_args: dict) -> list[SetInternalStateReqOutput]:
+        """One reply per attention group (one without DP attention), as upstream."""
         self.auto_create_handle_loop()
-        return await self.set_internal_state_communicator(SetInternalStateReq(server_args))
+        return _as_list(await self.set_internal_state_communicator(
+            SetInternalStateReq(server_args)))
 
     async def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
                             activities: list[str] | None = None, with_stack: bool | None = None,
@@ -595,11 +610,11 @@ class TokenizerManager:
         req = ProfileReq(type="start", output_dir=output_dir, num_steps=num_steps,
                          activities=activities, with_stack=with_stack,
                          record_shapes=record_shapes, profile_prefix=profile_prefix)
-        return await self.profile_communicator(req)
+        return _first_failed(await self.profile_communicator(req))
 
     async def stop_profile(self) -> ProfileReqOutput:
         self.auto_create_handle_loop()
-        return await self.profile_communicator(ProfileReq(type="stop"))
+        return _first_failed(await self.profile_communicator(ProfileReq(type="stop")))
 
     # --- LoRA --------------------------------------------------------------------------------
 
@@ -642,7 +657,9 @@ class TokenizerManager:
         args = self.server_args.to_dict()
         if args.get("api_key"):
             args["api_key"] = "<hidden>"
-        info = {**args, **self.scheduler_info, "internal_states": [internal_state],
+        states = self.internal_states if len(self.internal_states) > 1 and \
+            "age_s" not in internal_state else [internal_state]
+        info = {**args, **self.scheduler_info, "internal_states": states,
                 "version": _version(), "active_patches": self.patch_flags.active_ids(),
                 "patch_status": patch_status(self.patch_flags, self.server_args)}
         for key in KV_STAT_KEYS:
@@ -651,6 +668,16 @@ class TokenizerManager:
         return info
 
 
+
+
+def _as_list(reply: Any) -> list:
+    return reply if isinstance(reply, list) else [reply]
+
+
+def _first_failed(reply: Any) -> Any:
+    """One answer for several groups': the first that failed, else the first."""
+    replies = _as_list(reply)
+    return next((r for r in replies if not r.success), replies[0])
 
 
 def profile_root() -> str:

@@ -66,9 +66,9 @@ class TpModelWorker:
         self.result_ring = ResultRing(self.streams)
 
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
-        runner = self.model_runner
-        if runner.graph_runner is not None and runner.graph_runner.can_run(batch):
-            logits_output, sample_output = runner.graph_runner.run(batch)
+        graph = self.model_runner.graph_for(batch)
+        if graph is not None:
+            logits_output, sample_output = graph.run(batch)
         else:
             logits_output, sample_output = self._forward_eager(batch)
         result = GenerationBatchResult(logits_output, sample_output)
@@ -81,6 +81,8 @@ class TpModelWorker:
             forward_batch.input_ids = self.future_map.gather(forward_batch.req_pool_indices)
         logits_output = self.model_runner.forward(forward_batch)
         sample_output = self.model_runner.sample(logits_output, forward_batch)
+        if forward_batch.forward_mode.is_idle():
+            return logits_output, sample_output
         self.future_map.store(forward_batch.req_pool_indices, sample_output.next_token_ids)
         return logits_output, sample_output
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.layers.dp_attention import DpPaddingMode, DpStepInfo
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, SamplingBatchInfo
 from sglab.srt.mem_cache.memory_pool import PADDING_ROW
@@ -39,7 +40,7 @@ from sglab.srt.model_executor.forward_batch_info import (
 from sglab.srt.utils.h2d import h2d_into, is_pin_memory_available
 
 if TYPE_CHECKING:
-    from sglab.srt.managers.schedule_batch import ModelWorkerBatch
+    from sglab.srt.managers.schedule_batch import ModelWorkerBatch, ScheduleBatch
     from sglab.srt.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def _pad(t: torch.Tensor, bs: int, value: float, dtype: torch.dtype) -> torch.Te
 
 
 class CudaGraphRunner:
+    name = "decode"
+
     def __init__(self, model_runner: "ModelRunner", graph_factory: Callable[[], Any] | None = None):
         """`graph_factory` builds a graph object (`torch.cuda.CUDAGraph` by default)."""
         self.model_runner = model_runner
@@ -164,6 +167,7 @@ class CudaGraphRunner:
         self.graphs: dict[tuple, Any] = {}
         self.outputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.num_replays = 0
         for bs in reversed(self.capture_bs):
             self._capture(bs, GREEDY)
         logger.info("Captured CUDA graphs for decode batch sizes %s", self.capture_bs)
@@ -181,7 +185,15 @@ class CudaGraphRunner:
             attn_backend=mr.attn_backend, lora_ids=[None] * bs,
             hisparse_coordinator=mr.hisparse_coordinator)
         fb.sampling_info = _static_sampling_info(v, bs, kind)
+        fb.dp_step = self._dp_step(bs)
         return fb
+
+    def _dp_step(self, bs: int) -> DpStepInfo | None:
+        """DP attention: every rank replays the graph of the same size, padded (MAX_LEN)."""
+        info = self.model_runner.dp_info
+        if not info.enabled:
+            return None
+        return DpStepInfo([bs] * info.dp_size, DpPaddingMode.MAX_LEN)
 
     @torch.inference_mode()
     def _capture(self, bs: int, kind: tuple) -> None:
@@ -192,8 +204,7 @@ class CudaGraphRunner:
             saved = None
         else:  # captured while serving: the warm-up steps must not advance the live rows
             saved = future.clone()
-        for p in self.participants:
-            p.prepare_capture(bs)
+        self._prepare_capture(bs)
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             return self._step(fb, bs, kind)
@@ -210,6 +221,10 @@ class CudaGraphRunner:
         self.graphs[(bs, kind)], self.outputs[(bs, kind)] = graph, out
         if isinstance(graph, EagerGraph):
             graph.capture_fn, graph.outputs = run, out
+
+    def _prepare_capture(self, bs: int) -> None:
+        for p in self.participants:
+            p.prepare_capture(bs)
 
     def _capture_context(self, graph: Any):
         if isinstance(graph, torch.cuda.CUDAGraph):
@@ -236,26 +251,48 @@ class CudaGraphRunner:
 
     # --- replay -------------------------------------------------------------------------------
 
+    def fits_locally(self, batch: "ScheduleBatch") -> bool:
+        """This rank's vote in DP attention's agreement (an IDLE rank pads to any size)."""
+        mode = batch.forward_mode
+        return mode.is_idle() or (mode.is_decode() and batch.batch_size() <= self.max_bs)
+
     def can_run(self, batch: "ModelWorkerBatch") -> bool:
+        if batch.global_num_tokens is not None:  # DP attention: every rank replays, or none
+            return batch.can_run_dp_cuda_graph and not batch.is_extend_in_batch and \
+                max(batch.global_num_tokens) <= self.max_bs
         return batch.forward_mode.is_decode() and len(batch.seq_lens_cpu) <= self.max_bs
+
+    def _graph_bs(self, batch: "ModelWorkerBatch") -> int:
+        """The captured size to replay: the batch's, or under DP attention the largest
+        rank's."""
+        raw_bs = len(batch.seq_lens_cpu)
+        if batch.global_num_tokens is not None:
+            raw_bs = max(batch.global_num_tokens)
+        return self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
 
     @torch.inference_mode()
     def run(self, batch: "ModelWorkerBatch") -> tuple[LogitsProcessorOutput, SampleOutput]:
         """A decode step through a graph: upload, replay, and, where the graph's sampler is not
         what the batch asks (logprobs, penalties), sample from the graph's logits."""
         raw_bs = len(batch.seq_lens_cpu)
-        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+        bs = self._graph_bs(batch)
         with audit_region("ForwardBatch.init_new"):
             self.inputs.upload(batch, bs)
         fb = self._replay_batch(batch, bs)
         for p in self.participants:
-            p.prepare_replay(fb, bs)
+            p.prepare_replay(fb, fb.batch_size)
         kind = graph_sampling_kind(batch)
         key = (bs, kind or GREEDY)
+        if key not in self.graphs and self.model_runner.dp_info.enabled:
+            # A capture runs the MLP's collectives: under DP attention the ranks capture
+            # together at start-up only, and other sampling kinds sample after the replay.
+            kind, key = None, (bs, GREEDY)
         if key not in self.graphs:
-            logger.info("Capturing a decode graph for batch size %d, sampling %s", bs, key[1])
+            logger.info("Capturing a %s graph for size %d, sampling %s", self.name, bs, key[1])
             self._capture(bs, key[1])
+        self._apply_row_writes(batch)
         self.graphs[key].replay()
+        self.num_replays += 1
         logits, next_ids = self.outputs[key]
         logits_output = LogitsProcessorOutput(next_token_logits=logits[:raw_bs])
         if kind is not None:
@@ -265,11 +302,15 @@ class CudaGraphRunner:
         self.model_runner.future_map.store(eager.req_pool_indices, sample_output.next_token_ids)
         return logits_output, sample_output
 
+    def _apply_row_writes(self, batch: "ModelWorkerBatch") -> None:
+        """Decode steps queue no row writes (their slots go in inside the graph)."""
+
     def _replay_batch(self, batch: "ModelWorkerBatch", bs: int) -> ForwardBatch:
         """The host-side view a participant prepares its replay from (padded to `bs`)."""
         pad = bs - len(batch.seq_lens_cpu)
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=None,  # type: ignore
+            dp_step=self._dp_step(bs),
             req_pool_indices=self.inputs.views["req_pool_indices"][:bs],
             seq_lens=self.inputs.views["seq_lens"][:bs],
             out_cache_loc=self.inputs.views["out_cache_loc"][:bs],
@@ -287,14 +328,19 @@ class CudaGraphRunner:
         return list(batch.lora_ids or [None] * len(batch.seq_lens_cpu)) + [None] * pad
 
     def _eager_sampling_batch(self, batch: "ModelWorkerBatch", raw_bs: int) -> ForwardBatch:
-        v = self.inputs.views
         fb = self._replay_batch(batch, raw_bs)
         fb.return_logprob, fb.top_logprobs_nums = batch.return_logprob, batch.top_logprobs_nums
-        info = _static_sampling_info(v, raw_bs, _kind_of(batch.sampling_info))
-        info.penalizer_orchestrator = batch.sampling_info.penalizer_orchestrator
-        info.vocab_mask = batch.sampling_info.vocab_mask
-        fb.sampling_info = info
+        fb.sampling_info = sampling_after_replay(self.inputs.views, batch, raw_bs)
         return fb
+
+
+def sampling_after_replay(views: dict, batch: "ModelWorkerBatch",
+                          raw_bs: int) -> SamplingBatchInfo:
+    """The batch's sampler over the graph's static sampling inputs (logprobs, penalties)."""
+    info = _static_sampling_info(views, raw_bs, _kind_of(batch.sampling_info))
+    info.penalizer_orchestrator = batch.sampling_info.penalizer_orchestrator
+    info.vocab_mask = batch.sampling_info.vocab_mask
+    return info
 
 
 def graph_sampling_kind(batch: "ModelWorkerBatch") -> tuple | None:

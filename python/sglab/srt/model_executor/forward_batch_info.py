@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.layers.dp_attention import DpPaddingMode, DpStepInfo
 
 if TYPE_CHECKING:
     from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -88,11 +89,18 @@ class ForwardBatch:
     mamba_track_seqlens: torch.Tensor | None = None
     mamba_track_mask_cpu: list[bool] | None = None
     mamba_track_seqlens_cpu: list[int] | None = None
+    # DP attention: this step's layout of the MLP's global buffer (None: off).
+    dp_step: DpStepInfo | None = None
+    # Patch 0003c: every DP rank extends this step (MIN over ranks; False with the patch off).
+    all_extend_in_batch: bool = False
 
     @classmethod
     def init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
+        if batch.forward_mode.is_idle():
+            return cls.init_idle(batch, model_runner)
         with audit_region("ForwardBatch.init_new"):
             fb = cls._init_new(batch, model_runner)
+        fb.dp_step, fb.all_extend_in_batch = dp_step_info(batch), batch.all_extend_in_batch
         if batch.hisparse_plan is not None:
             fb.hisparse_coordinator = model_runner.hisparse_coordinator
             fb.hisparse_plan = batch.hisparse_plan
@@ -101,6 +109,18 @@ class ForwardBatch:
             fb.lora_ids = batch.lora_ids
             lora_manager.prepare_lora_batch(fb, batch.lora_inflight_ids)
         return fb
+
+    @classmethod
+    def init_idle(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
+        """DP attention: a rank with nothing to run joins the step's collectives with no
+        tokens."""
+        empty = torch.empty(0, dtype=torch.int64, device=model_runner.device)
+        return cls(forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=empty,
+                   req_pool_indices=empty, seq_lens=empty, out_cache_loc=empty,
+                   positions=empty, seq_lens_sum=0, seq_lens_cpu=batch.seq_lens_cpu,
+                   req_to_token_pool=model_runner.req_to_token_pool,
+                   token_to_kv_pool=model_runner.token_to_kv_pool,
+                   attn_backend=model_runner.attn_backend, dp_step=dp_step_info(batch))
 
     @classmethod
     def _init_new(cls, batch: "ModelWorkerBatch", model_runner: "ModelRunner") -> "ForwardBatch":
@@ -167,6 +187,14 @@ class ForwardBatch:
                 self.req_pool_indices, self.extend_seq_lens, output_size=num_tokens
             )
         pool.req_to_token[rows, self.positions] = self.out_cache_loc.to(torch.int32)
+
+
+def dp_step_info(batch: "ModelWorkerBatch") -> DpStepInfo | None:
+    """The step's global-buffer layout from the ranks' agreement (None without DP attention)."""
+    if batch.global_num_tokens is None:
+        return None
+    mode = DpPaddingMode.get_dp_padding_mode(batch.is_extend_in_batch, batch.global_num_tokens)
+    return DpStepInfo(list(batch.global_num_tokens), mode)
 
 
 def mamba_track_fields(batch: "ModelWorkerBatch") -> dict:

@@ -10,7 +10,10 @@ import torch
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.debug.sync_audit import audit_region
-from sglab.srt.distributed.parallel_state import initialize_model_parallel
+from sglab.srt.distributed.parallel_state import (
+    get_dp_attention_info,
+    initialize_model_parallel,
+)
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, Sampler
@@ -61,8 +64,11 @@ class ModelRunner(ModelRunnerMambaMixin):
         elif self.tp_size > 1:  # CPU ranks share the cores instead of each spinning on all
             torch.set_num_threads(max(1, min(torch.get_num_threads(),
                                              (os.cpu_count() or 1) // self.tp_size)))
-        self.tp_group = initialize_model_parallel(tp_rank, self.tp_size, dist_init_method,
-                                                  server_args.device)
+        self.tp_group = initialize_model_parallel(
+            tp_rank, self.tp_size, dist_init_method, server_args.device,
+            dp_size=server_args.dp_size, enable_dp_attention=server_args.enable_dp_attention)
+        self.dp_info = get_dp_attention_info()
+        self.attn_tp_size = self.dp_info.attn_tp_size  # ranks each attention layer spans
         # Built once; each consumer gets it (or the one value it needs) through its constructor.
         self.patch_flags = PatchFlags.from_server_args(server_args)
         options = ModelOptions(
@@ -91,6 +97,26 @@ class ModelRunner(ModelRunnerMambaMixin):
             from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
+        self.prefill_graph_runner = None
+        if self.graph_runner is not None and self.uses_prefill_graphs():
+            from sglab.srt.model_executor.prefill_cuda_graph_runner import (
+                PrefillCudaGraphRunner,
+            )
+
+            self.prefill_graph_runner = PrefillCudaGraphRunner(self)
+
+    def uses_prefill_graphs(self) -> bool:
+        """--enable-prefill-cuda-graph; under DP attention only with patch 0003c (upstream
+        0.5.11 runs no prefill graph there)."""
+        return self.server_args.enable_prefill_cuda_graph and \
+            (not self.dp_info.enabled or self.patch_flags.dp_prefill_cuda_graph)
+
+    def graph_runners(self) -> list:
+        return [r for r in (self.graph_runner, self.prefill_graph_runner) if r is not None]
+
+    def graph_for(self, batch):
+        """The graph runner that replays this batch, or None: eager."""
+        return next((r for r in self.graph_runners() if r.can_run(batch)), None)
 
     def init_lora_manager(self) -> None:
         """Swap LoRA wrappers into the model and allocate the adapter slots (before the KV pool
@@ -105,7 +131,7 @@ class ModelRunner(ModelRunnerMambaMixin):
     @property
     def num_kv_heads(self) -> int:
         """KV heads held by this rank's pool."""
-        return self.model_config.get_num_kv_heads(self.tp_size)
+        return self.model_config.get_num_kv_heads(self.attn_tp_size)
 
     def _cell_size(self) -> int:
         mc = self.model_config
@@ -223,6 +249,9 @@ class ModelRunner(ModelRunnerMambaMixin):
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
         """An eager forward (decode steps that fit a CUDA graph go through `graph_runner`)."""
+        if forward_batch.forward_mode.is_idle():  # DP attention: only the collectives
+            return self.model.forward(forward_batch.input_ids, forward_batch.positions,
+                                      forward_batch)
         hisparse = forward_batch.hisparse_coordinator
         if hisparse is not None:  # a decode step: backups, then the step's sparse state
             hisparse.begin_decode_step(forward_batch)
@@ -236,6 +265,8 @@ class ModelRunner(ModelRunnerMambaMixin):
     @torch.inference_mode()
     def sample(self, logits_output: LogitsProcessorOutput,
                forward_batch: ForwardBatch) -> SampleOutput:
+        if forward_batch.forward_mode.is_idle():
+            return SampleOutput(next_token_ids=forward_batch.input_ids)
         top_k = max(forward_batch.top_logprobs_nums or [0])
         info = forward_batch.sampling_info
         logits = logits_output.next_token_logits

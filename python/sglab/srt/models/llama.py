@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from sglab.srt.configs.model_options import ModelOptions
+from sglab.srt.distributed.parallel_state import get_attention_tp_group, is_dp_attention_enabled
 from sglab.srt.layers.activation import SiluAndMul
+from sglab.srt.layers.communicator import forward_mlp
 from sglab.srt.layers.elementwise import KVWrite, qk_norm_rope, use_fused_kernels
 from sglab.srt.layers.layernorm import RMSNorm
 from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -26,9 +28,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, [intermediate_size] * 2, bias=False, params_dtype=dtype,
             batch_invariant=options.batch_invariant)
+        # Under DP attention the communicator sums the partial products (forward_mlp).
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
                                            params_dtype=dtype,
-                                           batch_invariant=options.batch_invariant)
+                                           batch_invariant=options.batch_invariant,
+                                           reduce_results=not is_dp_attention_enabled())
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,13 +54,14 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        group = get_attention_tp_group()
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_kv_heads, bias=qkv_bias, params_dtype=dtype,
-                                          batch_invariant=options.batch_invariant)
+                                          batch_invariant=options.batch_invariant, group=group)
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size,
                                         bias=o_bias, params_dtype=dtype,
-                                        batch_invariant=options.batch_invariant)
-        # This TP rank's heads (all of them at tp=1).
+                                        batch_invariant=options.batch_invariant, group=group)
+        # This attention-TP rank's heads (all of them at tp=1).
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.qkv_proj.q_size
@@ -99,6 +104,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 forward_batch: ForwardBatch) -> torch.Tensor:
+        if forward_batch.forward_mode.is_idle():  # DP attention: no tokens on this rank
+            return hidden_states
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         kv_write = self._kv_write(forward_batch, v)
@@ -130,7 +137,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, forward_batch)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return forward_mlp(self.mlp, hidden_states, forward_batch), residual
 
 
 class LlamaModel(nn.Module):

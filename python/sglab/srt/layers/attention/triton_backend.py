@@ -21,6 +21,7 @@ import torch
 from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.utils.h2d import list_to_device
 from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglab.srt.model_executor.forward_batch_info import ForwardMode
 from sglab.srt.layers.attention.triton_ops.create_kv_indices import create_kv_indices
 from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 from sglab.srt.layers.attention.triton_ops.extend_attention import (
@@ -70,7 +71,7 @@ class TritonAttnBackend(AttentionBackend):
     def __init__(self, model_runner):
         mc = model_runner.model_config
         self.device = model_runner.device
-        self.num_q_heads = mc.get_num_attention_heads(model_runner.tp_size)
+        self.num_q_heads = mc.get_num_attention_heads(model_runner.attn_tp_size)
         self.head_dim = mc.head_dim
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         args = model_runner.server_args
@@ -145,8 +146,16 @@ class TritonAttnBackend(AttentionBackend):
 
     # --- CUDA graphs (a participant of CudaGraphRunner) ---------------------------------------
 
-    def init_cuda_graph_state(self, max_bs: int) -> None:
+    def init_cuda_graph_state(self, max_bs: int,
+                              forward_mode: ForwardMode = ForwardMode.DECODE) -> None:
         max_context_len = self.req_to_token.shape[1]
+        if forward_mode.is_extend():  # prefill graphs: prefix keys and query rows per request
+            self.prefill_graph_state = {
+                "qo_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+                "kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+                "kv_indices": torch.zeros(max_bs * max_context_len + 1, dtype=torch.int64,
+                                          device=self.device)}
+            return
         g = {"kv_indptr": torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
              "kv_indices": torch.zeros(max_bs * max_context_len + 1, dtype=torch.int64,
                                        device=self.device)}
@@ -159,7 +168,14 @@ class TritonAttnBackend(AttentionBackend):
         self.graph_state = g
         self.graph_metadata: dict[int, ForwardMetadata] = {}
 
-    def prepare_capture(self, bs: int) -> None:
+    def prepare_capture(self, bs: int, forward_mode: ForwardMode = ForwardMode.DECODE,
+                        num_tokens: int = 0) -> None:
+        if forward_mode.is_extend():  # every extend length is at most the graph's tokens
+            g = self.prefill_graph_state
+            self.forward_metadata = ForwardMetadata(
+                g["kv_indptr"][: bs + 1], g["kv_indices"], qo_indptr=g["qo_indptr"][: bs + 1],
+                max_extend_len=num_tokens)
+            return
         if bs not in self.graph_metadata:  # built once per size: a replay only selects it
             self.graph_metadata[bs] = self._graph_metadata(bs)
         self.forward_metadata = self.graph_metadata[bs]
@@ -177,6 +193,9 @@ class TritonAttnBackend(AttentionBackend):
 
     def graph_prologue(self, forward_batch: "ForwardBatch", bs: int) -> None:
         """Inside the graph: the static metadata from the static rows and lengths."""
+        if forward_batch.forward_mode.is_extend():
+            self._prefill_graph_prologue(forward_batch, bs)
+            return
         g, seq_lens = self.graph_state, forward_batch.seq_lens
         if forward_batch.hisparse_coordinator is not None:  # computed by its prologue
             seq_lens = forward_batch.hisparse_coordinator.state.kv_lens
@@ -188,10 +207,17 @@ class TritonAttnBackend(AttentionBackend):
         else:  # the batch's longest length read on the device: no host value in the graph
             g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens, seq_lens.max()))
 
+    def _prefill_graph_prologue(self, fb: "ForwardBatch", bs: int) -> None:
+        g = self.prefill_graph_state
+        g["qo_indptr"][1: bs + 1].copy_(torch.cumsum(fb.extend_seq_lens, dim=0))
+        g["kv_indptr"][1: bs + 1].copy_(torch.cumsum(fb.extend_prefix_lens, dim=0))
+        create_kv_indices(self.req_to_token, fb.req_pool_indices, fb.extend_prefix_lens,
+                          g["kv_indptr"], None, g["kv_indices"])
+
     def prepare_replay(self, forward_batch: "ForwardBatch", bs: int) -> None:
         """The static metadata views of `bs` (the replay computes their values in
-        graph_prologue; an eager forward since capture may have replaced them)."""
-        self.prepare_capture(bs)
+        graph_prologue; an eager forward since capture may have replaced the views)."""
+        self.prepare_capture(bs, forward_batch.forward_mode, forward_batch.extend_num_tokens or 0)
 
     # --- forward ------------------------------------------------------------------------------
 
