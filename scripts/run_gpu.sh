@@ -217,12 +217,11 @@ for step in "$@"; do
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;
-  ab-prefill-graph)  # 6 rounds in ABBA order; each round's TTFT goes to its variant's jsonl
+  ab-prefill-graph)  # sglab's prefill CUDA graphs off vs on: TTFT of many small prompts
     m=$(mk qwen3-0.6b)
-    for g in off on on off off on on off off on on off; do
-      extra=""; [[ $g == on ]] && extra="--enable-prefill-cuda-graph"
-      serve_bench prefill-graph-$g $m "--load-format dummy $extra" $(rnd $m) $SMALL
-    done ;;
+    timeout 400 $AB --feature=--enable-prefill-cuda-graph --model-path $m --audit none \
+      --server-args "--load-format dummy" --tag ab-prefill-graph -- $(rnd $m) $SMALL 2>&1 \
+      | tail -n 30 ;;
   tests-dp|bench-tp|ab-0003c) multi_gpu_steps $step ;;
   tests-hisparse|ab-0004|ab-0004-control|hisparse-bench) hisparse_steps $step ;;
   hisparse)

@@ -4,6 +4,10 @@
         [--rounds 6] [--restart-each-round] [--audit first|all|none] [--server-args "..."] \\
         [--commit SHA] [--out-dir DIR] [--tag T] -- --dataset-name random-ids --num-prompts 64 ...
 
+`--feature="ARGS"` instead of `--patch` A/Bs any server option that is not a patch (sglab's own,
+such as `--enable-prefill-cuda-graph` or `--kernel-fusion on`): `off` launches without ARGS,
+`on` with them.
+
 Variants: `off`, `on` (the patch's default on path) and, for a patch with sub-modes, `on:MODE`;
 each non-off variant is reported against `off`. A round is one bench_serving run (fixed seed,
 greedy, `--output-details`) against a variant's server, from an empty radix cache; rounds go in
@@ -82,6 +86,17 @@ def parse_variants(patch: str, specs: list[str]) -> list[Variant]:
         raise ValueError(f"--variants: need `off` and at least one on-variant, each once "
                          f"(got {' '.join(specs)})")
     return [_variant(patch, s) for s in ["off"] + [s for s in specs if s != "off"]]
+
+
+def feature_variants(feature: str, specs: list[str]) -> list[Variant]:
+    """`--feature`: off without the option's arguments, on with them."""
+    if sorted(specs) != ["off", "on"]:
+        raise ValueError(f"--variants: --feature has off and on only (got {' '.join(specs)})")
+    args = tuple(shlex.split(feature))
+    if not args or not args[0].startswith("--"):
+        raise ValueError(f"--feature: launch_server arguments, e.g. \"--enable-prefill-cuda-"
+                         f"graph\" (got {feature!r})")
+    return [Variant("off", ()), Variant("on", args)]
 
 
 def _variant(patch: str, spec: str) -> Variant:
@@ -377,7 +392,9 @@ def _digest(run: dict) -> str:
 def to_markdown(report: dict) -> str:
     """Verdicts first (one table per on-variant), then method, rounds, syncs, outputs."""
     s = report["summary"]
-    lines = [f"# bench_ab: patch {report['patch']}, {' vs '.join(report['variants'])}", "",
+    subject = (f"patch {report['patch']}" if report.get("patch") else
+               f"feature `{report['feature']}`")
+    lines = [f"# bench_ab: {subject}, {' vs '.join(report['variants'])}", "",
              provenance_line(report["provenance"]), ""]
     for variant, comps in s["comparisons"].items():
         lines += [f"## {variant} vs off", "",
@@ -516,7 +533,10 @@ def write_report(meta: dict, bench_argv: list[str], runs: list[dict], stem: str)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sglab.bench_ab")
     add = parser.add_argument
-    add("--patch", required=True, help="patch id, or all")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--patch", help="patch id, or all")
+    what.add_argument("--feature", help="launch_server arguments of a non-patch option: off "
+                      "without them, on with them")
     add("--model-path", required=True)
     add("--variants", nargs="+", default=["off", "on"],
         help="off and one or more of on, on:MODE (a patch's sub-modes); each vs off")
@@ -559,6 +579,12 @@ def _workloads(bench_argv: list[str], rates: list[float] | None,
             for r in rate_opts or [("", [])] for c in conc_opts or [("", [])]]
 
 
+def _subject_slug(args: argparse.Namespace) -> str:
+    if args.patch:
+        return args.patch
+    return "-".join(a.lstrip("-") for a in shlex.split(args.feature))
+
+
 def _fmt_rate(rate: float) -> str:
     return str(int(rate)) if float(rate).is_integer() else str(rate)
 
@@ -566,13 +592,14 @@ def _fmt_rate(rate: float) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.patch != "all" and args.patch not in PATCH_BY_ID:
+    if args.patch is not None and args.patch != "all" and args.patch not in PATCH_BY_ID:
         parser.error(f"--patch: unknown patch id {args.patch!r} "
                      f"(known: {', '.join(PATCH_BY_ID)}, all)")
     if args.rounds < 2:
         parser.error("--rounds: at least 2 (the first round of each variant is a warm-up)")
     try:
-        variants = parse_variants(args.patch, args.variants)
+        variants = feature_variants(args.feature, args.variants) if args.feature else \
+            parse_variants(args.patch, args.variants)
     except ValueError as e:
         parser.error(str(e))
     # SIGTERM (e.g. from `timeout`) unwinds through ServerSet, which stops every server;
@@ -587,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
     live = 1 if args.restart_each_round else len(variants)
     kv_cap = kv_cap_flags(args.server_args, live, args.kv_cap_tokens)
     mamba_cap = mamba_cap_flags(args.server_args, live, args.mamba_cap_slots, args.model_path)
-    meta = {"patch": args.patch, "variants": names, "model_path": args.model_path,
+    meta = {"patch": args.patch, "feature": args.feature, "variants": names, "model_path": args.model_path,
             "server_args": args.server_args, "rounds": args.rounds,
             "restart_each_round": args.restart_each_round, "audit": args.audit,
             "kv_cap": {"max_total_tokens": int(kv_cap[1]),
@@ -601,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
     except InputsDifferError as e:
         parser.exit(2, f"bench_ab: error: {e}\n")
     stem = os.path.join(args.out_dir, args.tag or
-                        f"{time.strftime('%Y-%m-%d')}-bench-ab-{args.patch}")
+                        f"{time.strftime('%Y-%m-%d')}-bench-ab-{_subject_slug(args)}")
     reports = [write_report(meta, w, runs[j], stem + suffix)
                for j, (suffix, w) in enumerate(workloads)]
     if args.save_outputs:

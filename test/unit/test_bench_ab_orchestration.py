@@ -320,3 +320,21 @@ def test_hybrid_model_state_pool_capped_when_servers_share_the_device(tmp_path, 
     assert fakes.launches and all(a.count("--max-mamba-cache-size") == 1 for a in fakes.launches)
     assert report["mamba_cap"]["max_mamba_cache_size"] == bench_ab.DEFAULT_MAMBA_CAP_SLOTS
     assert "--max-mamba-cache-size" in (tmp_path / "ab.md").read_text()
+
+
+def test_feature_ab_launches_off_without_and_on_with_the_option(tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    report = bench_ab.main(["--feature=--enable-prefill-cuda-graph", "--model-path", "m",
+                            "--out-dir", str(tmp_path), "--rounds", "2", "--audit", "none",
+                            "--kv-cap-tokens", "0", "--", "--num-prompts", "2"])
+    assert fakes.launches == [["--model-path", "m"],
+                              ["--model-path", "m", "--enable-prefill-cuda-graph"]]
+    assert report["feature"] == "--enable-prefill-cuda-graph" and report["patch"] is None
+    md = next(tmp_path.glob("*-bench-ab-enable-prefill-cuda-graph.md")).read_text()
+    assert md.startswith("# bench_ab: feature `--enable-prefill-cuda-graph`, off vs on")
+    with pytest.raises(ValueError, match="off and on only"):
+        bench_ab.feature_variants("--kernel-fusion on", ["off", "on", "on:x"])
+    with pytest.raises(ValueError, match="launch_server arguments"):
+        bench_ab.feature_variants("kernel-fusion", ["off", "on"])
+    with pytest.raises(SystemExit):
+        bench_ab.main(["--patch", "0001", "--feature=--x", "--model-path", "m"])
