@@ -18,26 +18,31 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_LOGPROB_FIELDS = (
+LOGPROB_FIELDS = (
     "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
     "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
-    "output_top_logprobs_val", "output_top_logprobs_idx",
+    "output_top_logprobs_val", "output_top_logprobs_idx", "input_token_ids_logprobs_val",
+    "input_token_ids_logprobs_idx", "output_token_ids_logprobs_val",
+    "output_token_ids_logprobs_idx",
 )
 
 
 class SchedulerOutputProcessorMixin:
     def process_batch_result_prefill(self: Scheduler, batch: ScheduleBatch,
                                      result: GenerationBatchResult) -> None:
-        input_lp_offset = 0
+        input_lp_offset = input_ids_offset = 0
+        ids_offsets = _token_ids_offsets(batch.reqs)
         for i, req in enumerate(batch.reqs):
-            offset = input_lp_offset
+            offset, ids_offset = input_lp_offset, input_ids_offset
             input_lp_offset += batch.extend_logprob_pruned_lens[i]
+            input_ids_offset += batch.extend_logprob_pruned_lens[i] * len(req.token_ids_logprob
+                                                                          or ())
             chunked = req is batch.chunked_req
             try:
                 if not req.input_logprobs_done:
-                    self._add_input_logprobs(req, batch, i, result, offset)
+                    self._add_input_logprobs(req, batch, i, result, offset, ids_offset)
                 if not chunked:
-                    self._append_first_token(req, result, i)
+                    self._append_first_token(req, result, i, ids_offsets[i])
             except Exception as e:  # noqa: BLE001 - aborts this request only
                 self._fail_in_place(req, e, "processing its prefill", mid_step=chunked)
             if chunked:
@@ -52,20 +57,21 @@ class SchedulerOutputProcessorMixin:
         self.stream_output(batch.reqs)
 
     def _append_first_token(self: Scheduler, req: Req, result: GenerationBatchResult,
-                            i: int) -> None:
+                            i: int, ids_offset: int) -> None:
         if req.sampling_params.max_new_tokens == 0:
             req.finished_reason = finish_length(0)
         else:
-            self._append_token(req, result, i)
+            self._append_token(req, result, i, ids_offset)
 
     def process_batch_result_decode(self: Scheduler, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
+        ids_offsets = _token_ids_offsets(batch.reqs)
         for i, req in enumerate(batch.reqs):
             if req.finished():
                 self._release_overlap_slot(req, batch.out_cache_loc[i])
                 continue
             try:
-                self._append_token(req, result, i)
+                self._append_token(req, result, i, ids_offsets[i])
             except Exception as e:  # noqa: BLE001 - aborts this request only
                 self._fail_in_place(req, e, "processing its output", mid_step=False)
             if req.mamba_ping_pong_track_buffer is not None:
@@ -94,8 +100,13 @@ class SchedulerOutputProcessorMixin:
         if self.page_size == 1 or pos % self.page_size == 0:
             self.token_to_kv_pool_allocator.free(slot.view(1))
 
-    def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
+    def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int,
+                      ids_offset: int) -> None:
         req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
+        error = result.sample_output.custom_logit_processor_errors.get(i)
+        if error is not None:  # the token came from logits the processor never saw
+            req.finished_reason = finish_abort(error, status_code=400)
+            return
         token = result.next_token_ids_cpu[i]
         req.output_ids.append(token)
         if req.grammar is not None and not req.grammar.accept_token(token):
@@ -107,17 +118,31 @@ class SchedulerOutputProcessorMixin:
                 k = req.top_logprobs_num
                 req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
                 req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
+            if req.token_ids_logprob is not None:
+                ids = req.token_ids_logprob
+                flat = result.token_ids_logprobs_cpu
+                req.output_token_ids_logprobs_val.append(flat[ids_offset:ids_offset + len(ids)])
+                req.output_token_ids_logprobs_idx.append(list(ids))
         req.check_finished(self.tokenizer, self.context_len)
 
     def _add_input_logprobs(self: Scheduler, req: Req, batch: ScheduleBatch, i: int,
-                            result: GenerationBatchResult, offset: int) -> None:
+                            result: GenerationBatchResult, offset: int, ids_offset: int) -> None:
         prefix_len = batch.prefix_lens[i]
         if prefix_len == 0 and req.logprob_start_len == 0:
             req.input_token_logprobs_val.append(None)
             req.input_token_logprobs_idx.append(req.origin_input_ids[0])
             req.input_top_logprobs_val.append(None)
             req.input_top_logprobs_idx.append(None)
+            if req.token_ids_logprob is not None:
+                req.input_token_ids_logprobs_val.append(None)
+                req.input_token_ids_logprobs_idx.append(None)
         n = batch.extend_logprob_pruned_lens[i]
+        if req.token_ids_logprob is not None and n:
+            ids = list(req.token_ids_logprob)
+            flat = result.input_token_ids_logprobs_cpu[ids_offset:ids_offset + n * len(ids)]
+            for p in range(n):
+                req.input_token_ids_logprobs_val.append(flat[p * len(ids):(p + 1) * len(ids)])
+                req.input_token_ids_logprobs_idx.append(ids)
         lo = prefix_len + batch.extend_logprob_start_lens[i]
         req.input_token_logprobs_val.extend(result.input_token_logprobs_cpu[offset:offset + n]
                                             if n else [])
@@ -175,7 +200,7 @@ class SchedulerOutputProcessorMixin:
         out.no_stop_trim.append(params.no_stop_trim)
         out.stop_strs.append(list(params.stop_strs))
         out.total_retractions.append(req.total_retractions)
-        for name in _LOGPROB_FIELDS:
+        for name in LOGPROB_FIELDS:
             value = self._delta(req, name, getattr(req, name)) if req.return_logprob else None
             getattr(out, name).append(value)
 
@@ -194,6 +219,15 @@ class SchedulerOutputProcessorMixin:
             self.outputs = []
 
 
+def _token_ids_offsets(reqs: list[Req]) -> list[int]:
+    """Where each request's token_ids_logprob values start in a step's flat list (one extra
+    entry: the total)."""
+    offsets = [0]
+    for req in reqs:
+        offsets.append(offsets[-1] + len(req.token_ids_logprob or ()))
+    return offsets
+
+
 def internal_error(what: str, error: Exception) -> dict:
     return finish_abort(f"Internal error while {what}: {type(error).__name__}: {error}",
                         status_code=500)
@@ -201,7 +235,7 @@ def internal_error(what: str, error: Exception) -> dict:
 
 def _failed_output_row(req: Req, finished_reason: dict) -> dict[str, Any]:
     """The entry of a finished request whose output could not be built: its abort only."""
-    row: dict[str, Any] = dict.fromkeys(_LOGPROB_FIELDS)
+    row: dict[str, Any] = dict.fromkeys(LOGPROB_FIELDS)
     row.update(rids=req.rid, finished_reasons=finished_reason, output_ids=[],
                prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
                cached_tokens=req.cached_tokens, skip_special_tokens=True,

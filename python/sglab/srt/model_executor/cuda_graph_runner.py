@@ -285,9 +285,11 @@ class CudaGraphRunner:
         v = self.inputs.views
         fb = self._replay_batch(batch, raw_bs)
         fb.return_logprob, fb.top_logprobs_nums = batch.return_logprob, batch.top_logprobs_nums
+        fb.token_ids_logprobs = batch.token_ids_logprobs
         info = _static_sampling_info(v, raw_bs, _kind_of(batch.sampling_info))
         info.penalizer_orchestrator = batch.sampling_info.penalizer_orchestrator
         info.vocab_mask = batch.sampling_info.vocab_mask
+        info.custom_logit_processors = batch.sampling_info.custom_logit_processors
         fb.sampling_info = info
         return fb
 
@@ -296,7 +298,7 @@ def graph_sampling_kind(batch: "ModelWorkerBatch") -> tuple | None:
     """The sampler a graph can end with for this batch, or None: sample after the replay."""
     info = batch.sampling_info
     if batch.return_logprob or info.penalizer_orchestrator is not None or \
-            info.vocab_mask is not None:
+            info.vocab_mask is not None or info.custom_logit_processors is not None:
         return None
     return _kind_of(info)
 

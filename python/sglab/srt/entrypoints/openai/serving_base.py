@@ -187,6 +187,7 @@ class OpenAIServingBase:
             "no_stop_trim": request.no_stop_trim,
             "sampling_seed": request.seed,
             "logit_bias": request.logit_bias or None,
+            "custom_params": request.custom_params,
             **grammar_params(request),
         }
         defaults = self.tokenizer_manager.generation_defaults
