@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import types
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -34,9 +35,11 @@ class CustomLogitProcessor(ABC):
 
     @classmethod
     def to_str(cls) -> str:
+        """Upstream's format, with the class pickled by value wherever it is defined (dill
+        would pickle a class of an importable module by name, which the server may lack)."""
         import dill
 
-        return json.dumps({"callable": dill.dumps(cls).hex()})
+        return json.dumps({"callable": dill.dumps(_by_value(cls), recurse=True).hex()})
 
     @classmethod
     def from_str(cls, json_str: str) -> "CustomLogitProcessor":
@@ -51,6 +54,21 @@ class DisallowedTokensLogitsProcessor(CustomLogitProcessor):
         for row, params in enumerate(custom_param_list or []):
             logits[row, params["token_ids"]] = -float("inf")
         return logits
+
+
+def _by_value(cls: type) -> type:
+    """`cls` as if defined in `__main__` (dill pickles those by value), methods included."""
+    if cls.__module__ == "__main__":
+        return cls
+    namespace = {k: _main_function(v) if isinstance(v, types.FunctionType) else v
+                 for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls)(cls.__name__, cls.__bases__, {**namespace, "__module__": "__main__"})
+
+
+def _main_function(f: types.FunctionType) -> types.FunctionType:
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__, g.__module__ = f.__kwdefaults__, f.__qualname__, "__main__"
+    return g
 
 
 @functools.lru_cache(maxsize=256)
