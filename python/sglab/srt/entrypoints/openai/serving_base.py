@@ -278,9 +278,9 @@ def grammar_params(request: Any) -> dict:
     fmt = request.response_format
     if fmt is None or fmt.type == "text":
         return params
-    if fmt.type == "structural_tag":
-        raise ParamError("response_format type 'structural_tag' is not supported by sglab.",
-                         "response_format")
+    if fmt.type == "structural_tag":  # upstream: the whole response_format, as JSON
+        params["structural_tag"] = json.dumps(fmt.model_dump(exclude_none=True))
+        return params
     if fmt.type == "json_object":
         params["json_schema"] = '{"type": "object"}'
         return params
