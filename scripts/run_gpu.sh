@@ -28,6 +28,9 @@
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
 #                 concurrency 4, overlap on;  ab-0004-control: the same with overlap off
 #   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k
+#   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
+#                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
+#                 GPU tests
 set -o pipefail
 OUT=${OUT:-/tmp/sglab-gpu}
 R=$OUT/r
@@ -148,6 +151,12 @@ for step in "$@"; do
       --server-args "$Q35 --mamba-track-interval 64" --tag ab-0003b-long \
       --max-concurrencies 16 -- $(rnd $m) --num-prompts 32 --random-input-len 256 \
       --random-output-len 512 2>&1 | tail -n 30 ;;
+  structured)
+    m=$(mk qwen3-0.6b)
+    timeout 420 python3 benchmark/structured_itl.py --model-path $m --out "$R" --rounds 6 \
+      --concurrency 8 2>&1 | tail -n 12
+    timeout 240 python3 -m pytest -q -m gpu test/srt/test_structured_outputs.py 2>&1 \
+      | tee "$R/gpu_tests_structured.log" | tail -n 5 ;;
   profile)
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
