@@ -73,8 +73,6 @@ def _main_function(f: types.FunctionType) -> types.FunctionType:
 
 @functools.lru_cache(maxsize=256)
 def _class_from_str(json_str: str) -> type:
-    import dill
-
     data = json.loads(json_str)
     if not isinstance(data, dict) or not isinstance(data.get("callable"), str):
         raise ValueError('expected a JSON object {"callable": "<hex>"} (CustomLogitProcessor'
