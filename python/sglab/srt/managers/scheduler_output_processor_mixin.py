@@ -31,7 +31,7 @@ class SchedulerOutputProcessorMixin:
     def process_batch_result_prefill(self: Scheduler, batch: ScheduleBatch,
                                      result: GenerationBatchResult) -> None:
         input_lp_offset = input_ids_offset = 0
-        ids_offsets = _token_ids_offsets(batch.reqs)
+        result.token_ids_offsets = _token_ids_offsets(batch.reqs)
         for i, req in enumerate(batch.reqs):
             offset, ids_offset = input_lp_offset, input_ids_offset
             input_lp_offset += batch.extend_logprob_pruned_lens[i]
@@ -42,7 +42,7 @@ class SchedulerOutputProcessorMixin:
                 if not req.input_logprobs_done:
                     self._add_input_logprobs(req, batch, i, result, offset, ids_offset)
                 if not chunked:
-                    self._append_first_token(req, result, i, ids_offsets[i])
+                    self._append_first_token(req, result, i)
             except Exception as e:  # noqa: BLE001 - aborts this request only
                 self._fail_in_place(req, e, "processing its prefill", mid_step=chunked)
             if chunked:
@@ -57,21 +57,21 @@ class SchedulerOutputProcessorMixin:
         self.stream_output(batch.reqs)
 
     def _append_first_token(self: Scheduler, req: Req, result: GenerationBatchResult,
-                            i: int, ids_offset: int) -> None:
+                            i: int) -> None:
         if req.sampling_params.max_new_tokens == 0:
             req.finished_reason = finish_length(0)
         else:
-            self._append_token(req, result, i, ids_offset)
+            self._append_token(req, result, i)
 
     def process_batch_result_decode(self: Scheduler, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
-        ids_offsets = _token_ids_offsets(batch.reqs)
+        result.token_ids_offsets = _token_ids_offsets(batch.reqs)
         for i, req in enumerate(batch.reqs):
             if req.finished():
                 self._release_overlap_slot(req, batch.out_cache_loc[i])
                 continue
             try:
-                self._append_token(req, result, i, ids_offsets[i])
+                self._append_token(req, result, i)
             except Exception as e:  # noqa: BLE001 - aborts this request only
                 self._fail_in_place(req, e, "processing its output", mid_step=False)
             if req.mamba_ping_pong_track_buffer is not None:
@@ -100,8 +100,7 @@ class SchedulerOutputProcessorMixin:
         if self.page_size == 1 or pos % self.page_size == 0:
             self.token_to_kv_pool_allocator.free(slot.view(1))
 
-    def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int,
-                      ids_offset: int) -> None:
+    def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
         req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
         error = result.sample_output.custom_logit_processor_errors.get(i)
         if error is not None:  # the token came from logits the processor never saw
@@ -119,9 +118,9 @@ class SchedulerOutputProcessorMixin:
                 req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
                 req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
             if req.token_ids_logprob is not None:
-                ids = req.token_ids_logprob
+                ids, start = req.token_ids_logprob, result.token_ids_offsets[i]
                 flat = result.token_ids_logprobs_cpu
-                req.output_token_ids_logprobs_val.append(flat[ids_offset:ids_offset + len(ids)])
+                req.output_token_ids_logprobs_val.append(flat[start:start + len(ids)])
                 req.output_token_ids_logprobs_idx.append(list(ids))
         req.check_finished(self.tokenizer, self.context_len)
 

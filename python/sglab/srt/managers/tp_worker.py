@@ -32,6 +32,8 @@ class GenerationBatchResult:
     input_top_logprobs_idx_cpu: list | None = None
     token_ids_logprobs_cpu: list[float] | None = None
     input_token_ids_logprobs_cpu: list[float] | None = None
+    # Set on the host while processing: where each row's token_ids_logprobs values start.
+    token_ids_offsets: list[int] | None = None
     pending: PendingResult | None = None
 
     def copy_to_cpu(self, ring: ResultRing) -> None:
