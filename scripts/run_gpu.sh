@@ -38,6 +38,9 @@
 #   kernels       --kernel-fusion: GPU tests of the fused kernels, then kernel_bench (off vs on:
 #                 decode graph time and kernels per replay at bs 1/64, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
+#   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
+#                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
+#                 GPU tests
 set -o pipefail
 # Every multi-GPU process: no NVLink multicast (NVLS) in NCCL, torch symmetric memory, NVSHMEM.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -205,6 +208,12 @@ for step in "$@"; do
     for part in qwen35-tests qwen35-bench ab-0003b-churn ab-0003b-long; do
       bash "$0" "$part"
     done ;;
+  structured)
+    m=$(mk qwen3-0.6b)
+    timeout 420 python3 benchmark/structured_itl.py --model-path $m --out "$R" --rounds 6 \
+      --concurrency 8 2>&1 | tail -n 12
+    timeout 240 python3 -m pytest -q -m gpu test/srt/test_structured_outputs.py 2>&1 \
+      | tee "$R/gpu_tests_structured.log" | tail -n 5 ;;
   profile)
     timeout 120 python3 benchmark/profile_step.py --preset qwen3-0.6b --batch-size 1 \
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1

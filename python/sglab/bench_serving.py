@@ -90,6 +90,8 @@ class RequestOptions:
     logprob_start_len: int = -1
     return_routed_experts: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # A JSON schema (as JSON text) every request's output must follow (sglab's option).
+    json_schema: str | None = None
 
 
 @dataclass
@@ -210,6 +212,8 @@ def build_sglang_payload(inp: RequestFuncInput) -> dict[str, Any]:
         payload["top_logprobs_num"] = opts.top_logprobs_num
     if opts.token_ids_logprob:
         payload["token_ids_logprob"] = opts.token_ids_logprob
+    if opts.json_schema is not None:
+        payload["sampling_params"]["json_schema"] = opts.json_schema
     payload.update(inp.extra_request_body)  # top level: an extra sampling_params replaces all
     return payload
 
@@ -229,11 +233,18 @@ def build_openai_completions_payload(inp: RequestFuncInput) -> dict[str, Any]:
         payload["ignore_eos"] = opts.ignore_eos
     if opts.return_logprob:
         payload["logprobs"] = opts.top_logprobs_num
+    _add_response_format(payload, opts)
     payload.update(extra)
     if inp.lora_name:  # SGLang reads lora_path, vLLM reads model
         payload["model"] = inp.lora_name
         payload["lora_path"] = inp.lora_name
     return payload
+
+
+def _add_response_format(payload: dict[str, Any], opts: RequestOptions) -> None:
+    if opts.json_schema is not None:
+        payload["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "bench", "schema": json.loads(opts.json_schema)}}
 
 
 def build_openai_chat_payload(inp: RequestFuncInput) -> dict[str, Any]:
@@ -252,6 +263,7 @@ def build_openai_chat_payload(inp: RequestFuncInput) -> dict[str, Any]:
         payload["logprobs"] = True
         if opts.top_logprobs_num:
             payload["top_logprobs"] = opts.top_logprobs_num
+    _add_response_format(payload, opts)
     payload.update(extra)
     if inp.lora_name:
         payload["model"] = inp.lora_name
@@ -1130,7 +1142,18 @@ def request_options_from_args(args: argparse.Namespace) -> RequestOptions:
         logprob_start_len=args.logprob_start_len,
         return_routed_experts=args.return_routed_experts,
         headers=parse_custom_headers(args.header),
+        json_schema=load_json_schema(args.json_schema),
     )
+
+
+def load_json_schema(value: str | None) -> str | None:
+    """--json-schema: inline JSON, or @path of a JSON file; normalized JSON text."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        with open(value[1:]) as f:
+            value = f.read()
+    return json.dumps(json.loads(value))
 
 
 async def _warmup(request_func, make_input, test_request: DatasetRow, args) -> None:
@@ -1386,6 +1409,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--return-routed-experts", action="store_true")
     add("--seed", type=int, default=1)
     add("--disable-ignore-eos", action="store_true")
+    add("--json-schema", type=str, default=None, metavar="JSON|@FILE",
+        help="Constrain every request's output to this JSON schema (sglab's option): "
+             "sampling_params.json_schema on /generate, response_format on the OpenAI "
+             "routes.")
     add(
         "--extra-request-body",
         metavar='{"key1": "value1"}',

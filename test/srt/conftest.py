@@ -112,6 +112,20 @@ def server(request):
 
 
 @pytest.fixture(scope="module")
+def path(tiny_model_dir):
+    """The tiny Qwen3 model of the in-process tests (a module may define its own `path`)."""
+    return tiny_model_dir("tiny-qwen3")
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    """HF transformers on `path`: the reference for the model's math."""
+    from sglab.test.runners import HFRunner
+
+    return HFRunner(path)
+
+
+@pytest.fixture(scope="module")
 def http():
     s = session()
     yield s

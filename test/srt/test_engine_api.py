@@ -5,6 +5,7 @@ orphan processes after shutdown or interpreter exit."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import textwrap
@@ -136,6 +137,22 @@ def test_logprobs_through_engine(engine):
     assert [t for _, t, _ in meta["output_token_logprobs"]] == out["output_ids"]
     assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]
     assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+
+
+def test_score_through_engine(engine):
+    """Engine.score is /v1/score's computation: the label probabilities of the first output
+    position, which /generate's token_ids_logprob reports too."""
+    labels = [4, 9, 30]
+    scores = engine.score(query="The test was", items=[" fine", " hard"],
+                          label_token_ids=labels)
+    for item, row in zip([" fine", " hard"], scores):
+        out = engine.generate("The test was" + item, {"max_new_tokens": 1, "temperature": 0},
+                              return_logprob=True, token_ids_logprob=labels)
+        want = [math.exp(lp) for lp, _, _ in out["meta_info"]["output_token_ids_logprobs"][0]]
+        assert row == pytest.approx(want, rel=1e-6)
+    soft = engine.score(query="The test was", items=[" fine"], label_token_ids=labels,
+                        apply_softmax=True)
+    assert soft[0] == pytest.approx([s / sum(scores[0]) for s in scores[0]], rel=1e-5)
 
 
 def test_scheduler_start_failure_is_a_clear_error(tmp_path):

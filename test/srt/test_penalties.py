@@ -20,16 +20,6 @@ def _prompts(lens: list[int], seed: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def path(tiny_model_dir):
-    return tiny_model_dir("tiny-qwen3")
-
-
-@pytest.fixture(scope="module")
-def hf(path):
-    return HFRunner(path)
-
-
-@pytest.fixture(scope="module")
 def runner(path):
     return SchedulerRunner(model_path=path)
 

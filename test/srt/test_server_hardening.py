@@ -116,26 +116,22 @@ def test_wrong_prompt_types_name_the_field(http, server, body, field):
 # --- fields sglab does not implement ----------------------------------------------------------
 
 COMPLETION_REFUSED = {
-    "suffix": " the end", "custom_logit_processor": "x",
-    "custom_params": {"a": 1}, "response_format": {"type": "structural_tag"}, "priority": 1,
+    "suffix": " the end", "priority": 1,
     "return_hidden_states": True, "session_params": {"id": "s"}, "extra_key": "k",
     "routed_dp_rank": 0,
 }
 CHAT_REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "response_format": {"type": "structural_tag"}, "custom_logit_processor": "x", "reasoning_effort": "low",
+    "reasoning_effort": "low",
     "return_cached_tokens_details": True,
 }
 GENERATE_REFUSED = {
-    "custom_logit_processor": "x", "priority": 1, "extra_key": "k", "routed_dp_rank": 0,
+    "priority": 1, "extra_key": "k", "routed_dp_rank": 0,
     "return_hidden_states": True, "bootstrap_host": "h", "data_parallel_rank": 0,
     "return_entropy": True,
 }
-SAMPLING_REFUSED = {
-    "structural_tag": "x",
-    "custom_params": {"a": 1}, "stream_interval": 2,
-}
+SAMPLING_REFUSED = {"stream_interval": 2}
 REFUSED = (
     [("/v1/completions", _completion(**{k: v}), k) for k, v in COMPLETION_REFUSED.items()]
     + [("/v1/chat/completions", _chat(**{k: v}), k) for k, v in CHAT_REFUSED.items()]
@@ -289,13 +285,31 @@ def test_bad_best_of_is_a_400(http, server, kw, message):
 # --- chat template ----------------------------------------------------------------------------
 
 
-def test_continue_final_message_continues_the_assistant_turn(client, server):
+def test_continue_final_message_continues_the_assistant_turn(client, server, http):
+    """As upstream: the final assistant text follows the generation prompt, as tokens; the
+    greedy reply is the one /generate gives for exactly those tokens."""
     tokenizer = AutoTokenizer.from_pretrained(server.model_path)
-    messages = MESSAGES + [{"role": "assistant", "content": "Red, green and"}]
-    res = client.chat.completions.create(model="default", messages=messages, max_tokens=1,
+    prefix = "Red, green and"
+    messages = MESSAGES + [{"role": "assistant", "content": prefix}]
+    res = client.chat.completions.create(model="default", messages=messages, max_tokens=4,
+                                         temperature=0,
                                          extra_body={"continue_final_message": True})
-    want = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-    assert want.endswith("Red, green and")
+    want = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(want, add_special_tokens=False) + tokenizer.encode(prefix)
+    assert res.usage.prompt_tokens == len(ids)
+    native = _post(http, server, "/generate", {
+        "input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}, 200)
+    assert res.choices[0].message.content == native["text"]
+
+
+def test_a_final_assistant_message_is_sent_as_the_user_s(client, server):
+    """Without continue_final_message, upstream turns a final assistant message into a user
+    message, so the model always answers a user turn."""
+    tokenizer = AutoTokenizer.from_pretrained(server.model_path)
+    messages = MESSAGES + [{"role": "assistant", "content": "Blue?"}]
+    res = client.chat.completions.create(model="default", messages=messages, max_tokens=1)
+    want = tokenizer.apply_chat_template(MESSAGES + [{"role": "user", "content": "Blue?"}],
+                                         tokenize=False, add_generation_prompt=True)
     assert res.usage.prompt_tokens == len(tokenizer.encode(want, add_special_tokens=False))
 
 

@@ -23,6 +23,12 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "c
                          "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
 REGEX = r"(yes|no)-[0-9]{2}"
 EBNF = 'root ::= "x" ("a" | "b") ("a" | "b") "!"'
+# xgrammar's structural tag: a tag whose content is a regex; and upstream's legacy form.
+TAG = {"type": "structural_tag", "format": {
+    "type": "tag", "begin": "<f>", "content": {"type": "regex", "pattern": REGEX},
+    "end": "</f>"}}
+LEGACY_TAG = {"type": "structural_tag", "triggers": ["<f>"], "at_least_one": True,
+              "structures": [{"begin": "<f>", "schema": SCHEMA, "end": "</f>"}]}
 SAMPLED = {"temperature": 1.0, "max_new_tokens": 48}
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [300, 301, 302, 303, 304, 305]]
 
@@ -49,6 +55,8 @@ CONSTRAINTS = {
     "json_schema": (json.dumps(SCHEMA), lambda t: jsonschema.validate(json.loads(t), SCHEMA)),
     "regex": (REGEX, lambda t: re.fullmatch(REGEX, t) or pytest.fail(t)),
     "ebnf": (EBNF, lambda t: re.fullmatch(r"x[ab]{2}!", t) or pytest.fail(t)),
+    "structural_tag": (json.dumps(TAG),
+                       lambda t: re.fullmatch(f"<f>{REGEX}</f>", t) or pytest.fail(t)),
 }
 
 
@@ -86,6 +94,8 @@ def test_unconstrained_neighbours_and_schedules_are_unchanged(path, runner):
     ({"regex": "("}, "Invalid regex: Regex parsing error"),
     ({"json_schema": "{not json"}, "Invalid json_schema: "),
     ({"ebnf": "root ::= undefined_rule"}, "Invalid ebnf: "),
+    ({"structural_tag": '{"structures": 3}'}, "Invalid structural_tag: "),
+    ({"structural_tag": '{"format": {"type": "nope"}}'}, "Invalid structural_tag: "),
 ])
 def test_an_invalid_grammar_refuses_only_its_request(runner, params, message):
     bad = runner.submit([5, 6], {**SAMPLED, **params})
@@ -127,6 +137,17 @@ def test_openai_regex_and_ebnf_extras(client):
         model="default", messages=[{"role": "user", "content": "x"}], max_tokens=20,
         extra_body={"ebnf": EBNF})
     assert re.fullmatch(r"x[ab]{2}!", res.choices[0].message.content)
+
+
+def test_openai_structural_tag_response_format(client):
+    """Both of upstream's forms; the legacy one with at_least_one starts with its tag."""
+    res = client.completions.create(model="default", prompt="Call:", max_tokens=20, n=2,
+                                    temperature=1.0, extra_body={"response_format": TAG})
+    assert all(re.fullmatch(f"<f>{REGEX}</f>", c.text) for c in res.choices), res.choices
+    res = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Call f."}], max_tokens=8,
+        temperature=1.0, response_format=LEGACY_TAG)
+    assert res.choices[0].message.content.startswith("<f>{")
 
 
 def test_generate_json_schema_streams_valid_json(http, server):

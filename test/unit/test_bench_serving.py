@@ -714,6 +714,24 @@ def test_payloads_follow_upstream():
     assert bs.build_sglang_payload(inp)["top_logprobs_num"] == 3
 
 
+def test_json_schema_goes_where_each_api_reads_it(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema, indent=2))
+    args = bs.parse_args(["--json-schema", f"@{path}"])
+    opts = bs.request_options_from_args(args)
+    assert json.loads(opts.json_schema) == schema
+    assert bs.request_options_from_args(bs.parse_args([])).json_schema is None
+    inp = bs.RequestFuncInput(prompt="hi", api_url="u", prompt_len=1, output_len=4, model="m",
+                              options=opts)
+    assert bs.build_sglang_payload(inp)["sampling_params"] == {
+        "temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True,
+        "json_schema": opts.json_schema}
+    want = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+    assert bs.build_openai_completions_payload(inp)["response_format"] == want
+    assert bs.build_openai_chat_payload(inp)["response_format"] == want
+
+
 def test_args_helpers():
     args = bs.get_default_args(num_prompts=3)
     assert (args.backend, args.num_prompts, args.seed, args.warmup_requests) == ("sglab", 3, 1, 1)

@@ -80,6 +80,8 @@ class ServerArgs:
     # Structured outputs (sglab.srt.constrained): the backend, and JSON without free whitespace.
     grammar_backend: str = "xgrammar"
     constrained_json_disable_any_whitespace: bool = False
+    # Requests may carry a serialized CustomLogitProcessor: code the server runs (off: a 400).
+    enable_custom_logit_processor: bool = False
     # HiSparse (sglab.srt.mem_cache.sparsity.config): the KV tier on the host, sparse decode.
     enable_hisparse: bool = False
     hisparse_config: str | None = None
@@ -526,6 +528,11 @@ class ServerArgs:
                "request with a message.")
         a("--constrained-json-disable-any-whitespace", action="store_true",
           help="Constrained JSON output without free whitespace (compact separators).")
+        a("--enable-custom-logit-processor", action="store_true",
+          help="Enable users to pass custom logit processors to the server (disabled by "
+               "default for security): a processor is serialized Python code, which the "
+               "scheduler deserializes and runs. Only for servers whose every client is "
+               "trusted.")
         a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness,
           help="How conservative the schedule policy is (upstream's flag; accepted for "
                "compatibility, sglab's scheduler does not use it).")

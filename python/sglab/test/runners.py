@@ -13,6 +13,7 @@ import torch
 
 from sglab.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
 from sglab.srt.managers.scheduler import Scheduler
+from sglab.srt.managers.scheduler_output_processor_mixin import LOGPROB_FIELDS
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import ServerArgs
 
@@ -51,14 +52,17 @@ class SchedulerRunner:
     def submit(self, input_ids: list[int], sampling_params: dict | None = None,
                return_logprob: bool = False, logprob_start_len: int = -1,
                top_logprobs_num: int = 0, rid: str | None = None,
-               lora_path: str | None = None, stream: bool = False) -> str:
+               lora_path: str | None = None, stream: bool = False,
+               token_ids_logprob: list[int] | None = None,
+               custom_logit_processor: str | None = None) -> str:
         params = SamplingParams.from_dict(sampling_params)
         params.normalize(self.tokenizer)
         rid = rid or f"r{next(self._rids)}"
         self.scheduler.handle_generate_request(TokenizedGenerateReqInput(
             rid=rid, input_text=None, input_ids=list(input_ids), sampling_params=params,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num, lora_path=lora_path, stream=stream))
+            top_logprobs_num=top_logprobs_num, lora_path=lora_path, stream=stream,
+            token_ids_logprob=token_ids_logprob, custom_logit_processor=custom_logit_processor))
         return rid
 
     def abort(self, rid: str) -> None:
@@ -98,10 +102,7 @@ class SchedulerRunner:
                 r.completion_tokens = out.completion_tokens[i]
                 r.cached_tokens = out.cached_tokens[i]
                 r.total_retractions = out.total_retractions[i]
-                for name in ("input_token_logprobs_val", "input_token_logprobs_idx",
-                             "input_top_logprobs_val", "input_top_logprobs_idx",
-                             "output_token_logprobs_val", "output_token_logprobs_idx",
-                             "output_top_logprobs_val", "output_top_logprobs_idx"):
+                for name in LOGPROB_FIELDS:
                     value = getattr(out, name)[i]
                     if value is not None:
                         r.logprobs.setdefault(name, []).extend(value)

@@ -10,6 +10,7 @@ a request needing them is refused with a message saying so) and `none`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from sglab.srt.utils.h2d import h2d
 logger = logging.getLogger(__name__)
 
 GRAMMAR_BACKEND_CHOICES = ("xgrammar", "outlines", "llguidance", "none")
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 _BITS = 32
 
 
@@ -88,12 +89,29 @@ class GrammarBackend:
                                                          any_whitespace=self.any_whitespace)
             if kind == "regex":
                 return self.compiler.compile_regex(spec)
+            if kind == "structural_tag":
+                return self.compiler.compile_structural_tag(*_structural_tag_args(spec))
             return self.compiler.compile_grammar(spec)
         except Exception as e:  # noqa: BLE001 - the client's grammar is at fault
             raise ValueError(f"Invalid {kind}: {_clean(e)}") from None
 
     def new_grammar(self, compiled: Any) -> Grammar:
         return Grammar(self.xgr.GrammarMatcher(compiled))
+
+
+def _structural_tag_args(spec: str) -> tuple:
+    """xgrammar's arguments for a structural tag: its JSON (`{"format": ...}`), or upstream's
+    legacy form `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`."""
+    import xgrammar as xgr
+
+    tag = json.loads(spec)
+    if not isinstance(tag, dict) or "structures" not in tag:
+        return (spec,)
+    items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema") or {}),
+                                   end=s["end"]) for s in tag["structures"]]
+    new_tag = xgr.StructuralTag.from_legacy_structural_tag(items, tag["triggers"])
+    new_tag.format.at_least_one = bool(tag.get("at_least_one", False))
+    return (new_tag,)
 
 
 def _clean(error: Exception) -> str:

@@ -409,6 +409,8 @@ class Engine:
         lora_path: str | list[str | None] | None = None,
         rid: str | list[str] | None = None,
         return_text_in_logprobs: bool = False,
+        token_ids_logprob: list[int] | list[list[int]] | None = None,
+        custom_logit_processor: str | list[str | None] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """One request (a dict back) or a batch (a list back); stream=True gives an iterator.
         The arguments are GenerateReqInput's fields (`prompt` is its `text`), as upstream's."""
@@ -429,6 +431,8 @@ class Engine:
         lora_path: str | list[str | None] | None = None,
         rid: str | list[str] | None = None,
         return_text_in_logprobs: bool = False,
+        token_ids_logprob: list[int] | list[list[int]] | None = None,
+        custom_logit_processor: str | list[str | None] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """generate() on the caller's event loop: a dict, a list, or (stream=True) an async
         iterator."""
@@ -488,6 +492,17 @@ class Engine:
             coro.close()
             raise RuntimeError("The engine is shut down.")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def score(self, query: Any = None, items: Any = None,
+              label_token_ids: list[int] | None = None, apply_softmax: bool = False,
+              item_first: bool = False) -> list[list[float]]:
+        """Upstream's Engine.score: per item, the label tokens' probabilities after
+        query + item (as /v1/score)."""
+        from sglab.srt.entrypoints.openai.serving_score import score_request
+
+        scores, _ = self._run(score_request(self.tokenizer_manager, query, items,
+                                            label_token_ids, apply_softmax, item_first))
+        return scores
 
     # --- control -----------------------------------------------------------------------------
 

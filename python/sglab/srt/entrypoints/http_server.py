@@ -34,6 +34,8 @@ from sglab.srt.entrypoints.openai.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ResponsesRequest,
+    ScoringRequest,
 )
 from sglab.srt.entrypoints.openai.serving_base import (
     SSE_DONE,
@@ -53,6 +55,8 @@ from sglab.srt.entrypoints.openai.serving_base import (
 )
 from sglab.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglab.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from sglab.srt.entrypoints.openai.serving_responses import OpenAIServingResponses
+from sglab.srt.entrypoints.openai.serving_score import OpenAIServingScore
 from sglab.srt.managers.io_struct import (
     GenerateReqInput,
     LoadLoRAAdapterReqInput,
@@ -111,6 +115,8 @@ class _GlobalState:
     scheduler_info: dict
     serving_completion: OpenAIServingCompletion
     serving_chat: OpenAIServingChat
+    serving_score: OpenAIServingScore
+    serving_responses: OpenAIServingResponses
     uvicorn_server: uvicorn.Server | None = None
     exit_code: int = 0
 
@@ -499,6 +505,26 @@ async def openai_v1_chat_completions(request: ChatCompletionRequest,
     return await _global_state.serving_chat.handle_request(request, raw_request)
 
 
+@app.post("/v1/score")
+async def v1_score_request(request: ScoringRequest, raw_request: Request) -> Response:
+    return await _global_state.serving_score.handle_request(request, raw_request)
+
+
+@app.post("/v1/responses")
+async def v1_responses_request(request: ResponsesRequest, raw_request: Request) -> Response:
+    return await _global_state.serving_responses.create_responses(request, raw_request)
+
+
+@app.get("/v1/responses/{response_id}")
+async def v1_retrieve_responses(response_id: str) -> Response:
+    return await _global_state.serving_responses.retrieve_responses(response_id)
+
+
+@app.post("/v1/responses/{response_id}/cancel")
+async def v1_cancel_responses(response_id: str) -> Response:
+    return await _global_state.serving_responses.cancel_responses(response_id)
+
+
 @app.get("/v1/models")
 async def available_models() -> Response:
     cards = [_model_card()] + [_lora_card(name) for name in _tm().loaded_lora_adapters]
@@ -616,7 +642,9 @@ def launch_server(server_args: ServerArgs) -> None:
     children = tokenizer_manager.child_processes
     state = _GlobalState(tokenizer_manager, server_args, scheduler_info,
                          OpenAIServingCompletion(tokenizer_manager),
-                         OpenAIServingChat(tokenizer_manager))
+                         OpenAIServingChat(tokenizer_manager),
+                         OpenAIServingScore(tokenizer_manager),
+                         OpenAIServingResponses(tokenizer_manager))
     set_global_state(state)
     if server_args.api_key:
         add_api_key_middleware(app, server_args.api_key, server_args.api_key_protect_metrics)

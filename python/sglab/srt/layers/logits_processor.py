@@ -10,6 +10,7 @@ from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.debug.sync_audit import audit_region
+from sglab.srt.layers.sampler import gather_token_ids_logprobs
 from sglab.srt.utils.h2d import h2d, list_to_device
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ class LogitsProcessorOutput:
     input_token_logprobs: torch.Tensor | None = None  # [num_logprob_tokens]
     input_top_logprobs_val: torch.Tensor | None = None  # [num_logprob_tokens, max_k]
     input_top_logprobs_idx: torch.Tensor | None = None
+    # token_ids_logprob: per request asking, per logprob position, its ids' logprobs (flat).
+    input_token_ids_logprobs_val: torch.Tensor | None = None
 
 
 class LogitsProcessor(nn.Module):
@@ -94,6 +97,9 @@ class LogitsProcessor(nn.Module):
         max_k = max(fb.top_logprobs_nums or [0])
         if max_k > 0:
             out.input_top_logprobs_val, out.input_top_logprobs_idx = logprobs.topk(max_k, dim=-1)
+        if fb.token_ids_logprobs is not None:
+            groups = list(zip(_prefix_sums(pruned_lens), pruned_lens, fb.token_ids_logprobs))
+            out.input_token_ids_logprobs_val = gather_token_ids_logprobs(logprobs, groups)
         return out
 
 

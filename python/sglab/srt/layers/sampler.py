@@ -7,13 +7,14 @@ Non-greedy draws use noise hashed from (seed, position, token id): reproducible 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sglab.srt.sampling.sampling_params import TOP_K_ALL
+from sglab.srt.utils.h2d import h2d
 
 if TYPE_CHECKING:
     from sglab.srt.constrained.grammar_backend import VocabMask
@@ -34,6 +35,8 @@ class SamplingBatchInfo:
     penalizer_orchestrator: "BatchedPenalizerOrchestrator | None" = None
     # This step's grammar bitmask (already on the device), or None: no request has a grammar.
     vocab_mask: "VocabMask | None" = None
+    # Per row, (key, CustomLogitProcessor, custom_params) or None; None: no row has one.
+    custom_logit_processors: list | None = None
 
     @classmethod
     def from_params(cls, params: list, seeds: list[int],
@@ -74,11 +77,16 @@ class SampleOutput:
     next_token_logprobs: torch.Tensor | None = None  # [bs] fp32
     top_logprobs_val: torch.Tensor | None = None  # [bs, max_k]
     top_logprobs_idx: torch.Tensor | None = None
+    # token_ids_logprob: each row's requested ids' logprobs, flattened in row order.
+    token_ids_logprobs_val: torch.Tensor | None = None
+    # Host: the rows whose custom logit processor failed this step, with why.
+    custom_logit_processor_errors: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo, positions: torch.Tensor,
-                return_logprob: bool = False, top_logprobs_num: int = 0) -> SampleOutput:
+                return_logprob: bool = False, top_logprobs_num: int = 0,
+                token_ids_logprobs: list[list[int] | None] | None = None) -> SampleOutput:
         if info.is_all_greedy:
             next_ids = logits.argmax(dim=-1)
         else:
@@ -93,7 +101,24 @@ class Sampler(nn.Module):
             out.next_token_logprobs = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
             if top_logprobs_num > 0:
                 out.top_logprobs_val, out.top_logprobs_idx = logprobs.topk(top_logprobs_num, -1)
+            if token_ids_logprobs is not None:
+                groups = [(i, 1, ids) for i, ids in enumerate(token_ids_logprobs)]
+                out.token_ids_logprobs_val = gather_token_ids_logprobs(logprobs, groups)
         return out
+
+
+def gather_token_ids_logprobs(logprobs: torch.Tensor,
+                              groups: list[tuple[int, int, list[int] | None]]) -> torch.Tensor:
+    """logprobs[row, id] for each (first row, number of rows, ids) group: for each of its rows,
+    each of its ids, flattened in that order (one gather; the indices go up pinned)."""
+    rows, cols = [], []
+    for start, num_rows, ids in groups:
+        for row in range(start, start + num_rows):
+            rows.extend([row] * len(ids or ()))
+            cols.extend(ids or ())
+    device = logprobs.device
+    return logprobs[h2d(rows, torch.int64, device, pin=True),
+                    h2d(cols, torch.int64, device, pin=True)]
 
 
 def _filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

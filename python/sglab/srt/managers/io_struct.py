@@ -48,8 +48,7 @@ class GenerateReqInput:
             raise ValueError("Exactly one of text, input_ids or input_embeds must be given.")
         if self.input_embeds is not None:
             raise ValueError("input_embeds is not supported by sglab.")
-        for name in ("image_data", "session_params", "custom_logit_processor",
-                     "token_ids_logprob"):
+        for name in ("image_data", "session_params"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is not supported by sglab.")
         if self.text is not None:
@@ -74,6 +73,10 @@ class GenerateReqInput:
         self.logprob_start_len = _expand(self.logprob_start_len, n, "logprob_start_len", int, -1)
         self.top_logprobs_num = _expand(self.top_logprobs_num, n, "top_logprobs_num", int, 0)
         self.lora_path = _expand(self.lora_path, n, "lora_path", str, None)
+        self.token_ids_logprob = _expand_token_ids_logprob(
+            self.token_ids_logprob, n, self.parallel_sample_num)
+        self.custom_logit_processor = _expand_custom_logit_processor(
+            self.custom_logit_processor, n, self.parallel_sample_num)
 
     @property
     def answers_as_batch(self) -> bool:
@@ -93,6 +96,8 @@ class GenerateReqInput:
             "logprob_start_len": self.logprob_start_len[i],
             "top_logprobs_num": self.top_logprobs_num[i],
             "lora_path": self.lora_path[i],
+            "token_ids_logprob": self.token_ids_logprob[i],
+            "custom_logit_processor": self.custom_logit_processor[i],
         }
 
 
@@ -113,6 +118,37 @@ def _parallel_sample_num(sampling_params: list[dict]) -> int:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _expand_token_ids_logprob(value: Any, n: int, parallel_sample_num: int) -> list:
+    """Per prompt, the token ids to report logprobs of (upstream's shapes: one id, one list for
+    every prompt, or one list per prompt)."""
+    if value is None or value == []:
+        return [None] * n
+    if _is_int(value):
+        return [[value] for _ in range(n)]
+    if not isinstance(value, list):
+        raise ValueError("token_ids_logprob must be a token id, a list of token ids or a list "
+                         f"of such lists, got {_type_name(value)}.")
+    if not isinstance(value[0], list):
+        return [list(value) for _ in range(n)]
+    if parallel_sample_num > 1:  # upstream's wording
+        raise ValueError("Cannot use list token_ids_logprob with parallel_sample_num > 1")
+    if len(value) != n:
+        raise ValueError(f"token_ids_logprob has {len(value)} lists for a batch of {n}.")
+    return [ids or None for ids in value]
+
+
+def _expand_custom_logit_processor(value: Any, n: int, parallel_sample_num: int) -> list:
+    if value is None:
+        return [None] * n
+    if not isinstance(value, list):
+        return [value] * n
+    if parallel_sample_num > 1:  # upstream's wording
+        raise ValueError("Cannot use list custom_logit_processor with parallel_sample_num > 1")
+    if len(value) != n:
+        raise ValueError(f"custom_logit_processor has {len(value)} entries for a batch of {n}.")
+    return list(value)
 
 
 def invalid_unicode_path(obj: Any) -> str | None:
@@ -206,6 +242,10 @@ class TokenizedGenerateReqInput:
     top_logprobs_num: int = 0
     stream: bool = False
     lora_path: str | None = None
+    # Token ids whose logprobs are reported at every logprob position (return_logprob).
+    token_ids_logprob: list[int] | None = None
+    # A serialized CustomLogitProcessor (its `to_str()`), run on this request's logits.
+    custom_logit_processor: str | None = None
 
 
 @dataclass
@@ -234,6 +274,10 @@ class BatchTokenIDOutput:
     output_token_logprobs_idx: list[list[int] | None] = field(default_factory=list)
     output_top_logprobs_val: list[list[list[float]] | None] = field(default_factory=list)
     output_top_logprobs_idx: list[list[list[int]] | None] = field(default_factory=list)
+    input_token_ids_logprobs_val: list[list[list[float]] | None] = field(default_factory=list)
+    input_token_ids_logprobs_idx: list[list[list[int]] | None] = field(default_factory=list)
+    output_token_ids_logprobs_val: list[list[list[float]] | None] = field(default_factory=list)
+    output_token_ids_logprobs_idx: list[list[list[int]] | None] = field(default_factory=list)
     total_retractions: list[int] = field(default_factory=list)
 
 

@@ -19,9 +19,12 @@ from sglab.srt.sampling.sampling_params import SamplingParams
 _BOOL_SAMPLING_PARAMS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
                          "no_stop_trim")
 # SamplingParams fields that nothing downstream reads: refused rather than ignored (the
-# scheduler streams at the server's --stream-interval; sglab has no custom logit processors).
-_IGNORED_SAMPLING_PARAMS = ("stream_interval", "custom_params")
+# scheduler streams at the server's --stream-interval).
+_IGNORED_SAMPLING_PARAMS = ("stream_interval",)
 LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+CUSTOM_LOGIT_PROCESSOR_DISABLED = (  # upstream's wording
+    "The server is not configured to enable custom logit processor. Please set "
+    "`--enable-custom-logit-processor` to enable this feature.")
 
 
 class InvalidRequestError(ValueError):
@@ -44,6 +47,7 @@ class RequestValidator:
         if req.return_logprob:
             self.check_logprob_args(req.logprob_start_len, req.top_logprobs_num,
                                     len(req.input_ids))
+        self.check_token_ids_logprob(req.token_ids_logprob)
         self.check_lora(req.lora_path, loaded_adapters)
 
     def check_input_ids(self, input_ids: list[int]) -> None:
@@ -77,6 +81,8 @@ class RequestValidator:
         for name in _IGNORED_SAMPLING_PARAMS:
             if getattr(params, name) not in (None, {}):
                 raise InvalidRequestError(f"{name} is not supported by sglab (per request).")
+        if params.custom_params is not None and not isinstance(params.custom_params, dict):
+            raise InvalidRequestError("custom_params must be an object.")
 
     def check_logprob_args(self, logprob_start_len: int, top_logprobs_num: int,
                            prompt_len: int) -> None:
@@ -90,6 +96,13 @@ class RequestValidator:
             raise InvalidRequestError(
                 f"top_logprobs_num must be an integer in [0, {self.vocab_size}], got {top!r}.")
 
+    def check_token_ids_logprob(self, token_ids: list[int] | None) -> None:
+        if token_ids is None:
+            return
+        if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
+            raise InvalidRequestError("token_ids_logprob must be a list of token ids (integers).")
+        check_vocab_ids(token_ids, self.vocab_size)
+
     def check_lora(self, lora_name: str | None, loaded_adapters: Collection[str]) -> None:
         """`lora_name` is None (the base model) or the name of a loaded adapter."""
         if lora_name is None:
@@ -100,6 +113,14 @@ class RequestValidator:
             loaded = ", ".join(sorted(loaded_adapters)) or "none"
             raise InvalidRequestError(f"The requested LoRA adapter {lora_name!r} is not loaded. "
                                       f"Loaded adapters: {loaded}.")
+
+
+def check_vocab_ids(token_ids: list[int], vocab_size: int) -> None:
+    """Every id in [0, vocab_size), with upstream's wording (its /v1/score check)."""
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"Token ID {token_id} is out of vocabulary (vocab size: {vocab_size})")
 
 
 def _is_int(x: object) -> bool:

@@ -56,7 +56,8 @@ class Req:
     def __init__(self, rid: str, origin_input_text: str | None, origin_input_ids: list[int],
                  sampling_params: SamplingParams, seed: int, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
-                 eos_token_ids: set[int] | None = None, lora_id: str | None = None):
+                 eos_token_ids: set[int] | None = None, lora_id: str | None = None,
+                 token_ids_logprob: list[int] | None = None):
         self.rid = rid
         self.origin_input_text = origin_input_text
         self.origin_input_ids = origin_input_ids
@@ -82,6 +83,9 @@ class Req:
         self.is_chunked = 0
         self.cached_tokens = 0
         self.total_retractions = 0
+        # perf_counter() times: queued (upstream's timeouts; 0: not yet), first scheduled.
+        self.wait_queue_entry_time = 0.0
+        self.forward_entry_time = 0.0
         # Hybrid models: the state slots (device tensors, as upstream) and prefix-cache tracking
         # (the next ping-pong track slot, the length of its last snapshot).
         self.mamba_pool_idx: torch.Tensor | None = None
@@ -106,12 +110,28 @@ class Req:
         self.output_token_logprobs_idx: list[int] = []
         self.output_top_logprobs_val: list[list[float]] = []
         self.output_top_logprobs_idx: list[list[int]] = []
+        # token_ids_logprob: per logprob position, the logprobs of these ids.
+        self.token_ids_logprob = token_ids_logprob if return_logprob else None
+        self.input_token_ids_logprobs_val: list[list[float] | None] = []
+        self.input_token_ids_logprobs_idx: list[list[int] | None] = []
+        self.output_token_ids_logprobs_val: list[list[float]] = []
+        self.output_token_ids_logprobs_idx: list[list[int]] = []
+        # A CustomLogitProcessor (set_custom_logit_processor), the string it came from, and
+        # its custom_params, which carry the request under "__req__" as upstream's do.
+        self.custom_logit_processor: Any = None
+        self.custom_logit_processor_key: str | None = None
+        self.custom_params: dict | None = None
         # How much was already sent to the detokenizer: of output_ids, of each logprob list.
         self.send_token_offset = 0
         self.send_offsets: dict[str, int] = {}
         # Structured outputs: the grammar's compilation while waiting, then its matcher.
         self.grammar_future: Future | None = None
         self.grammar: Grammar | None = None
+
+    def set_custom_logit_processor(self, key: str, processor: Any) -> None:
+        self.custom_logit_processor_key, self.custom_logit_processor = key, processor
+        params = self.sampling_params.custom_params
+        self.custom_params = {**params, "__req__": self} if isinstance(params, dict) else None
 
     # --- lengths ------------------------------------------------------------------------------
 
@@ -218,6 +238,8 @@ class ModelWorkerBatch:
     extend_logprob_start_lens: list[int] | None = None
     extend_logprob_pruned_lens: list[int] | None = None
     extend_input_logprob_token_ids: torch.Tensor | None = None
+    # token_ids_logprob of each request (None: no request asks for any).
+    token_ids_logprobs: list[list[int] | None] | None = None
     req_to_token_writes: tuple[torch.Tensor, torch.Tensor] | None = None
     # Which requests, in which order (ScheduleBatch.composition): while it stays, the worker
     # keeps their device rows, lengths and sampling tensors from one decode step to the next.
@@ -252,12 +274,15 @@ class RequestFacts:
     top_logprobs_nums: list[int]
     lora_ids: list[str | None]
     has_grammar: bool
+    # Per request the ids of token_ids_logprob (None: no request asks for any).
+    token_ids_logprobs: list[list[int] | None] | None
 
     @classmethod
     def of(cls, reqs: list[Req], composition: int) -> "RequestFacts":
         return cls(composition, any(r.return_logprob for r in reqs),
                    [r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
-                   [r.lora_id for r in reqs], any(r.grammar is not None for r in reqs))
+                   [r.lora_id for r in reqs], any(r.grammar is not None for r in reqs),
+                   _token_ids_logprobs(reqs))
 
 
 @dataclass
@@ -539,6 +564,7 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
         if self.sampling_composition != self.composition or self.sampling_info is None:
             self.sampling_info = SamplingBatchInfo.from_params(
                 [r.sampling_params for r in self.reqs], [r.seed for r in self.reqs])
+            self.sampling_info.custom_logit_processors = _custom_logit_processors(self.reqs)
             self.sampling_composition = self.composition
         vocab_mask = None
         if self.request_facts().has_grammar:  # changes every step: never cached
@@ -597,6 +623,7 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             sampling_info=self._sampling_batch_info(),
             return_logprob=facts.return_logprob,
             top_logprobs_nums=facts.top_logprobs_nums,
+            token_ids_logprobs=facts.token_ids_logprobs,
             req_to_token_writes=self.req_to_token_pool.flatten_writes(self.step_row_writes),
             composition=self.composition,
             lora_ids=facts.lora_ids,
@@ -612,6 +639,18 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             mwb.extend_logprob_pruned_lens = self.extend_logprob_pruned_lens
             mwb.extend_input_logprob_token_ids = self.extend_input_logprob_token_ids
         return mwb
+
+
+def _token_ids_logprobs(reqs: list[Req]) -> list[list[int] | None] | None:
+    ids = [r.token_ids_logprob for r in reqs]
+    return ids if any(x is not None for x in ids) else None
+
+
+def _custom_logit_processors(reqs: list[Req]) -> list | None:
+    rows = [None if r.custom_logit_processor is None else
+            (r.custom_logit_processor_key, r.custom_logit_processor, r.custom_params)
+            for r in reqs]
+    return rows if any(row is not None for row in rows) else None
 
 
 def _decode_need(reqs: list[Req], page: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import random
 import signal
 import time
@@ -30,7 +31,11 @@ from sglab.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     UnloadLoRAAdapterReqInput,
 )
-from sglab.srt.managers.request_validator import InvalidRequestError, RequestValidator
+from sglab.srt.managers.request_validator import (
+    CUSTOM_LOGIT_PROCESSOR_DISABLED,
+    InvalidRequestError,
+    RequestValidator,
+)
 from sglab.srt.managers.schedule_batch import Req, ScheduleBatch, finish_abort
 from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglab.srt.managers.scheduler_dp_attention_mixin import SchedulerDPAttentionMixin
@@ -44,6 +49,7 @@ from sglab.srt.managers.scheduler_profiler_mixin import SchedulerProfilerMixin
 from sglab.srt.managers.scheduler_runtime_checker_mixin import SchedulerRuntimeCheckerMixin
 from sglab.srt.managers.tp_worker import GenerationBatchResult, TpModelWorker
 from sglab.srt.mem_cache.radix_cache import create_prefix_cache
+from sglab.srt.sampling.custom_logit_processor import load_processor
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.srt.server_args import PortArgs, ServerArgs, configure_logging
 
@@ -51,6 +57,11 @@ logger = logging.getLogger(__name__)
 
 DETERMINISTIC_DEFAULT_SEED = 42
 DP_IDLE_POLL_MS = 5
+# Upstream's timeouts, in seconds (<= 0: off), and the millisecond names they replaced.
+REQ_WAITING_TIMEOUT_ENV = "SGLANG_REQ_WAITING_TIMEOUT"
+REQ_RUNNING_TIMEOUT_ENV = "SGLANG_REQ_RUNNING_TIMEOUT"
+_DEPRECATED_MS_ENVS = {REQ_WAITING_TIMEOUT_ENV: "SGLANG_QUEUED_TIMEOUT_MS",
+                       REQ_RUNNING_TIMEOUT_ENV: "SGLANG_FORWARD_TIMEOUT_MS"}
 _DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
                        if hasattr(torch, name))
 
@@ -96,6 +107,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.eos_token_ids = self._eos_token_ids()
         self.init_grammar_backend()
         self.seed_rng = random.Random(server_args.random_seed)
+        self.req_waiting_timeout_s = env_timeout_s(REQ_WAITING_TIMEOUT_ENV)
+        self.req_running_timeout_s = env_timeout_s(REQ_RUNNING_TIMEOUT_ENV)
         self.waiting_queue: list[Req] = []
         self.running_batch: ScheduleBatch = self._new_batch([])
         self.chunked_req: Req | None = None
@@ -329,6 +342,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             return req
         if params.max_new_tokens is None:
             params.max_new_tokens = self.context_len - len(req.origin_input_ids)
+        req.wait_queue_entry_time = time.perf_counter()
         self.waiting_queue.append(req)
         return req
 
@@ -340,10 +354,19 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             # on its arrival order; otherwise one draw per request from --random-seed.
             seed = DETERMINISTIC_DEFAULT_SEED if self.server_args.enable_deterministic_inference \
                 else self.seed_rng.randrange(1 << 30)
-        return Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
-                   recv_req.return_logprob, recv_req.logprob_start_len,
-                   recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids,
-                   self._lora_id(recv_req.lora_path))
+        req = Req(recv_req.rid, recv_req.input_text, list(recv_req.input_ids), params, seed,
+                  recv_req.return_logprob, recv_req.logprob_start_len,
+                  recv_req.top_logprobs_num, recv_req.stream, self.eos_token_ids,
+                  self._lora_id(recv_req.lora_path), recv_req.token_ids_logprob)
+        processor = recv_req.custom_logit_processor
+        if processor is not None:
+            if not self.server_args.enable_custom_logit_processor:
+                raise InvalidRequestError(CUSTOM_LOGIT_PROCESSOR_DISABLED)
+            try:
+                req.set_custom_logit_processor(processor, load_processor(processor))
+            except ValueError as e:
+                raise InvalidRequestError(str(e)) from None
+        return req
 
     def abort_request(self, recv_req: AbortReq) -> None:
         def match(req: Req) -> bool:
@@ -378,6 +401,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
     # --- batching -----------------------------------------------------------------------------
 
     def get_next_batch_to_run(self) -> ScheduleBatch | None:
+        self._abort_on_waiting_timeout()
+        self._abort_on_running_timeout()
         if self.lora_manager is not None and self.lora_manager.unloading:
             self.lora_manager.release_unloaded(self._lora_ids_in_use())
         last = self.last_batch
@@ -390,6 +415,32 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         if new_batch is not None:
             return new_batch
         return self.running_batch if self.update_running_batch() else None
+
+    def _abort_on_waiting_timeout(self) -> None:
+        """Upstream's SGLANG_REQ_WAITING_TIMEOUT: a request queued for longer ends with a 503
+        (it holds no KV while it waits)."""
+        if self.req_waiting_timeout_s <= 0:
+            return
+        deadline = time.perf_counter() - self.req_waiting_timeout_s
+        expired = [r for r in self.waiting_queue if 0 < r.wait_queue_entry_time < deadline]
+        if not expired:
+            return
+        self.waiting_queue = [r for r in self.waiting_queue if r not in expired]
+        for req in expired:
+            req.finished_reason = finish_abort("Request waiting timeout reached.",
+                                               status_code=503)
+        self.stream_output(expired)
+
+    def _abort_on_running_timeout(self) -> None:
+        """Upstream's SGLANG_REQ_RUNNING_TIMEOUT: a request running for longer ends with a 503
+        at its next token, which frees its KV."""
+        if self.req_running_timeout_s <= 0:
+            return
+        deadline = time.perf_counter() - self.req_running_timeout_s
+        for req in self.running_batch.reqs:
+            if not req.finished() and 0 < req.forward_entry_time < deadline:
+                req.to_finish = finish_abort("Request running timeout reached.",
+                                             status_code=503)
 
     def _merge_prefill(self, batch: ScheduleBatch) -> None:
         """After a prefill step: cache the chunked request's progress; the batch's other
@@ -436,9 +487,12 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             return None
         chosen = set(map(id, adder.can_run_list))
         self.waiting_queue = [r for r in self.waiting_queue if id(r) not in chosen]
+        now = time.perf_counter()
         for req in adder.can_run_list:
             if req.req_pool_idx is None:
                 req.cached_tokens += len(req.prefix_indices)
+            if req.forward_entry_time == 0:
+                req.forward_entry_time = now
         batch = self._new_batch(adder.can_run_list)
         batch.chunked_req = self.chunked_req
         return batch if self._prepare(batch, extend=True) else None
@@ -671,6 +725,20 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         return {"weight": weight / (1 << 30),
                 "kvcache": runner.token_to_kv_pool.get_kv_size_bytes() / (1 << 30),
                 "token_capacity": self.max_total_num_tokens, "graph": 0}
+
+
+def env_timeout_s(name: str) -> float:
+    """A timeout from the environment in seconds (its deprecated name in ms); -1: off."""
+    value = os.environ.get(name)
+    scale = 1.0
+    if value is None and _DEPRECATED_MS_ENVS[name] in os.environ:
+        value, scale = os.environ[_DEPRECATED_MS_ENVS[name]], 1e-3
+    if value is None or not value.strip():
+        return -1.0
+    try:
+        return float(value) * scale
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}.") from None
 
 
 def _drop_finishing(batch: ScheduleBatch) -> None:

@@ -21,24 +21,29 @@ logger = logging.getLogger(__name__)
 # What a message sends up to, per request: len(output_ids), and each logprob list's length
 # (None: the request returns no logprobs).
 _Sent = tuple[int, "tuple[int, ...] | None"]
-_LOGPROB_FIELDS = (
+LOGPROB_FIELDS = (
     "input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
     "input_top_logprobs_idx", "output_token_logprobs_val", "output_token_logprobs_idx",
-    "output_top_logprobs_val", "output_top_logprobs_idx",
+    "output_top_logprobs_val", "output_top_logprobs_idx", "input_token_ids_logprobs_val",
+    "input_token_ids_logprobs_idx", "output_token_ids_logprobs_val",
+    "output_token_ids_logprobs_idx",
 )
 
 
 class SchedulerOutputProcessorMixin:
     def process_batch_result_prefill(self: Scheduler, batch: ScheduleBatch,
                                      result: GenerationBatchResult) -> None:
-        input_lp_offset = 0
+        input_lp_offset = input_ids_offset = 0
+        result.token_ids_offsets = _token_ids_offsets(batch)
         for i, req in enumerate(batch.reqs):
-            offset = input_lp_offset
+            offset, ids_offset = input_lp_offset, input_ids_offset
             input_lp_offset += batch.extend_logprob_pruned_lens[i]
+            input_ids_offset += batch.extend_logprob_pruned_lens[i] * len(req.token_ids_logprob
+                                                                          or ())
             chunked = req is batch.chunked_req
             try:
                 if not req.input_logprobs_done:
-                    self._add_input_logprobs(req, batch, i, result, offset)
+                    self._add_input_logprobs(req, batch, i, result, offset, ids_offset)
                 if not chunked:
                     self._append_first_token(req, result, i)
             except Exception as e:  # noqa: BLE001 - aborts this request only
@@ -63,6 +68,7 @@ class SchedulerOutputProcessorMixin:
 
     def process_batch_result_decode(self: Scheduler, batch: ScheduleBatch,
                                     result: GenerationBatchResult) -> None:
+        result.token_ids_offsets = _token_ids_offsets(batch)
         for i, req in enumerate(batch.reqs):
             if req.finished_reason is not None:
                 self._release_overlap_slot(req, batch.out_cache_loc[i])
@@ -100,6 +106,11 @@ class SchedulerOutputProcessorMixin:
     def _append_token(self: Scheduler, req: Req, result: GenerationBatchResult, i: int) -> None:
         pending = req.num_pending_tokens
         req.num_pending_tokens = pending - 1 if pending > 0 else 0
+        if result.sample_output.custom_logit_processor_errors:
+            error = result.sample_output.custom_logit_processor_errors.get(i)
+            if error is not None:  # the token came from logits the processor never saw
+                req.finished_reason = finish_abort(error, status_code=400)
+                return
         token = result.next_token_ids_cpu[i]
         req.output_ids.append(token)
         if req.grammar is not None and not req.grammar.accept_token(token):
@@ -111,17 +122,31 @@ class SchedulerOutputProcessorMixin:
                 k = req.top_logprobs_num
                 req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
                 req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
+            if req.token_ids_logprob is not None:
+                ids, start = req.token_ids_logprob, result.token_ids_offsets[i]
+                flat = result.token_ids_logprobs_cpu
+                req.output_token_ids_logprobs_val.append(flat[start:start + len(ids)])
+                req.output_token_ids_logprobs_idx.append(list(ids))
         req.check_finished(self.tokenizer, self.context_len)
 
     def _add_input_logprobs(self: Scheduler, req: Req, batch: ScheduleBatch, i: int,
-                            result: GenerationBatchResult, offset: int) -> None:
+                            result: GenerationBatchResult, offset: int, ids_offset: int) -> None:
         prefix_len = batch.prefix_lens[i]
         if prefix_len == 0 and req.logprob_start_len == 0:
             req.input_token_logprobs_val.append(None)
             req.input_token_logprobs_idx.append(req.origin_input_ids[0])
             req.input_top_logprobs_val.append(None)
             req.input_top_logprobs_idx.append(None)
+            if req.token_ids_logprob is not None:
+                req.input_token_ids_logprobs_val.append(None)
+                req.input_token_ids_logprobs_idx.append(None)
         n = batch.extend_logprob_pruned_lens[i]
+        if req.token_ids_logprob is not None and n:
+            ids = list(req.token_ids_logprob)
+            flat = result.input_token_ids_logprobs_cpu[ids_offset:ids_offset + n * len(ids)]
+            for p in range(n):
+                req.input_token_ids_logprobs_val.append(flat[p * len(ids):(p + 1) * len(ids)])
+                req.input_token_ids_logprobs_idx.append(ids)
         lo = prefix_len + batch.extend_logprob_start_lens[i]
         req.input_token_logprobs_val.extend(result.input_token_logprobs_cpu[offset:offset + n]
                                             if n else [])
@@ -176,7 +201,7 @@ class SchedulerOutputProcessorMixin:
             total_retractions=[r.total_retractions for r in reqs])
         logprob_ends = [_logprob_lens(r) if r.return_logprob else None for r in reqs]
         any_logprob = any(logprob_ends)
-        for k, name in enumerate(_LOGPROB_FIELDS):
+        for k, name in enumerate(LOGPROB_FIELDS):
             setattr(out, name, [getattr(r, name)[r.send_offsets.get(name, 0):lens[k]]
                                 if lens is not None else None
                                 for r, lens in zip(reqs, logprob_ends)]
@@ -209,20 +234,32 @@ class SchedulerOutputProcessorMixin:
             self.outputs = []
 
 
+def _token_ids_offsets(batch: ScheduleBatch) -> list[int] | None:
+    """Where each request's token_ids_logprob values start in a step's flat list (one extra
+    entry: the total); None when no request of the batch asks for any."""
+    ids = batch.request_facts().token_ids_logprobs
+    if ids is None:
+        return None
+    offsets = [0]
+    for x in ids:
+        offsets.append(offsets[-1] + len(x or ()))
+    return offsets
+
+
 def internal_error(what: str, error: Exception) -> dict:
     return finish_abort(f"Internal error while {what}: {type(error).__name__}: {error}",
                         status_code=500)
 
 
 def _logprob_lens(req: Req) -> tuple[int, ...]:
-    return tuple(len(getattr(req, name)) for name in _LOGPROB_FIELDS)
+    return tuple(len(getattr(req, name)) for name in LOGPROB_FIELDS)
 
 
 def _mark_sent(reqs: list[Req], sent: list[_Sent]) -> None:
     for req, (num_ids, logprob_lens) in zip(reqs, sent):
         req.send_token_offset = num_ids
         if logprob_lens is not None:
-            req.send_offsets.update(zip(_LOGPROB_FIELDS, logprob_lens))
+            req.send_offsets.update(zip(LOGPROB_FIELDS, logprob_lens))
 
 
 def _empty_token_output() -> BatchTokenIDOutput:
@@ -237,4 +274,4 @@ def _failed_output_row(req: Req, finished_reason: dict) -> BatchTokenIDOutput:
         cached_tokens=[req.cached_tokens], skip_special_tokens=[True],
         spaces_between_special_tokens=[True], no_stop_trim=[False], stop_strs=[[]],
         total_retractions=[req.total_retractions],
-        **{name: [None] for name in _LOGPROB_FIELDS})
+        **{name: [None] for name in LOGPROB_FIELDS})

@@ -41,7 +41,11 @@ from sglab.srt.managers.io_struct import (
     UnloadLoRAAdapterReqInput,
     invalid_unicode_path,
 )
-from sglab.srt.managers.request_validator import LORA_NOT_ENABLED, RequestValidator
+from sglab.srt.managers.request_validator import (
+    CUSTOM_LOGIT_PROCESSOR_DISABLED,
+    LORA_NOT_ENABLED,
+    RequestValidator,
+)
 from sglab.srt.patches import PatchFlags, patch_status
 from sglab.srt.sampling.sampling_params import SamplingParams, choice_seed
 from sglab.srt.server_args import PortArgs, ServerArgs
@@ -57,12 +61,17 @@ INTERNAL_STATE_WAIT_S = 1.0
 PROFILE_DIR_ENV = "SGLANG_TORCH_PROFILER_DIR"
 _MAX_PROFILE_PREFIX_LEN = 128
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-# (meta_info key, BatchTokenIDOutput value field, id field, is a top-k list per position)
+# (meta_info key, BatchTokenIDOutput value field, id field, what it needs): "top" lists need
+# top_logprobs_num > 0 and "ids" lists token_ids_logprob, each one list per position.
 _LOGPROB_KINDS = (
-    ("input_token_logprobs", "input_token_logprobs_val", "input_token_logprobs_idx", False),
-    ("output_token_logprobs", "output_token_logprobs_val", "output_token_logprobs_idx", False),
-    ("input_top_logprobs", "input_top_logprobs_val", "input_top_logprobs_idx", True),
-    ("output_top_logprobs", "output_top_logprobs_val", "output_top_logprobs_idx", True),
+    ("input_token_logprobs", "input_token_logprobs_val", "input_token_logprobs_idx", None),
+    ("output_token_logprobs", "output_token_logprobs_val", "output_token_logprobs_idx", None),
+    ("input_top_logprobs", "input_top_logprobs_val", "input_top_logprobs_idx", "top"),
+    ("output_top_logprobs", "output_top_logprobs_val", "output_top_logprobs_idx", "top"),
+    ("input_token_ids_logprobs", "input_token_ids_logprobs_val", "input_token_ids_logprobs_idx",
+     "ids"),
+    ("output_token_ids_logprobs", "output_token_ids_logprobs_val",
+     "output_token_ids_logprobs_idx", "ids"),
 )
 KV_STAT_KEYS = ("max_total_num_tokens", "available_kv_tokens", "evictable_kv_tokens",
                 "num_running_reqs", "num_waiting_reqs", "last_gen_throughput", "memory_usage")
@@ -91,6 +100,7 @@ class ReqState:
     prompt_tokens: int
     return_logprob: bool
     top_logprobs_num: int
+    token_ids_logprob: list[int] | None
     return_text_in_logprobs: bool
     created_time: float
     log_metrics: bool = True
@@ -318,9 +328,10 @@ class TokenizerManager:
             state.event.set()
 
     def _append_logprobs(self, state: ReqState, tok: BatchTokenIDOutput, i: int) -> None:
-        for key, val_field, idx_field, is_top in _LOGPROB_KINDS:
-            if is_top and state.top_logprobs_num == 0:
+        for key, val_field, idx_field, needs in _LOGPROB_KINDS:
+            if not _wants(state, needs):
                 continue
+            is_top = needs is not None
             vals, idxs = _at(getattr(tok, val_field), i), _at(getattr(tok, idx_field), i)
             if not vals:
                 continue
@@ -405,7 +416,8 @@ class TokenizerManager:
                   obj: GenerateReqInput, log_metrics: bool = True) -> list[ReqState]:
         now = time.time()
         states = [ReqState(req.rid, event, len(req.input_ids), req.return_logprob,
-                           req.top_logprobs_num, bool(obj.return_text_in_logprobs), now,
+                           req.top_logprobs_num, req.token_ids_logprob,
+                           bool(obj.return_text_in_logprobs), now,
                            log_metrics=log_metrics and bool(obj.log_metrics))
                   for req in reqs]
         for state in states:
@@ -489,8 +501,8 @@ class TokenizerManager:
         if state.finished_time is not None:
             meta["e2e_latency"] = state.finished_time - state.created_time
         if state.return_logprob:
-            for key, _, _, is_top in _LOGPROB_KINDS:
-                if not is_top or state.top_logprobs_num > 0:
+            for key, _, _, needs in _LOGPROB_KINDS:
+                if _wants(state, needs):
                     meta[key] = list(state.logprobs.get(key, []))
         out: dict[str, Any] = {}
         if self.tokenizer is not None:
@@ -520,8 +532,12 @@ class TokenizerManager:
             sampling_params=self._parse_sampling_params(params),
             return_logprob=item["return_logprob"], logprob_start_len=item["logprob_start_len"],
             top_logprobs_num=item["top_logprobs_num"], stream=obj.stream,
-            lora_path=item["lora_path"],
+            lora_path=item["lora_path"], token_ids_logprob=item["token_ids_logprob"],
+            custom_logit_processor=item["custom_logit_processor"],
         )
+        if req.custom_logit_processor is not None and \
+                not self.server_args.enable_custom_logit_processor:
+            raise ValueError(CUSTOM_LOGIT_PROCESSOR_DISABLED)
         self.validator.validate(req, self.loaded_lora_adapters)
         self._resolve_max_new_tokens(req.sampling_params, len(input_ids),
                                      "max_new_tokens" in params)
@@ -721,7 +737,8 @@ def prefill_only(req: TokenizedGenerateReqInput) -> TokenizedGenerateReqInput:
     params = copy.copy(req.sampling_params)
     params.max_new_tokens, params.min_new_tokens = 0, 0
     return dataclasses.replace(req, rid=uuid.uuid4().hex, sampling_params=params,
-                               return_logprob=False, top_logprobs_num=0, stream=False)
+                               return_logprob=False, top_logprobs_num=0, stream=False,
+                               token_ids_logprob=None, custom_logit_processor=None)
 
 
 def parallel_samples(reqs: list[TokenizedGenerateReqInput],
@@ -748,6 +765,14 @@ def _raise_if_refused(reason: dict) -> None:
     if reason.get("type") == "abort" and reason.get("status_code") is not None:
         raise RequestRefusedError(reason.get("message", "Request refused."),
                                   int(reason["status_code"]))
+
+
+def _wants(state: ReqState, needs: str | None) -> bool:
+    if needs == "top":
+        return state.top_logprobs_num > 0
+    if needs == "ids":
+        return state.token_ids_logprob is not None
+    return True
 
 
 def _at(values: list, i: int) -> Any:

@@ -30,6 +30,10 @@ class GenerationBatchResult:
     input_token_logprobs_cpu: list[float] | None = None
     input_top_logprobs_val_cpu: list | None = None
     input_top_logprobs_idx_cpu: list | None = None
+    token_ids_logprobs_cpu: list[float] | None = None
+    input_token_ids_logprobs_cpu: list[float] | None = None
+    # Set on the host while processing: where each row's token_ids_logprobs values start.
+    token_ids_offsets: list[int] | None = None
     pending: PendingResult | None = None
 
     def copy_to_cpu(self, ring: ResultRing) -> None:
@@ -43,6 +47,8 @@ class GenerationBatchResult:
             "input_token_logprobs_cpu": lo.input_token_logprobs,
             "input_top_logprobs_val_cpu": lo.input_top_logprobs_val,
             "input_top_logprobs_idx_cpu": lo.input_top_logprobs_idx,
+            "token_ids_logprobs_cpu": s.token_ids_logprobs_val,
+            "input_token_ids_logprobs_cpu": lo.input_token_ids_logprobs_val,
         })
 
     def synchronize(self) -> None:

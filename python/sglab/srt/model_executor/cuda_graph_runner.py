@@ -330,6 +330,7 @@ class CudaGraphRunner:
     def _eager_sampling_batch(self, batch: "ModelWorkerBatch", raw_bs: int) -> ForwardBatch:
         fb = self._replay_batch(batch, raw_bs)
         fb.return_logprob, fb.top_logprobs_nums = batch.return_logprob, batch.top_logprobs_nums
+        fb.token_ids_logprobs = batch.token_ids_logprobs
         fb.sampling_info = sampling_after_replay(self.inputs.views, batch, raw_bs)
         return fb
 
@@ -340,6 +341,7 @@ def sampling_after_replay(views: dict, batch: "ModelWorkerBatch",
     info = _static_sampling_info(views, raw_bs, _kind_of(batch.sampling_info))
     info.penalizer_orchestrator = batch.sampling_info.penalizer_orchestrator
     info.vocab_mask = batch.sampling_info.vocab_mask
+    info.custom_logit_processors = batch.sampling_info.custom_logit_processors
     return info
 
 
@@ -347,7 +349,7 @@ def graph_sampling_kind(batch: "ModelWorkerBatch") -> tuple | None:
     """The sampler a graph can end with for this batch, or None: sample after the replay."""
     info = batch.sampling_info
     if batch.return_logprob or info.penalizer_orchestrator is not None or \
-            info.vocab_mask is not None:
+            info.vocab_mask is not None or info.custom_logit_processors is not None:
         return None
     return _kind_of(info)
 

@@ -70,6 +70,7 @@ class ForwardBatch:
     # Logprobs.
     return_logprob: bool = False
     top_logprobs_nums: list[int] | None = None
+    token_ids_logprobs: list[list[int] | None] | None = None
     # Sampling.
     sampling_info: "SamplingBatchInfo | None" = None
     # Pools and backend (explicit, never a hidden global).
@@ -144,6 +145,7 @@ class ForwardBatch:
             seq_lens_max=batch.seq_lens_max,
             return_logprob=batch.return_logprob,
             top_logprobs_nums=batch.top_logprobs_nums,
+            token_ids_logprobs=batch.token_ids_logprobs,
             req_to_token_pool=model_runner.req_to_token_pool,
             token_to_kv_pool=model_runner.token_to_kv_pool,
             attn_backend=model_runner.attn_backend,

@@ -17,6 +17,7 @@ from sglab.srt.distributed.parallel_state import (
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, Sampler
+from sglab.srt.sampling.custom_logit_processor import apply_custom_logit_processors
 from sglab.srt.mem_cache.memory_pool import (
     MHATokenToKVPool,
     PagedTokenToKVPoolAllocator,
@@ -275,8 +276,12 @@ class ModelRunner(ModelRunnerMambaMixin):
             logits = penalizer.apply(logits)
         if info.vocab_mask is not None:
             logits = info.vocab_mask.apply(logits)
+        errors: dict[int, str] = {}
+        if info.custom_logit_processors is not None:
+            logits, errors = apply_custom_logit_processors(logits, info.custom_logit_processors)
         out = self.sampler(logits, info, forward_batch.seq_lens, forward_batch.return_logprob,
-                           top_k)
+                           top_k, forward_batch.token_ids_logprobs)
+        out.custom_logit_processor_errors = errors
         if penalizer is not None:
             penalizer.cumulate_output_tokens(out.next_token_ids)
         return out

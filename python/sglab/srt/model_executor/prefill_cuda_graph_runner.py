@@ -229,6 +229,7 @@ class PrefillCudaGraphRunner(CudaGraphRunner):
             req_pool_indices=v["req_pool_indices"][:raw_bs], seq_lens=v["seq_lens"][:raw_bs],
             out_cache_loc=None, positions=None,  # type: ignore[arg-type]
             seq_lens_sum=batch.seq_lens_sum, seq_lens_cpu=batch.seq_lens_cpu,
-            return_logprob=batch.return_logprob, top_logprobs_nums=batch.top_logprobs_nums)
+            return_logprob=batch.return_logprob, top_logprobs_nums=batch.top_logprobs_nums,
+            token_ids_logprobs=batch.token_ids_logprobs)
         fb.sampling_info = sampling_after_replay(v, batch, raw_bs)
         return fb

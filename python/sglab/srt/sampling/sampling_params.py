@@ -102,8 +102,6 @@ class SamplingParams:
             )
         if self.n != 1:
             raise ValueError(f"n must be 1, got {self.n}.")
-        if self.structural_tag is not None:
-            raise ValueError("structural_tag is not supported by sglab.")
         self._verify_grammar()
         self._verify_stop_regex()
         _check_type("sampling_seed", self.sampling_seed, int, allow_none=True)
@@ -136,7 +134,7 @@ class SamplingParams:
                                  f"{e}.") from None
 
     def _verify_grammar(self) -> None:
-        grammars = [name for name in ("json_schema", "regex", "ebnf")
+        grammars = [name for name in ("json_schema", "regex", "ebnf", "structural_tag")
                     if getattr(self, name) is not None]
         if len(grammars) > 1:  # upstream's wording
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")

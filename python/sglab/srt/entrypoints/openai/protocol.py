@@ -71,7 +71,6 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
-        "custom_logit_processor": ("",), "custom_params": ({},),
         "session_params": ({},), "return_hidden_states": (False,),
         "return_routed_experts": (False,), "return_cached_tokens_details": (False,),
         "priority": (), "extra_key": ("",), "cache_salt": ("",), "custom_labels": ({},),
@@ -106,9 +105,10 @@ class _SamplingFields(BaseModel):
     ebnf: Optional[str] = None
     # Stop once the output matches one of these patterns (re.search), as upstream.
     stop_regex: Optional[Union[str, List[str]]] = None
+    # A serialized CustomLogitProcessor (needs --enable-custom-logit-processor), and its params.
+    custom_logit_processor: Optional[str] = None
+    custom_params: Optional[Dict[str, Any]] = None
     # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
-    custom_logit_processor: Any = None
-    custom_params: Any = None
     session_params: Any = None
     return_hidden_states: Any = None
     return_routed_experts: Any = None
@@ -315,3 +315,121 @@ class ChatCompletionStreamResponse(BaseModel):
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+class ScoringRequest(BaseModel):
+    """POST /v1/score (upstream's): the probability of each label token after query + item."""
+
+    model_config = ConfigDict(extra="ignore")
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
+        "embed_override_token_id": (), "query_embed_overrides": (),
+        "item_embed_overrides": (), "return_pooled_hidden_states": (False,),
+    }
+
+    query: Optional[Union[str, List[int]]] = None
+    items: Optional[Union[str, List[str], List[List[int]]]] = None
+    label_token_ids: Optional[List[int]] = None
+    apply_softmax: bool = False
+    item_first: bool = False
+    model: str = DEFAULT_MODEL_NAME
+    embed_override_token_id: Any = None
+    query_embed_overrides: Any = None
+    item_embed_overrides: Any = None
+    return_pooled_hidden_states: Any = None
+
+
+class ScoringResponse(BaseModel):
+    scores: List[List[float]]  # per item, in the order of label_token_ids
+    pooled_hidden_states: Optional[List[Optional[List[float]]]] = None
+    model: str
+    usage: Optional[UsageInfo] = None
+    object: str = "scoring"
+
+
+class ResponseTool(BaseModel):
+    """A built-in tool (upstream's two); they need a tool server, which sglab does not run."""
+
+    type: Literal["web_search_preview", "code_interpreter"]
+
+
+class ResponseReasoningParam(BaseModel):
+    effort: Optional[Literal["low", "medium", "high"]] = "medium"
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses, upstream's fields (OpenAI's, and SGLang's sampling extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, tuple]] = {
+        "include": ([],), "top_logprobs": (0,), "max_tool_calls": (),
+        "priority": (0,), "extra_key": ("",), "cache_salt": ("",),
+    }
+
+    background: Optional[bool] = False
+    include: Any = None
+    input: Union[str, List[Dict[str, Any]]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    max_tool_calls: Any = None
+    metadata: Optional[Dict[str, Any]] = None
+    model: Optional[str] = None
+    parallel_tool_calls: Optional[bool] = True
+    previous_response_id: Optional[str] = None
+    reasoning: Optional[ResponseReasoningParam] = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] = "auto"
+    store: Optional[bool] = True
+    stream: Optional[bool] = False
+    temperature: Optional[float] = None
+    tool_choice: Literal["auto", "required", "none"] = "auto"
+    tools: List[ResponseTool] = Field(default_factory=list)
+    top_logprobs: Any = None
+    top_p: Optional[float] = None
+    truncation: Optional[Literal["auto", "disabled"]] = "disabled"
+    user: Optional[str] = None
+    # SGLang extensions.
+    request_id: str = Field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
+    priority: Any = None
+    extra_key: Any = None
+    cache_salt: Any = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: Optional[Union[str, List[str]]] = None
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int = 0
+    input_tokens_details: Dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens: int = 0
+    output_tokens_details: Dict[str, int] = Field(
+        default_factory=lambda: {"reasoning_tokens": 0})
+    total_tokens: int = 0
+
+
+class ResponsesResponse(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=_now)
+    model: str
+    output: List[Dict[str, Any]] = Field(default_factory=list)
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    usage: Optional[ResponseUsage] = None
+    parallel_tool_calls: bool = True
+    tool_choice: str = "auto"
+    tools: List[ResponseTool] = Field(default_factory=list)
+    error: Optional[Dict[str, Any]] = None
+    incomplete_details: Optional[Dict[str, Any]] = None
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    previous_response_id: Optional[str] = None
+    reasoning: Optional[Dict[str, Any]] = None
+    store: Optional[bool] = None
+    temperature: Optional[float] = None
+    text: Optional[Dict[str, Any]] = None
+    top_p: Optional[float] = None
+    truncation: Optional[str] = None
+    user: Optional[str] = None
+    metadata: Optional[Dict[str, Any]] = None
+    background: Optional[bool] = None

@@ -187,6 +187,7 @@ class OpenAIServingBase:
             "no_stop_trim": request.no_stop_trim,
             "sampling_seed": request.seed,
             "logit_bias": request.logit_bias or None,
+            "custom_params": request.custom_params,
             **grammar_params(request),
         }
         defaults = self.tokenizer_manager.generation_defaults
@@ -277,9 +278,9 @@ def grammar_params(request: Any) -> dict:
     fmt = request.response_format
     if fmt is None or fmt.type == "text":
         return params
-    if fmt.type == "structural_tag":
-        raise ParamError("response_format type 'structural_tag' is not supported by sglab.",
-                         "response_format")
+    if fmt.type == "structural_tag":  # upstream: the whole response_format, as JSON
+        params["structural_tag"] = json.dumps(fmt.model_dump(exclude_none=True))
+        return params
     if fmt.type == "json_object":
         params["json_schema"] = '{"type": "object"}'
         return params

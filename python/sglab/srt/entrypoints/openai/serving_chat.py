@@ -63,6 +63,7 @@ class OpenAIServingChat(OpenAIServingBase):
             top_logprobs_num=request.top_logprobs or 0,
             return_text_in_logprobs=True,
             lora_path=self._lora_path(request.model, request.lora_path),
+            custom_logit_processor=request.custom_logit_processor,
         )
         return obj, {"id": base_id, "created": int(time.time()), "n": n}
 
@@ -83,16 +84,22 @@ class OpenAIServingChat(OpenAIServingBase):
             raise ParamError("Chat completions need a tokenizer; the server runs with "
                              "--skip-tokenizer-init.", "messages")
         messages = [_message_dict(m) for m in request.messages]
+        messages, assistant_prefix = _split_assistant_prefix(
+            messages, request.messages[-1], request.continue_final_message)
         template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
         try:
             prompt = tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False,
-                add_generation_prompt=not request.continue_final_message,
-                continue_final_message=request.continue_final_message,
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True,
                 **(request.chat_template_kwargs or {}))
         except Exception as e:  # noqa: BLE001 - template errors come from the client's input
             raise ParamError(f"Failed to apply the chat template: {e}", "messages") from None
-        return tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        if assistant_prefix:  # upstream: the prefix's tokens, without a leading BOS
+            prefix_ids = tokenizer.encode(assistant_prefix)
+            if prefix_ids and prefix_ids[0] == tokenizer.bos_token_id:
+                prefix_ids = prefix_ids[1:]
+            prompt_ids += prefix_ids
+        return prompt_ids
 
     async def _build_response(self, ret: Any, request: ChatCompletionRequest,
                               context: dict) -> Response:
@@ -182,6 +189,18 @@ def _message_dict(message: Any) -> dict:
     elif content is None:
         d["content"] = ""
     return d
+
+
+def _split_assistant_prefix(messages: list[dict], last: Any,
+                            continue_final: bool) -> tuple[list[dict], str | None]:
+    """Upstream's handling of a final assistant message with text content: with
+    continue_final_message its text is the start of the reply (returned, to follow the
+    generation prompt), otherwise it is sent as a user message."""
+    if last.role != "assistant" or isinstance(last.content, list):
+        return messages, None
+    if continue_final:
+        return messages[:-1], messages[-1]["content"]
+    return messages[:-1] + [{"role": "user", "content": messages[-1]["content"]}], None
 
 
 def to_chat_logprobs(token_lps: list, top_lps: list | None) -> ChoiceLogprobs:

@@ -52,6 +52,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
             top_logprobs_num=request.logprobs or 0,
             return_text_in_logprobs=True,
             lora_path=self._lora_path(request.model, request.lora_path),
+            custom_logit_processor=request.custom_logit_processor,
         )
         echo = [self._prompt_text(p, is_text) for p in items] if request.echo else None
         context = {"id": base_id, "created": int(time.time()), "n": request.n,
