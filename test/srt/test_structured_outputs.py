@@ -155,7 +155,8 @@ def test_generate_json_schema_streams_valid_json(http, server):
         **SAMPLED, "json_schema": json.dumps(SCHEMA)}}
     res = http.post(f"{server.base_url}/generate", json=body, stream=True, timeout=120)
     events = [json.loads(ln[6:]) for ln in res.iter_lines() if ln and ln != b"data: [DONE]"]
-    assert len(events) > 1 and events[-1]["meta_info"]["finish_reason"]["type"] == "stop"
+    assert len(events) > 1 and events[-1]["meta_info"]["finish_reason"]["type"] == "stop", \
+        events[-1]["meta_info"]["finish_reason"]
     jsonschema.validate(json.loads(events[-1]["text"]), SCHEMA)
 
 
