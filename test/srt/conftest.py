@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 import requests
+from sglab.srt.sampling.custom_logit_processor import CustomLogitProcessor
 from sglab.srt.utils import process
 from sglab.srt.utils.dummy_model import get_default_model_path
 from sglab.srt.utils.process import kill_server
@@ -176,3 +177,14 @@ def check_default_patch_status(info: dict) -> None:
     assert status["0004"]["applies"] is False and "--enable-hisparse" in status["0004"]["reason"]
     assert [status[i]["applies"] for i in ("0005", "0005b")] == [False, False]
     assert all("LoRA" in status[i]["reason"] for i in ("0005", "0005b"))
+
+
+# A custom logit processor for the API tests (serialized by value, as clients send them).
+class ForceToken(CustomLogitProcessor):
+    """Every row may emit only its custom_params["token_id"]."""
+
+    def __call__(self, logits, custom_param_list=None):
+        for row, params in enumerate(custom_param_list):
+            logits[row, :] = -float("inf")
+            logits[row, params["token_id"]] = 0.0
+        return logits

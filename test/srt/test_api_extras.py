@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from conftest import ForceToken
+
 from sglab.srt.sampling.custom_logit_processor import CustomLogitProcessor
 from sglab.test.runners import HFRunner
 
@@ -38,14 +40,6 @@ def _post(http, server, path, body, status=200):
 
 def _next_logprobs(hf: HFRunner, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(hf.logits(ids)[-1], dim=-1)
-
-
-class ForceToken(CustomLogitProcessor):
-    def __call__(self, logits, custom_param_list=None):
-        for row, params in enumerate(custom_param_list):
-            logits[row, :] = -float("inf")
-            logits[row, params["token_id"]] = 0.0
-        return logits
 
 
 class Raise(CustomLogitProcessor):

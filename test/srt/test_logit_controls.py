@@ -9,21 +9,13 @@ import time
 import pytest
 import torch
 
+from conftest import ForceToken
+
 from sglab.srt.sampling.custom_logit_processor import CustomLogitProcessor
 from sglab.test.runners import SchedulerRunner
 
 GREEDY = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 SAMPLED = {"temperature": 1.0, "max_new_tokens": 6, "ignore_eos": True, "sampling_seed": 11}
-
-
-class ForceToken(CustomLogitProcessor):
-    """Every row may emit only its custom_params["token_id"]."""
-
-    def __call__(self, logits, custom_param_list=None):
-        for row, params in enumerate(custom_param_list):
-            logits[row, :] = -float("inf")
-            logits[row, params["token_id"]] = 0.0
-        return logits
 
 
 class RaiseOnFlag(CustomLogitProcessor):

@@ -101,8 +101,11 @@ class PrefillGraphInputs:
             h2d_into(view[:len(values)], torch.tensor(values, dtype=view.dtype), self.pin)
 
 
+_PAD_VALUES = {name: pad for name, _, pad in _TOKEN_INPUTS + _ROW_INPUTS}
+
+
 def _pad_value(name: str) -> float:
-    return {n: pad for n, _, pad in _TOKEN_INPUTS + _ROW_INPUTS}[name]
+    return _PAD_VALUES[name]
 
 
 class PrefillCudaGraphRunner(CudaGraphRunner):
