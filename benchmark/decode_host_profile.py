@@ -106,23 +106,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def graph_replay_us(sched, bs: int) -> float | None:
+def graph_replay_us(sched, bs: int) -> tuple[float | None, float | None]:
+    """GPU µs of one replay (CUDA events), and the host µs its launch takes with the GPU idle
+    (in the loop a launch may also wait for the device; this is its cost alone)."""
     gr = sched.tp_worker.model_runner.graph_runner
     if gr is None:
-        return None
+        return None, None
     # The graph the steps replayed: the smallest captured size for bs, of the batch's sampler
     # (the last one captured at that size).
     size = min(k[0] for k in gr.graphs if k[0] >= bs)
     graph = [g for k, g in gr.graphs.items() if k[0] == size][-1]
-    times = []
+    times, launches = [], []
     for _ in range(30):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        tic = time.perf_counter()
         graph.replay()
+        launches.append((time.perf_counter() - tic) * 1e6)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times[5:])
+    return statistics.median(times[5:]), statistics.median(launches[5:])
 
 
 def outside_graph_calls(sched, steps: int = 10) -> dict:
@@ -160,9 +164,10 @@ def measure(preset: str, bs: int, sampling: str, deterministic: bool = False) ->
         _sync()
         itl_us = (time.perf_counter() - tic) / STEPS * 1e6
     host = {k: statistics.median(v) for k, v in timers.us.items()}
+    gpu_us, launch_us = graph_replay_us(sched, bs)
     row = {"preset": preset, "bs": bs, "sampling": sampling + (" det" if deterministic else ""),
-           "deterministic": deterministic, "itl_us": itl_us,
-           "graph_replay_gpu_us": graph_replay_us(sched, bs), "host_us": host,
+           "deterministic": deterministic, "itl_us": itl_us, "graph_replay_gpu_us": gpu_us,
+           "graph_launch_idle_us": launch_us, "host_us": host,
            "outside_graph_per_step": outside_graph_calls(sched)}
     if row["graph_replay_gpu_us"]:
         row["itl_over_graph"] = itl_us / row["graph_replay_gpu_us"]
@@ -206,14 +211,15 @@ def to_markdown(report: dict) -> str:
     lines = ["# Decode step: host per component vs one graph replay", "",
              provenance_line(report["provenance"]), "",
              "| preset | bs | sampling | ITL µs | graph GPU µs | ITL / graph | "
-             + " | ".join(comps) + " | outside the graph per step |",
-             "|---|---|---|---|---|---|" + "---|" * len(comps) + "---|"]
+             + " | ".join(comps) + " | graph launch, GPU idle | outside the graph per step |",
+             "|---|---|---|---|---|---|" + "---|" * len(comps) + "---|---|"]
     for r in report["rows"]:
         h = " | ".join(f"{r['host_us'].get(c, 0):.0f}" for c in comps)
         o = r["outside_graph_per_step"]
         lines.append(
             f"| {r['preset']} | {r['bs']} | {r['sampling']} | {r['itl_us']:.0f} | "
             f"{(r['graph_replay_gpu_us'] or 0):.0f} | {r.get('itl_over_graph', 0):.3f} | {h} | "
+            f"{(r.get('graph_launch_idle_us') or 0):.0f} | "
             f"{o['cudaGraphLaunch']:.1f} graph, {o['cudaLaunchKernel']:.1f} kernels, "
             f"{o['cudaMemcpyAsync']:.1f} copies |")
     for preset, sat in report.get("saturated", {}).items():

@@ -77,7 +77,8 @@ def decode_child(preset: str, fusion: str) -> dict:
         for _ in range(DECODE_STEPS):
             sched.run_step()
         graph = _graph(sched, bs)
-        out["decode"].append({"bs": bs, "graph_gpu_us": graph_replay_us(sched, bs),
+        gpu_us, launch_us = graph_replay_us(sched, bs)
+        out["decode"].append({"bs": bs, "graph_gpu_us": gpu_us, "graph_launch_idle_us": launch_us,
                               "kernels": kernels_per_replay(graph)})
         _drain(sched)
         sched.flush_cache()
@@ -155,19 +156,22 @@ def run_all(presets: list[str], out_dir: str, commit: str | None) -> dict:
 def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
-             "Decode: GPU time of one CUDA-graph replay, --kernel-fusion off vs on:", "",
+             "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with the GPU "
+             "idle), --kernel-fusion off vs on:", "",
              "| model | bs | off (µs) | on (µs) | on / off | roofline (µs) | off / roof | "
-             "on / roof | kernels off | kernels on |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "on / roof | kernels off | kernels on | launch off (µs) | launch on (µs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, m in report["models"].items():
         if any("error" in m[f] for f in FUSION):
-            lines.append(f"| {preset} | error | | | | | | | | |")
+            lines.append(f"| {preset} | error | | | | | | | | | | |")
             continue
         roof = m["off"]["weight_bytes"] / (bw * 1e9) * 1e6
         for off, on in zip(m["off"]["decode"], m["on"]["decode"]):
             a, b = off["graph_gpu_us"], on["graph_gpu_us"]
             lines.append(f"| {preset} | {off['bs']} | {a:.0f} | {b:.0f} | {b / a:.3f} | "
                          f"{roof:.0f} | {a / roof:.2f} | {b / roof:.2f} | "
-                         f"{off['kernels']['count']} | {on['kernels']['count']} |")
+                         f"{off['kernels']['count']} | {on['kernels']['count']} | "
+                         f"{off['graph_launch_idle_us']:.0f} | {on['graph_launch_idle_us']:.0f} |")
     lines += _prefill_lines(report) + _attention_lines(report, bw)
     return "\n".join(lines) + "\n"
 
