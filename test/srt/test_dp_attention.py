@@ -235,7 +235,7 @@ def test_a_rank_failing_inside_a_step_shuts_the_server_down():
     ({"tp_size": 2, "dp_size": 0, "enable_dp_attention": True}, "--dp-size"),
     ({"tp_size": 2, "dp_size": 2, "enable_dp_attention": True, "enable_lora": True,
       "lora_paths": None, "max_lora_rank": 8, "lora_target_modules": ["q_proj"]},
-     "--tp-size 2: --enable-lora"),
+     "--enable-dp-attention does not support --enable-lora"),
     ({"enable_prefill_cuda_graph": True, "attention_backend": "torch_native"},
      "--enable-prefill-cuda-graph does not support --attention-backend torch_native"),
 ])

@@ -142,8 +142,6 @@ def test_rank_disagreement_is_caught():
 @pytest.mark.parametrize("kwargs,message", [
     ({"tp_size": 3}, "--tp-size 3 must divide the model's num_attention_heads"),
     ({"tp_size": 0}, "--tp-size"),
-    ({"tp_size": 2, "enable_lora": True, "lora_paths": None, "max_lora_rank": 8,
-      "lora_target_modules": ["q_proj"]}, "--tp-size 2: --enable-lora"),
 ])
 def test_bad_tp_sizes_are_errors_naming_the_flag(kwargs, message):
     with pytest.raises(ServerArgsError, match=message):

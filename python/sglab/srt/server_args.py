@@ -315,12 +315,15 @@ class ServerArgs:
         self._check_positive("tp_size", self.tp_size)
         if self.tp_size == 1:
             return
-        single_rank = {"--enable-lora": self.enable_lora,
-                       "--enable-hisparse": self.enable_hisparse,
+        single_rank = {"--enable-hisparse": self.enable_hisparse,
                        "a hybrid (Gated DeltaNet) model": is_hybrid_model_path(self.model_path)}
         for what, on in single_rank.items():
             if on:
                 raise ServerArgsError(f"--tp-size {self.tp_size}: {what} runs on one rank only")
+        if self.enable_lora and self.enable_dp_attention:
+            # The MLP runs on every attention group's tokens; the batch info is the group's own.
+            raise ServerArgsError("--enable-dp-attention does not support --enable-lora (LoRA "
+                                  "runs under plain tensor parallelism: drop --enable-dp-attention)")
         if self.device == "cuda":
             import torch
 

@@ -4,6 +4,12 @@ Each wrapper runs its base layer unchanged, then adds the batch's LoRA deltas th
 backend: `out = base(x) + s * x A^T B^T` per request. `set_lora_info` hands the wrapper its
 layer's slot buffers; it runs for every module before every forward (outside CUDA-graph
 replay), as upstream.
+
+Under tensor parallelism the slots hold this rank's shard, cut from the tp=1 adapter by
+`slice_lora_a_weights` / `slice_lora_b_weights` as the base weight is cut: a column-parallel
+layer keeps A whole and the rows of B its outputs have (per q/k/v or gate/up block, KV heads
+replicated as the base layer's); a row-parallel layer keeps its columns of A and all of B, and
+all-reduces the rank-r product `x_shard A_shard^T` before B (upstream's order).
 """
 
 from __future__ import annotations
@@ -45,11 +51,6 @@ class BaseLayerWithLoRA(nn.Module):
                                      x.reshape(-1, x.shape[-1])).view(shape)
         return output
 
-    def apply_lora(self, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class ColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
     def set_lora_info(self, A_buffer: torch.Tensor, B_buffer: torch.Tensor) -> None:
         self.set_lora = True
         self.A_buffer = A_buffer
@@ -59,14 +60,65 @@ class ColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
         lora_a_output = self.lora_backend.run_lora_a_sgemm(x, self.A_buffer)
         return self.lora_backend.run_lora_b_sgemm(lora_a_output, self.B_buffer, base_output)
 
+    def slice_lora_a_weights(self, A: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a tp=1 A `(stack_num, r, in)`."""
+        return A
 
-class RowParallelLinearWithLoRA(ColumnParallelLinearWithLoRA):
-    """o_proj / down_proj. With tensor parallelism the delta would be added to the local shard
-    before the all-reduce; LoRA runs at --tp-size 1 only, so it is the column case."""
+    def slice_lora_b_weights(self, B: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a tp=1 B `(sum of outs, r)`."""
+        return B
 
 
-class MergedColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
+class ColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
+    # The base layer's shard ids of the blocks stacked in B, in order.
+    shard_ids: tuple = (None,)
+
+    def __init__(self, base_layer: ColumnParallelLinear, lora_backend: BaseLoRABackend):
+        super().__init__(base_layer, lora_backend)
+        if base_layer.gather_output and base_layer.tp_size > 1:
+            raise ValueError(f"LoRA on a gathering {type(base_layer).__name__} is not supported")
+
+    def slice_lora_b_weights(self, B: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if base.tp_size == 1:
+            return B
+        parts, offset = [], 0
+        for shard_id in self.shard_ids:
+            full, start, size = base.loaded_range(shard_id)
+            parts.append(B[offset + start:offset + start + size])
+            offset += full
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class RowParallelLinearWithLoRA(BaseLayerWithLoRA):
+    """o_proj / down_proj: x and A split by input columns, B whole."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if not (self.set_lora and base.tp_size > 1 and base.reduce_results):
+            # One rank, or partial sums reduced by the caller: the delta's partial adds in.
+            return super().forward(x)
+        out = base.group.all_reduce(base._matmul(x, None))
+        shape = out.shape
+        lora_a_output = self.lora_backend.run_lora_a_sgemm(x.reshape(-1, x.shape[-1]),
+                                                           self.A_buffer)
+        lora_a_output = base.group.all_reduce(lora_a_output)
+        out = self.lora_backend.run_lora_b_sgemm(lora_a_output, self.B_buffer,
+                                                 out.reshape(-1, shape[-1])).view(shape)
+        return out if base.bias is None else out + base.bias
+
+    def slice_lora_a_weights(self, A: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if base.tp_size == 1:
+            return A
+        _, start, size = base.loaded_range(None)
+        return A.narrow(-1, start, size)
+
+
+class MergedColumnParallelLinearWithLoRA(ColumnParallelLinearWithLoRA):
     """gate_up_proj: A holds the gate and up rank blocks, B the gate then the up rows."""
+
+    shard_ids = (0, 1)
 
     def __init__(self, base_layer: MergedColumnParallelLinear, lora_backend: BaseLoRABackend):
         super().__init__(base_layer, lora_backend)
@@ -88,8 +140,10 @@ class MergedColumnParallelLinearWithLoRA(BaseLayerWithLoRA):
             self.output_offset_cpu, self.output_dim, base_output)
 
 
-class QKVParallelLinearWithLoRA(BaseLayerWithLoRA):
+class QKVParallelLinearWithLoRA(ColumnParallelLinearWithLoRA):
     """qkv_proj: A holds the q, k, v rank blocks; B the q, k, v rows at `output_offset`."""
+
+    shard_ids = ("q", "k", "v")
 
     def __init__(self, base_layer: QKVParallelLinear, lora_backend: BaseLoRABackend, *,
                  cache_qkv_offset: bool):

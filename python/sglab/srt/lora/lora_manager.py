@@ -21,7 +21,6 @@ from torch import nn
 
 from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.utils.h2d import h2d, is_pin_memory_available, setitem_scalar
-from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglab.srt.lora.backend import get_backend_from_name
 from sglab.srt.lora.layers import BaseLayerWithLoRA, get_lora_layer, replace_submodule
 from sglab.srt.lora.lora import LoRAAdapter, LoRAAdapterError, LoRAConfig
@@ -61,16 +60,19 @@ class LoRAManager:
         self.unloading: set[str] = set()  # unregistered, but requests still use them
         base_modules = self._find_base_modules()
         self.num_layers = 1 + max(layer_id for layer_id, _, _ in base_modules)
-        self.module_shapes = _module_shapes(base_modules)
+        # tp=1 shapes (the adapters on the host) and this rank's (the slots).
+        self.module_shapes = _module_shapes(base_modules, full=True)
+        rank_shapes = _module_shapes(base_modules, full=False)
         initial = list(server_args.lora_paths or [])
         configs = [LoRAConfig.from_dir(ref.lora_path) for ref in initial]
         self.max_lora_rank = server_args.max_lora_rank or max(c.r for c in configs)
         self.target_modules = get_normalized_target_modules(
             server_args.lora_target_modules or {m for c in configs for m in c.target_modules})
-        self.memory_pool = LoRAMemoryPool(
-            {n: s for n, s in self.module_shapes.items() if n in self.target_modules},
-            self.num_layers, self.max_loras_per_batch, self.max_lora_rank, dtype, self.device)
         self.lora_modules = self._replace_modules(base_modules)
+        self.memory_pool = LoRAMemoryPool(
+            {n: s for n, s in rank_shapes.items() if n in self.target_modules},
+            self.num_layers, self.max_loras_per_batch, self.max_lora_rank, dtype, self.device,
+            slicers={name: module for _, name, module in self.lora_modules})
         for ref in initial:
             self.load_lora_adapter(ref)
         self.cuda_graph_batch_info: LoRABatchInfo | None = None
@@ -196,7 +198,8 @@ class LoRAManager:
         """The batch info of an eager forward, or (`use_graph`) the static one a graph reads."""
         lora_ids = forward_batch.lora_ids or [None] * forward_batch.batch_size
         with audit_region("LoRAMemoryPool.prepare_lora_batch"):
-            self.memory_pool.prepare_lora_batch(set(lora_ids), self.loras, inflight_ids or set())
+            self.memory_pool.prepare_lora_batch(dict.fromkeys(lora_ids), self.loras,
+                                                inflight_ids or set())
         with audit_region("LoRAManager.prepare_lora_batch"):
             batch_info = self._build_batch_info(forward_batch, lora_ids, use_graph)
         self.lora_backend.set_batch_info(batch_info)
@@ -284,17 +287,15 @@ class LoRAManager:
             info.scalings = h2d(scalings_cpu, torch.float32, self.device, pin=True)
 
 
-def _module_shapes(base_modules) -> dict[str, LoRAModuleShape]:
+def _module_shapes(base_modules, full: bool) -> dict[str, LoRAModuleShape]:
+    """Per fused module, its input dim and output blocks: tp=1 sizes if `full`, else this
+    rank's."""
     shapes: dict[str, LoRAModuleShape] = {}
     for _, name, module in base_modules:
         fused = name.rsplit(".", 1)[-1]
-        if isinstance(module, QKVParallelLinear):
-            shape = LoRAModuleShape(module.input_size,
-                                    (module.q_size, module.kv_size, module.kv_size))
-        elif isinstance(module, MergedColumnParallelLinear):
-            shape = LoRAModuleShape(module.input_size, tuple(module.output_sizes))
-        else:
-            shape = LoRAModuleShape(module.input_size, (module.output_size,))
+        out_dim, in_dim = module.weight.full_shape if full else module.weight.shape
+        blocks = getattr(module, "total_output_sizes" if full else "output_sizes", [out_dim])
+        shape = LoRAModuleShape(in_dim, tuple(blocks))
         if shapes.setdefault(fused, shape) != shape:
             raise ValueError(f"{fused} has different shapes across layers")
     return shapes

@@ -4,6 +4,9 @@ Per fused module and layer, `A_buffer` is `(num_slots, stack_num * max_rank, in)
 block at rows `[i * max_rank, i * max_rank + r)`) and `B_buffer` is `(num_slots, out, max_rank)`
 (columns `[0, r)`). Unused rows/columns of a slot are zero, so kernels may read the full
 `max_rank` or stop at `lora_ranks[slot]`. The base model (uid None) takes a slot of zeros.
+Shapes are this rank's: under tensor parallelism each layer's wrapper cuts the tp=1 adapter
+weights held on the host to its shard (`slice_lora_a_weights` / `slice_lora_b_weights`) as they
+are copied into a slot.
 
 The buffers are allocated once: CUDA graphs captured on them stay valid when a slot is
 reloaded, and every reload is issued on the forward stream, so it runs after the forwards already
@@ -13,9 +16,12 @@ prepared nor in the batch still in flight (overlap scheduling).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from sglab.srt.debug.sync_audit import AUDIT
+from sglab.srt.lora.layers import BaseLayerWithLoRA
 from sglab.srt.lora.lora import LoRAAdapter
 from sglab.srt.lora.utils import LoRAModuleShape
 
@@ -25,8 +31,10 @@ _EMPTY = object()  # a free slot (distinct from None, the base model)
 class LoRAMemoryPool:
     def __init__(self, module_shapes: dict[str, LoRAModuleShape], num_layers: int,
                  max_loras_per_batch: int, max_lora_rank: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, slicers: dict[str, BaseLayerWithLoRA] | None = None):
         self.module_shapes = module_shapes
+        # Per fused module, a wrapper that cuts tp=1 weights to this rank's (None: tp=1).
+        self.slicers = slicers or {}
         self.num_layers = num_layers
         self.num_slots = max_loras_per_batch
         self.max_lora_rank = max_lora_rank
@@ -53,9 +61,11 @@ class LoRAMemoryPool:
     def loaded_uids(self) -> set[str | None]:
         return set(self.uid_to_buffer_id)
 
-    def prepare_lora_batch(self, cur_uids: set[str | None], loras: dict[str, LoRAAdapter],
+    def prepare_lora_batch(self, cur_uids: Collection[str | None],
+                           loras: dict[str, LoRAAdapter],
                            protected_uids: set[str | None] = frozenset()) -> None:
-        """Give every adapter of the batch a slot, loading the ones not resident.
+        """Give every adapter of the batch a slot, loading the ones not resident, in the order
+        of `cur_uids` (the batch's: every TP rank fills the same slots).
 
         Only slots whose adapter is in neither `cur_uids` nor `protected_uids` (the in-flight
         batch) are reused, least recently used first.
@@ -103,6 +113,9 @@ class LoRAMemoryPool:
                 if adapter is None or name not in adapter.layers[layer_id]:
                     continue
                 a, b = adapter.layers[layer_id][name]
+                slicer = self.slicers.get(name)
+                if slicer is not None:
+                    a, b = slicer.slice_lora_a_weights(a), slicer.slice_lora_b_weights(b)
                 r = a.shape[1]
                 for i in range(a.shape[0]):
                     _copy_weight(a_buf[slot, i * rank:i * rank + r], a[i])
