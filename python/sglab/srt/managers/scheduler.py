@@ -254,10 +254,11 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.last_batch = batch
         if len(self.result_queue) > (1 if batch is not None else 0):
             self.process_pending_result()
-            return True
-        if batch is None and not self.ran_alone:
+        elif batch is None and not self.ran_alone:
             self.on_idle()
             return False
+        if batch is not None:  # a grammar batch samples now: its masks need the tokens just seen
+            result.launch_delayed_sample()
         return True
 
     def process_pending_result(self) -> None:
@@ -530,10 +531,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         _drop_finishing(batch)
         if batch.is_empty():
             return False
-        grammar = batch.request_facts().has_grammar
-        if self.result_queue and (grammar or not batch.check_decode_mem()):
-            # Retraction needs every token on the host, and a grammar's next mask its last
-            # token: land the in-flight step first.
+        if self.result_queue and not batch.check_decode_mem():
+            # Retraction needs every token on the host: land the in-flight step first.
             self.process_pending_result()
             _drop_finishing(batch)
             if batch.is_empty():
@@ -574,6 +573,9 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.forward_ct += 1
         self.schedule_trace.record(self.forward_ct, batch)
         worker_batch = batch.get_model_worker_batch()
+        assert all(r.delay_sample_func is None for _, r in self.result_queue), \
+            "a delayed sample must run before the next forward reads the future map"
+        worker_batch.delay_sample = self.enable_overlap and batch.forward_mode.is_decode()
         if self.lora_manager is not None:
             worker_batch.lora_inflight_ids = {r.lora_id for b, _ in self.result_queue
                                               for r in b.reqs}
