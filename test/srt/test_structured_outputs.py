@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import close_logprobs
 
+from sglab.srt.constrained import grammar_backend
 from sglab.srt.constrained.grammar_backend import Grammar, create_grammar_backend
 from sglab.test.runners import SchedulerRunner
 from sglab.test.schedule_invariance import forced_retraction
@@ -109,7 +110,7 @@ def test_an_invalid_grammar_refuses_only_its_request(runner, params, message):
     assert re.fullmatch(REGEX, _text(runner, outs[good]))
 
 
-# --- overlap: the forward of step N+1 runs before step N's tokens reach the grammars ---------------
+# --- overlap: the forward of step N+1 runs before step N's tokens reach the grammars -----------
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +309,42 @@ def test_gpu_constrained_samples_match_with_cuda_graphs_and_overlap(path):
         assert [o.output_ids for o in got] == [o.output_ids for o in want], kind
         for out in got:
             check(_text(graphs, out))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_delayed_mask_lands_before_the_sampler_reads_it(path, monkeypatch):
+    """Every forward starts behind ~10 ms of GPU sleep, so each mask is built and uploaded
+    while its forward is still queued: the upload on the forward stream lands before the
+    sampler reads it (outputs match the eager loop without overlap). An upload on a side stream
+    that the sampler does not wait for is caught by the same check."""
+    gpu = {"device": "cuda", "dtype": "float32", "attention_backend": "triton"}
+    want = _runner(path, disable_cuda_graph=True, disable_overlap_schedule=True,
+                   **gpu).generate(PROMPTS, {**SAMPLED, "regex": REGEX, "sampling_seed": 9})
+    overlap = _runner(path, **gpu)
+    worker = overlap.scheduler.tp_worker
+    forward = worker.forward_batch_generation
+
+    def late(batch):
+        torch.cuda._sleep(20_000_000)
+        return forward(batch)
+
+    monkeypatch.setattr(worker, "forward_batch_generation", late)
+
+    def outputs():
+        outs = overlap.generate(PROMPTS, {**SAMPLED, "regex": REGEX, "sampling_seed": 9})
+        return [o.output_ids for o in outs]
+
+    assert outputs() == [o.output_ids for o in want]
+    side = torch.cuda.Stream()
+
+    def unwaited_upload(host, device):
+        bitmask = torch.full(host.shape, -1, dtype=torch.int32, device=device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(20_000_000)
+            bitmask.copy_(host.pin_memory(), non_blocking=True)
+        return bitmask  # the forward stream never waits for `side`
+
+    monkeypatch.setattr(grammar_backend, "upload_bitmask", unwaited_upload)
+    assert outputs() != [o.output_ids for o in want]  # sampled from the all-allowed mask
