@@ -184,6 +184,31 @@ def test_grammar_batches_under_retraction_match_no_overlap(path):
     assert [g[:2] for g in got] == [w[:2] for w in want]
 
 
+def test_a_delayed_sample_that_fails_reruns_its_requests_one_by_one(runner, no_overlap,
+                                                                   monkeypatch):
+    """A failure inside the delayed sample (after the forward was launched) undoes the step
+    and runs its requests alone, as a failing launch does: the scheduler keeps serving and
+    the outputs are those without overlap."""
+    spec = {**SAMPLED, "json_schema": CONSTRAINTS["json_schema"][0], "sampling_seed": 7}
+    want = no_overlap.generate(PROMPTS, spec)
+    model_runner = runner.scheduler.tp_worker.model_runner
+    sample, state = model_runner.sample, {"decodes": 0}
+
+    def failing_once(logits_output, forward_batch):
+        if forward_batch.forward_mode.is_decode() and len(forward_batch.seq_lens_cpu) > 1:
+            state["decodes"] += 1
+            if state["decodes"] == 4:
+                raise RuntimeError("sampler broke")
+        return sample(logits_output, forward_batch)
+
+    monkeypatch.setattr(model_runner, "sample", failing_once)
+    got = runner.generate(PROMPTS, spec)
+    assert state["decodes"] > 4
+    assert [(o.output_ids, o.finish_reason) for o in got] == \
+        [(o.output_ids, o.finish_reason) for o in want]
+    assert runner.integrity_error() is None
+
+
 def test_a_grammar_that_fails_to_fill_its_mask_fails_only_its_request(runner, monkeypatch):
     """Raised while the mask is built (after the forward, under overlap): that request ends
     with a 500 at its third token (sampled unmasked, as a rejected token, it ends the output),

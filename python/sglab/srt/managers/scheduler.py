@@ -258,8 +258,18 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             self.on_idle()
             return False
         if batch is not None:  # a grammar batch samples now: its masks need the tokens just seen
-            result.launch_delayed_sample()
+            self._launch_delayed_sample(batch, result)
         return True
+
+    def _launch_delayed_sample(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        """The delayed sample of the step just queued; if it fails, the step is undone (out of
+        the queue) and its requests run one by one, as for a step that fails in `run_batch`."""
+        try:
+            result.launch_delayed_sample()
+        except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
+            self.result_queue.pop()
+            self._mark_pending(batch, result, count=-1)
+            self._on_step_failure(batch, e)
 
     def process_pending_result(self) -> None:
         batch, result = self.result_queue.popleft()
@@ -561,13 +571,16 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         try:
             return self._launch(batch)
         except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
-            if self.dp_info.enabled:  # the other ranks are in (or heading to) its collectives
-                raise RuntimeError(
-                    f"DP attention: TP rank {self.tp_rank} (DP rank {self.dp_info.dp_rank}) "
-                    f"failed inside a step that every rank runs together: "
-                    f"{type(e).__name__}: {e}") from e
-            self._isolate_failed_batch(batch, e)
+            self._on_step_failure(batch, e)
             return None
+
+    def _on_step_failure(self, batch: ScheduleBatch, error: Exception) -> None:
+        if self.dp_info.enabled:  # the other ranks are in (or heading to) its collectives
+            raise RuntimeError(
+                f"DP attention: TP rank {self.tp_rank} (DP rank {self.dp_info.dp_rank}) "
+                f"failed inside a step that every rank runs together: "
+                f"{type(error).__name__}: {error}") from error
+        self._isolate_failed_batch(batch, error)
 
     def _launch(self, batch: ScheduleBatch) -> GenerationBatchResult:
         self.forward_ct += 1
@@ -584,13 +597,14 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self._profile_step()
         return result
 
-    def _mark_pending(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+    def _mark_pending(self, batch: ScheduleBatch, result: GenerationBatchResult,
+                      count: int = 1) -> None:
         """Count the token each request sampled on the device (the worker's future map holds it
-        at the request's row) until the host reads it."""
+        at the request's row) until the host reads it (count=-1: the step was undone)."""
         for req in batch.reqs:
             if req is batch.chunked_req or req.sampling_params.max_new_tokens == 0:
                 continue
-            req.num_pending_tokens += 1
+            req.num_pending_tokens += count
 
     # --- results ------------------------------------------------------------------------------
 
