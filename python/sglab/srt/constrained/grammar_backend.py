@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -139,22 +139,41 @@ def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int, stop_toke
 @dataclass
 class VocabMask:
     """The batch's allowed tokens this step: a bitmask [bs, ceil(vocab / 32)] int32 on the
-    device (bit t % 32 of word t // 32; rows without a grammar allow everything)."""
+    device (bit t % 32 of word t // 32; rows without a grammar allow everything).
+
+    Built just before sampling, from the grammars as they stand then: under overlap a decode
+    step's forward is launched first and its mask built once the previous step's tokens were
+    accepted. A row whose grammar already terminated (its request finished on the previous
+    step; the extra token is dropped) allows everything; a row whose grammar fails to fill its
+    mask allows everything too, and `errors` names it (its request is aborted)."""
 
     bitmask: torch.Tensor
+    errors: dict[int, Exception] = field(default_factory=dict)
 
     @classmethod
     def from_grammars(cls, grammars: list[Grammar | None], vocab_size: int,
                       device: torch.device | str) -> "VocabMask":
         num_words = (vocab_size + _BITS - 1) // _BITS
         host = torch.full((len(grammars), num_words), -1, dtype=torch.int32)
+        errors: dict[int, Exception] = {}
         for row, grammar in enumerate(grammars):
-            if grammar is not None:
+            if grammar is None or grammar.is_terminated():
+                continue
+            try:
                 grammar.fill_bitmask(host, row)
-        return cls(h2d(host, torch.int32, device, pin=True))
+            except Exception as e:  # noqa: BLE001 - fails this row's request only
+                host[row] = -1
+                errors[row] = e
+        return cls(upload_bitmask(host, device), errors)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
         bits = (self.bitmask.unsqueeze(-1) >> shifts) & 1
         allowed = bits.view(self.bitmask.shape[0], -1)[:, :logits.shape[-1]].bool()
         return logits.masked_fill(~allowed, float("-inf"))
+
+
+def upload_bitmask(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The mask's one H2D copy (pinned, non_blocking), on the current stream: the sampler that
+    reads it runs on the same stream, behind the copy (see `managers/overlap_utils.py`)."""
+    return h2d(host, torch.int32, device, pin=True)

@@ -17,7 +17,7 @@ from sglab.srt.sampling.sampling_params import TOP_K_ALL
 from sglab.srt.utils.h2d import h2d
 
 if TYPE_CHECKING:
-    from sglab.srt.constrained.grammar_backend import VocabMask
+    from sglab.srt.constrained.grammar_backend import Grammar
     from sglab.srt.sampling.penaltylib import BatchedPenalizerOrchestrator
 
 
@@ -33,8 +33,9 @@ class SamplingBatchInfo:
     need_top_p_top_k: bool
     # The batch's penalty state (already on the device), or None.
     penalizer_orchestrator: "BatchedPenalizerOrchestrator | None" = None
-    # This step's grammar bitmask (already on the device), or None: no request has a grammar.
-    vocab_mask: "VocabMask | None" = None
+    # Each row's grammar (None where a request has none), or None: no request has one. The
+    # step's vocab mask is built from them just before sampling (`VocabMask.from_grammars`).
+    grammars: "list[Grammar | None] | None" = None
     # Per row, (key, CustomLogitProcessor, custom_params) or None; None: no row has one.
     custom_logit_processors: list | None = None
 
@@ -81,6 +82,8 @@ class SampleOutput:
     token_ids_logprobs_val: torch.Tensor | None = None
     # Host: the rows whose custom logit processor failed this step, with why.
     custom_logit_processor_errors: dict[int, str] = field(default_factory=dict)
+    # Host: the rows whose grammar failed to fill this step's mask, with the error.
+    grammar_errors: dict[int, Exception] = field(default_factory=dict)
 
 
 class Sampler(nn.Module):

@@ -7,6 +7,13 @@ Order a step relies on (all on `StepStreams.forward`, so stream order is the onl
   tokens by request row, 4. the result's one device->host copy into a pinned ring slot, behind
   which the slot's event is recorded. The host reads a slot only after its event; a slot is
   reused only after the host has read it.
+
+A decode step with grammars delays 3-4 (`GenerationBatchResult.launch_delayed_sample`): its
+forward N+1 is launched first, then step N's result is processed (the grammars accept its
+tokens), then the mask is built on the host and its H2D copy enqueued on `forward` behind
+forward N+1, then the sampler, which reads it in stream order. No event is needed while the
+copy and the sampler share the stream; the host never waits for forward N+1. The delayed sample
+runs before forward N+2 is launched, so N+2's gather still finds N+1's tokens.
 """
 
 from __future__ import annotations

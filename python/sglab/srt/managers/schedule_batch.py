@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglab.srt.constrained.grammar_backend import VocabMask
 from sglab.srt.layers.sampler import SamplingBatchInfo
 from sglab.srt.managers.schedule_batch_mamba import ScheduleBatchMambaMixin
 from sglab.srt.model_executor.forward_batch_info import ForwardMode
@@ -241,6 +240,9 @@ class ModelWorkerBatch:
     # token_ids_logprob of each request (None: no request asks for any).
     token_ids_logprobs: list[list[int] | None] | None = None
     req_to_token_writes: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Overlap: a decode step with grammars samples only once the previous step's result was
+    # processed (its mask needs the grammars to have accepted the previous tokens).
+    delay_sample: bool = False
     # Which requests, in which order (ScheduleBatch.composition): while it stays, the worker
     # keeps their device rows, lengths and sampling tensors from one decode step to the next.
     composition: int = -1
@@ -565,16 +567,13 @@ class ScheduleBatch(ScheduleBatchMambaMixin):
             self.sampling_info = SamplingBatchInfo.from_params(
                 [r.sampling_params for r in self.reqs], [r.seed for r in self.reqs])
             self.sampling_info.custom_logit_processors = _custom_logit_processors(self.reqs)
+            if self.request_facts().has_grammar:
+                self.sampling_info.grammars = [r.grammar for r in self.reqs]
             self.sampling_composition = self.composition
-        vocab_mask = None
-        if self.request_facts().has_grammar:  # changes every step: never cached
-            vocab_mask = VocabMask.from_grammars([r.grammar for r in self.reqs],
-                                                 self.vocab_size, self.req_to_token_pool.device)
-        if self.penalizer_orchestrator is None and vocab_mask is None:
+        if self.penalizer_orchestrator is None:
             return self.sampling_info
         return dataclasses.replace(self.sampling_info,
-                                   penalizer_orchestrator=self.penalizer_orchestrator,
-                                   vocab_mask=vocab_mask)
+                                   penalizer_orchestrator=self.penalizer_orchestrator)
 
     def _device_out_cache_loc(self) -> torch.Tensor:
         """The slots the worker writes the step's KV to (with HiSparse the allocator's are

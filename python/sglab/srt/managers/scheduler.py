@@ -254,11 +254,22 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.last_batch = batch
         if len(self.result_queue) > (1 if batch is not None else 0):
             self.process_pending_result()
-            return True
-        if batch is None and not self.ran_alone:
+        elif batch is None and not self.ran_alone:
             self.on_idle()
             return False
+        if batch is not None:  # a grammar batch samples now: its masks need the tokens just seen
+            self._launch_delayed_sample(batch, result)
         return True
+
+    def _launch_delayed_sample(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        """The delayed sample of the step just queued; if it fails, the step is undone (out of
+        the queue) and its requests run one by one, as for a step that fails in `run_batch`."""
+        try:
+            result.launch_delayed_sample()
+        except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
+            self.result_queue.pop()
+            self._mark_pending(batch, result, count=-1)
+            self._on_step_failure(batch, e)
 
     def process_pending_result(self) -> None:
         batch, result = self.result_queue.popleft()
@@ -530,10 +541,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         _drop_finishing(batch)
         if batch.is_empty():
             return False
-        grammar = batch.request_facts().has_grammar
-        if self.result_queue and (grammar or not batch.check_decode_mem()):
-            # Retraction needs every token on the host, and a grammar's next mask its last
-            # token: land the in-flight step first.
+        if self.result_queue and not batch.check_decode_mem():
+            # Retraction needs every token on the host: land the in-flight step first.
             self.process_pending_result()
             _drop_finishing(batch)
             if batch.is_empty():
@@ -562,18 +571,24 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         try:
             return self._launch(batch)
         except Exception as e:  # noqa: BLE001 - see _isolate_failed_batch
-            if self.dp_info.enabled:  # the other ranks are in (or heading to) its collectives
-                raise RuntimeError(
-                    f"DP attention: TP rank {self.tp_rank} (DP rank {self.dp_info.dp_rank}) "
-                    f"failed inside a step that every rank runs together: "
-                    f"{type(e).__name__}: {e}") from e
-            self._isolate_failed_batch(batch, e)
+            self._on_step_failure(batch, e)
             return None
+
+    def _on_step_failure(self, batch: ScheduleBatch, error: Exception) -> None:
+        if self.dp_info.enabled:  # the other ranks are in (or heading to) its collectives
+            raise RuntimeError(
+                f"DP attention: TP rank {self.tp_rank} (DP rank {self.dp_info.dp_rank}) "
+                f"failed inside a step that every rank runs together: "
+                f"{type(error).__name__}: {error}") from error
+        self._isolate_failed_batch(batch, error)
 
     def _launch(self, batch: ScheduleBatch) -> GenerationBatchResult:
         self.forward_ct += 1
         self.schedule_trace.record(self.forward_ct, batch)
         worker_batch = batch.get_model_worker_batch()
+        assert all(r.delay_sample_func is None for _, r in self.result_queue), \
+            "a delayed sample must run before the next forward reads the future map"
+        worker_batch.delay_sample = self.enable_overlap and batch.forward_mode.is_decode()
         if self.lora_manager is not None:
             worker_batch.lora_inflight_ids = {r.lora_id for b, _ in self.result_queue
                                               for r in b.reqs}
@@ -582,13 +597,14 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self._profile_step()
         return result
 
-    def _mark_pending(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+    def _mark_pending(self, batch: ScheduleBatch, result: GenerationBatchResult,
+                      count: int = 1) -> None:
         """Count the token each request sampled on the device (the worker's future map holds it
-        at the request's row) until the host reads it."""
+        at the request's row) until the host reads it (count=-1: the step was undone)."""
         for req in batch.reqs:
             if req is batch.chunked_req or req.sampling_params.max_new_tokens == 0:
                 continue
-            req.num_pending_tokens += 1
+            req.num_pending_tokens += count
 
     # --- results ------------------------------------------------------------------------------
 

@@ -113,7 +113,10 @@ class SchedulerOutputProcessorMixin:
                 return
         token = result.next_token_ids_cpu[i]
         req.output_ids.append(token)
-        if req.grammar is not None and not req.grammar.accept_token(token):
+        grammar_error = result.sample_output.grammar_errors.get(i)
+        if grammar_error is not None:  # the token was sampled without its grammar's mask
+            req.finished_reason = internal_error("filling its grammar's mask", grammar_error)
+        elif req.grammar is not None and not req.grammar.accept_token(token):
             req.finished_reason = finish_abort(f"The grammar does not accept token {token}.")
         if req.return_logprob:
             req.output_token_logprobs_val.append(result.next_token_logprobs_cpu[i])

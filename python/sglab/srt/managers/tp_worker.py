@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,6 +37,15 @@ class GenerationBatchResult:
     # Set on the host while processing: where each row's token_ids_logprobs values start.
     token_ids_offsets: list[int] | None = None
     pending: PendingResult | None = None
+    # Set while the step's sample waits (overlap, grammars): it samples, stores the tokens in
+    # the future map and starts the copy. It must run before the next forward is launched.
+    delay_sample_func: Callable[[], None] | None = None
+
+    def launch_delayed_sample(self) -> None:
+        """Sample now if the sample was delayed (the grammars have accepted the last tokens)."""
+        if self.delay_sample_func is not None:
+            func, self.delay_sample_func = self.delay_sample_func, None
+            func()
 
     def copy_to_cpu(self, ring: ResultRing) -> None:
         """Start the one device->host copy of the step (non-blocking on an accelerator)."""
@@ -53,6 +64,7 @@ class GenerationBatchResult:
 
     def synchronize(self) -> None:
         """Wait for the copy and expose the host values as lists."""
+        self.launch_delayed_sample()
         for name, value in self.pending.read().items():
             setattr(self, name, value)
 
@@ -72,25 +84,41 @@ class TpModelWorker:
         self.result_ring = ResultRing(self.streams)
 
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
+        """Forward and sample; with `batch.delay_sample`, a batch that samples after its forward
+        (grammars) leaves the sample to `GenerationBatchResult.launch_delayed_sample`."""
         graph = self.model_runner.graph_for(batch)
         if graph is not None:
-            logits_output, sample_output = graph.run(batch)
+            logits_output, sample_output = graph.replay(batch)
+            sample = functools.partial(graph.sample_after_replay, batch, logits_output)
         else:
-            logits_output, sample_output = self._forward_eager(batch)
+            forward_batch = ForwardBatch.init_new(batch, self.model_runner)
+            logits_output, sample_output = self._forward_eager(forward_batch), None
+            sample = functools.partial(self._sample_eager, forward_batch, logits_output)
         result = GenerationBatchResult(logits_output, sample_output)
-        result.copy_to_cpu(self.result_ring)
+        if sample_output is not None:
+            result.copy_to_cpu(self.result_ring)
+        elif batch.delay_sample and batch.sampling_info.grammars is not None:
+            result.delay_sample_func = functools.partial(self._sample_into, result, sample)
+        else:
+            self._sample_into(result, sample)
         return result
 
-    def _forward_eager(self, batch: ModelWorkerBatch):
-        forward_batch = ForwardBatch.init_new(batch, self.model_runner)
+    def _sample_into(self, result: GenerationBatchResult,
+                     sample: Callable[[], SampleOutput]) -> None:
+        result.sample_output = sample()
+        result.copy_to_cpu(self.result_ring)
+
+    def _forward_eager(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
         if forward_batch.forward_mode.is_decode():
             forward_batch.input_ids = self.future_map.gather(forward_batch.req_pool_indices)
-        logits_output = self.model_runner.forward(forward_batch)
+        return self.model_runner.forward(forward_batch)
+
+    def _sample_eager(self, forward_batch: ForwardBatch,
+                      logits_output: LogitsProcessorOutput) -> SampleOutput:
         sample_output = self.model_runner.sample(logits_output, forward_batch)
-        if forward_batch.forward_mode.is_idle():
-            return logits_output, sample_output
-        self.future_map.store(forward_batch.req_pool_indices, sample_output.next_token_ids)
-        return logits_output, sample_output
+        if not forward_batch.forward_mode.is_idle():
+            self.future_map.store(forward_batch.req_pool_indices, sample_output.next_token_ids)
+        return sample_output
 
     def restore_future_tokens(self, rows: list[int], tokens: list[int]) -> None:
         """After a failed step (which may have sampled and stored before it failed): each row's

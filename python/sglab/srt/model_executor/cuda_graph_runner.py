@@ -270,10 +270,19 @@ class CudaGraphRunner:
             raw_bs = max(batch.global_num_tokens)
         return self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
 
-    @torch.inference_mode()
     def run(self, batch: "ModelWorkerBatch") -> tuple[LogitsProcessorOutput, SampleOutput]:
         """A decode step through a graph: upload, replay, and, where the graph's sampler is not
-        what the batch asks (logprobs, penalties), sample from the graph's logits."""
+        what the batch asks (logprobs, penalties, grammars), sample from the graph's logits."""
+        logits_output, sample_output = self.replay(batch)
+        if sample_output is None:
+            sample_output = self.sample_after_replay(batch, logits_output)
+        return logits_output, sample_output
+
+    @torch.inference_mode()
+    def replay(self, batch: "ModelWorkerBatch",
+               ) -> tuple[LogitsProcessorOutput, SampleOutput | None]:
+        """Upload and replay; the sample too when the graph ends with the batch's sampler
+        (else None: `sample_after_replay`)."""
         raw_bs = len(batch.seq_lens_cpu)
         bs = self._graph_bs(batch)
         with audit_region("ForwardBatch.init_new"):
@@ -297,10 +306,17 @@ class CudaGraphRunner:
         logits_output = LogitsProcessorOutput(next_token_logits=logits[:raw_bs])
         if kind is not None:
             return logits_output, SampleOutput(next_token_ids=next_ids[:raw_bs])
-        eager = self._eager_sampling_batch(batch, raw_bs)
+        return logits_output, None
+
+    @torch.inference_mode()
+    def sample_after_replay(self, batch: "ModelWorkerBatch",
+                            logits_output: LogitsProcessorOutput) -> SampleOutput:
+        """Sample the replay's logits eagerly (the graph's static sampling inputs still hold
+        this batch's: the next replay comes after), then store the tokens in the future map."""
+        eager = self._eager_sampling_batch(batch, len(batch.seq_lens_cpu))
         sample_output = self.model_runner.sample(logits_output, eager)
         self.model_runner.future_map.store(eager.req_pool_indices, sample_output.next_token_ids)
-        return logits_output, sample_output
+        return sample_output
 
     def _apply_row_writes(self, batch: "ModelWorkerBatch") -> None:
         """Decode steps queue no row writes (their slots go in inside the graph)."""
@@ -340,7 +356,7 @@ def sampling_after_replay(views: dict, batch: "ModelWorkerBatch",
     """The batch's sampler over the graph's static sampling inputs (logprobs, penalties)."""
     info = _static_sampling_info(views, raw_bs, _kind_of(batch.sampling_info))
     info.penalizer_orchestrator = batch.sampling_info.penalizer_orchestrator
-    info.vocab_mask = batch.sampling_info.vocab_mask
+    info.grammars = batch.sampling_info.grammars
     info.custom_logit_processors = batch.sampling_info.custom_logit_processors
     return info
 
@@ -349,7 +365,7 @@ def graph_sampling_kind(batch: "ModelWorkerBatch") -> tuple | None:
     """The sampler a graph can end with for this batch, or None: sample after the replay."""
     info = batch.sampling_info
     if batch.return_logprob or info.penalizer_orchestrator is not None or \
-            info.vocab_mask is not None or info.custom_logit_processors is not None:
+            info.grammars is not None or info.custom_logit_processors is not None:
         return None
     return _kind_of(info)
 

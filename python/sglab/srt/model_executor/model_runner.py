@@ -9,6 +9,7 @@ import torch
 
 from sglab.srt.configs.model_config import ModelConfig
 from sglab.srt.configs.model_options import ModelOptions
+from sglab.srt.constrained.grammar_backend import VocabMask
 from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.distributed.parallel_state import (
     get_dp_attention_info,
@@ -274,14 +275,19 @@ class ModelRunner(ModelRunnerMambaMixin):
         penalizer = info.penalizer_orchestrator
         if penalizer is not None:
             logits = penalizer.apply(logits)
-        if info.vocab_mask is not None:
-            logits = info.vocab_mask.apply(logits)
+        mask = None
+        if info.grammars is not None:
+            mask = VocabMask.from_grammars(info.grammars, self.model_config.vocab_size,
+                                           self.device)
+            logits = mask.apply(logits)
         errors: dict[int, str] = {}
         if info.custom_logit_processors is not None:
             logits, errors = apply_custom_logit_processors(logits, info.custom_logit_processors)
         out = self.sampler(logits, info, forward_batch.seq_lens, forward_batch.return_logprob,
                            top_k, forward_batch.token_ids_logprobs)
         out.custom_logit_processor_errors = errors
+        if mask is not None:
+            out.grammar_errors = mask.errors
         if penalizer is not None:
             penalizer.cumulate_output_tokens(out.next_token_ids)
         return out
