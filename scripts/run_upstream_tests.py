@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
@@ -59,9 +60,12 @@ _MODEL = get_default_model_path()
 for _name in ("DEFAULT_MODEL_NAME_FOR_TEST", "DEFAULT_SMALL_MODEL_NAME_FOR_TEST",
               "DEFAULT_SMALL_MODEL_NAME_FOR_TEST_QWEN", "DEFAULT_MOE_MODEL_NAME_FOR_TEST",
               "DEFAULT_REASONING_MODEL_NAME_FOR_TEST", "DEFAULT_ENABLE_THINKING_MODEL_NAME_FOR_TEST",
-              "DEFAULT_SMALL_EMBEDDING_MODEL_NAME_FOR_TEST"):
+              "DEFAULT_SMALL_EMBEDDING_MODEL_NAME_FOR_TEST",
+              "DEFAULT_SMALL_CROSS_ENCODER_MODEL_NAME_FOR_TEST"):
     globals()[_name] = _MODEL
 DEFAULT_TIMEOUT_FOR_SERVER_LAUNCH = 600
+STDOUT_FILENAME = "/tmp/sglab-upstream-test-stdout.txt"
+STDERR_FILENAME = "/tmp/sglab-upstream-test-stderr.txt"
 
 
 def _free_port():
@@ -128,6 +132,10 @@ def kill_process_tree(pid, include_parent=True, **_):
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+
+
+def kill_child_process(pid, including_parent=True, **_):
+    kill_process_tree(pid, include_parent=including_parent)
 '''
 
 _ENVIRON = '''
@@ -166,28 +174,48 @@ class _Envs:
 envs = _Envs()
 '''
 
+_RUNNERS = '''
+"""Query/document pairs for upstream's rerank cases (sglab serves no cross-encoder)."""
+TEST_RERANK_QUERY_DOCS = [
+    {"query": "Where is the Eiffel Tower?", "documents": ["It is in Paris."]},
+    {"query": "Where is the Eiffel Tower?",
+     "documents": ["It is in Paris.", "Paris is in France."]},
+]
+'''
+
 _SHIM = {
     "sglang/__init__.py": "",
     "sglang/test/__init__.py": "",
     "sglang/test/test_utils.py": _TEST_UTILS,
+    "sglang/test/runners.py": _RUNNERS,
     "sglang/test/ci/__init__.py": "",
     "sglang/test/ci/ci_register.py": "def __getattr__(name):\n    return lambda *a, **k: None\n",
     "sglang/srt/__init__.py": "",
     "sglang/srt/utils/__init__.py": _SRT_UTILS,
     "sglang/srt/environ.py": _ENVIRON,
     "sglang/srt/sampling/__init__.py": "",
+    "sglang/srt/sampling/sampling_params.py":
+        "from sglab.srt.sampling.sampling_params import *  # noqa: F401,F403\n",
+    "sglang/srt/utils/hf_transformers_utils.py":
+        "from sglab.srt.utils.hf_transformers_utils import get_tokenizer  # noqa: F401\n",
+    "sglang/srt/entrypoints/__init__.py": "",
+    "sglang/srt/entrypoints/engine.py": "from sglab.srt.entrypoints.engine import Engine  # noqa\n",
     "sglang/srt/sampling/custom_logit_processor.py":
         "from sglab.srt.sampling.custom_logit_processor import *  # noqa: F401,F403\n"
         "from sglab.srt.sampling.custom_logit_processor import CustomLogitProcessor  # noqa\n",
 }
 
 
-def write_shim(root: str) -> None:
+def write_shim(root: str, upstream_dir: str) -> None:
     for rel, text in _SHIM.items():
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(textwrap.dedent(text).lstrip())
+    # Upstream's shared test mixins (sglang/test/kits) only speak HTTP: take them from the checkout.
+    kits = os.path.join(upstream_dir, "python", "sglang", "test", "kits")
+    if os.path.isdir(kits):
+        shutil.copytree(kits, os.path.join(root, "sglang", "test", "kits"), dirs_exist_ok=True)
 
 
 def run_file(path: str, shim: str, timeout: int) -> dict:
@@ -250,7 +278,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per file")
     args = parser.parse_args()
     shim = tempfile.mkdtemp(prefix="sglang-shim-")
-    write_shim(shim)
+    write_shim(shim, args.upstream_dir)
     results = []
     for rel in args.files:
         path = os.path.join(args.upstream_dir, rel)

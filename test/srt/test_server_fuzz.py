@@ -68,7 +68,8 @@ def _fields(model) -> list[str]:
 GENERATE_FIELDS = sorted(f for f in GenerateReqInput.__dataclass_fields__
                          if f not in ("is_single", "batch_size"))
 SAMPLING_FIELDS = sorted(f for f in SamplingParams.__dataclass_fields__
-                         if f not in ("stop_strs", "stop_str_max_len", "stop_regex_strs"))
+                         if f not in ("stop_strs", "stop_str_max_len", "stop_regex_strs",
+                                      "stop_regex_max_len"))
 UPSTREAM_ONLY = ["priority", "extra_key", "bootstrap_host", "return_entropy", "stop_regex",
                  "custom_logit_processor", "best_of", "suffix", "tools", "functions",
                  "response_format", "logit_bias", "routed_dp_rank", "start_step"]

@@ -204,9 +204,9 @@ class Req:
                     self.finished_reason = finish_stop(stop)
                     return
         if params.stop_regex_strs and tokenizer is not None:
-            # A pattern's match may span the whole output: search all of it (upstream bounds
-            # the tail by the pattern's longest match, unbounded for `+` and `*`).
-            text = tokenizer.decode(self.output_ids)
+            # As upstream: a match is at most stop_regex_max_len characters, so that many
+            # tokens (plus one) hold it; an unbounded pattern (`*`, `+`) searches all the output.
+            text = tokenizer.decode(self.output_ids[-(params.stop_regex_max_len + 1):])
             for pattern in params.stop_regex_strs:
                 if re.search(pattern, text):
                     self.finished_reason = finish_stop(pattern)

@@ -8,10 +8,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+try:
+    from re import _parser as _regex_parser
+except ImportError:  # Python < 3.11
+    import sre_parse as _regex_parser
+
 _SAMPLING_EPS = 1e-6
 TOP_K_ALL = 1 << 30
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-_DERIVED = ("stop_strs", "stop_str_max_len", "stop_regex_strs")
+_DERIVED = ("stop_strs", "stop_str_max_len", "stop_regex_strs", "stop_regex_max_len")
+MAX_LEN = 2**30  # get_max_seq_length of a pattern with no bound (`*`, `+`, `{n,}`)
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
                  "repetition_penalty")
 
@@ -47,6 +53,7 @@ class SamplingParams:
     stop_strs: list[str] = field(default_factory=list, repr=False)
     stop_str_max_len: int = 0
     stop_regex_strs: list[str] = field(default_factory=list, repr=False)
+    stop_regex_max_len: int = 0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -168,6 +175,8 @@ class SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_strs = [s for s in stops if s]
         self.stop_regex_strs = [p for p in _as_list(self.stop_regex) if p]
+        if self.stop_regex_strs:
+            self.stop_regex_max_len = max(get_max_seq_length(p) for p in self.stop_regex_strs)
         if self.stop_strs:
             if tokenizer is None:
                 self.stop_str_max_len = max(len(s) for s in self.stop_strs)
@@ -175,6 +184,11 @@ class SamplingParams:
                 self.stop_str_max_len = max(
                     len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop_strs
                 )
+
+
+def get_max_seq_length(regex_str: str) -> int:
+    """The longest string (in characters) regex_str can match; MAX_LEN when unbounded."""
+    return min(_regex_parser.parse(regex_str).getwidth()[1], MAX_LEN)
 
 
 def choice_seed(seed: int, index: int) -> int:
