@@ -47,7 +47,7 @@ COMPONENTS = {
     "graph inputs upload": ("sglab.srt.model_executor.cuda_graph_runner", "GraphInputs",
                             "upload"),
     "graph run (upload + replay launch)": ("sglab.srt.model_executor.cuda_graph_runner",
-                                           "CudaGraphRunner", "run"),
+                                           "CudaGraphRunner", "replay"),
     "forward_batch_generation": ("sglab.srt.managers.tp_worker", "TpModelWorker",
                                  "forward_batch_generation"),
     "result wait + read": ("sglab.srt.managers.tp_worker", "GenerationBatchResult",

@@ -270,19 +270,12 @@ class CudaGraphRunner:
             raw_bs = max(batch.global_num_tokens)
         return self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
 
-    def run(self, batch: "ModelWorkerBatch") -> tuple[LogitsProcessorOutput, SampleOutput]:
-        """A decode step through a graph: upload, replay, and, where the graph's sampler is not
-        what the batch asks (logprobs, penalties, grammars), sample from the graph's logits."""
-        logits_output, sample_output = self.replay(batch)
-        if sample_output is None:
-            sample_output = self.sample_after_replay(batch, logits_output)
-        return logits_output, sample_output
-
     @torch.inference_mode()
     def replay(self, batch: "ModelWorkerBatch",
                ) -> tuple[LogitsProcessorOutput, SampleOutput | None]:
-        """Upload and replay; the sample too when the graph ends with the batch's sampler
-        (else None: `sample_after_replay`)."""
+        """A decode step through a graph: upload and replay; the sample too when the graph ends
+        with the batch's sampler (else None: the worker calls `sample_after_replay`, for
+        logprobs, penalties, grammars)."""
         raw_bs = len(batch.seq_lens_cpu)
         bs = self._graph_bs(batch)
         with audit_region("ForwardBatch.init_new"):
