@@ -320,10 +320,15 @@ def check_same_inputs(first: dict, run: dict) -> None:
 
 def run_steps(args: argparse.Namespace, variants: list[Variant], steps: list[Step],
               workloads: list[list[str]], kv_cap: list[str]) -> list[list[dict]]:
-    """Every step against its server, each workload in turn: runs[workload] in run order."""
+    """Every step against its server, each workload in turn: runs[workload] in run order.
+    With `--time-budget`, a step that would likely end past the budget is not started."""
     runs: list[list[dict]] = [[] for _ in workloads]
+    start, longest = time.monotonic(), 0.0
     with ServerSet(args, variants, kv_cap) as servers:
         for step in steps:
+            if args.time_budget and time.monotonic() - start + longest > args.time_budget:
+                break
+            began = time.monotonic()
             server, fresh = servers.server_for(step)
             switch = step.audited and not fresh and args.audit == "first"
             for j, bench_argv in enumerate(workloads):
@@ -333,6 +338,7 @@ def run_steps(args: argparse.Namespace, variants: list[Variant], steps: list[Ste
                 runs[j].append(run)
             if fresh:
                 servers.stop(server)
+            longest = max(longest, time.monotonic() - began)
     return runs
 
 
@@ -429,6 +435,9 @@ def _rounds_table(runs: list[dict]) -> list[str]:
 
 def _method(report: dict) -> str:
     n = report["rounds"]
+    planned, ran = report.get("planned_runs"), len(report["runs"])
+    cut = (f" (stopped by `--time-budget` after {ran} of the {planned} planned runs)"
+           if planned and ran < planned else "")
     launch = ("a fresh server per round" if report["restart_each_round"] else
               "each variant's server launched once, all kept alive")
     cap = report["kv_cap"]
@@ -444,7 +453,7 @@ def _method(report: dict) -> str:
              "all": "every run audited, timed rounds included (their timings carry the audit's "
                     "cost)", "none": "no sync audit"}
     return (f"Model `{report['model_path']}`, server args `{report['server_args']}`, bench args "
-            f"`{' '.join(report['bench_args'])}`. {n} rounds per variant in ABBA order, "
+            f"`{' '.join(report['bench_args'])}`. {n} rounds per variant in ABBA order{cut}, "
             f"{launch}{cap_note}; the first round of each variant is a warm-up, left out of the "
             f"statistics; {audit[report['audit']]}. Ratio = on/off of the median (or P95) over "
             f"rounds (round metrics) or over requests pooled from the timed rounds; 95% "
@@ -557,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out-dir", default="benchmark/results")
     add("--tag", default=None, help="file name stem (default: date + patch)")
     add("--launch-timeout", type=float, default=600.0)
+    add("--time-budget", type=float, default=None, metavar="SECONDS",
+        help="start no round that would likely end past SECONDS (by the longest round so "
+             "far); the report covers the rounds run and says how many were planned")
     add("--request-rates", type=float, nargs="+", default=None,
         help="one workload per rate against the same servers (each gets its own report, "
              "file stem + -rate<R>)")
@@ -621,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "reason": f"{live} servers at once"} if kv_cap else None,
             "mamba_cap": {"max_mamba_cache_size": int(mamba_cap[1]),
                           "reason": f"{live} servers at once"} if mamba_cap else None,
-            "provenance": provenance(args.commit)}
+            "planned_runs": len(steps), "provenance": provenance(args.commit)}
     try:
         runs = run_steps(args, variants, steps, [w for _, w in workloads],
                          kv_cap + mamba_cap)

@@ -124,6 +124,26 @@ def test_three_way_each_on_variant_against_off(tmp_path, monkeypatch):
     assert md.index("## on:pr vs off") < md.index("## on:packed vs off") < md.index("## Rounds")
 
 
+def test_time_budget_starts_no_round_that_would_end_past_it(tmp_path, monkeypatch):
+    """Each round takes 10 s of a fake clock: with a 35 s budget the fourth round (30 s + 10 s
+    > 35 s) is not started, the report covers three runs and says six were planned."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(bench_ab.time, "monotonic", lambda: clock["t"])
+    fakes = Fakes(monkeypatch)
+    run = fakes.run
+
+    def slow(*a, **k):
+        clock["t"] += 10.0
+        return run(*a, **k)
+
+    monkeypatch.setattr(bench_ab, "run_workload", slow)
+    report = _main(tmp_path, "--time-budget", "35")
+    assert [(v, r) for _, v, r in fakes.rounds] == [("off", 1), ("on", 1), ("on", 2)]
+    assert len(report["runs"]) == 3 and report["planned_runs"] == 6
+    assert sorted(fakes.stopped) == ["fake://1", "fake://2"]
+    assert "after 3 of the 6 planned runs" in (tmp_path / "ab.md").read_text()
+
+
 def test_warmup_rounds_are_reported_but_not_counted(tmp_path, monkeypatch):
     """Warm-up rounds 10x slower than the rest: the ratios see only the timed rounds."""
     rng = np.random.default_rng(0)
