@@ -32,7 +32,9 @@ def test_commit_precedence_flag_env_git(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU record")
 def test_software_stack_on_cpu():
     assert pv.software_stack() == {"gpu": "cpu", "driver": None, "cuda": None,
-                                   "torch": torch.__version__, "triton": triton.__version__}
+                                   "torch": torch.__version__, "triton": triton.__version__,
+                                   "host_cpu": pv.host_cpu()}
+    assert pv.host_cpu()  # the CI machine's /proc/cpuinfo names its model
 
 
 def test_provenance_line():
@@ -40,6 +42,7 @@ def test_provenance_line():
          "driver": "570.1", "cuda": "12.8", "torch": "2.9.0", "triton": None}
     assert pv.provenance_line(p) == ("commit `abc` (SGLAB_COMMIT) · NVIDIA H200, driver 570.1, "
                                      "CUDA 12.8, torch 2.9.0")
+    assert pv.provenance_line({**p, "host_cpu": "Intel Xeon"}).endswith("torch 2.9.0, host Intel Xeon")
 
 
 def test_benchmark_reports_lead_with_provenance(monkeypatch):

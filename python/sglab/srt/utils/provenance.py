@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import subprocess
 
 COMMIT_ENV = "SGLAB_COMMIT"
@@ -42,8 +43,10 @@ def _git_head() -> str:
 
 
 def software_stack() -> dict:
-    """GPU name, driver, CUDA, torch and triton versions ("cpu" for the GPU on a CPU machine)."""
-    stack: dict = {"gpu": "cpu", "driver": None, "cuda": None, "torch": None, "triton": None}
+    """GPU name, driver, CUDA, torch and triton versions ("cpu" for the GPU on a CPU machine),
+    and the host CPU model: host-side timings (the decode loop's µs per component) follow it."""
+    stack: dict = {"gpu": "cpu", "driver": None, "cuda": None, "torch": None, "triton": None,
+                   "host_cpu": host_cpu()}
     try:
         import torch
     except ImportError:
@@ -59,6 +62,18 @@ def software_stack() -> dict:
     except ImportError:
         pass
     return stack
+
+
+def host_cpu() -> str | None:
+    """The CPU model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _nvidia_driver() -> str | None:
@@ -78,6 +93,7 @@ def provenance(commit: str | None = None) -> dict:
 
 def provenance_line(p: dict) -> str:
     """One markdown line: `commit X (source) · GPU, driver D, CUDA C, torch T, triton R`."""
-    labels = {"driver": "driver", "cuda": "CUDA", "torch": "torch", "triton": "triton"}
+    labels = {"driver": "driver", "cuda": "CUDA", "torch": "torch", "triton": "triton",
+              "host_cpu": "host"}
     parts = [p["gpu"]] + [f"{label} {p[k]}" for k, label in labels.items() if p.get(k)]
     return f"commit `{p['commit']}` ({p['commit_source']}) · {', '.join(parts)}"
