@@ -26,10 +26,9 @@ CONSTRAINTS = [("regex", PHONE), ("json_schema", json.dumps(SCHEMA))]
 PROMPTS = ["Generate a phone number:", "JSON:", "a" * 40, "b" * 23 + "c" * 30]
 SEEDS = [1, 2, 3]
 CONFIGS = {
-    "overlap": {},
-    "merges": {"max_running_requests": 2, "chunked_prefill_size": 16},
     "retraction": {"max_total_tokens": 160, "chunked_prefill_size": 16},
-    "no-radix": {"disable_radix_cache": True, "max_running_requests": 5},
+    "merges-no-radix": {"max_running_requests": 2, "chunked_prefill_size": 16,
+                        "disable_radix_cache": True},
 }
 
 
