@@ -150,5 +150,7 @@ def _seeded_sample(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
     x = x * 0x297A2D39
     x = x ^ (x >> 15)
     u = ((x & 0xFFFFFF).float() + 0.5) / float(1 << 24)
-    exp_noise = -torch.log(u)
+    # The top draw rounds to u == 1.0 in float32: E would be -0.0, and p / E NaN (the argmax)
+    # for every zero-probability (masked, filtered) token. 2**-25 is -log(1 - 2**-25).
+    exp_noise = (-torch.log(u)).clamp_min(2.0 ** -25)
     return (probs / exp_noise).argmax(dim=-1)

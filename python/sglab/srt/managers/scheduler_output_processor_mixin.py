@@ -71,7 +71,8 @@ class SchedulerOutputProcessorMixin:
         result.token_ids_offsets = _token_ids_offsets(batch)
         for i, req in enumerate(batch.reqs):
             if req.finished_reason is not None:
-                self._release_overlap_slot(req, batch.out_cache_loc[i])
+                self._release_overlap_slot(req, batch.out_cache_loc[i],
+                                           int(batch.seq_lens_cpu[i]) - 1)
                 continue
             try:
                 self._append_token(req, result, i)
@@ -82,7 +83,8 @@ class SchedulerOutputProcessorMixin:
             if req.finished_reason is not None:
                 if self.hisparse is not None:
                     self.hisparse.request_finished(req)
-                self.tree_cache.cache_finished_req(req)
+                # This step's KV is written even when its token is dropped (a failed processor).
+                self.tree_cache.cache_finished_req(req, int(batch.seq_lens_cpu[i]))
         self.num_generated_tokens += len(batch.reqs)
         self.stream_output(batch.reqs)
 
@@ -96,10 +98,10 @@ class SchedulerOutputProcessorMixin:
                 req.mamba_next_track_idx)
             req.mamba_last_track_seqlen = seq_len
 
-    def _release_overlap_slot(self: Scheduler, req: Req, slot: torch.Tensor) -> None:
-        """A request that finished one step earlier was decoded once more; drop that step."""
+    def _release_overlap_slot(self: Scheduler, req: Req, slot: torch.Tensor, pos: int) -> None:
+        """A request that finished one step earlier was decoded once more (its slot at `pos`);
+        drop that step."""
         req.num_pending_tokens -= 1
-        pos = len(req.origin_input_ids) + len(req.output_ids) - 1
         if self.page_size == 1 or pos % self.page_size == 0:
             self.token_to_kv_pool_allocator.free(slot.view(1))
 
