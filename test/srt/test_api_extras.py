@@ -205,6 +205,16 @@ def test_responses_create_and_retrieve(client, http, server, tokenizer):
     assert again.id == res.id and again.output_text == want
 
 
+def test_responses_usage_has_upstream_usage_info_names(http, server, tokenizer):
+    body = {"model": "default", "input": "Hi", "max_output_tokens": 5, "temperature": 0,
+            "ignore_eos": True}
+    usage = _post(http, server, "/v1/responses", body)["usage"]
+    _, prompt_len = _greedy_reply(http, server, tokenizer, [{"role": "user", "content": "Hi"}], 5)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt_len, 5)
+    assert (usage["input_tokens"], usage["output_tokens"]) == (prompt_len, 5)
+    assert usage["total_tokens"] == prompt_len + 5 and usage["reasoning_tokens"] == 0
+
+
 def test_responses_stream_openai_events(client, http, server, tokenizer):
     input_items = [{"role": "user", "content": [{"type": "input_text", "text": "Count"}]}]
     with client.responses.stream(model="default", input=input_items, max_output_tokens=7,
