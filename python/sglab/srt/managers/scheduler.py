@@ -41,6 +41,7 @@ from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglab.srt.managers.scheduler_dp_attention_mixin import SchedulerDPAttentionMixin
 from sglab.srt.managers.scheduler_grammar_mixin import SchedulerGrammarMixin
 from sglab.srt.managers.scheduler_lora_mixin import SchedulerLoRAMixin
+from sglab.srt.managers.scheduler_metrics_mixin import SchedulerMetricsMixin
 from sglab.srt.managers.scheduler_output_processor_mixin import (
     SchedulerOutputProcessorMixin,
     internal_error,
@@ -68,10 +69,11 @@ _DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
 
 
 class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProfilerMixin,
-                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin, SchedulerDPAttentionMixin):
+                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin, SchedulerDPAttentionMixin,
+                SchedulerMetricsMixin):
     """The loop: receive, schedule, launch, process. Result processing and output building,
-    LoRA, the profiler, the idle checks, grammars and DP attention's per-step agreement live in
-    the mixins (upstream's layout)."""
+    LoRA, the profiler, the idle checks, grammars, DP attention's per-step agreement and the
+    decode statistics live in the mixins (upstream's layout)."""
 
     def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None,
                  tp_rank: int = 0):
@@ -114,9 +116,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.chunked_req: Req | None = None
         self.last_batch: ScheduleBatch | None = None
         self.forward_ct = 0
-        self.num_generated_tokens = 0
-        self.last_gen_throughput = 0.0
-        self._tic = time.perf_counter()
+        self.init_metrics()
         self.init_profiler()
         self.outputs: list[BatchTokenIDOutput] = []
         # Set when a failed batch's requests ran one by one during this step.

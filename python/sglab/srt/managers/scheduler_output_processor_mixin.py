@@ -84,6 +84,7 @@ class SchedulerOutputProcessorMixin:
                     self.hisparse.request_finished(req)
                 self.tree_cache.cache_finished_req(req)
         self.num_generated_tokens += len(batch.reqs)
+        self.report_decode_stats(batch)
         self.stream_output(batch.reqs)
 
     def _mamba_prefix_cache_update(self: Scheduler, req: Req) -> None:
