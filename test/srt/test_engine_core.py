@@ -198,6 +198,8 @@ def test_abort_all_with_test_retraction(qwen3_path, monkeypatch):
         assert len(out.logprobs["output_token_logprobs_val"]) == len(out.output_ids)
     _check_idle(runner)
 
+
+def test_stop_conditions(qwen3_path):
     runner = SchedulerRunner(model_path=qwen3_path)
     prompt = _prompts(1000, [12], seed=9)[0]
     (free,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 10})
@@ -207,6 +209,9 @@ def test_abort_all_with_test_retraction(qwen3_path, monkeypatch):
                                             "stop_token_ids": [stop_id]})
     assert stopped.output_ids == free.output_ids[:first + 1]
     assert stopped.finish_reason == {"type": "stop", "matched": stop_id}
+    (unsampled,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 10,
+                                              "stop_token_ids": [10**6, -1]})
+    assert unsampled.output_ids == free.output_ids  # ids outside the vocabulary never stop
     text = runner.tokenizer.decode(free.output_ids[first + 1:first + 3])
     if text.strip():
         (by_str,) = runner.generate([prompt], {"temperature": 0, "max_new_tokens": 10,
