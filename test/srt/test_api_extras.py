@@ -67,6 +67,19 @@ def test_generate_token_ids_logprob_matches_hf(http, server, server_hf):
     torch.testing.assert_close(torch.tensor(got), ref[:4][:, LABELS], atol=2e-5, rtol=1e-4)
 
 
+def test_prefill_only_token_ids_logprob_is_the_next_position(http, server, server_hf):
+    """What /v1/score's prefill-only requests read: no token, the labels' next logprobs."""
+    prompt = [31, 32, 33]
+    out = _post(http, server, "/generate", {
+        "input_ids": prompt, "return_logprob": True, "token_ids_logprob": LABELS,
+        "sampling_params": {"max_new_tokens": 0}})
+    meta = out["meta_info"]
+    assert out["output_ids"] == [] and meta["completion_tokens"] == 0
+    assert meta["output_token_logprobs"] == [] and len(meta["output_token_ids_logprobs"]) == 1
+    got = [lp for lp, _, _ in meta["output_token_ids_logprobs"][0]]
+    torch.testing.assert_close(torch.tensor(got), _next_logprobs(server_hf, prompt)[LABELS],
+                               atol=2e-5, rtol=1e-4)
+
 @pytest.mark.parametrize("body,message", [
     ({"token_ids_logprob": [5, 10 ** 6]}, "Token ID 1000000 is out of vocabulary (vocab size: "),
     ({"token_ids_logprob": [[1], [2]], "sampling_params": {"n": 2}},
@@ -203,6 +216,16 @@ def test_responses_create_and_retrieve(client, http, server, tokenizer):
     assert (res.usage.input_tokens, res.usage.output_tokens) == (prompt_len, 6)
     again = client.responses.retrieve(res.id)
     assert again.id == res.id and again.output_text == want
+
+
+def test_responses_usage_has_upstream_usage_info_names(http, server, tokenizer):
+    body = {"model": "default", "input": "Hi", "max_output_tokens": 5, "temperature": 0,
+            "ignore_eos": True}
+    usage = _post(http, server, "/v1/responses", body)["usage"]
+    _, prompt_len = _greedy_reply(http, server, tokenizer, [{"role": "user", "content": "Hi"}], 5)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt_len, 5)
+    assert (usage["input_tokens"], usage["output_tokens"]) == (prompt_len, 5)
+    assert usage["total_tokens"] == prompt_len + 5 and usage["reasoning_tokens"] == 0
 
 
 def test_responses_stream_openai_events(client, http, server, tokenizer):

@@ -233,6 +233,8 @@ def test_duplicate_rid_and_too_many_completion_tokens_use_upstream_wording(http,
     res, lines = _start_stream(server, {"text": "a", "rid": rid, "sampling_params": LONG})
     dup = _generate(http, server, {"text": "b", "rid": rid}, 400)
     assert dup["error"]["message"] == f"Duplicate request ID detected: {rid}"
+    batch = _generate(http, server, {"text": ["b", "c", "d"], "rid": ["x", "y", "x"]}, 400)
+    assert batch["error"]["message"] == "Duplicate request IDs detected within the request: ['x']"
     http.post(f"{server.base_url}/abort_request", json={"rid": rid}, timeout=30)
     assert _last_event(lines)["meta_info"]["finish_reason"]["type"] == "abort"
     res.close()

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sglab.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglab.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
 from sglab.srt.sampling.sampling_params import SamplingParams
 from sglab.test.runners import HFRunner, SchedulerRunner
 
@@ -174,6 +174,31 @@ def test_retraction_keeps_outputs(qwen3_path):
     _check_idle(runner)
 
 
+def test_abort_all_with_test_retraction(qwen3_path, monkeypatch):
+    """Upstream's SGLANG_TEST_RETRACT hooks: a forced retraction every 3rd step and no prefill
+    past 2 running requests leave retracted requests queued with partial outputs; abort_all
+    ends them "in waiting queue" with those outputs and their logprobs."""
+    monkeypatch.setenv("SGLANG_TEST_RETRACT", "True")
+    monkeypatch.setenv("SGLANG_TEST_RETRACT_NO_PREFILL_BS", "2")
+    runner = SchedulerRunner(model_path=qwen3_path)
+    prompts = _prompts(1000, [8, 9, 10, 11, 12], seed=11)
+    rids = [runner.submit(p, {**GREEDY, "max_new_tokens": 200}, return_logprob=True)
+            for p in prompts]
+    for _ in range(8):
+        runner.scheduler.run_step()
+    queued = [r for r in runner.scheduler.waiting_queue if r.output_ids]
+    assert queued and all(r.total_retractions > 0 for r in queued)
+    runner.scheduler.abort_request(AbortReq(abort_all=True))
+    outs = runner.run()
+    assert all(outs[r].finish_reason["type"] == "abort" for r in rids)
+    for req in queued:
+        out = outs[req.rid]
+        assert out.finish_reason["message"] == "Abort in waiting queue"
+        assert out.output_ids == req.output_ids
+        assert len(out.logprobs["output_token_logprobs_val"]) == len(out.output_ids)
+    _check_idle(runner)
+
+
 def test_stop_conditions(qwen3_path):
     runner = SchedulerRunner(model_path=qwen3_path)
     prompt = _prompts(1000, [12], seed=9)[0]
@@ -184,6 +209,9 @@ def test_stop_conditions(qwen3_path):
                                             "stop_token_ids": [stop_id]})
     assert stopped.output_ids == free.output_ids[:first + 1]
     assert stopped.finish_reason == {"type": "stop", "matched": stop_id}
+    (unsampled,) = runner.generate([prompt], {**GREEDY, "max_new_tokens": 10,
+                                              "stop_token_ids": [10**6, -1]})
+    assert unsampled.output_ids == free.output_ids  # ids outside the vocabulary never stop
     text = runner.tokenizer.decode(free.output_ids[first + 1:first + 3])
     if text.strip():
         (by_str,) = runner.generate([prompt], {"temperature": 0, "max_new_tokens": 10,

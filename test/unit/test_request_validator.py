@@ -19,7 +19,7 @@ def _req(input_ids=(1, 2, 3), params=None, **kwargs) -> TokenizedGenerateReqInpu
 
 
 def test_a_good_request_passes_unchanged():
-    req = _req(params={"temperature": 0.5, "stop_token_ids": [99]}, return_logprob=True,
+    req = _req(params={"temperature": 0.5, "stop_token_ids": [99, 119690]}, return_logprob=True,
                logprob_start_len=2, top_logprobs_num=100, lora_path="a")
     before = repr(req)
     VALIDATOR.validate(req, loaded_adapters={"a": "/path"})
@@ -33,7 +33,7 @@ def test_a_good_request_passes_unchanged():
     (_req([1, 100]), "Token id 100 in input_ids is out of the vocabulary [0, 100)"),
     (_req([-1]), "Token id -1 in input_ids"),
     (_req(params={"top_p": 0}), "top_p must be in (0, 1]"),
-    (_req(params={"stop_token_ids": [100]}), "stop_token_ids must be in [0, 100)"),
+    (_req(params={"stop_token_ids": [2**64]}), "stop_token_ids must be 64-bit signed"),
     (_req(params={"ignore_eos": 1}), "ignore_eos must be a boolean"),
     (_req(params={"stream_interval": 2}), "stream_interval is not supported"),
     (_req(params={"min_new_tokens": 9, "max_new_tokens": 3}), "min_new_tokens must be <="),

@@ -67,6 +67,7 @@ class ServerArgs:
     stream_interval: int = 1
     enable_metrics: bool = False
     log_level: str = "info"
+    decode_log_interval: int = 40
     # Memory and scheduling.
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
@@ -251,6 +252,7 @@ class ServerArgs:
         self._check_positive("max_prefill_tokens", self.max_prefill_tokens)
         self._check_positive("context_length", self.context_length)
         self._check_positive("stream_interval", self.stream_interval)
+        self._check_positive("decode_log_interval", self.decode_log_interval)
         self._check_positive("cuda_graph_max_bs", self.cuda_graph_max_bs)
         self._check_positive("prefill_cuda_graph_max_tokens", self.prefill_cuda_graph_max_tokens)
         if self.cuda_graph_bs and min(self.cuda_graph_bs) <= 0:
@@ -506,6 +508,8 @@ class ServerArgs:
           help="Enable log prometheus metrics (served at /metrics).")
         a("--log-level", type=str, default=d.log_level, choices=LOG_LEVEL_CHOICES,
           help="The logging level of all loggers.")
+        a("--decode-log-interval", type=int, default=d.decode_log_interval,
+          help="The log interval of decode batch.")
         a("--mem-fraction-static", type=float, default=d.mem_fraction_static,
           help="The fraction of the memory used for static allocation (model weights and KV "
                "cache memory pool). Use a smaller value if you see out-of-memory errors.")

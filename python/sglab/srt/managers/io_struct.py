@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,8 @@ class GenerateReqInput:
         self.rid = _expand(self.rid, n, "rid", str, None)
         self.rid = [r if r is not None else uuid.uuid4().hex for r in self.rid]
         if len(set(self.rid)) != n:
-            raise ValueError("rid must be unique within a batch.")
+            duplicates = [r for r, count in Counter(self.rid).items() if count > 1]
+            raise ValueError(f"Duplicate request IDs detected within the request: {duplicates}")
         self.return_logprob = _expand(self.return_logprob, n, "return_logprob", bool, False)
         self.logprob_start_len = _expand(self.logprob_start_len, n, "logprob_start_len", int, -1)
         self.top_logprobs_num = _expand(self.top_logprobs_num, n, "top_logprobs_num", int, 0)

@@ -41,6 +41,7 @@ from sglab.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglab.srt.managers.scheduler_dp_attention_mixin import SchedulerDPAttentionMixin
 from sglab.srt.managers.scheduler_grammar_mixin import SchedulerGrammarMixin
 from sglab.srt.managers.scheduler_lora_mixin import SchedulerLoRAMixin
+from sglab.srt.managers.scheduler_metrics_mixin import SchedulerMetricsMixin
 from sglab.srt.managers.scheduler_output_processor_mixin import (
     SchedulerOutputProcessorMixin,
     internal_error,
@@ -62,16 +63,21 @@ REQ_WAITING_TIMEOUT_ENV = "SGLANG_REQ_WAITING_TIMEOUT"
 REQ_RUNNING_TIMEOUT_ENV = "SGLANG_REQ_RUNNING_TIMEOUT"
 _DEPRECATED_MS_ENVS = {REQ_WAITING_TIMEOUT_ENV: "SGLANG_QUEUED_TIMEOUT_MS",
                        REQ_RUNNING_TIMEOUT_ENV: "SGLANG_FORWARD_TIMEOUT_MS"}
+# Upstream's retraction test hooks: retract every SGLANG_TEST_RETRACT_INTERVAL-th step, and
+# admit no prefill while more than SGLANG_TEST_RETRACT_NO_PREFILL_BS requests run.
+TEST_RETRACT_ENV = "SGLANG_TEST_RETRACT"
+ABORT_IN_WAITING_QUEUE = "Abort in waiting queue"  # upstream's message
 _DEVICE_FAULTS = tuple(getattr(torch, name) for name in ("AcceleratorError",)
                        if hasattr(torch, name))
 
 
 
 class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProfilerMixin,
-                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin, SchedulerDPAttentionMixin):
+                SchedulerRuntimeCheckerMixin, SchedulerGrammarMixin, SchedulerDPAttentionMixin,
+                SchedulerMetricsMixin):
     """The loop: receive, schedule, launch, process. Result processing and output building,
-    LoRA, the profiler, the idle checks, grammars and DP attention's per-step agreement live in
-    the mixins (upstream's layout)."""
+    LoRA, the profiler, the idle checks, grammars, DP attention's per-step agreement and the
+    decode statistics live in the mixins (upstream's layout)."""
 
     def __init__(self, server_args: ServerArgs, port_args: PortArgs | None = None,
                  tp_rank: int = 0):
@@ -109,14 +115,16 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.seed_rng = random.Random(server_args.random_seed)
         self.req_waiting_timeout_s = env_timeout_s(REQ_WAITING_TIMEOUT_ENV)
         self.req_running_timeout_s = env_timeout_s(REQ_RUNNING_TIMEOUT_ENV)
+        self.test_retract = os.environ.get(TEST_RETRACT_ENV, "").lower() in ("1", "true")
+        self.test_retract_interval = int(os.environ.get("SGLANG_TEST_RETRACT_INTERVAL", 3))
+        self.test_retract_no_prefill_bs = int(
+            os.environ.get("SGLANG_TEST_RETRACT_NO_PREFILL_BS", 2 ** 31))
         self.waiting_queue: list[Req] = []
         self.running_batch: ScheduleBatch = self._new_batch([])
         self.chunked_req: Req | None = None
         self.last_batch: ScheduleBatch | None = None
         self.forward_ct = 0
-        self.num_generated_tokens = 0
-        self.last_gen_throughput = 0.0
-        self._tic = time.perf_counter()
+        self.init_metrics()
         self.init_profiler()
         self.outputs: list[BatchTokenIDOutput] = []
         # Set when a failed batch's requests ran one by one during this step.
@@ -387,7 +395,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         self.waiting_queue = [r for r in self.waiting_queue if not match(r)]
         for req in aborted:
             logger.debug("Abort queued request. req.rid=%r", req.rid)  # upstream's line
-            req.finished_reason = finish_abort(recv_req.message)
+            req.finished_reason = finish_abort(ABORT_IN_WAITING_QUEUE)
         self.stream_output(aborted)
         for req in self.running_batch.reqs + ([self.chunked_req] if self.chunked_req else []):
             if match(req):
@@ -482,6 +490,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         max_new = self.max_running_requests - running
         if max_new <= 0 and self.chunked_req is None:
             return None
+        if self.test_retract and len(self.running_batch.reqs) > self.test_retract_no_prefill_bs:
+            return None
         prefix_computed = self.policy.calc_priority(self.waiting_queue, self._match_prefix)
         adder = PrefillAdder(
             self.tree_cache, self.running_batch.reqs,
@@ -541,15 +551,18 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
         _drop_finishing(batch)
         if batch.is_empty():
             return False
-        if self.result_queue and not batch.check_decode_mem():
+        forced = self.test_retract and self.forward_ct % self.test_retract_interval == 0
+        if self.result_queue and (forced or not batch.check_decode_mem()):
             # Retraction needs every token on the host: land the in-flight step first.
             self.process_pending_result()
             _drop_finishing(batch)
             if batch.is_empty():
                 return False
-        if not batch.check_decode_mem():
+        if forced or not batch.check_decode_mem():
+            full = not batch.check_decode_mem()
             retracted = batch.retract_decode()
-            logger.info("KV cache full: retracted %d request(s)", len(retracted))
+            if full:
+                logger.info("KV cache full: retracted %d request(s)", len(retracted))
             self.waiting_queue = retracted + self.waiting_queue
         return self._prepare(batch, extend=False)
 

@@ -62,7 +62,10 @@ class SchedulerOutputProcessorMixin:
     def _append_first_token(self: Scheduler, req: Req, result: GenerationBatchResult,
                             i: int) -> None:
         if req.sampling_params.max_new_tokens == 0:
+            # Prefill only: no token, but the next position's token_ids_logprob (scoring's).
             req.finished_reason = finish_length(0)
+            if req.return_logprob and req.token_ids_logprob is not None:
+                _add_next_token_ids_logprobs(req, result, i)
         else:
             self._append_token(req, result, i)
 
@@ -86,6 +89,7 @@ class SchedulerOutputProcessorMixin:
                 # This step's KV is written even when its token is dropped (a failed processor).
                 self.tree_cache.cache_finished_req(req, int(batch.seq_lens_cpu[i]))
         self.num_generated_tokens += len(batch.reqs)
+        self.report_decode_stats(batch)
         self.stream_output(batch.reqs)
 
     def _mamba_prefix_cache_update(self: Scheduler, req: Req) -> None:
@@ -128,10 +132,7 @@ class SchedulerOutputProcessorMixin:
                 req.output_top_logprobs_val.append(result.top_logprobs_val_cpu[i][:k])
                 req.output_top_logprobs_idx.append(result.top_logprobs_idx_cpu[i][:k])
             if req.token_ids_logprob is not None:
-                ids, start = req.token_ids_logprob, result.token_ids_offsets[i]
-                flat = result.token_ids_logprobs_cpu
-                req.output_token_ids_logprobs_val.append(flat[start:start + len(ids)])
-                req.output_token_ids_logprobs_idx.append(list(ids))
+                _add_next_token_ids_logprobs(req, result, i)
         req.check_finished(self.tokenizer, self.context_len)
 
     def _add_input_logprobs(self: Scheduler, req: Req, batch: ScheduleBatch, i: int,
@@ -249,6 +250,13 @@ def _token_ids_offsets(batch: ScheduleBatch) -> list[int] | None:
     for x in ids:
         offsets.append(offsets[-1] + len(x or ()))
     return offsets
+
+
+def _add_next_token_ids_logprobs(req: Req, result: GenerationBatchResult, i: int) -> None:
+    ids, start = req.token_ids_logprob, result.token_ids_offsets[i]
+    flat = result.token_ids_logprobs_cpu
+    req.output_token_ids_logprobs_val.append(flat[start:start + len(ids)])
+    req.output_token_ids_logprobs_idx.append(list(ids))
 
 
 def internal_error(what: str, error: Exception) -> dict:

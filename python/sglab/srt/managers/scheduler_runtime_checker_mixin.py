@@ -15,9 +15,8 @@ if TYPE_CHECKING:
 class SchedulerRuntimeCheckerMixin:
     def on_idle(self: Scheduler) -> None:
         now = time.perf_counter()
-        if now - self._tic > 1 and self.num_generated_tokens:
-            self.last_gen_throughput = self.num_generated_tokens / (now - self._tic)
-            self.num_generated_tokens, self._tic = 0, now
+        if now - self.last_decode_stats_tic > 1 and self.num_generated_tokens:
+            self.update_gen_throughput(now)
         if self.server_args.enable_integrity_check:
             problem = self.check_integrity()
             if problem:

@@ -115,10 +115,10 @@ class SamplingParams:
         if self.sampling_seed is not None and not INT64_MIN <= self.sampling_seed <= INT64_MAX:
             raise ValueError(f"sampling_seed must be a 64-bit signed integer, in [{INT64_MIN}, "
                              f"{INT64_MAX}], got {self.sampling_seed}.")
-        self._verify_stop(vocab_size)
+        self._verify_stop()
         self._verify_logit_bias(vocab_size)
 
-    def _verify_stop(self, vocab_size: int | None) -> None:
+    def _verify_stop(self) -> None:
         stop = self.stop
         if stop is not None and not isinstance(stop, str):
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -127,8 +127,9 @@ class SamplingParams:
             ids = self.stop_token_ids
             if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
                 raise ValueError("stop_token_ids must be a list of integers.")
-            if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
-                raise ValueError(f"stop_token_ids must be in [0, {vocab_size}).")
+            # An id outside the vocabulary is never sampled, so never stops: upstream accepts it.
+            if any(not INT64_MIN <= t <= INT64_MAX for t in ids):
+                raise ValueError("stop_token_ids must be 64-bit signed integers.")
 
     def _verify_stop_regex(self) -> None:
         for pattern in _as_list(self.stop_regex):

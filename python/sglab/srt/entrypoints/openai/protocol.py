@@ -400,12 +400,17 @@ class ResponsesRequest(BaseModel):
 
 
 class ResponseUsage(BaseModel):
+    """The Responses API's usage; upstream also reports it under UsageInfo's names."""
+
     input_tokens: int = 0
     input_tokens_details: Dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
     output_tokens: int = 0
     output_tokens_details: Dict[str, int] = Field(
         default_factory=lambda: {"reasoning_tokens": 0})
     total_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 class ResponsesResponse(BaseModel):

@@ -305,7 +305,8 @@ def _usage(meta: dict) -> ResponseUsage:
     prompt, completion = meta["prompt_tokens"], meta["completion_tokens"]
     return ResponseUsage(input_tokens=prompt, output_tokens=completion,
                          input_tokens_details={"cached_tokens": meta.get("cached_tokens", 0)},
-                         total_tokens=prompt + completion)
+                         total_tokens=prompt + completion, prompt_tokens=prompt,
+                         completion_tokens=completion)
 
 
 def _json(response: ResponsesResponse) -> Response:

@@ -44,8 +44,8 @@ async def score_request(tm: TokenizerManager, query: Any, items: Any,
                         label_token_ids: list[int] | None, apply_softmax: bool,
                         item_first: bool, request: Any = None) -> tuple[list[list[float]], int]:
     """(per item, the label tokens' probabilities; the prompt tokens processed). Upstream's
-    checks and wording; the logprobs are those of the first output position, at
-    temperature 1."""
+    checks and wording; a prefill-only request (max_new_tokens 0, as upstream's): the
+    logprobs are those of the position after the prompt, at temperature 1."""
     if label_token_ids is None:
         raise ValueError("label_token_ids is required for generation (CausalLM) models.")
     if items is None:
@@ -54,7 +54,7 @@ async def score_request(tm: TokenizerManager, query: Any, items: Any,
         return [], 0
     check_vocab_ids(label_token_ids, tm.vocab_size)
     obj = GenerateReqInput(token_ids_logprob=list(label_token_ids), return_logprob=True,
-                           sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                           sampling_params={"max_new_tokens": 0, "temperature": 0.0},
                            log_metrics=False)
     _set_prompts(obj, query, items, item_first)
     results = await collect_one(tm.generate_request(obj, request))
