@@ -36,6 +36,15 @@ def test_tp_size_flag_names(model_dir, flag):
     assert prepare_server_args(["--model", model_dir, flag, "2"]).tp_size == 2
 
 
+@pytest.mark.parametrize("max_flag,list_flag", [("--cuda-graph-max-bs", "--cuda-graph-bs"), (
+    "--cuda-graph-max-bs-decode", "--cuda-graph-bs-decode")])
+def test_decode_cuda_graph_flag_names(model_dir, max_flag, list_flag):
+    """Upstream's newer `-decode` names set the same decode-graph sizes."""
+    assert prepare_server_args(["--model", model_dir, max_flag, "12"]).cuda_graph_max_bs == 12
+    args = prepare_server_args(["--model", model_dir, list_flag, "1", "4"])
+    assert args.cuda_graph_bs == [1, 4] and args.cuda_graph_max_bs == 4
+
+
 @pytest.mark.parametrize("kwargs,flag", [
     ({"page_size": 0}, "--page-size"),
     ({"page_size": 16, "chunked_prefill_size": 24}, "--chunked-prefill-size"),

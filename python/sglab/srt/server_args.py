@@ -565,11 +565,13 @@ class ServerArgs:
           help="sglab's fused decoder kernels: q/k norm + RoPE + the KV-cache write in one "
                "kernel, decode attention in one kernel (no separate merge), fp32 logits "
                "straight from the GEMM. off (default) keeps the unfused path.")
-        a("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
+        a("--cuda-graph-max-bs", "--cuda-graph-max-bs-decode", type=int,
+          default=d.cuda_graph_max_bs,
           help="Set the maximum batch size for cuda graph. It will extend the cuda graph "
-               "capture batch size to this value.")
-        a("--cuda-graph-bs", type=int, nargs="+", default=d.cuda_graph_bs,
-          help="Set the list of batch sizes for cuda graph.")
+               "capture batch size to this value. (-decode: upstream's newer name; sglab's "
+               "prefill graphs are sized by --prefill-cuda-graph-max-tokens.)")
+        a("--cuda-graph-bs", "--cuda-graph-bs-decode", type=int, nargs="+",
+          default=d.cuda_graph_bs, help="Set the list of batch sizes for cuda graph.")
         a("--disable-cuda-graph", action="store_true", help="Disable cuda graph.")
         a("--enable-prefill-cuda-graph", action="store_true",
           help="sglab: replay CUDA graphs for small extend batches (captured per token-count "
