@@ -6,6 +6,9 @@ engine changed no output: run it on the tree before and after, compare the print
 The workload: shared prefixes and mixed prompt lengths, greedy and seeded sampling (top-p,
 top-k, min-p), penalties, prompt and output logprobs; run with overlap on and off, chunked
 prefill at 16 tokens and the radix cache on, plus a forced retraction.
+
+The dummy weights and the float kernels come from the installed torch / transformers, so a
+digest is comparable only to one printed with the same versions (printed with it).
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def main() -> None:
         with forced_retraction():
             results[name + " (retraction)"] = digest(run(runner, reqs))
         assert runner.integrity_error() is None
+    import torch
+    import transformers
+
+    results["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps(results, indent=1))
 
 
