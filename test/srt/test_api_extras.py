@@ -81,10 +81,11 @@ def test_prefill_only_token_ids_logprob_is_the_next_position(http, server, serve
                                atol=2e-5, rtol=1e-4)
 
 @pytest.mark.parametrize("body,message", [
-    ({"token_ids_logprob": [5, 10 ** 6]}, "Token ID 1000000 is out of vocabulary (vocab size: "),
+    ({"token_ids_logprob": [5, 10 ** 6]},
+     "token_ids_logprob has an out-of-vocabulary token id 1000000 (vocab size: "),
     ({"token_ids_logprob": [[1], [2]], "sampling_params": {"n": 2}},
      "Cannot use list token_ids_logprob with parallel_sample_num > 1"),
-    ({"token_ids_logprob": [1, "a"]}, "token_ids_logprob must be a list of token ids"),
+    ({"token_ids_logprob": [1, "a"]}, "token_ids_logprob must be a flat list of integers"),
     ({"token_ids_logprob": "a"}, "token_ids_logprob must be a token id"),
 ])
 def test_bad_token_ids_logprob_is_a_400(http, server, body, message):

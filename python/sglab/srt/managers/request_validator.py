@@ -100,8 +100,12 @@ class RequestValidator:
         if token_ids is None:
             return
         if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
-            raise InvalidRequestError("token_ids_logprob must be a list of token ids (integers).")
-        check_vocab_ids(token_ids, self.vocab_size)
+            raise InvalidRequestError("token_ids_logprob must be a flat list of integers "
+                                      "(token ids).")
+        for token_id in token_ids:  # upstream's wording here; its /v1/score check says it apart
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidRequestError(f"token_ids_logprob has an out-of-vocabulary token id "
+                                          f"{token_id} (vocab size: {self.vocab_size})")
 
     def check_lora(self, lora_name: str | None, loaded_adapters: Collection[str]) -> None:
         """`lora_name` is None (the base model) or the name of a loaded adapter."""
