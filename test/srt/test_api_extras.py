@@ -85,6 +85,9 @@ def test_prefill_only_token_ids_logprob_is_the_next_position(http, server, serve
      "token_ids_logprob has an out-of-vocabulary token id 1000000 (vocab size: "),
     ({"token_ids_logprob": [[1], [2]], "sampling_params": {"n": 2}},
      "Cannot use list token_ids_logprob with parallel_sample_num > 1"),
+    ({"token_ids_logprob": [[0]]}, "token_ids_logprob of a single request must be a flat list "
+     "of integers"),
+    ({"token_ids_logprob": [[0], [1, 2]]}, "must be a flat list of integers"),
     ({"token_ids_logprob": [1, "a"]}, "token_ids_logprob must be a flat list of integers"),
     ({"token_ids_logprob": "a"}, "token_ids_logprob must be a token id"),
 ])

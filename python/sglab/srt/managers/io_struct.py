@@ -76,7 +76,7 @@ class GenerateReqInput:
         self.top_logprobs_num = _expand(self.top_logprobs_num, n, "top_logprobs_num", int, 0)
         self.lora_path = _expand(self.lora_path, n, "lora_path", str, None)
         self.token_ids_logprob = _expand_token_ids_logprob(
-            self.token_ids_logprob, n, self.parallel_sample_num)
+            self.token_ids_logprob, n, self.parallel_sample_num, self.is_single)
         self.custom_logit_processor = _expand_custom_logit_processor(
             self.custom_logit_processor, n, self.parallel_sample_num)
 
@@ -122,9 +122,10 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _expand_token_ids_logprob(value: Any, n: int, parallel_sample_num: int) -> list:
+def _expand_token_ids_logprob(value: Any, n: int, parallel_sample_num: int,
+                              is_single: bool = False) -> list:
     """Per prompt, the token ids to report logprobs of (upstream's shapes: one id, one list for
-    every prompt, or one list per prompt)."""
+    every prompt, or one list per prompt of a batch)."""
     if value is None or value == []:
         return [None] * n
     if _is_int(value):
@@ -136,6 +137,9 @@ def _expand_token_ids_logprob(value: Any, n: int, parallel_sample_num: int) -> l
         return [list(value) for _ in range(n)]
     if parallel_sample_num > 1:  # upstream's wording
         raise ValueError("Cannot use list token_ids_logprob with parallel_sample_num > 1")
+    if is_single:
+        raise ValueError("token_ids_logprob of a single request must be a flat list of integers "
+                         "(nested lists are one list per prompt of a batch).")
     if len(value) != n:
         raise ValueError(f"token_ids_logprob has {len(value)} lists for a batch of {n}.")
     return [ids or None for ids in value]
