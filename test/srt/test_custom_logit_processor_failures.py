@@ -20,6 +20,12 @@ BASE_ARGS = ["--skip-server-warmup", "--enable-custom-logit-processor",
 # the radix cache; the failing variants of the fix fail both.
 CONFIGS = {"overlap-paged": ["--page-size", "4"],
            "normal-noradix": ["--disable-overlap-schedule", "--disable-radix-cache"]}
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+# The output token each failing request's processor raises on (0: the prefill's, on a prompt
+# long enough to be prefilled in chunks for the last ones).
+RAISE_AT = [0, 1, 2, 5, 11, 0, 1]
+PROMPTS = [list(range(5, 5 + n)) for n in (6, 9, 17, 23, 31, 70, 45)]
+PLAIN_PROMPTS = [list(range(100, 108)), list(range(5, 20)), list(range(200, 260))]
 
 
 class RaiseAt(CustomLogitProcessor):
