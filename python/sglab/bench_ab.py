@@ -609,6 +609,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"(known: {', '.join(PATCH_BY_ID)}, all)")
     if args.rounds < 2:
         parser.error("--rounds: at least 2 (the first round of each variant is a warm-up)")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"--time-budget: a positive number of seconds, got {args.time_budget}")
     try:
         variants = feature_variants(args.feature, args.variants) if args.feature else \
             parse_variants(args.patch, args.variants)

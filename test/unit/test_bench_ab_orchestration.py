@@ -219,7 +219,8 @@ def test_report_leads_with_verdicts_then_rounds_with_digests(tmp_path, monkeypat
 def test_cli_errors_name_the_flag(tmp_path, capsys):
     for extra, message in ((["--rounds", "1"], "--rounds: at least 2"),
                            (["--variants", "off", "on:bogus"], "patch 0001 has no mode 'bogus'"),
-                           (["--variants", "on"], "need `off`")):
+                           (["--variants", "on"], "need `off`"),
+                           (["--time-budget", "0"], "--time-budget: a positive number")):
         with pytest.raises(SystemExit):
             bench_ab.main(["--patch", "0001", "--model-path", "m", *extra])
         assert message in capsys.readouterr().err

@@ -123,7 +123,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _expand_token_ids_logprob(value: Any, n: int, parallel_sample_num: int,
-                              is_single: bool = False) -> list:
+                              is_single: bool) -> list:
     """Per prompt, the token ids to report logprobs of (upstream's shapes: one id, one list for
     every prompt, or one list per prompt of a batch)."""
     if value is None or value == []:

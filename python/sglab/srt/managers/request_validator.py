@@ -102,10 +102,7 @@ class RequestValidator:
         if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
             raise InvalidRequestError("token_ids_logprob must be a flat list of integers "
                                       "(token ids).")
-        for token_id in token_ids:  # upstream's wording here; its /v1/score check says it apart
-            if not 0 <= token_id < self.vocab_size:
-                raise InvalidRequestError(f"token_ids_logprob has an out-of-vocabulary token id "
-                                          f"{token_id} (vocab size: {self.vocab_size})")
+        check_vocab_ids(token_ids, self.vocab_size, field="token_ids_logprob")
 
     def check_lora(self, lora_name: str | None, loaded_adapters: Collection[str]) -> None:
         """`lora_name` is None (the base model) or the name of a loaded adapter."""
@@ -119,11 +116,14 @@ class RequestValidator:
                                       f"Loaded adapters: {loaded}.")
 
 
-def check_vocab_ids(token_ids: list[int], vocab_size: int) -> None:
-    """Every id in [0, vocab_size), with upstream's wording (its /v1/score check)."""
+def check_vocab_ids(token_ids: list[int], vocab_size: int, field: str | None = None) -> None:
+    """Every id in [0, vocab_size), in upstream's words: its /v1/score check's, or with `field`
+    its request-field check's."""
     for token_id in token_ids:
         if not 0 <= token_id < vocab_size:
             raise InvalidRequestError(
+                f"{field} has an out-of-vocabulary token id {token_id} (vocab size: "
+                f"{vocab_size})" if field else
                 f"Token ID {token_id} is out of vocabulary (vocab size: {vocab_size})")
 
 

@@ -558,8 +558,8 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             _drop_finishing(batch)
             if batch.is_empty():
                 return False
-        if forced or not batch.check_decode_mem():
-            full = not batch.check_decode_mem()
+        full = not batch.check_decode_mem()
+        if forced or full:
             retracted = batch.retract_decode()
             if full:
                 logger.info("KV cache full: retracted %d request(s)", len(retracted))
