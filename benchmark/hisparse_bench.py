@@ -4,6 +4,7 @@
         [--input-len 32768] [--requests 48] [--mem-fraction-static 0.3]
     python benchmark/hisparse_bench.py step --out DIR [--contexts 8192 32768 65536]
         [--batch-sizes 1 8]
+    python benchmark/hisparse_bench.py profile --out DIR --contexts 8192 --batch-sizes 4
 
 capacity: the most concurrent `--input-len`-token requests served without a retraction, dense
 vs HiSparse at the same `--mem-fraction-static` (HiSparse's host tier is
@@ -14,6 +15,8 @@ step: median decode step time (overlap off, so a step is its own wall time; CUDA
 `bs` requests at each context, dense vs HiSparse (`--hisparse-config`). The device pool is sized
 for the workload in each mode (HiSparse: two prompts plus the hot buffers, the rest on the
 host).
+profile: the same decode steps under torch.profiler: wall and kernel time per step, kernel
+launches per step and the top kernels by device time.
 
 Each measurement runs in its own process. Writes DIR/hisparse_bench.json and .md. The 0004 A/B
 itself is `python -m sglab.bench_ab --patch 0004` (scripts/run_gpu.sh hisparse).
@@ -101,7 +104,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_once(preset: str, hisparse: dict | None, bs: int, context: int) -> dict:
+def _decoding(preset: str, hisparse: dict | None, bs: int, context: int):
+    """A scheduler whose running batch is `bs` requests decoding at `context`."""
     need = bs * (context + 128) + 8192
     kwargs = {"max_total_tokens": need, "disable_overlap_schedule": True}
     if hisparse:
@@ -116,6 +120,11 @@ def step_once(preset: str, hisparse: dict | None, bs: int, context: int) -> dict
         sched.run_step()
     for _ in range(8):
         sched.run_step()
+    return sched
+
+
+def step_once(preset: str, hisparse: dict | None, bs: int, context: int) -> dict:
+    sched = _decoding(preset, hisparse, bs, context)
     times = []
     for _ in range(48):
         _sync()
@@ -124,6 +133,30 @@ def step_once(preset: str, hisparse: dict | None, bs: int, context: int) -> dict
         times.append(time.perf_counter() - tic)
     return {"bs": bs, "context": context, "median_step_ms": 1e3 * statistics.median(times),
             "device_kv_tokens": sched.max_total_num_tokens}
+
+
+def profile_once(preset: str, hisparse: dict | None, bs: int, context: int,
+                 steps: int = 10) -> dict:
+    """Kernels of `steps` decode steps: time per step, kernel launches per step, top kernels."""
+    import torch
+    from torch.autograd import DeviceType
+
+    sched = _decoding(preset, hisparse, bs, context)
+    _sync()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    tic = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            sched.run_step()
+        _sync()
+    wall = (time.perf_counter() - tic) / steps
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels) / steps
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    return {"bs": bs, "context": context, "wall_ms_per_step": 1e3 * wall,
+            "kernel_ms_per_step": busy / 1e3, "kernels_per_step": len(kernels) / steps,
+            "table": table}
 
 
 def _in_subprocess(kind: str, **kwargs) -> dict:
@@ -151,16 +184,28 @@ def run_capacity(args) -> list[dict]:
     return rows
 
 
-def run_step(args) -> list[dict]:
+def _per_shape(args, kind: str) -> list[dict]:
+    """`kind` in its own process per context, batch size and mode (dense, HiSparse)."""
     rows = []
     for context in args.contexts:
         for bs in args.batch_sizes:
             for name, hisparse in (("dense", None), ("hisparse", _config(args))):
-                r = _in_subprocess("step", preset=args.preset, hisparse=hisparse, bs=bs,
+                r = _in_subprocess(kind, preset=args.preset, hisparse=hisparse, bs=bs,
                                    context=context)
                 rows.append({"mode": name, **r})
-                print(json.dumps(rows[-1]), flush=True)
+                print(f"{name}: " + json.dumps({k: v for k, v in r.items() if k != "table"}),
+                      flush=True)
+                if "table" in r:
+                    print(r["table"], flush=True)
     return rows
+
+
+def run_step(args) -> list[dict]:
+    return _per_shape(args, "step")
+
+
+def run_profile(args) -> list[dict]:
+    return _per_shape(args, "profile")
 
 
 def _config(args) -> dict:
@@ -170,7 +215,15 @@ def _config(args) -> dict:
 def _markdown(kind: str, rows: list[dict], prov: dict, argv: list[str]) -> str:
     lines = [f"# HiSparse {kind}", "", provenance_line(prov), "",
              f"`python benchmark/hisparse_bench.py {' '.join(argv)}`", ""]
-    if kind == "capacity":
+    if kind == "profile":
+        lines += ["| mode | context | bs | wall ms / step | kernel ms / step | kernels / step |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r.get('context')} | {r.get('bs')} | "
+                  f"{r.get('wall_ms_per_step', 0):.2f} | {r.get('kernel_ms_per_step', 0):.2f} | "
+                  f"{r.get('kernels_per_step', 0):.0f} |" for r in rows if "error" not in r]
+        lines += ["", *(f"## {r['mode']}, context {r['context']}, bs {r['bs']}\n\n```\n"
+                        f"{r['table']}\n```\n" for r in rows if "table" in r)]
+    elif kind == "capacity":
         lines += ["| mode | requests | peak running | retractions | device KV tokens | "
                   "host KV tokens |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['mode']} | {r.get('requests')} | {r.get('peak_running')} | "
@@ -194,7 +247,7 @@ def _markdown(kind: str, rows: list[dict], prov: dict, argv: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["capacity", "step", "_one"])
+    parser.add_argument("kind", choices=["capacity", "step", "profile", "_one"])
     parser.add_argument("--out", default=".")
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--hisparse-config", default=json.dumps(HISPARSE_CONFIG))
@@ -208,11 +261,12 @@ def main() -> None:
     add_provenance_args(parser)
     args = parser.parse_args()
     if args.kind == "_one":
-        fn = {"capacity": capacity_once, "step": step_once}[args.one_kind]
+        fn = {"capacity": capacity_once, "step": step_once,
+              "profile": profile_once}[args.one_kind]
         print(json.dumps(fn(**json.loads(args.params))))
         return
     prov = provenance(args.commit)
-    rows = run_capacity(args) if args.kind == "capacity" else run_step(args)
+    rows = {"capacity": run_capacity, "step": run_step, "profile": run_profile}[args.kind](args)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"hisparse_{args.kind}")
     with open(base + ".json", "w") as f:

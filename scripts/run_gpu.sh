@@ -33,8 +33,11 @@
 #   hisparse      all of: tests-hisparse ab-0004 ab-0004-control hisparse-bench
 #   tests-hisparse  HiSparse / patch 0004 GPU tests (stream order, UVA kernel, graphs)
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
-#                 concurrency 4, overlap on;  ab-0004-control: the same with overlap off
-#   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k
+#                 concurrency 4, overlap on;  ab-0004-control: off / PR with overlap off
+#                 (AB_BUDGET: seconds of rounds, default 470)
+#   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k;
+#                 its parts: hisparse-capacity hisparse-step; hisparse-step-8k (bs 1 / 4 only),
+#                 hisparse-profile (kernels of a decode step at 8k, bs 4)
 #   kernels       --kernel-fusion: GPU tests of the fused kernels, then kernel_bench (off vs on:
 #                 decode graph time and kernels per replay at bs 1/64, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
@@ -65,13 +68,13 @@ GSP="--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per
 
 HS="--enable-hisparse --disable-radix-cache \
   --hisparse-config '{\"top_k\":2048,\"device_buffer_size\":4096}'"
-ab_0004() {  # $1: tag, $2: extra server args
+ab_0004() {  # $1: tag, $2: extra server args, $3: variants
   local m; m=$(mk llama-3.1-8b)
-  # 18 runs of the 8B shape at 8k context do not fit one device call: --time-budget keeps
-  # the rounds that do (in ABBA order) and reports how many of the planned ones ran.
-  timeout 560 $AB --patch 0004 --model-path $m --variants off on:pr on:async_finish \
-    --time-budget 470 --audit first --server-args "--load-format dummy $HS $2" --tag $1 \
-    --max-concurrencies 4 -- $(rnd $m) --num-prompts 16 --random-input-len 8192 \
+  # The 8B shape at 8k context: --time-budget keeps the rounds that fit one device call (in
+  # ABBA order) and reports how many of the planned ones ran.
+  timeout $((${AB_BUDGET:-470} + 60)) $AB --patch 0004 --model-path $m --variants $3 \
+    --time-budget ${AB_BUDGET:-470} --audit first --server-args "--load-format dummy $HS $2" \
+    --tag $1 --max-concurrencies 4 -- $(rnd $m) --num-prompts 16 --random-input-len 8192 \
     --random-output-len 512 2>&1 | tail -n 40
 }
 ab_0003b() {  # $1: ab-0003b-churn (arrive and finish every step) or ab-0003b-long
@@ -120,16 +123,24 @@ multi_gpu_steps() {
   esac
 }
 hisparse_steps() {
+  local hb="python3 benchmark/hisparse_bench.py"
   case $1 in
   tests-hisparse)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_hisparse.py \
       test/srt/test_hisparse_streams.py test/kernels/test_kvcacheio.py test/unit/test_quest.py \
-      2>&1 | tee "$R/gpu_tests_hisparse.log" | tail -n 15 ;;
-  ab-0004) ab_0004 ab-0004 "" ;;
-  ab-0004-control) ab_0004 ab-0004-no-overlap "--disable-overlap-schedule" ;;
+      test/unit/test_hisparse_swap_in.py 2>&1 | tee "$R/gpu_tests_hisparse.log" | tail -n 15 ;;
+  ab-0004) ab_0004 ab-0004 "" "off on:pr on:async_finish" ;;
+  ab-0004-control) ab_0004 ab-0004-no-overlap "--disable-overlap-schedule" "off on:pr" ;;
+  hisparse-step-8k)
+    timeout 200 $hb step --out "$R/step-8k" --contexts 8192 --batch-sizes 1 4 2>&1 | tail -n 8 ;;
+  hisparse-profile)
+    timeout 200 $hb profile --out "$R" --contexts 8192 --batch-sizes 4 2>&1 | tail -n 60 ;;
+  hisparse-capacity)
+    timeout 500 $hb capacity --out "$R" 2>&1 | tail -n 8 ;;
+  hisparse-step)
+    timeout 500 $hb step --out "$R" 2>&1 | tail -n 12 ;;
   hisparse-bench)
-    timeout 900 python3 benchmark/hisparse_bench.py capacity --out "$R" 2>&1 | tail -n 8
-    timeout 900 python3 benchmark/hisparse_bench.py step --out "$R" 2>&1 | tail -n 12 ;;
+    hisparse_steps hisparse-capacity; hisparse_steps hisparse-step ;;
   esac
 }
 
@@ -235,7 +246,7 @@ for step in "$@"; do
       --server-args "--load-format dummy" --tag ab-prefill-graph -- $(rnd $m) $SMALL 2>&1 \
       | tail -n 30 ;;
   tests-dp|bench-tp|ab-0003c) multi_gpu_steps $step ;;
-  tests-hisparse|ab-0004|ab-0004-control|hisparse-bench) hisparse_steps $step ;;
+  tests-hisparse|ab-0004|ab-0004-control|hisparse-*) hisparse_steps $step ;;
   hisparse)
     for part in tests-hisparse ab-0004 ab-0004-control hisparse-bench; do
       hisparse_steps $part

@@ -193,6 +193,22 @@ def test_invariants_after_every_step(path, monkeypatch):
     assert all(len(o.output_ids) == 25 for o in outs) and len(checked) >= 25
 
 
+def test_swap_in_kernel_serves_what_its_torch_form_serves(path, monkeypatch):
+    """The swap-in kernel (Triton's interpreter here) against the torch form, in a scheduler:
+    the same tokens and logprobs, the invariants checked after every step."""
+    monkeypatch.setenv("SGLAB_DEBUG_HISPARSE", "1")
+    outs, misses, probe = {}, {}, SwapInProbe(monkeypatch)
+    for kernel in (False, True):
+        before = probe.misses
+        runner = _hisparse(path, max_total_tokens=160)
+        runner.scheduler.hisparse.swap_kernel = kernel
+        outs[kernel] = runner.generate(_prompts((30, 44, 57), seed=3),
+                                       {**GREEDY, "max_new_tokens": 25})
+        misses[kernel] = probe.misses - before
+    _same(outs[False], outs[True])
+    assert misses[False] == misses[True] > 0
+
+
 def _mid_run(path, **kwargs) -> SchedulerRunner:
     """A runner stopped while its rows are sparse."""
     runner = _hisparse(path, **kwargs)

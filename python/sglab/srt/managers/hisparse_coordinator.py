@@ -40,6 +40,7 @@ import torch
 
 from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.mem_cache.sparsity.quest import QuestSelector
+from sglab.srt.mem_cache.sparsity.swap_in import AGE_LEVELS, swap_in
 from sglab.srt.utils.h2d import h2d, list_to_device
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ class HiSparseCoordinator:
         self.num_q_heads = num_q_heads
         self.debug = debug_hisparse()
         self._init_tables(req_to_token_pool.req_to_token.shape[0])
+        # the swap-in kernel on CUDA (SGLAB_HISPARSE_SWAP_TORCH=1: its torch form everywhere)
+        self.swap_kernel = self.device.type == "cuda" and \
+            os.environ.get("SGLAB_HISPARSE_SWAP_TORCH", "0") != "1"
         pool = self.device_pool
         self.quest = QuestSelector(pool.layer_num, self.host_pool.size // self.page_size,
                                    pool.head_num, pool.head_dim, self.page_size,
@@ -488,8 +492,16 @@ class HiSparseCoordinator:
     def swap_in_selected_pages(self, layer_id: int, positions: torch.Tensor,
                                host: torch.Tensor) -> torch.Tensor:
         """Hits from the residency map; misses into the least recently used buffer slots not
-        hit this step, copied from the host; the newest token is in the reserved slot. Fixed
-        shapes, no host read."""
+        hit this step (recency saturating at `AGE_LEVELS` steps, then by slot), copied from
+        the host; the newest token is in the reserved slot. Fixed shapes, no host read. On
+        CUDA one kernel (`sparsity/swap_in.py`), here its torch form."""
+        if self.swap_kernel:
+            out, src, dst = swap_in(positions, host, self.state, self.resident[layer_id],
+                                    self.last_used[layer_id], self.buffer_tokens[layer_id],
+                                    self.req_to_device_buffer, self.req_to_page,
+                                    self.buffer_size, self.page_size)
+            self.host_pool.load_to_device_per_layer(self.device_pool, src, dst, layer_id)
+            return out
         st, B, P = self.state, self.buffer_size, self.page_size
         rows, lens = st.rows[:, None], st.seq_lens[:, None]
         valid = positions < lens
@@ -500,7 +512,8 @@ class HiSparseCoordinator:
         last_used = self.last_used[layer_id]
         last_used[rows, torch.where(hit, slot, B)] = lens.to(torch.int32)
         used = last_used[st.rows, :B].to(torch.int64)
-        keys = used * (B + 1) + torch.arange(B, device=self.device)
+        age = (lens - used).clamp(max=AGE_LEVELS)
+        keys = (AGE_LEVELS - age) * (B + 1) + torch.arange(B, device=self.device)
         keys = torch.where(used >= lens, _NEVER, keys)
         victims = torch.topk(keys, self.top_k, dim=1, largest=False).indices
         victim = torch.gather(victims, 1, (miss.cumsum(1) - 1).clamp(min=0))

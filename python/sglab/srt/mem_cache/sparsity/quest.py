@@ -143,5 +143,6 @@ class QuestSelector:
         exists = page[None, :] <= last[:, None]
         forced = (page[None, :] == 0) | (page[None, :] > (last - self.num_recent_pages)[:, None])
         scores = torch.where(exists & forced, float("inf"), scores)
-        chosen = torch.topk(scores, self.num_top_pages, dim=1).indices.sort(dim=1).values
+        chosen = torch.topk(scores, self.num_top_pages, dim=1, sorted=False).indices
+        chosen = chosen.sort(dim=1).values
         return chosen, torch.gather(req_to_page, 1, chosen)
