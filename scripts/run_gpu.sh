@@ -34,7 +34,7 @@
 #   tests-hisparse  HiSparse / patch 0004 GPU tests (stream order, UVA kernel, graphs)
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
 #                 concurrency 4, overlap on;  ab-0004-control: off / PR with overlap off
-#                 (AB_BUDGET: seconds of rounds, default 470)
+#                 (AB_BUDGET: seconds of rounds, default 470; AB_VARIANTS: the variants)
 #   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k;
 #                 its parts: hisparse-capacity hisparse-step; hisparse-step-8k (bs 1 / 4 only),
 #                 hisparse-profile (kernels of a decode step at 8k, bs 4)
@@ -129,8 +129,9 @@ hisparse_steps() {
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_hisparse.py \
       test/srt/test_hisparse_streams.py test/kernels/test_kvcacheio.py test/unit/test_quest.py \
       test/unit/test_hisparse_swap_in.py 2>&1 | tee "$R/gpu_tests_hisparse.log" | tail -n 15 ;;
-  ab-0004) ab_0004 ab-0004 "" "off on:pr on:async_finish" ;;
-  ab-0004-control) ab_0004 ab-0004-no-overlap "--disable-overlap-schedule" "off on:pr" ;;
+  ab-0004) ab_0004 ab-0004 "" "${AB_VARIANTS:-off on:pr on:async_finish}" ;;
+  ab-0004-control) ab_0004 ab-0004-no-overlap "--disable-overlap-schedule" \
+    "${AB_VARIANTS:-off on:pr}" ;;
   hisparse-step-8k)
     timeout 200 $hb step --out "$R/step-8k" --contexts 8192 --batch-sizes 1 4 2>&1 | tail -n 8 ;;
   hisparse-profile)

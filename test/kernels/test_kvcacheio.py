@@ -30,6 +30,21 @@ def test_kernel_copies_the_rows_the_torch_form_copies(dtype):
     assert torch.equal(kernel[:, 1:], expected[:, 1:])  # row 0: the torch form's sink
 
 
+def test_a_pair_of_pools_in_one_kernel_over_many_entries():
+    """K and V together (`also`), more entries than one program takes, some skipped."""
+    (k, k_dst), (v, v_dst) = _pools(rows=30), _pools(rows=30)
+    v, v_dst = v + 1, v_dst + 1
+    src_idx = torch.randperm(30)[:19]
+    dst_idx = torch.where(torch.arange(19) % 3 == 0, -1, torch.randperm(34)[:19] + 1)
+    expected = [k_dst.clone(), v_dst.clone()]
+    transfer_kv_rows(k, expected[0], src_idx, dst_idx, use_kernel=False)
+    transfer_kv_rows(v, expected[1], src_idx, dst_idx, use_kernel=False)
+    got = [k_dst.clone(), v_dst.clone()]
+    transfer_kv_rows(k, got[0], src_idx, dst_idx, use_kernel=True, also=(v, got[1]))
+    for g, e, before in zip(got, expected, (k_dst, v_dst)):
+        assert torch.equal(g[:, 1:], e[:, 1:]) and not torch.equal(g, before)
+
+
 def test_one_layer_view_of_a_larger_pool():
     src, dst = _pools()
     transfer_kv_rows(src[1].unsqueeze(0), dst[2].unsqueeze(0), torch.tensor([4]),

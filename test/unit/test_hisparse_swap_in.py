@@ -125,8 +125,8 @@ def test_victims_are_the_least_recently_used_slots():
     for kernel in (False, True):
         coord = _coordinator(kernel, req_to_page, sh)
         coord.buffer_tokens[0, 0, :B] = torch.arange(B, dtype=torch.int32)
-        coord.last_used[0, 0, :B] = 30
-        coord.last_used[0, 0, 20] = 25  # idle longest
+        coord.last_used[0, 0, :B] = 36
+        coord.last_used[0, 0, 20] = 33  # idle longest
         host = req_to_page[0, :B // sh.page, None] * sh.page + torch.arange(sh.page)
         coord.resident[0, host.reshape(-1)] = torch.arange(B, dtype=torch.int32)
         lens = torch.tensor([40])

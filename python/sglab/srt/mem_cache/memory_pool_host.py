@@ -41,15 +41,13 @@ class MHATokenToKVPoolHost:
                                      host_indices: torch.Tensor,
                                      device_indices: torch.Tensor) -> None:
         """Device slots -> host slots, every layer (indices on the device)."""
-        transfer_kv_rows(device_pool.k_all, self.k_buffer, device_indices, host_indices)
-        transfer_kv_rows(device_pool.v_all, self.v_buffer, device_indices, host_indices)
+        transfer_kv_rows(device_pool.k_all, self.k_buffer, device_indices, host_indices,
+                         also=(device_pool.v_all, self.v_buffer))
 
     def load_to_device_per_layer(self, device_pool: MHATokenToKVPool, host_indices: torch.Tensor,
                                  device_indices: torch.Tensor, layer_id: int) -> None:
         """Host slots -> device slots of one layer; a negative device index skips the entry."""
         transfer_kv_rows(self.k_buffer[layer_id].unsqueeze(0),
                          device_pool.k_buffer[layer_id].unsqueeze(0), host_indices,
-                         device_indices)
-        transfer_kv_rows(self.v_buffer[layer_id].unsqueeze(0),
-                         device_pool.v_buffer[layer_id].unsqueeze(0), host_indices,
-                         device_indices)
+                         device_indices, also=(self.v_buffer[layer_id].unsqueeze(0),
+                                               device_pool.v_buffer[layer_id].unsqueeze(0)))

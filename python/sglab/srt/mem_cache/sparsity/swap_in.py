@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-AGE_LEVELS = 16
+AGE_LEVELS = 8
 
 
 @triton.jit
@@ -47,23 +47,25 @@ def _swap_in_kernel(positions, hosts, rows_ptr, lens_ptr, sparse_ptr,
     tl.store(lu_row + slot, lens.to(tl.int32), mask=hit)
     tl.debug_barrier()
 
-    # Rank the slots not hit this step: oldest level first, then by slot index.
+    # Rank the slots not hit this step: oldest level first, then by slot index (int32: scans
+    # over the whole buffer are the kernel's cost).
     s = tl.arange(0, BLOCK_B)
-    used = tl.load(lu_row + s, mask=s < B, other=0).to(tl.int64)
-    free = (s < B) & (used < lens)
-    level = tl.minimum(lens - used, LEVELS)
-    rank = tl.zeros([BLOCK_B], dtype=tl.int64)
-    offset = tl.sum(tl.zeros([BLOCK_B], dtype=tl.int64), 0)
+    now = lens.to(tl.int32)
+    used = tl.load(lu_row + s, mask=s < B, other=0)
+    free = (s < B) & (used < now)
+    level = tl.minimum(now - used, LEVELS)
+    rank = tl.zeros([BLOCK_B], dtype=tl.int32)
+    offset = tl.sum(tl.zeros([BLOCK_B], dtype=tl.int32), 0)
     for i in range(LEVELS):
         at = free & (level == LEVELS - i)
-        m = at.to(tl.int64)
+        m = at.to(tl.int32)
         rank = tl.where(at, offset + tl.cumsum(m, 0) - 1, rank)
         offset += tl.sum(m, 0)
     v_row = victims + b * stride_victims
     tl.store(v_row + rank, s.to(tl.int32), mask=free & (rank < TOP_K))
     tl.debug_barrier()
 
-    nth = tl.cumsum(miss.to(tl.int64), 0) - 1
+    nth = tl.cumsum(miss.to(tl.int32), 0) - 1
     victim = tl.load(v_row + nth, mask=miss, other=0).to(tl.int64)
     bt_row = buffer_tokens + row * stride_bt
     old = tl.load(bt_row + victim, mask=miss, other=-1).to(tl.int64)
