@@ -35,7 +35,7 @@ def _runner(path: str, graph: bool, **kw) -> SchedulerRunner:
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(900) for _ in range(rng.randrange(3, 30))] for _ in range(n)]
+    return [[rng.randrange(900) for _ in range(rng.randrange(3, 22))] for _ in range(n)]
 
 
 def _run(runner: SchedulerRunner, groups: list[tuple[list[list[int]], dict, bool]]) -> list:
