@@ -6,14 +6,15 @@ import json
 import os
 
 import numpy as np
-from sglab import bench_ab
+from sglab import bench_ab, bench_serving
 from sglab.srt.utils.dummy_model import get_default_model_path
 
 
-def test_bench_ab_0001_report(tmp_path):
+def test_bench_ab_0001_report(tmp_path, monkeypatch):
     """Two live servers (one KV cap for both), 2 ABBA rounds each, two workloads (request
     rates) per round; `--audit first`: each server's audit switched on for its warm-up round
     only (`/set_internal_state`)."""
+    monkeypatch.setattr(bench_serving, "SETTLE_SEC", 0.0)
     model = get_default_model_path()
     out = bench_ab.main([
         "--patch", "0001", "--model-path", model, "--rounds", "2", "--audit", "first",

@@ -15,12 +15,12 @@ import torch
 from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner, EagerGraph
 from sglab.test.runners import SchedulerRunner
 
-GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
-SAMPLED = {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 3, "max_new_tokens": 6,
+GREEDY = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 3, "max_new_tokens": 4,
            "ignore_eos": True}
-PLAIN_SAMPLED = {"temperature": 0.7, "sampling_seed": 5, "max_new_tokens": 6,
+PLAIN_SAMPLED = {"temperature": 0.7, "sampling_seed": 5, "max_new_tokens": 4,
                  "ignore_eos": True}
-PENALIZED = {"temperature": 0, "repetition_penalty": 1.3, "max_new_tokens": 6,
+PENALIZED = {"temperature": 0, "repetition_penalty": 1.3, "max_new_tokens": 4,
              "ignore_eos": True}
 
 
@@ -35,7 +35,7 @@ def _runner(path: str, graph: bool, **kw) -> SchedulerRunner:
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(900) for _ in range(rng.randrange(3, 30))] for _ in range(n)]
+    return [[rng.randrange(900) for _ in range(rng.randrange(3, 22))] for _ in range(n)]
 
 
 def _run(runner: SchedulerRunner, groups: list[tuple[list[list[int]], dict, bool]]) -> list:
@@ -50,9 +50,9 @@ def _run(runner: SchedulerRunner, groups: list[tuple[list[list[int]], dict, bool
 GROUPS = [(_prompts(3, 1), GREEDY, False),  # 3 rows padded to the graph of 4
           (_prompts(4, 2), PLAIN_SAMPLED, False),  # a sampling graph, captured on first use
           (_prompts(2, 3), SAMPLED, False),  # with top-p: another sampling kind
-          (_prompts(3, 4), PENALIZED, False),  # penalties: sampled after the replay
+          (_prompts(2, 4), PENALIZED, False),  # penalties: sampled after the replay
           (_prompts(2, 5), GREEDY, True),  # logprobs: sampled after the replay
-          (_prompts(6, 6), GREEDY, False)]  # above the largest graph: eager
+          (_prompts(5, 6), GREEDY, False)]  # above the largest graph: eager
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_graph_steps_equal_eager_steps(path, eager, overlap, monkeypatch):
     kinds = {k for _, k in gr.graphs}
     assert ("greedy",) in kinds and ("sample", False, False) in kinds
     assert ("sample", True, False) in kinds
-    assert sum(replays.values()) >= 20
+    # every decode step of the five groups that fit a graph
+    assert sum(replays.values()) >= 5 * (GREEDY["max_new_tokens"] - 1)
     assert graphed_runner.integrity_error() is None
 
 
@@ -101,7 +102,7 @@ def test_padding_rows_touch_only_the_padding_row_and_sink(path):
                            pool.req_to_token_cpu[req.req_pool_idx, :n])
     assert set(pool.free_slots).isdisjoint({0})
     outs = runner.run()
-    assert all(len(outs[r].output_ids) == 6 for r in rids)
+    assert all(len(outs[r].output_ids) == GREEDY["max_new_tokens"] for r in rids)
 
 
 @pytest.mark.parametrize("mode", ["pageable", "pinned", "packed"])
@@ -111,7 +112,7 @@ def test_graph_inputs_upload_modes_fill_the_same_static_buffers(path, eager, mod
         {"pinned_h2d_mode": "pr" if mode == "pinned" else "packed"}
     runner = _runner(path, True, chunked_prefill_size=16, **kw)
     assert runner.scheduler.tp_worker.model_runner.graph_runner.inputs.h2d_mode == mode
-    assert _run(runner, GROUPS[:2]) == eager[:7]
+    assert _run(runner, GROUPS[:2]) == eager[:len(GROUPS[0][0]) + len(GROUPS[1][0])]
 
 
 @pytest.mark.gpu

@@ -196,8 +196,8 @@ INDEX_BUILDS = {"loop": {"enable_sync_free_unified_extend": False},
                 "kernel": {"unified_index_build": "kernel"}}
 
 
-CPU_WORKLOAD = {"num_groups": 2, "per_group": 3, "prefix_len": 20, "question_lens": (2, 12),
-                "max_new_tokens": 5}
+CPU_WORKLOAD = {"num_groups": 2, "per_group": 2, "prefix_len": 20, "question_lens": (2, 12),
+                "max_new_tokens": 4}
 
 
 def _cpu_triton(model_path: str, deterministic: bool = True, **kw) -> SchedulerRunner:

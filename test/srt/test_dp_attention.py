@@ -171,25 +171,34 @@ def eager_graph_launch(monkeypatch):
         _launch_subprocesses, scheduler_target=run_scheduler_with_eager_graphs))
 
 
+GRAPHS_0003C = dict(attention_backend="triton", cuda_graph_max_bs=2,
+                    enable_prefill_cuda_graph=True, prefill_cuda_graph_max_tokens=32,
+                    disable_radix_cache=True)
+PROMPTS_0003C = [list(range(100, 134)), list(range(200, 238))]
+GREEDY_0003C = {**GREEDY, "max_new_tokens": 4}  # the Triton kernels run interpreted on CPU
+
+
+@pytest.fixture(scope="module")
+def tp1_0003c():
+    runner = SchedulerRunner(model_path=get_default_model_path(), chunked_prefill_size=16,
+                             **GRAPHS_0003C)
+    return runner.generate(PROMPTS_0003C + PROMPTS[1:2], GREEDY_0003C)
+
+
 @pytest.mark.parametrize("patch_on", [False, True], ids=["0003c-off", "0003c-on"])
-def test_0003c_off_and_on_equal_tp1(eager_graph_launch, patch_on):
+def test_0003c_off_and_on_equal_tp1(eager_graph_launch, tp1_0003c, patch_on):
     """Decode graphs under DP attention (MAX_LEN, an IDLE group padding) either way. Two
     prompts chunked in 16-token pieces, one per group: their prefills overlap for steps where
     both groups extend, which with 0003c on replay a prefill graph of the larger group's
     bucket and off (upstream 0.5.11) run eagerly. Tokens equal tp=1 both ways."""
-    args = dict(model_path=get_default_model_path(), attention_backend="triton",
-                cuda_graph_max_bs=4, enable_prefill_cuda_graph=True,
-                prefill_cuda_graph_max_tokens=64, disable_radix_cache=True)
-    prompts = [list(range(100, 134)), list(range(200, 238))]
-    greedy = {**GREEDY, "max_new_tokens": 4}  # the Triton kernels run interpreted on CPU
-    ref = SchedulerRunner(chunked_prefill_size=16, **args).generate(prompts + PROMPTS[1:2],
-                                                                    greedy)
-    with Engine(log_level="error", random_seed=0, enable_dp_prefill_cuda_graph=patch_on,
-                chunked_prefill_size=32, **DP, **args) as engine:
-        got = engine.generate(input_ids=prompts, sampling_params=greedy)
-        lone = engine.generate(input_ids=PROMPTS[1], sampling_params=greedy)
+    with Engine(model_path=get_default_model_path(), log_level="error", random_seed=0,
+                enable_dp_prefill_cuda_graph=patch_on, chunked_prefill_size=32, **DP,
+                **GRAPHS_0003C) as engine:
+        got = engine.generate(input_ids=PROMPTS_0003C, sampling_params=GREEDY_0003C)
+        lone = engine.generate(input_ids=PROMPTS[1], sampling_params=GREEDY_0003C)
         states = engine.get_server_info()["internal_states"]
-    assert [o["output_ids"] for o in got] + [lone["output_ids"]] == [r.output_ids for r in ref]
+    assert [o["output_ids"] for o in got] + [lone["output_ids"]] == \
+        [r.output_ids for r in tp1_0003c]
     replays = [s["cuda_graph_replays"] for s in states]
     assert all(r["decode"] > 0 for r in replays)
     if patch_on:

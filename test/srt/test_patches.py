@@ -38,10 +38,10 @@ def test_patch_flags(path):
         assert hasattr(ServerArgs, patch.field), patch.field
 
 
-def _run(path: str, prompts, **kwargs):
+def _run(path: str, prompts, params: dict = GREEDY, **kwargs):
     runner = SchedulerRunner(model_path=path, enable_sync_audit=True, **kwargs)
-    first = runner.generate(prompts[:1], GREEDY, return_logprob=True)
-    rest = runner.generate(prompts[1:], GREEDY, return_logprob=True)
+    first = runner.generate(prompts[:1], params, return_logprob=True)
+    rest = runner.generate(prompts[1:], params, return_logprob=True)
     outs = first + rest
     assert rest[0].cached_tokens >= 40
     assert runner.integrity_error() is None
@@ -71,13 +71,25 @@ def test_0001_pinned_h2d(path, audit, mode):
     assert counts == [11, 8, 3, 1, 1, 1, 1, 1, 13, 8, 3, 1, 1, 1, 1, 1]
 
 
+UNIFIED = {"attention_backend": "triton", "enable_deterministic_inference": True}
+UNIFIED_PARAMS = {**GREEDY, "max_new_tokens": 4}  # the counts checked are the prefills'
+
+
+@pytest.fixture(scope="module")
+def unified_off(path):
+    """Patch 0002 off: outputs and audited steps, shared by the index builds."""
+    try:
+        return _run(path, _prompts(1), UNIFIED_PARAMS, patches="none", **UNIFIED)
+    finally:
+        AUDIT.enabled = False
+        AUDIT.reset()
+
+
 @pytest.mark.parametrize("build", ["batched", "kernel"])
-def test_0002_unified_extend_index_build(path, audit, build):
-    prompts = _prompts(1)
-    kwargs = {"attention_backend": "triton", "enable_deterministic_inference": True}
-    off, off_steps = _run(path, prompts, patches="none", **kwargs)
-    AUDIT.reset()
-    on, on_steps = _run(path, prompts, patches="0002", unified_index_build=build, **kwargs)
+def test_0002_unified_extend_index_build(path, audit, unified_off, build):
+    off, off_steps = unified_off
+    on, on_steps = _run(path, _prompts(1), UNIFIED_PARAMS, patches="0002",
+                        unified_index_build=build, **UNIFIED)
     _same_outputs(off, on)
     layers = 2
     region = "_forward_extend_unified"

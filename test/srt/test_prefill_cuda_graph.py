@@ -55,8 +55,9 @@ CASES = {
     "sampled-after-replay": (_prompts(2, 3, 14, 3), SAMPLED, False, True),
     "above-the-largest-bucket": (_prompts(2, 30, 40, 4), GREEDY, False, False),
     "prompt-logprobs": (_prompts(2, 3, 10, 5), GREEDY, True, False),
-    "more-requests-than-rows": (_prompts(PREFILL_GRAPH_MAX_REQS + 1, 2, 5, 6), GREEDY, False,
-                                False),
+    # One token each: what falls back is the prefill; the rows' decode steps add nothing.
+    "more-requests-than-rows": (_prompts(PREFILL_GRAPH_MAX_REQS + 1, 2, 5, 6),
+                                {**GREEDY, "max_new_tokens": 1}, False, False),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from sglab.test.runners import SchedulerRunner
 
-PARAMS = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+PARAMS = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
 
 
 def _prompts() -> list[list[int]]:

@@ -402,9 +402,11 @@ def test_generated_shared_prefix_same_prompts_in_every_process(tokenizer_dir):
     import subprocess
     import sys
 
-    runs = [subprocess.run([sys.executable, "-c", _GSP_SCRIPT, tokenizer_dir], check=True,
-                           capture_output=True, text=True).stdout.splitlines()[-1]
-            for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", _GSP_SCRIPT, tokenizer_dir],
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    runs = [out.splitlines()[-1] for out in outs]
     assert runs[0].startswith("['") and runs[0] == runs[1] == runs[2]
 
 
