@@ -321,7 +321,8 @@ def check_same_inputs(first: dict, run: dict) -> None:
 def run_steps(args: argparse.Namespace, variants: list[Variant], steps: list[Step],
               workloads: list[list[str]], kv_cap: list[str]) -> list[list[dict]]:
     """Every step against its server, each workload in turn: runs[workload] in run order.
-    With `--time-budget`, a step that would likely end past the budget is not started."""
+    With `--time-budget`, a step that would likely end past the budget (its longest step so
+    far; a kept-alive server's launch, paid once, not counted) is not started."""
     runs: list[list[dict]] = [[] for _ in workloads]
     start, longest = time.monotonic(), 0.0
     with ServerSet(args, variants, kv_cap) as servers:
@@ -330,6 +331,8 @@ def run_steps(args: argparse.Namespace, variants: list[Variant], steps: list[Ste
                 break
             began = time.monotonic()
             server, fresh = servers.server_for(step)
+            if not fresh:
+                began = time.monotonic()
             switch = step.audited and not fresh and args.audit == "first"
             for j, bench_argv in enumerate(workloads):
                 run = run_workload(server.base_url, step, bench_argv, switch)

@@ -144,6 +144,28 @@ def test_time_budget_starts_no_round_that_would_end_past_it(tmp_path, monkeypatc
     assert "after 3 of the 6 planned runs" in (tmp_path / "ab.md").read_text()
 
 
+def test_time_budget_does_not_count_a_kept_alive_servers_launch(tmp_path, monkeypatch):
+    """Launches take 30 s and rounds 10 s: a launch is paid once per live server, so with a
+    100 s budget the rounds go on until 100 s (2 launches + 4 rounds = 100 s)."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(bench_ab.time, "monotonic", lambda: clock["t"])
+    fakes = Fakes(monkeypatch)
+    run, launch = fakes.run, fakes.launch
+
+    def slow_run(*a, **k):
+        clock["t"] += 10.0
+        return run(*a, **k)
+
+    def slow_launch(*a, **k):
+        clock["t"] += 30.0
+        return launch(*a, **k)
+
+    monkeypatch.setattr(bench_ab, "run_workload", slow_run)
+    monkeypatch.setattr(bench_ab, "popen_launch_server", slow_launch)
+    report = _main(tmp_path, "--time-budget", "100")
+    assert len(report["runs"]) == 4 and clock["t"] == 100.0
+
+
 def test_warmup_rounds_are_reported_but_not_counted(tmp_path, monkeypatch):
     """Warm-up rounds 10x slower than the rest: the ratios see only the timed rounds."""
     rng = np.random.default_rng(0)
