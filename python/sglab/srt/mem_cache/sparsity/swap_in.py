@@ -20,9 +20,10 @@ AGE_LEVELS = 8
 
 
 @triton.jit
-def _swap_in_kernel(positions, hosts, rows_ptr, lens_ptr, sparse_ptr,
-                    reserved_ptr, resident, last_used, buffer_tokens, req_to_device_buffer,
-                    req_to_page, out_ptr, copy_src, copy_dst, victims, stride_sel, stride_lu, stride_bt, stride_rdb, stride_rtp, stride_victims,
+def _swap_in_kernel(positions, hosts, rows_ptr, lens_ptr, sparse_ptr, reserved_ptr, resident,
+                    last_used, buffer_tokens, req_to_device_buffer, req_to_page, out_ptr,
+                    copy_src, copy_dst, victims, stride_sel, stride_lu, stride_bt, stride_rdb,
+                    stride_rtp, stride_victims,
                     B: tl.constexpr, P: tl.constexpr, TOP_K: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, LEVELS: tl.constexpr):
     b = tl.program_id(0)
