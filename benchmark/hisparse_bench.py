@@ -9,8 +9,8 @@
 capacity: the most concurrent `--input-len`-token requests served without a retraction, dense
 vs HiSparse at the same `--mem-fraction-static` (HiSparse's host tier is
 `host_to_device_ratio` times the device pool, in pinned host memory). `--requests` are submitted
-at once; the peak of the running batch is recorded, and a run that retracted is repeated with
-one request fewer than its peak.
+at once and stepped until the first one finishes; the peak of the running batch is recorded,
+and a run that retracted is repeated with one request fewer than its peak.
 step: median decode step time (overlap off, so a step is its own wall time; CUDA graphs on) of
 `bs` requests at each context, dense vs HiSparse (`--hisparse-config`). The device pool is sized
 for the workload in each mode (HiSparse: two prompts plus the hot buffers, the rest on the
@@ -82,10 +82,12 @@ def _busy(scheduler) -> bool:
 
 def capacity_once(preset: str, hisparse: dict | None, requests: int, input_len: int,
                   mem_fraction: float) -> dict:
+    """Steps until the first request finishes: by then every request that fits has been
+    admitted (prefill goes first) and the running ones have decoded side by side."""
     sched = _scheduler(preset, hisparse, mem_fraction_static=mem_fraction)
     reqs = _submit(sched, requests, input_len, OUTPUT_LEN)
     peak, tic = 0, time.perf_counter()
-    while _busy(sched):
+    while _busy(sched) and not any(r.finished() for r in reqs):
         sched.run_step()
         peak = max(peak, len(sched.running_batch.reqs))
         sched.outputs.clear()

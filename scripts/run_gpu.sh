@@ -34,10 +34,12 @@
 #   tests-hisparse  HiSparse / patch 0004 GPU tests (stream order, UVA kernel, graphs)
 #   ab-0004       patch 0004 off / PR / async_finish, llama-3.1-8b, 16 x 8192 in / 512 out,
 #                 concurrency 4, overlap on;  ab-0004-control: off / PR with overlap off
-#                 (AB_BUDGET: seconds of rounds, default 470; AB_VARIANTS: the variants)
+#                 (AB_BUDGET: seconds of launch and rounds, default 470; AB_ROUNDS: rounds per
+#                 variant, the first a warm-up, default 7; AB_VARIANTS: the variants)
 #   hisparse-bench  capacity at 32k (dense vs HiSparse) and decode step time at 8k/32k/64k;
 #                 its parts: hisparse-capacity hisparse-step; hisparse-step-8k (bs 1 / 4 only),
-#                 hisparse-profile (kernels of a decode step at 8k, bs 4)
+#                 hisparse-step-bs8 (bs 8 only), hisparse-profile (kernels of a decode step at
+#                 8k, bs 4)
 #   kernels       --kernel-fusion: GPU tests of the fused kernels, then kernel_bench (off vs on:
 #                 decode graph time and kernels per replay at bs 1/64, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
@@ -72,8 +74,8 @@ ab_0004() {  # $1: tag, $2: extra server args, $3: variants
   local m; m=$(mk llama-3.1-8b)
   # The 8B shape at 8k context: --time-budget keeps the rounds that fit one device call (in
   # ABBA order) and reports how many of the planned ones ran.
-  timeout $((${AB_BUDGET:-470} + 60)) $AB --patch 0004 --model-path $m --variants $3 \
-    --time-budget ${AB_BUDGET:-470} --audit first --server-args "--load-format dummy $HS $2" \
+  timeout $((${AB_BUDGET:-470} + 40)) $AB --patch 0004 --model-path $m --variants $3 \
+    --rounds ${AB_ROUNDS:-7} --time-budget ${AB_BUDGET:-470} --audit first --server-args "--load-format dummy $HS $2" \
     --tag $1 --max-concurrencies 4 -- $(rnd $m) --num-prompts 16 --random-input-len 8192 \
     --random-output-len 512 2>&1 | tail -n 40
 }
@@ -137,9 +139,11 @@ hisparse_steps() {
   hisparse-profile)
     timeout 200 $hb profile --out "$R" --contexts 8192 --batch-sizes 4 2>&1 | tail -n 60 ;;
   hisparse-capacity)
-    timeout 500 $hb capacity --out "$R" 2>&1 | tail -n 8 ;;
+    timeout 250 $hb capacity --out "$R" 2>&1 | tail -n 8 ;;
   hisparse-step)
     timeout 500 $hb step --out "$R" 2>&1 | tail -n 12 ;;
+  hisparse-step-bs8)
+    timeout 330 $hb step --out "$R/step-bs8" --batch-sizes 8 2>&1 | tail -n 12 ;;
   hisparse-bench)
     hisparse_steps hisparse-capacity; hisparse_steps hisparse-step ;;
   esac

@@ -12,10 +12,11 @@ Variants: `off`, `on` (the patch's default on path) and, for a patch with sub-mo
 each non-off variant is reported against `off`. A round is one bench_serving run (fixed seed,
 greedy, `--output-details`) against a variant's server, from an empty radix cache; rounds go in
 ABBA order (`bench_stats.abba_order`), `--rounds` per variant, the first of each a warm-up kept
-in the report and left out of the statistics. By default each variant's server is launched once
-and all stay alive while the rounds alternate between them; as they share one GPU and the KV
-pool is sized from the free memory, a KV cap (`--max-total-tokens`, `--kv-cap-tokens`) is added
-to every server when the user set none, so each variant gets the same pool; for a hybrid
+in the report and left out of the statistics. By default each variant's server is launched once,
+side by side before the first round, and all stay alive while the rounds alternate between
+them; as they share one GPU and the KV pool is sized from the free memory, a KV cap
+(`--max-total-tokens`, `--kv-cap-tokens`) is added to every server when the user set none, so
+each variant gets the same pool; for a hybrid
 (linear-attention) model the state pool is capped the same way (`--max-mamba-cache-size`,
 `--mamba-cap-slots`), as it too is sized from the free memory.
 `--restart-each-round` launches a fresh server per round instead.
@@ -49,7 +50,8 @@ import requests
 
 from sglab import bench_serving, bench_stats
 from sglab.srt.patches import PATCH_BY_ID, PATCHES
-from sglab.srt.utils.process import ServerProcess, kill_server, popen_launch_server
+from sglab.srt.utils.process import (ServerProcess, kill_server, popen_launch_server,
+                                     popen_launch_servers)
 from sglab.srt.utils.provenance import add_provenance_args, provenance, provenance_line
 
 # Round metrics: one value per round, from bench_serving's result (name, higher is better).
@@ -178,9 +180,18 @@ class ServerSet:
         if self.args.restart_each_round:
             self.fresh.append(self._launch(step.variant, step.audited))
             return self.fresh[-1], True
-        if step.variant not in self.live:
-            self.live[step.variant] = self._launch(step.variant, self.args.audit == "all")
+        if not self.live:
+            self.launch_live()
         return self.live[step.variant], False
+
+    def launch_live(self) -> None:
+        """Every variant's live server, launched side by side: one launch's wait, not one
+        per variant."""
+        names = list(self.variants)
+        audited = self.args.audit == "all"
+        servers = popen_launch_servers([self.argv(v, audited) for v in names],
+                                       timeout=self.args.launch_timeout)
+        self.live = dict(zip(names, servers))
 
     def stop(self, server: ServerProcess) -> None:
         kill_server(server)
@@ -442,7 +453,7 @@ def _method(report: dict) -> str:
     cut = (f" (stopped by `--time-budget` after {ran} of the {planned} planned runs)"
            if planned and ran < planned else "")
     launch = ("a fresh server per round" if report["restart_each_round"] else
-              "each variant's server launched once, all kept alive")
+              "each variant's server launched once, side by side, all kept alive")
     cap = report["kv_cap"]
     cap_note = (f"; KV pool capped at {cap['max_total_tokens']} tokens for every server "
                 f"(`--max-total-tokens`, added: {cap['reason']})" if cap else "")

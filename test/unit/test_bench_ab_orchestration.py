@@ -22,18 +22,24 @@ class Fakes:
 
     def __init__(self, monkeypatch, values=None, digests=None):
         self.launches: list[list[str]] = []
+        self.batches: list[int] = []  # servers per popen_launch_servers call
         self.stopped: list[str] = []
         self.rounds: list[tuple[str, str, int]] = []  # (server url, variant, round)
         self.switched: list[tuple[str, int]] = []  # (server url, round) audited by switching
         self.values = values or (lambda step: 10.0)
         self.digests = digests or (lambda step: DIGESTS)
         monkeypatch.setattr(bench_ab, "popen_launch_server", self.launch)
+        monkeypatch.setattr(bench_ab, "popen_launch_servers", self.launch_all)
         monkeypatch.setattr(bench_ab, "kill_server", self.kill)
         monkeypatch.setattr(bench_ab, "run_workload", self.run)
 
     def launch(self, argv, timeout):
         self.launches.append(argv)
         return ServerProcess(None, f"fake://{len(self.launches)}", "")
+
+    def launch_all(self, argvs, timeout):
+        self.batches.append(len(argvs))
+        return [self.launch(argv, timeout) for argv in argvs]
 
     def kill(self, server):
         self.stopped.append(server.base_url)
@@ -70,6 +76,7 @@ def test_live_servers_launched_once_warmups_audited_by_switching_and_kv_cap(tmp_
     # for each warm-up round only.
     assert fakes.launches == [["--model-path", "m", *cap, "--disable-pinned-h2d"],
                               ["--model-path", "m", *cap, "--enable-pinned-h2d"]]
+    assert fakes.batches == [2]  # side by side, in one call
     assert fakes.rounds == [("fake://1", "off", 1), ("fake://2", "on", 1), ("fake://2", "on", 2),
                             ("fake://1", "off", 2), ("fake://1", "off", 3), ("fake://2", "on", 3)]
     assert fakes.switched == [("fake://1", 1), ("fake://2", 1)]
@@ -144,26 +151,29 @@ def test_time_budget_starts_no_round_that_would_end_past_it(tmp_path, monkeypatc
     assert "after 3 of the 6 planned runs" in (tmp_path / "ab.md").read_text()
 
 
-def test_time_budget_does_not_count_a_kept_alive_servers_launch(tmp_path, monkeypatch):
-    """Launches take 30 s and rounds 10 s: a launch is paid once per live server, so with a
-    100 s budget the rounds go on until 100 s (2 launches + 4 rounds = 100 s)."""
+def test_live_servers_launch_side_by_side_and_the_launch_is_not_a_round(tmp_path,
+                                                                       monkeypatch):
+    """The live servers start in one call (30 s of a fake clock for both) and rounds take
+    10 s: the launch is paid once, so with a 100 s budget the rounds go on until 100 s
+    (launch + 7 rounds)."""
     clock = {"t": 0.0}
     monkeypatch.setattr(bench_ab.time, "monotonic", lambda: clock["t"])
     fakes = Fakes(monkeypatch)
-    run, launch = fakes.run, fakes.launch
+    run, launch_all = fakes.run, fakes.launch_all
 
     def slow_run(*a, **k):
         clock["t"] += 10.0
         return run(*a, **k)
 
-    def slow_launch(*a, **k):
+    def slow_launch_all(*a, **k):
         clock["t"] += 30.0
-        return launch(*a, **k)
+        return launch_all(*a, **k)
 
     monkeypatch.setattr(bench_ab, "run_workload", slow_run)
-    monkeypatch.setattr(bench_ab, "popen_launch_server", slow_launch)
-    report = _main(tmp_path, "--time-budget", "100")
-    assert len(report["runs"]) == 4 and clock["t"] == 100.0
+    monkeypatch.setattr(bench_ab, "popen_launch_servers", slow_launch_all)
+    report = _main(tmp_path, "--time-budget", "100", rounds="6")
+    assert fakes.batches == [2] and len(fakes.launches) == 2
+    assert len(report["runs"]) == 7 and clock["t"] == 100.0
 
 
 def test_warmup_rounds_are_reported_but_not_counted(tmp_path, monkeypatch):
@@ -266,12 +276,15 @@ def run(base_url, step, bench_argv, switch_audit=False):
         time.sleep(600)
     return {"label": step.label, "input_digests": []}
 
-bench_ab.popen_launch_server, bench_ab.run_workload = launch, run
+def launch_all(argvs, timeout):
+    return [launch(argv, timeout) for argv in argvs]
+
+bench_ab.popen_launch_servers, bench_ab.run_workload = launch_all, run
 bench_ab.main(sys.argv[1:])
 """
 
-# popen_launch_server with the server replaced by `sleep`: it never gets healthy, so the caller
-# is still waiting for it when the test sends SIGTERM.
+# popen_launch_servers with two servers replaced by `sleep`: the first never gets healthy, so
+# the caller is still waiting for it, the second started too, when the test sends SIGTERM.
 _LAUNCH_CHILD = """
 import signal, subprocess, sys
 import requests
@@ -290,7 +303,7 @@ def health_check(self, url, **kwargs):
 
 subprocess.Popen, requests.Session.get = sleeper, health_check
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-process.popen_launch_server(["--model-path", "unused"], timeout=600)
+process.popen_launch_servers([["--model-path", "a"], ["--model-path", "b"]], timeout=600)
 """
 
 
@@ -330,10 +343,10 @@ def test_sigterm_stops_every_live_server(tmp_path):
     assert rc == 143 and len(pids) == 2
 
 
-def test_sigterm_while_a_server_launches_stops_it():
+def test_sigterm_while_servers_launch_stops_them_all():
     rc, pids = _sigterm_when_ready(_LAUNCH_CHILD)
     assert _survivors(pids) == []
-    assert rc == 143 and len(pids) == 1
+    assert rc == 143 and len(pids) == 2
 
 
 def test_workload_sweep_by_rate_and_concurrency():

@@ -36,20 +36,35 @@ def popen_launch_server(args: list[str], timeout: float = 600.0,
                         env: dict | None = None) -> ServerProcess:
     """Start a server on a free port and wait until GET /health_generate answers 200 (sent
     with the server's --api-key, as upstream's CI does)."""
+    return popen_launch_servers([args], timeout, env)[0]
+
+
+def popen_launch_servers(arg_lists: list[list[str]], timeout: float = 600.0,
+                         env: dict | None = None) -> list[ServerProcess]:
+    """Start every server at once (they load and warm up side by side), then wait for each
+    to be healthy; `timeout` applies to each wait. If any fails, all are stopped."""
+    servers: list[ServerProcess] = []
+    try:
+        for args in arg_lists:
+            servers.append(_spawn(args, env))
+        for server, args in zip(servers, arg_lists):
+            _wait_healthy(server, timeout, _api_key(args))
+    except BaseException:
+        # Also when interrupted (SIGTERM, Ctrl-C): the servers run in their own sessions, so
+        # nothing else would stop them.
+        for server in servers:
+            kill_server(server)
+        raise
+    return servers
+
+
+def _spawn(args: list[str], env: dict | None) -> ServerProcess:
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="sglab-server-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "sglab.launch_server", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
-    try:
-        _wait_healthy(server, timeout, _api_key(args))
-    except BaseException:
-        # Also when interrupted (SIGTERM, Ctrl-C): the server runs in its own session, so
-        # nothing else would stop it.
-        kill_server(server)
-        raise
-    return server
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", log.name)
 
 
 def _api_key(args: list[str]) -> str | None:
