@@ -192,6 +192,8 @@ def _per_shape(args, kind: str) -> list[dict]:
     for context in args.contexts:
         for bs in args.batch_sizes:
             for name, hisparse in (("dense", None), ("hisparse", _config(args))):
+                if name not in args.modes:
+                    continue
                 r = _in_subprocess(kind, preset=args.preset, hisparse=hisparse, bs=bs,
                                    context=context)
                 rows.append({"mode": name, **r})
@@ -258,6 +260,8 @@ def main() -> None:
     parser.add_argument("--mem-fraction-static", type=float, default=0.3)
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", choices=["dense", "hisparse"],
+                        default=["dense", "hisparse"], help="step / profile: which to measure")
     parser.add_argument("--kind", dest="one_kind", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params", default=None, help=argparse.SUPPRESS)
     add_provenance_args(parser)

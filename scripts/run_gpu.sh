@@ -142,6 +142,12 @@ hisparse_steps() {
     timeout 250 $hb capacity --out "$R" 2>&1 | tail -n 8 ;;
   hisparse-step)
     timeout 500 $hb step --out "$R" 2>&1 | tail -n 12 ;;
+  hisparse-step-64k-bs8)
+    timeout 170 $hb step --out "$R/step-64k-bs8" --contexts 65536 --batch-sizes 8 \
+      --modes hisparse 2>&1 | tail -n 4 ;;
+  hisparse-profile-32k-bs8)
+    timeout 150 $hb profile --out "$R/profile-32k-bs8" --contexts 32768 --batch-sizes 8 2>&1 \
+      | tail -n 100 ;;
   hisparse-step-bs8)
     timeout 330 $hb step --out "$R/step-bs8" --batch-sizes 8 2>&1 | tail -n 12 ;;
   hisparse-bench)
