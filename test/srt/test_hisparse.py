@@ -306,6 +306,16 @@ def test_host_pool_exhaustion_defers_admission_and_never_crashes(path):
     assert runner.integrity_error() is None
 
 
+def test_a_host_tier_too_large_to_allocate_is_a_startup_error_naming_the_key(path):
+    """10^12 host slots (petabytes): the allocation fails, and the error says how large the
+    tier was and which settings size it."""
+    with pytest.raises(RuntimeError) as e:
+        _hisparse(path, {**SPARSE, "host_to_device_ratio": 6.25e9}, max_total_tokens=160)
+    msg = str(e.value)
+    assert msg.startswith("HiSparse: the host KV tier (1000000000000 tokens, ")
+    assert "host_to_device_ratio" in msg and "could not be allocated" in msg
+
+
 def test_a_failing_decode_step_is_undone_and_the_others_continue(path, monkeypatch):
     """A forward that fails after its HiSparse work (backups, a grown buffer, swap-ins): the
     step is undone, the others advance alone and the failing request is aborted."""

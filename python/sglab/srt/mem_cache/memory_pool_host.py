@@ -9,6 +9,8 @@ write to. The device writes and reads these buffers directly (`kvcacheio.transfe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sglab.srt.mem_cache.kvcacheio import transfer_kv_rows
@@ -27,8 +29,17 @@ class MHATokenToKVPoolHost:
         self.dtype, self.store_dtype = device_pool.dtype, device_pool.store_dtype
         shape = (self.layer_num, size + self.page_size, device_pool.head_num,
                  device_pool.head_dim)
-        self.k_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=pin_memory)
-        self.v_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=pin_memory)
+        need = 2 * math.prod(shape) * torch.empty((), dtype=self.store_dtype).element_size()
+        try:
+            self.k_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=pin_memory)
+            self.v_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=pin_memory)
+        except RuntimeError as e:  # torch.OutOfMemoryError, AcceleratorError (cudaHostAlloc)
+            kind = "pinned " if pin_memory else ""
+            raise RuntimeError(
+                f"HiSparse: the host KV tier ({size} tokens, {need / 2**30:.1f} GiB of {kind}host "
+                f"memory) could not be allocated ({str(e).splitlines()[0]}); lower "
+                "--hisparse-config host_to_device_ratio, --max-total-tokens or "
+                "--mem-fraction-static") from None
         self.k_buffer[:, :self.page_size].zero_()  # the sink page: masked copies land here
         self.v_buffer[:, :self.page_size].zero_()
         alloc_cls = TokenToKVPoolAllocator if self.page_size == 1 else PagedTokenToKVPoolAllocator
