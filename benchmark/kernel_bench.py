@@ -2,8 +2,12 @@
 
     python benchmark/kernel_bench.py all --out DIR [--presets qwen3-0.6b llama-3.1-8b]
 
-- decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1 and 64, against the
-  roofline (weight bytes / measured copy bandwidth), and the kernels in one replay (profiler);
+- decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1, 8 and 64, against
+  the roofline (weight bytes / measured copy bandwidth), and the kernels in one replay
+  (profiler); fusion off, on, and on without the small-M GEMM (`on-cublas`:
+  SGLAB_SKINNY_GEMM_MAX_M=0, every matmul through F.linear);
+- gemm: each decoder matmul shape of both models at M = 1, 4, 8, 16, 32: skinny_gemm vs
+  F.linear, GPU time and weight bytes per second (the table behind SGLAB_SKINNY_GEMM_MAX_M);
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
   without HTTP), model FLOPs / latency, and MFU against the measured bf16 matmul peak;
 - long-context decode attention (llama-3.1-8b heads): KV bytes read per second at bs 64 x 4096
@@ -38,11 +42,18 @@ from gpu_bench import (  # noqa: E402
 from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
 
 FUSION = ("off", "on")
-DECODE_BS = [1, 64]
+VARIANTS = {"off": ("off", None), "on": ("on", None), "on-cublas": ("on", "0")}
+DECODE_BS = [1, 8, 64]
 INPUT_LEN, DECODE_STEPS = 256, 8
 PREFILL_PRESET, PREFILL_LEN = "llama-3.1-8b", 8192
 ATTN_SHAPES = [(64, 4096), (8, 32768)]  # (batch, context)
 ATTN_HEADS = (32, 8, 128)  # llama-3.1-8b: q heads, kv heads, head dim
+# (model, layer, N, K) of each decoder matmul at tp 1.
+GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048),
+               ("qwen3-0.6b", "gate_up", 6144, 1024), ("qwen3-0.6b", "down", 1024, 3072),
+               ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
+               ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336)]
+GEMM_M = [1, 4, 8, 16, 32]
 
 
 def _graph(sched, bs: int):
@@ -122,6 +133,25 @@ def attention_child() -> dict:
     return {"rows": rows}
 
 
+def gemm_child() -> dict:
+    import torch.nn.functional as F
+
+    from sglab.srt.layers.skinny_gemm import skinny_gemm
+
+    rows = []
+    for model, layer, n, k in GEMM_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in GEMM_M:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_skinny = _cuda_time(lambda: skinny_gemm(x, w), reps=50)
+            t_cublas = _cuda_time(lambda: F.linear(x, w), reps=50)
+            rows.append({"model": model, "layer": layer, "n": n, "k": k, "m": m,
+                         "skinny_us": t_skinny * 1e6, "cublas_us": t_cublas * 1e6,
+                         "weight_gbps_skinny": 2 * n * k / t_skinny / 1e9,
+                         "weight_gbps_cublas": 2 * n * k / t_cublas / 1e9})
+    return {"rows": rows}
+
+
 def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
     times = []
     for i in range(warmup + reps):
@@ -135,8 +165,9 @@ def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def _child(args: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -145,9 +176,12 @@ def _child(args: list[str]) -> dict:
 def run_all(presets: list[str], out_dir: str, commit: str | None) -> dict:
     report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
     for preset in presets:
-        report["models"][preset] = {f: _child(["decode", "--preset", preset, "--fusion", f])
-                                    for f in FUSION}
+        report["models"][preset] = {
+            v: _child(["decode", "--preset", preset, "--fusion", fusion],
+                      {"SGLAB_SKINNY_GEMM_MAX_M": max_m} if max_m is not None else None)
+            for v, (fusion, max_m) in VARIANTS.items()}
         print(json.dumps(report["models"][preset])[:1500], flush=True)
+    report["gemm"] = _child(["gemm"])
     report["attention"] = _child(["attention"])
     write_results(out_dir, "kernel_bench", report, to_markdown(report))
     return report
@@ -157,23 +191,40 @@ def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with the GPU "
-             "idle), --kernel-fusion off vs on:", "",
-             "| model | bs | off (µs) | on (µs) | on / off | roofline (µs) | off / roof | "
-             "on / roof | kernels off | kernels on | launch off (µs) | launch on (µs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "idle), --kernel-fusion off vs on (on-cublas: on without the small-M GEMM):", "",
+             "| model | bs | off (µs) | on (µs) | on-cublas (µs) | on / off | roofline (µs) | "
+             "off / roof | on / roof | kernels off / on / on-cublas | launch off / on (µs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, m in report["models"].items():
-        if any("error" in m[f] for f in FUSION):
-            lines.append(f"| {preset} | error | | | | | | | | | | |")
+        if any("error" in m[v] for v in VARIANTS):
+            lines.append(f"| {preset} | error | | | | | | | | | |")
             continue
         roof = m["off"]["weight_bytes"] / (bw * 1e9) * 1e6
-        for off, on in zip(m["off"]["decode"], m["on"]["decode"]):
-            a, b = off["graph_gpu_us"], on["graph_gpu_us"]
-            lines.append(f"| {preset} | {off['bs']} | {a:.0f} | {b:.0f} | {b / a:.3f} | "
+        for off, on, cub in zip(m["off"]["decode"], m["on"]["decode"], m["on-cublas"]["decode"]):
+            a, b, c = off["graph_gpu_us"], on["graph_gpu_us"], cub["graph_gpu_us"]
+            lines.append(f"| {preset} | {off['bs']} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.3f} | "
                          f"{roof:.0f} | {a / roof:.2f} | {b / roof:.2f} | "
-                         f"{off['kernels']['count']} | {on['kernels']['count']} | "
-                         f"{off['graph_launch_idle_us']:.0f} | {on['graph_launch_idle_us']:.0f} |")
+                         f"{off['kernels']['count']} / {on['kernels']['count']} / "
+                         f"{cub['kernels']['count']} | {off['graph_launch_idle_us']:.0f} / "
+                         f"{on['graph_launch_idle_us']:.0f} |")
+    lines += _gemm_lines(report, bw)
     lines += _prefill_lines(report) + _attention_lines(report, bw)
     return "\n".join(lines) + "\n"
+
+
+def _gemm_lines(report: dict, bw: float) -> list[str]:
+    g = report.get("gemm", {})
+    if "rows" not in g:
+        return ["", f"GEMM: {g.get('error', 'not run')[-300:]}"]
+    lines = ["", "Decoder matmuls alone, bf16 (GPU µs; weight bytes per second as a share of the "
+             "copy bandwidth):", "", "| model | layer | N x K | M | skinny (µs) | F.linear (µs) "
+             "| skinny / F.linear | skinny BW | F.linear BW |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['n']} x {r['k']} | {r['m']} | "
+                     f"{r['skinny_us']:.1f} | {r['cublas_us']:.1f} | "
+                     f"{r['skinny_us'] / r['cublas_us']:.2f} | "
+                     f"{r['weight_gbps_skinny'] / bw:.0%} | {r['weight_gbps_cublas'] / bw:.0%} |")
+    return lines
 
 
 def _prefill_lines(report: dict) -> list[str]:
@@ -206,14 +257,15 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
 
 
 def main() -> None:
-    parser = bench_parser(["all", "decode", "attention"])
+    parser = bench_parser(["all", "decode", "gemm", "attention"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
     args = parser.parse_args()
     if args.kind == "all":
         run_all(args.presets, args.out, args.commit)
         return
-    result = decode_child(args.preset, args.fusion) if args.kind == "decode" else \
-        attention_child()
+    child = {"decode": lambda: decode_child(args.preset, args.fusion), "gemm": gemm_child,
+             "attention": attention_child}[args.kind]
+    result = child()
     print(json.dumps(result))
 
 

@@ -40,8 +40,9 @@
 #                 its parts: hisparse-capacity hisparse-step; hisparse-step-8k (bs 1 / 4 only),
 #                 hisparse-step-bs8 (bs 8 only), hisparse-profile (kernels of a decode step at
 #                 8k, bs 4)
-#   kernels       --kernel-fusion: GPU tests of the fused kernels, then kernel_bench (off vs on:
-#                 decode graph time and kernels per replay at bs 1/64, 8k prefill MFU,
+#   kernels       --kernel-fusion: GPU tests of the fused kernels, then kernel_bench (off vs on
+#                 vs on without the small-M GEMM: decode graph time and kernels per replay at
+#                 bs 1/8/64, small-M GEMM vs F.linear per decoder shape, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
@@ -243,10 +244,10 @@ for step in "$@"; do
       --overlap > "$R/profile-qwen3-0.6b-bs1.txt" 2>&1
     grep '^==' "$R/profile-qwen3-0.6b-bs1.txt" ;;
   kernels)
-    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_elementwise.py \
-      test/kernels/test_triton_attention.py test/srt/test_kernel_fusion.py 2>&1 \
-      | tee "$R/gpu_tests_kernels.log" | tail -n 8
-    timeout 270 python3 benchmark/kernel_bench.py all --out "$R" 2>&1 | tail -n 32 ;;
+    timeout 200 python3 -m pytest -q -m gpu test/kernels/test_elementwise.py \
+      test/kernels/test_skinny_gemm.py test/kernels/test_triton_attention.py \
+      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_kernels.log" | tail -n 8
+    timeout 380 python3 benchmark/kernel_bench.py all --out "$R" 2>&1 | tail -n 60 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

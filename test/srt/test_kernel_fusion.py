@@ -93,6 +93,33 @@ def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
                              "two_stage": layers * decodes}
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama"])
+def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch, preset):
+    """With the small-M GEMM serving CPU rows as it serves CUDA ones: every layer of a forward
+    of at most 16 tokens runs norm + qkv, o_proj, norm + gate_up and SiLU + down_proj as four
+    skinny_gemm launches, and the outputs are fusion off's."""
+    from sglab.srt.layers import linear
+    from sglab.srt.layers import skinny_gemm as sg
+
+    calls = {"norm": 0, "plain": 0, "silu": 0}
+    real = sg.skinny_gemm
+
+    def counting(x, w, b=None, prologue=None):
+        kind = "norm" if isinstance(prologue, sg.RMSNormPrologue) else \
+            "silu" if prologue == sg.SILU_MUL else "plain"
+        calls[kind] += 1
+        return real(x, w, b, prologue)
+
+    monkeypatch.setattr(linear, "skinny_applies", lambda x: 0 < x.numel() // x.shape[-1] <= 16)
+    monkeypatch.setattr(linear, "skinny_gemm", counting)
+    path = tiny_model_dir(preset)
+    kw = {"attention_backend": "triton", "chunked_prefill_size": 32}
+    on = _run(path, "on", **kw)
+    assert calls["silu"] >= 2 * (PARAMS["max_new_tokens"] - 1)  # 2 layers, every decode
+    assert calls == {"norm": 2 * calls["silu"], "plain": calls["silu"], "silu": calls["silu"]}
+    _assert_same_outputs(on, _run(path, "off", **kw))
+
+
 def test_deterministic_schedule_invariance_with_fusion(tiny_model_dir):
     """Deterministic mode keeps the unified-extend decode; the fused q/k norm + RoPE + KV write
     is row-wise, so each request still gets its alone-bits whatever the schedule."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.distributed.parallel_state import GroupCoordinator, get_tp_group
+from sglab.srt.layers.skinny_gemm import RMSNormPrologue, skinny_applies, skinny_gemm
 
 
 def _tp_rank_size(tp_rank: int | None, tp_size: int | None,
@@ -52,6 +53,8 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         # --enable-deterministic-inference (ModelOptions.batch_invariant).
         self.batch_invariant = batch_invariant
+        # --kernel-fusion on: small-M matmuls go to skinny_gemm (enable_skinny_gemm).
+        self.skinny = False
 
     def _make_param(self, shape: tuple[int, ...], dtype: torch.dtype,
                     full_shape: tuple[int, ...]) -> nn.Parameter:
@@ -61,10 +64,18 @@ class LinearBase(nn.Module):
         param.load_full = self.load_full_weight
         return param
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
+                prologue: str | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias); a prologue (skinny_gemm.SILU_MUL) only where skinny_fits(x)."""
+        if prologue is not None or (self.skinny and skinny_applies(x)):
+            return skinny_gemm(x, self.weight, bias, prologue)
         if self.batch_invariant:
             return linear_batch_invariant(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
+
+    def skinny_fits(self, x: torch.Tensor) -> bool:
+        """Whether this layer may fold the op before it into its matmul for input x."""
+        return self.skinny and skinny_applies(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -128,6 +139,13 @@ class ColumnParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._matmul(x, self.bias)
         return self.group.all_gather(out) if self.gather_output else out
+
+    def forward_norm(self, x: torch.Tensor, norm: RMSNormPrologue
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x [+ residual]) @ W^T (+ bias), x [+ residual]) in one launch; only where
+        skinny_fits(x), and without gather_output."""
+        assert not self.gather_output
+        return skinny_gemm(x, self.weight, self.bias, norm)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -232,13 +250,22 @@ class RowParallelLinear(LinearBase):
         size = self.input_size
         return size * self.tp_size, self.tp_rank * size, size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prologue: str | None = None) -> torch.Tensor:
+        """A prologue (skinny_gemm.SILU_MUL: x holds [gate, up]) only where skinny_fits."""
         if self.tp_size == 1:
-            return self._matmul(x, self.bias)
-        out = self._matmul(x, None)
+            return self._matmul(x, self.bias, prologue)
+        out = self._matmul(x, None, prologue)
         if self.reduce_results:
             out = self.group.all_reduce(out)
         return out if self.bias is None else out + self.bias
+
+
+def enable_skinny_gemm(model: nn.Module) -> None:
+    """--kernel-fusion on: every linear layer of `model` serves small M with skinny_gemm
+    (not under deterministic inference, whose GEMM is batch invariant)."""
+    for module in model.modules():
+        if isinstance(module, LinearBase) and not module.batch_invariant:
+            module.skinny = True
 
 
 def _refuse_fused(name: str) -> None:

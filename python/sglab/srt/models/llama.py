@@ -13,10 +13,17 @@ from sglab.srt.layers.activation import SiluAndMul
 from sglab.srt.layers.communicator import forward_mlp
 from sglab.srt.layers.elementwise import KVWrite, qk_norm_rope, use_fused_kernels
 from sglab.srt.layers.layernorm import RMSNorm
-from sglab.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sglab.srt.layers.linear import (
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    enable_skinny_gemm,
+)
 from sglab.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from sglab.srt.layers.radix_attention import RadixAttention
 from sglab.srt.layers.rotary_embedding import get_rope
+from sglab.srt.layers.skinny_gemm import SILU_MUL, RMSNormPrologue
 from sglab.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 
@@ -106,7 +113,11 @@ class LlamaAttention(nn.Module):
                 forward_batch: ForwardBatch) -> torch.Tensor:
         if forward_batch.forward_mode.is_idle():  # DP attention: no tokens on this rank
             return hidden_states
-        qkv = self.qkv_proj(hidden_states)
+        return self.forward_qkv(positions, self.qkv_proj(hidden_states), forward_batch)
+
+    def forward_qkv(self, positions: torch.Tensor, qkv: torch.Tensor,
+                    forward_batch: ForwardBatch) -> torch.Tensor:
+        """Attention and o_proj from the qkv projection's output."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         kv_write = self._kv_write(forward_batch, v)
         if kv_write is not None or (self.fused_qk_rope_ok and use_fused_kernels(q)):
@@ -130,6 +141,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, positions, hidden_states, forward_batch, residual):
+        if self._folds_norms(hidden_states, forward_batch):
+            return self._forward_folded(positions, hidden_states, forward_batch, residual)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -138,6 +151,26 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states = self.self_attn(positions, hidden_states, forward_batch)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return forward_mlp(self.mlp, hidden_states, forward_batch), residual
+
+    def _folds_norms(self, x: torch.Tensor, forward_batch: ForwardBatch) -> bool:
+        """--kernel-fusion on at small M: both norms and the SiLU go into the loads of the
+        matmuls after them (plain layers only: not under LoRA or DP attention)."""
+        attn, mlp = self.self_attn, self.mlp
+        layers = (attn.qkv_proj, mlp.gate_up_proj, mlp.down_proj)
+        return (forward_batch.dp_step is None and type(self.input_layernorm) is RMSNorm
+                and all(isinstance(m, LinearBase) for m in layers)
+                and attn.qkv_proj.skinny_fits(x))
+
+    def _forward_folded(self, positions, hidden_states, forward_batch, residual):
+        """Three launches around attention instead of six (two norms, SiLU, three matmuls)."""
+        attn, mlp, norm1, norm2 = (self.self_attn, self.mlp, self.input_layernorm,
+                                   self.post_attention_layernorm)
+        qkv, residual = attn.qkv_proj.forward_norm(
+            hidden_states, RMSNormPrologue(norm1.weight, norm1.variance_epsilon, residual))
+        hidden_states = attn.forward_qkv(positions, qkv, forward_batch)
+        gate_up, residual = mlp.gate_up_proj.forward_norm(
+            hidden_states, RMSNormPrologue(norm2.weight, norm2.variance_epsilon, residual))
+        return mlp.down_proj(gate_up, SILU_MUL), residual
 
 
 class LlamaModel(nn.Module):
@@ -183,6 +216,8 @@ class LlamaForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(
             config.vocab_size, sync_free_metadata=options.sync_free_logits_metadata,
             batch_invariant=options.batch_invariant, fp32_gemm_out=options.kernel_fusion)
+        if options.kernel_fusion:
+            enable_skinny_gemm(self.model)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

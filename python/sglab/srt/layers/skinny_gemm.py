@@ -1,0 +1,159 @@
+"""Small-M GEMM (`--kernel-fusion on`): `y = x @ W^T (+ b)` for at most `max_m()` rows, in one
+launch, with the op that produces `x` folded into the load of its tiles:
+
+- `RMSNormPrologue`: `x = rmsnorm(h + residual) * w_norm` (the decoder's input and
+  post-attention norms before qkv and gate_up); the first column block also stores
+  `h + residual`, the next residual.
+- `SILU_MUL`: `x = silu(g) * u` from the `[g, u]` halves of gate_up (before down_proj).
+
+At decode batch sizes a linear layer is bound by reading its weight once; a separate norm or
+activation kernel, and cuBLAS's split-K reduction, are extra launches on every layer. Each
+program here owns `BLOCK_N` output columns for every row and runs over all of K, so the result
+needs no reduction across programs, and within one launch configuration no row depends on
+another (across configurations the K order differs, so deterministic inference keeps its own
+batch-invariant GEMM). It rounds at the same points as the eager layers (layernorm.py,
+activation.py); the GEMM accumulates in fp32 and rounds once, as F.linear does, in its own K
+order.
+
+`max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, default 16; 0 turns it off) is the largest M served;
+larger M goes to F.linear (cuBLAS). Rows of up to 4 reduce by FMA, larger ones by `tl.dot`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SILU_MUL = "silu_mul"
+_NONE, _RMSNORM, _SILU = 0, 1, 2
+
+
+@dataclass
+class RMSNormPrologue:
+    """rmsnorm(x + residual) * weight, or rmsnorm(x) * weight with no residual."""
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+
+
+def max_m() -> int:
+    return int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "16"))
+
+
+def skinny_applies(x: torch.Tensor) -> bool:
+    """Whether the small-M kernel serves `x` (2-D, at most max_m() rows, on the GPU)."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.is_cuda and 0 < m <= max_m()
+
+
+@triton.jit
+def _sum_squares(x_ptr, res_ptr, res_out_ptr, rows, rmask, K, stride_xm, stride_rm, stride_rom,
+                 pid, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        m2 = rmask[:, None] & (kk < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=m2, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + rows[:, None] * stride_rm + kk[None, :], mask=m2, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+            if pid == 0:  # one program stores the next residual
+                tl.store(res_out_ptr + rows[:, None] * stride_rom + kk[None, :], x, mask=m2)
+        xf = x.to(tl.float32)
+        ss += tl.sum(xf * xf, axis=1)
+    return ss
+
+
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_ptr, M, N, K,
+                        stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
+                        PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < M, cols < N
+    dtype = out_ptr.dtype.element_ty
+    if PROLOGUE == 1:
+        ss = _sum_squares(x_ptr, res_ptr, res_out_ptr, rows, rmask, K, stride_xm, stride_rm,
+                          stride_rom, pid, HAS_RES, BLOCK_M, BLOCK_K)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        m2 = rmask[:, None] & kmask[None, :]
+        xp = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+        a = tl.load(xp, mask=m2, other=0.0)
+        if PROLOGUE == 1:
+            if HAS_RES:
+                r = tl.load(res_ptr + rows[:, None] * stride_rm + kk[None, :], mask=m2,
+                            other=0.0)
+                a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            a = (a.to(tl.float32) * inv[:, None]).to(dtype)
+            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0)
+            a = (a.to(tl.float32) * nw[None, :].to(tl.float32)).to(dtype)
+        elif PROLOGUE == 2:
+            g = a.to(tl.float32)
+            u = tl.load(xp + K, mask=m2, other=0.0).to(tl.float32)
+            a = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :],
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def _config(m: int, k: int, on_cuda: bool) -> dict:
+    """Launch parameters by shape. Triton's interpreter cannot tl.dot bf16: there the larger
+    tiles reduce by FMA too."""
+    if m <= 4:
+        return {"USE_DOT": False, "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": 8,
+                "BLOCK_K": min(512, triton.next_power_of_2(k)), "num_warps": 4}
+    return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 32,
+            "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                prologue: RMSNormPrologue | str | None = None):
+    """x @ weight^T (+ bias) after the prologue. With an RMSNormPrologue: (y, x + residual),
+    the second being x itself when it has no residual. With SILU_MUL, x is [g, u] and K is
+    half its width."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    kind = _RMSNORM if isinstance(prologue, RMSNormPrologue) else \
+        _SILU if prologue == SILU_MUL else _NONE
+    if x2.shape[1] != (2 * k if kind == _SILU else k):
+        raise ValueError(f"skinny_gemm: x has {x2.shape[1]} columns for a weight of K={k}")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    assert weight.stride(1) == 1
+    res = prologue.residual if kind == _RMSNORM else None
+    res2 = res.reshape(-1, k) if res is not None else x2
+    res_out = torch.empty_like(x2) if res is not None else x2
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    cfg = _config(m, k, x.is_cuda)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    _skinny_gemm_kernel[grid](
+        x2, weight, bias if bias is not None else weight, out, res2, res_out,
+        prologue.weight if kind == _RMSNORM else weight, m, n, k, x2.stride(0),
+        weight.stride(0), out.stride(0), res2.stride(0), res_out.stride(0),
+        prologue.eps if kind == _RMSNORM else 0.0, PROLOGUE=kind, HAS_RES=res is not None,
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg)
+    out = out.view(*x.shape[:-1], n)
+    if kind != _RMSNORM:
+        return out
+    return out, res_out.view(*x.shape[:-1], k)

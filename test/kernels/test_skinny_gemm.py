@@ -1,0 +1,104 @@
+"""The small-M GEMM with its prologues against the eager layers it replaces: F.linear after
+RMSNorm.forward_native (with and without the residual add), after SiluAndMul.forward_native,
+or alone (with a bias).
+
+On CPU the kernel runs in Triton's interpreter (test/conftest.py sets TRITON_INTERPRET=1) at
+small shapes that still cover every path: the FMA rows (M <= 4) and tl.dot rows (M > 4), K in
+several blocks with a ragged tail, N not a multiple of the column block. The `gpu` variant
+repeats it at the qwen3-0.6b and llama-3.1-8b shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sglab.srt.layers import skinny_gemm as sg
+from sglab.srt.layers.activation import SiluAndMul
+from sglab.srt.layers.layernorm import RMSNorm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tol(dtype, k: int) -> float:
+    if dtype == torch.float32:
+        return 1e-4
+    return 3e-2 if DEVICE == "cuda" else 8e-2  # the interpreter truncates to bf16
+
+
+def _close(a, b, dtype, k) -> None:
+    tol = _tol(dtype, k)
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def _weights(n: int, k: int, dtype, bias: bool):
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    return w, b
+
+
+def _check(m: int, n: int, k: int, dtype) -> None:
+    torch.manual_seed(m * 1000 + n + k)
+    w, b = _weights(n, k, dtype, bias=True)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    _close(sg.skinny_gemm(x, w, b), F.linear(x, w, b), dtype, k)
+
+    norm = RMSNorm(k, 1e-6, dtype).to(DEVICE)
+    norm.weight.data = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
+    res = torch.randn(m, k, device=DEVICE).to(dtype)
+    out, new_res = sg.skinny_gemm(x, w, None, sg.RMSNormPrologue(norm.weight, 1e-6, res))
+    ref_x, ref_res = norm.forward_native(x, res)
+    assert torch.equal(new_res, ref_res) or dtype != torch.float32 or DEVICE == "cpu"
+    _close(new_res, ref_res, dtype, k)
+    _close(out, F.linear(ref_x, w), dtype, k)
+    out, same = sg.skinny_gemm(x, w, None, sg.RMSNormPrologue(norm.weight, 1e-6))
+    assert same.data_ptr() == x.data_ptr()
+    _close(out, F.linear(norm.forward_native(x), w), dtype, k)
+
+    gu = torch.randn(m, 2 * k, device=DEVICE).to(dtype)
+    _close(sg.skinny_gemm(gu, w, None, sg.SILU_MUL),
+           F.linear(SiluAndMul().forward_native(gu), w), dtype, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 20, 600), (3, 12, 96), (5, 40, 200), (16, 33, 130)])
+def test_skinny_gemm_matches_eager(m, n, k, dtype):
+    _check(m, n, k, dtype)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Within one launch configuration (M <= 4, and 4 < M <= 16) a row's result is the same
+    alone or among others; across the two it may differ in the last bit, so
+    --enable-deterministic-inference does not use this kernel."""
+    torch.manual_seed(0)
+    w, b = _weights(24, 160, torch.float32, bias=True)
+    x = torch.randn(16, 160, device=DEVICE)
+    small = [sg.skinny_gemm(x[:m], w, b)[:1] for m in (1, 2, 4)]
+    large = [sg.skinny_gemm(x[:m], w, b)[:1] for m in (5, 9, 16)]
+    assert all(torch.equal(r, small[0]) for r in small)
+    assert all(torch.equal(r, large[0]) for r in large)
+    torch.testing.assert_close(small[0], large[0])
+
+
+def test_a_wrong_width_is_refused():
+    w, _ = _weights(8, 32, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="K=32"):
+        sg.skinny_gemm(torch.zeros(2, 32, device=DEVICE), w, None, sg.SILU_MUL)
+
+
+def test_max_m_bounds_what_it_serves(monkeypatch):
+    x = torch.zeros(16, 8)
+    assert not sg.skinny_applies(x)  # not on the GPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert sg.skinny_applies(x) and not sg.skinny_applies(torch.zeros(17, 8))
+    monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "0")
+    assert not sg.skinny_applies(torch.zeros(1, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 4, 8, 16])
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072),
+                                 (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_gpu_skinny_gemm_at_model_shapes(m, n, k):
+    _check(m, n, k, torch.bfloat16)
