@@ -62,15 +62,21 @@ def _graph(sched, bs: int):
 
 
 def kernels_per_replay(graph) -> dict:
-    """Kernels (and copies/memsets) the profiler sees in one replay, by name."""
+    """Kernels (and copies/memsets) the profiler sees in one replay: by name, how many and
+    their summed device µs (largest first)."""
     from torch.autograd import DeviceType
 
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return {"count": len(names), "by_name": collections.Counter(names).most_common()}
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    count, device_us = collections.Counter(), collections.Counter()
+    for e in events:
+        count[e.name] += 1
+        device_us[e.name] += e.time_range.end - e.time_range.start
+    return {"count": len(events), "by_name": count.most_common(),
+            "device_us_by_name": [(n, round(t, 2), count[n]) for n, t in device_us.most_common()]}
 
 
 def decode_child(preset: str, fusion: str) -> dict:
@@ -207,9 +213,22 @@ def to_markdown(report: dict) -> str:
                          f"{off['kernels']['count']} / {on['kernels']['count']} / "
                          f"{cub['kernels']['count']} | {off['graph_launch_idle_us']:.0f} / "
                          f"{on['graph_launch_idle_us']:.0f} |")
-    lines += _gemm_lines(report, bw)
+    lines += _gemm_lines(report, bw) + _top_kernel_lines(report)
     lines += _prefill_lines(report) + _attention_lines(report, bw)
     return "\n".join(lines) + "\n"
+
+
+def _top_kernel_lines(report: dict, top: int = 8) -> list[str]:
+    """Per model, variant and batch size: the kernels with the most device time in a replay."""
+    lines = ["", "Where a replay's device time goes (profiler, one replay; name: µs / launches):",
+             ""]
+    for preset, m in report["models"].items():
+        for v in VARIANTS:
+            for d in m[v].get("decode", []):
+                rows = d["kernels"].get("device_us_by_name", [])[:top]
+                items = "; ".join(f"`{n[:48]}` {t:.0f} / {c}" for n, t, c in rows)
+                lines.append(f"- {preset} {v} bs {d['bs']}: {items}")
+    return lines
 
 
 def _gemm_lines(report: dict, bw: float) -> list[str]:

@@ -121,7 +121,7 @@ def _config(m: int, k: int, on_cuda: bool) -> dict:
     if m <= 4:
         return {"USE_DOT": False, "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": 8,
                 "BLOCK_K": min(512, triton.next_power_of_2(k)), "num_warps": 4}
-    return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 32,
+    return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 16,
             "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
 
 
