@@ -11,7 +11,8 @@
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
   without HTTP), model FLOPs / latency, and MFU against the measured bf16 matmul peak;
 - long-context decode attention (llama-3.1-8b heads): KV bytes read per second at bs 64 x 4096
-  and bs 8 x 32768, two stages vs one launch, against the copy bandwidth.
+  and bs 8 x 32768, two stages vs one launch, against the copy bandwidth; then one launch
+  swept over max KV splits, keys per tile and pipeline stages.
 
 Each scheduler runs in its own process (one at a time on the GPU). Writes DIR/kernel_bench.json
 and DIR/kernel_bench.md.
@@ -54,6 +55,7 @@ GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048
                ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
                ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336)]
 GEMM_M = [1, 4, 8, 16, 32]
+ATTN_SWEEP_SPLITS = (16, 32, 64)  # max KV splits per request in the attention sweep
 
 
 def _graph(sched, bs: int):
@@ -109,6 +111,8 @@ def decode_child(preset: str, fusion: str) -> dict:
 
 
 def attention_child() -> dict:
+    """Each shape with the serving configuration (MAX_KV_SPLITS splits, the default tile and
+    stages; two stages and one launch), then a sweep of splits x tile x stages, one launch."""
     from sglab.srt.layers.attention.triton_backend import MAX_KV_SPLITS, MIN_KEYS_PER_SPLIT
     from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 
@@ -121,21 +125,27 @@ def attention_child() -> dict:
         o = torch.empty_like(q)
         indptr = (torch.arange(bs + 1, device="cuda") * ctx).to(torch.int32)
         indices = torch.arange(1, bs * ctx + 1, device="cuda")
-        tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // MAX_KV_SPLITS))
-        splits = torch.full((bs,), min(MAX_KV_SPLITS, -(-ctx // tile)), dtype=torch.int32,
-                            device="cuda")
-        logits = torch.empty(bs, hq, MAX_KV_SPLITS, d, device="cuda")
-        lse = torch.empty(bs, hq, MAX_KV_SPLITS, device="cuda")
-        counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
         kv_bytes = 2 * k_buf[1:].numel() * k_buf.element_size() + indices.numel() * 8
-        for merge in (False, True):
+        max_splits = max(ATTN_SWEEP_SPLITS)
+        logits = torch.empty(bs, hq, max_splits, d, device="cuda")
+        lse = torch.empty(bs, hq, max_splits, device="cuda")
+        counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
+        configs = [(MAX_KV_SPLITS, None, None, merge) for merge in (False, True)] + [
+            (sp, bn, st, True) for sp in ATTN_SWEEP_SPLITS for bn in (32, 64) for st in (2, 3, 4)]
+        for splits_max, block_n, stages, merge in configs:
+            tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
+            splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
+                                device="cuda")
+
             def call():
                 decode_attention_fwd(q, k_buf, v_buf, o, indptr, indices, logits, lse, splits,
-                                     MAX_KV_SPLITS, d ** -0.5,
+                                     splits_max, d ** -0.5, block_n=block_n, num_stages=stages,
                                      merge_count=counts if merge else None)
             t = _cuda_time(call)
             rows.append({"bs": bs, "context": ctx, "one_launch": merge, "median_s": t,
-                         "kv_read_gbps": kv_bytes / t / 1e9})
+                         "kv_read_gbps": kv_bytes / t / 1e9, "max_kv_splits": splits_max,
+                         "block_n": block_n, "num_stages": stages,
+                         "sweep": block_n is not None})
     return {"rows": rows}
 
 
@@ -268,10 +278,22 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
     lines = ["", "Decode attention alone (llama-3.1-8b heads, bf16), KV bytes read per second:",
              "", "| bs x context | kernel | median (µs) | KV read (GB/s) | of copy bandwidth |",
              "|---|---|---|---|---|"]
-    for r in att["rows"]:
+    serving = [r for r in att["rows"] if not r.get("sweep")]
+    for r in serving:
         kind = "one launch" if r["one_launch"] else "two stages"
         lines.append(f"| {r['bs']} x {r['context']} | {kind} | {r['median_s'] * 1e6:.0f} | "
                      f"{r['kv_read_gbps']:.0f} | {r['kv_read_gbps'] / bw:.0%} |")
+    sweep = [r for r in att["rows"] if r.get("sweep")]
+    if sweep:
+        lines += ["", "One launch, swept (max KV splits, keys per tile, pipeline stages): the best "
+                  "three per shape:", "", "| bs x context | splits | BLOCK_N | stages | median "
+                  "(µs) | of copy bandwidth |", "|---|---|---|---|---|---|"]
+        for shape in sorted({(r["bs"], r["context"]) for r in sweep}):
+            best = sorted((r for r in sweep if (r["bs"], r["context"]) == shape),
+                          key=lambda r: r["median_s"])[:3]
+            lines += [f"| {r['bs']} x {r['context']} | {r['max_kv_splits']} | {r['block_n']} | "
+                      f"{r['num_stages']} | {r['median_s'] * 1e6:.0f} | "
+                      f"{r['kv_read_gbps'] / bw:.0%} |" for r in best]
     return lines
 
 

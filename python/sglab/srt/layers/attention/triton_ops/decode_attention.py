@@ -394,6 +394,7 @@ def decode_attention_fwd(
     logit_cap: float = 0.0,
     *,
     block_n: int | None = None,
+    num_stages: int | None = None,
     merge_count: torch.Tensor | None = None,
 ) -> None:
     """o[i] = softmax(q[i] k^T * sm_scale) v over the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]].
@@ -479,7 +480,7 @@ def decode_attention_fwd(
             BLOCK_H=_BLOCK_H,
             PORTABLE_DOT=_portable_dot(q),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_stages=2 if on_cuda else 1,
+            num_stages=num_stages or (2 if on_cuda else 1),
             **common,
         )
     if merge:
