@@ -93,8 +93,7 @@ def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
                              "two_stage": layers * decodes}
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama"])
-def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch, preset):
+def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
     """With the small-M GEMM serving CPU rows as it serves CUDA ones: every layer of a forward
     of at most 16 tokens runs norm + qkv, o_proj, norm + gate_up and SiLU + down_proj as four
     skinny_gemm launches, and the outputs are fusion off's."""
@@ -112,7 +111,7 @@ def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch, pr
 
     monkeypatch.setattr(linear, "skinny_applies", lambda x: 0 < x.numel() // x.shape[-1] <= 16)
     monkeypatch.setattr(linear, "skinny_gemm", counting)
-    path = tiny_model_dir(preset)
+    path = tiny_model_dir("tiny-qwen3")
     kw = {"attention_backend": "triton", "chunked_prefill_size": 32}
     on = _run(path, "on", **kw)
     assert calls["silu"] >= 2 * (PARAMS["max_new_tokens"] - 1)  # 2 layers, every decode
