@@ -171,10 +171,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama"])
-def test_gpu_fusion_on_matches_off_with_graphs(tiny_model_dir, preset):
+def test_gpu_fusion_on_matches_off_with_graphs(tiny_model_dir, monkeypatch, preset):
     """fp32, CUDA graphs and overlap, 24 requests of up to 600 keys (one and several decode
     splits in one batch): the same tokens and logprobs (on CUDA both paths use the same q/k
-    norm + RoPE arithmetic, and the one-launch decode merges as stage 2 does)."""
+    norm + RoPE arithmetic, and the one-launch decode merges as stage 2 does). The small-M
+    GEMM sums in another order than cuBLAS; it has its own test below."""
+    monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "0")
     path = tiny_model_dir(preset)
     rng = random.Random(1)
     prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 600))] for _ in range(24)]
@@ -194,6 +196,47 @@ def test_gpu_fusion_on_matches_off_with_graphs(tiny_model_dir, preset):
         torch.testing.assert_close(torch.tensor(a.logprobs["output_token_logprobs_val"]),
                                    torch.tensor(b.logprobs["output_token_logprobs_val"]),
                                    atol=LOGPROB_TOL, rtol=0)
+
+
+def _agree_up_to_near_ties(a, b, gap: float = 1e-3) -> int:
+    """Tokens equal until the runs part at a near-tie (the reference's top two within `gap`),
+    logprobs within LOGPROB_TOL before; returns how many tokens were compared."""
+    ids_a, ids_b = a.output_ids, b.output_ids
+    n = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), len(ids_a))
+    lp_a = a.logprobs["output_token_logprobs_val"][:n]
+    torch.testing.assert_close(torch.tensor(lp_a),
+                               torch.tensor(b.logprobs["output_token_logprobs_val"][:n]),
+                               atol=LOGPROB_TOL, rtol=0)
+    if n < len(ids_a):
+        top = b.logprobs["output_top_logprobs_val"][n]
+        assert top[0] - top[1] < gap, f"parted at token {n} without a near-tie: {top}"
+    return n
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_small_m_gemm_with_graphs_matches_f_linear(tiny_model_dir, monkeypatch):
+    """fp32, CUDA graphs, 12 requests (decode at bs <= 12, inside the small-M bound): the
+    small-M GEMM with its folded norms and SiLU against the same fusion through F.linear
+    (SGLAB_SKINNY_GEMM_MAX_M=0); the GEMMs sum in different orders, so runs may part only
+    at a near-tie."""
+    path = tiny_model_dir("tiny-qwen3")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 300))] for _ in range(12)]
+    params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    outs = {}
+    for max_m in ("16", "0"):
+        monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", max_m)
+        free_gpu_memory()
+        runner = SchedulerRunner(model_path=path, device="cuda", dtype="float32",
+                                 attention_backend="triton", cuda_graph_max_bs=16,
+                                 kernel_fusion="on")
+        outs[max_m] = runner.generate(prompts, params, return_logprob=True,
+                                      top_logprobs_num=2)
+        assert runner.integrity_error() is None
+        del runner
+    compared = [_agree_up_to_near_ties(a, b) for a, b in zip(outs["16"], outs["0"])]
+    assert sum(compared) >= 0.9 * 12 * params["max_new_tokens"]
 
 
 @pytest.mark.parametrize("factor, fused", [(1.0, True), (0.5, False)])
