@@ -119,6 +119,44 @@ def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
     _assert_same_outputs(on, _run(path, "off", **kw))
 
 
+def test_graph_prologue_in_one_launch_each_gives_the_torch_ops_bits(tiny_model_dir,
+                                                                    monkeypatch):
+    """Decode graphs (EagerGraph on CPU), 3 rows padded to the graph of 4, long enough for
+    several KV splits: the graph's inputs and its attention metadata from one launch each give
+    the same tokens and logprob bits as the torch ops (the same runner with the fused prologue
+    switched off), and each launch runs once per replay."""
+    from sglab.srt.layers.attention import triton_backend
+    from sglab.srt.model_executor import cuda_graph_runner
+    from sglab.srt.model_executor.cuda_graph_runner import CudaGraphRunner, EagerGraph
+
+    calls = {"decode_inputs": 0, "decode_kv_indices": 0}
+    for module, name in ((cuda_graph_runner, "decode_inputs"),
+                         (triton_backend, "decode_kv_indices")):
+        def counted(*a, _real=getattr(module, name), _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(module, name, counted)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1000) for _ in range(n)] for n in (66, 3, 10)]
+    runner = SchedulerRunner(model_path=tiny_model_dir("tiny-qwen3"), kernel_fusion="on",
+                             attention_backend="triton", cuda_graph_max_bs=4, cuda_graph_bs=[4],
+                             disable_radix_cache=True)
+    mr = runner.scheduler.tp_worker.model_runner
+    mr.graph_runner = CudaGraphRunner(mr, graph_factory=EagerGraph)
+    outs, counts = {}, {}
+    for fused in (True, False):  # an EagerGraph replay runs the step again: the flags apply
+        mr.graph_runner.fused_inputs = mr.attn_backend.fused_graph_prologue = fused
+        calls.update(dict.fromkeys(calls, 0))
+        outs[fused] = runner.generate(prompts, PARAMS, return_logprob=True)
+        counts[fused] = dict(calls)
+        assert runner.integrity_error() is None
+    replays = PARAMS["max_new_tokens"] - 1
+    assert counts[True] == {"decode_inputs": replays, "decode_kv_indices": replays}
+    assert counts[False] == {"decode_inputs": 0, "decode_kv_indices": 0}
+    assert [o.output_ids for o in outs[True]] == [o.output_ids for o in outs[False]]
+    assert [o.logprobs for o in outs[True]] == [o.logprobs for o in outs[False]]
+
+
 def test_deterministic_schedule_invariance_with_fusion(tiny_model_dir):
     """Deterministic mode keeps the unified-extend decode; the fused q/k norm + RoPE + KV write
     is row-wise, so each request still gets its alone-bits whatever the schedule."""

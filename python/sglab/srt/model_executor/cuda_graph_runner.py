@@ -32,6 +32,7 @@ from sglab.srt.layers.dp_attention import DpPaddingMode, DpStepInfo
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
 from sglab.srt.layers.sampler import SampleOutput, SamplingBatchInfo
 from sglab.srt.mem_cache.memory_pool import PADDING_ROW
+from sglab.srt.model_executor.decode_inputs import decode_inputs, decode_inputs_torch
 from sglab.srt.model_executor.forward_batch_info import (
     ForwardBatch,
     ForwardMode,
@@ -157,6 +158,7 @@ class CudaGraphRunner:
         self.max_bs = self.capture_bs[-1]
         self.graph_factory = graph_factory or torch.cuda.CUDAGraph
         self.inputs = GraphInputs(self.max_bs, model_runner.device, model_runner.h2d_mode)
+        self.fused_inputs = args.kernel_fusion == "on"  # the in-graph prologue in one launch
         # HiSparse first: its prologue computes the lengths the attention metadata is built on.
         self.participants = [p for p in (model_runner.hisparse_coordinator,) if p is not None]
         self.participants.append(model_runner.attn_backend)
@@ -239,9 +241,9 @@ class CudaGraphRunner:
         """One decode step from the static inputs: what a graph replays."""
         mr = self.model_runner
         rows, lens, out = fb.req_pool_indices, fb.seq_lens, fb.out_cache_loc
-        fb.positions = lens - 1
-        fb.input_ids = mr.future_map.gather(rows)
-        mr.req_to_token_pool.req_to_token[rows, fb.positions] = out.to(torch.int32)
+        inputs = decode_inputs if self.fused_inputs else decode_inputs_torch
+        fb.positions, fb.input_ids = inputs(lens, rows, out, mr.future_map.token_ids,
+                                            mr.req_to_token_pool.req_to_token)
         for p in self.participants:
             p.graph_prologue(fb, bs)
         logits = mr.model.forward(fb.input_ids, fb.positions, fb).next_token_logits

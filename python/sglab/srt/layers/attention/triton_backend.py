@@ -22,7 +22,10 @@ from sglab.srt.debug.sync_audit import audit_region
 from sglab.srt.utils.h2d import list_to_device
 from sglab.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglab.srt.model_executor.forward_batch_info import ForwardMode
-from sglab.srt.layers.attention.triton_ops.create_kv_indices import create_kv_indices
+from sglab.srt.layers.attention.triton_ops.create_kv_indices import (
+    create_kv_indices,
+    decode_kv_indices,
+)
 from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 from sglab.srt.layers.attention.triton_ops.extend_attention import (
     build_unified_kv_indices,
@@ -92,6 +95,8 @@ class TritonAttnBackend(AttentionBackend):
             rows = max(self.req_to_token.shape[0], args.cuda_graph_max_bs or 0)
             self.merge_count = torch.zeros(rows * self.num_q_heads, dtype=torch.int32,
                                            device=self.device)
+        # --kernel-fusion on: a decode graph's indptr, indices and split counts in one launch.
+        self.fused_graph_prologue = args.kernel_fusion == "on"
         self.forward_metadata: ForwardMetadata | None = None
         self.graph_state: dict[str, torch.Tensor] | None = None
 
@@ -199,12 +204,19 @@ class TritonAttnBackend(AttentionBackend):
         g, seq_lens = self.graph_state, forward_batch.seq_lens
         if forward_batch.hisparse_coordinator is not None:  # computed by its prologue
             seq_lens = forward_batch.hisparse_coordinator.state.kv_lens
-        g["kv_indptr"][1: bs + 1].copy_(torch.cumsum(seq_lens, dim=0))
-        create_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
-                          g["kv_indptr"], None, g["kv_indices"])
+        if self.fused_graph_prologue:
+            decode_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
+                              g["kv_indptr"], g["kv_indices"],
+                              None if self.unified_decode else g["num_kv_splits"],
+                              self.max_kv_splits, MIN_KEYS_PER_SPLIT)
+        else:
+            g["kv_indptr"][1: bs + 1].copy_(torch.cumsum(seq_lens, dim=0))
+            create_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
+                              g["kv_indptr"], None, g["kv_indices"])
         if self.unified_decode:
             g["prefix_lens"][:bs].copy_(seq_lens - 1)
-        else:  # the batch's longest length read on the device: no host value in the graph
+        elif not self.fused_graph_prologue:
+            # the batch's longest length read on the device: no host value in the graph
             g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens, seq_lens.max()))
 
     def _prefill_graph_prologue(self, fb: "ForwardBatch", bs: int) -> None:

@@ -3,6 +3,7 @@
 For request i: kv_indices[kv_indptr[i] : kv_indptr[i] + page_kernel_lens[i]] =
 req_to_token[req_pool_indices[i], start_i : start_i + page_kernel_lens[i]], start_i =
 kv_start_idx[i] (or 0). Both versions size nothing from device values, so neither syncs.
+`decode_kv_indices` also computes kv_indptr (and the decode split counts) in the same launch.
 """
 
 from __future__ import annotations
@@ -89,3 +90,47 @@ def create_kv_indices_torch(
     col = col.clamp_(0, req_to_token.shape[1] - 1)
     slots = req_to_token[req_pool_indices.to(torch.int64)[req], col]
     kv_indices.copy_(torch.where(valid, slots.to(kv_indices.dtype), kv_indices))
+
+
+@triton.jit
+def _decode_kv_indices_kernel(req_to_token, rows_ptr, lens_ptr, kv_indptr, kv_indices,
+                              splits_ptr, bs, req_to_token_stride, max_splits, min_keys,
+                              WRITE_SPLITS: tl.constexpr, BLOCK_BS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = tl.arange(0, BLOCK_BS)
+    lens = tl.load(lens_ptr + i, mask=i < bs, other=0).to(tl.int64)
+    end = tl.sum(tl.where(i <= pid, lens, 0), 0)  # this row's inclusive prefix sum
+    num = tl.load(lens_ptr + pid).to(tl.int64)
+    tl.store(kv_indptr + pid + 1, end.to(kv_indptr.dtype.element_ty))
+    if WRITE_SPLITS:
+        tile = tl.maximum((tl.max(lens, 0) + max_splits - 1) // max_splits, min_keys)
+        splits = tl.minimum(tl.maximum((num + tile - 1) // tile, 1), max_splits)
+        tl.store(splits_ptr + pid, splits.to(tl.int32))
+    row = tl.load(rows_ptr + pid).to(tl.int64)
+    src = req_to_token + row * req_to_token_stride
+    dst = kv_indices + end - num
+    for off in range(0, num, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < num
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+def decode_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                      seq_lens: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                      num_kv_splits: torch.Tensor | None, max_kv_splits: int,
+                      min_keys_per_split: int) -> None:
+    """A decode graph's attention metadata in one launch (`--kernel-fusion on`):
+    kv_indptr[1:bs+1] = cumsum(seq_lens), kv_indices as create_kv_indices, and, given
+    num_kv_splits, each row's split count from the batch's longest length as
+    TritonAttnBackend._num_kv_splits computes it (ceil(max / max_kv_splits) keys a split, at
+    least min_keys_per_split, 1 to max_kv_splits splits). kv_indptr[0] stays as it is (0)."""
+    bs = req_pool_indices.shape[0]
+    assert req_to_token.stride(1) == 1
+    if bs == 0:
+        return
+    _decode_kv_indices_kernel[(bs,)](
+        req_to_token, req_pool_indices, seq_lens, kv_indptr, kv_indices,
+        num_kv_splits if num_kv_splits is not None else seq_lens, bs, req_to_token.stride(0),
+        max_kv_splits, min_keys_per_split, WRITE_SPLITS=num_kv_splits is not None,
+        BLOCK_BS=triton.next_power_of_2(bs), BLOCK=512)
