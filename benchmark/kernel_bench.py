@@ -4,9 +4,10 @@
 
 - decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1, 8 and 64, against
   the roofline (weight bytes / measured copy bandwidth), and the kernels in one replay
-  (profiler); fusion off, on, and on without the small-M GEMM (`on-cublas`:
-  SGLAB_SKINNY_GEMM_MAX_M=0, every matmul through F.linear);
-- gemm: each decoder matmul shape of both models at M = 1, 4, 8, 16, 32: skinny_gemm vs
+  (profiler); fusion off, on, on without the small-M GEMM (`on-cublas`:
+  SGLAB_SKINNY_GEMM_MAX_M=0, every matmul through F.linear) and with it up to 64 rows
+  (`on-m64`);
+- gemm: each decoder matmul shape of both models at M = 1, 4, 8, 16, 32, 64: skinny_gemm vs
   F.linear, GPU time and weight bytes per second (the table behind SGLAB_SKINNY_GEMM_MAX_M);
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
   without HTTP), model FLOPs / latency, and MFU against the measured bf16 matmul peak;
@@ -43,7 +44,8 @@ from gpu_bench import (  # noqa: E402
 from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
 
 FUSION = ("off", "on")
-VARIANTS = {"off": ("off", None), "on": ("on", None), "on-cublas": ("on", "0")}
+VARIANTS = {"off": ("off", None), "on": ("on", None), "on-cublas": ("on", "0"),
+            "on-m64": ("on", "64")}
 DECODE_BS = [1, 8, 64]
 INPUT_LEN, DECODE_STEPS = 256, 8
 PREFILL_PRESET, PREFILL_LEN = "llama-3.1-8b", 8192
@@ -54,7 +56,7 @@ GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048
                ("qwen3-0.6b", "gate_up", 6144, 1024), ("qwen3-0.6b", "down", 1024, 3072),
                ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
                ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336)]
-GEMM_M = [1, 4, 8, 16, 32]
+GEMM_M = [1, 4, 8, 16, 32, 64]
 ATTN_SWEEP_SPLITS = (16, 32, 64)  # max KV splits per request in the attention sweep
 
 
@@ -207,22 +209,27 @@ def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with the GPU "
-             "idle), --kernel-fusion off vs on (on-cublas: on without the small-M GEMM):", "",
-             "| model | bs | off (µs) | on (µs) | on-cublas (µs) | on / off | roofline (µs) | "
-             "off / roof | on / roof | kernels off / on / on-cublas | launch off / on (µs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "idle), --kernel-fusion off vs on (on-cublas: on without the small-M GEMM; "
+             "on-m64: with it up to 64 rows):", "",
+             "| model | bs | " + " | ".join(f"{v} (µs)" for v in VARIANTS) +
+             " | on / off | roofline (µs) | " + " | ".join(f"{v} / roof" for v in VARIANTS) +
+             " | kernels " + " / ".join(VARIANTS) + " | launch off / on (µs) |",
+             "|---|---|" + "---|" * (2 * len(VARIANTS) + 4)]
     for preset, m in report["models"].items():
         if any("error" in m[v] for v in VARIANTS):
-            lines.append(f"| {preset} | error | | | | | | | | | |")
+            lines.append(f"| {preset} | error |")
             continue
         roof = m["off"]["weight_bytes"] / (bw * 1e9) * 1e6
-        for off, on, cub in zip(m["off"]["decode"], m["on"]["decode"], m["on-cublas"]["decode"]):
-            a, b, c = off["graph_gpu_us"], on["graph_gpu_us"], cub["graph_gpu_us"]
-            lines.append(f"| {preset} | {off['bs']} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.3f} | "
-                         f"{roof:.0f} | {a / roof:.2f} | {b / roof:.2f} | "
-                         f"{off['kernels']['count']} / {on['kernels']['count']} / "
-                         f"{cub['kernels']['count']} | {off['graph_launch_idle_us']:.0f} / "
-                         f"{on['graph_launch_idle_us']:.0f} |")
+        for rows in zip(*(m[v]["decode"] for v in VARIANTS)):
+            by = dict(zip(VARIANTS, rows))
+            us = [r["graph_gpu_us"] for r in rows]
+            lines.append(
+                f"| {preset} | {rows[0]['bs']} | " + " | ".join(f"{t:.0f}" for t in us) +
+                f" | {by['on']['graph_gpu_us'] / by['off']['graph_gpu_us']:.3f} | {roof:.0f} | " +
+                " | ".join(f"{t / roof:.2f}" for t in us) + " | " +
+                " / ".join(str(r["kernels"]["count"]) for r in rows) +
+                f" | {by['off']['graph_launch_idle_us']:.0f} / "
+                f"{by['on']['graph_launch_idle_us']:.0f} |")
     lines += _gemm_lines(report, bw) + _top_kernel_lines(report)
     lines += _prefill_lines(report) + _attention_lines(report, bw)
     return "\n".join(lines) + "\n"

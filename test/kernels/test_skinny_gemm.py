@@ -61,7 +61,8 @@ def _check(m: int, n: int, k: int, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 20, 600), (3, 12, 96), (5, 40, 200), (16, 33, 130)])
+@pytest.mark.parametrize("m,n,k", [(1, 20, 600), (3, 12, 96), (5, 40, 200), (16, 33, 130),
+                                   (40, 36, 80)])
 def test_skinny_gemm_matches_eager(m, n, k, dtype):
     _check(m, n, k, dtype)
 
@@ -93,11 +94,13 @@ def test_max_m_bounds_what_it_serves(monkeypatch):
     assert sg.skinny_applies(x) and not sg.skinny_applies(torch.zeros(17, 8))
     monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "0")
     assert not sg.skinny_applies(torch.zeros(1, 8))
+    monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "128")  # capped at the largest tile
+    assert sg.skinny_applies(torch.zeros(64, 8)) and not sg.skinny_applies(torch.zeros(65, 8))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 4, 8, 16])
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 64])
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072),
                                  (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_gpu_skinny_gemm_at_model_shapes(m, n, k):

@@ -15,8 +15,9 @@ batch-invariant GEMM). It rounds at the same points as the eager layers (layerno
 activation.py); the GEMM accumulates in fp32 and rounds once, as F.linear does, in its own K
 order.
 
-`max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, default 16; 0 turns it off) is the largest M served;
-larger M goes to F.linear (cuBLAS). Rows of up to 4 reduce by FMA, larger ones by `tl.dot`.
+`max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, default 16, at most 64; 0 turns it off) is the largest
+M served; larger M goes to F.linear (cuBLAS). Rows of up to 4 reduce by FMA, up to 16 and up
+to 64 by one `tl.dot` tile of 16 or 64 rows.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class RMSNormPrologue:
 
 
 def max_m() -> int:
-    return int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "16"))
+    return min(64, int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "16")))
 
 
 def skinny_applies(x: torch.Tensor) -> bool:
@@ -121,8 +122,12 @@ def _config(m: int, k: int, on_cuda: bool) -> dict:
     if m <= 4:
         return {"USE_DOT": False, "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": 8,
                 "BLOCK_K": min(512, triton.next_power_of_2(k)), "num_warps": 4}
-    return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 16,
-            "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
+    if m <= 16:
+        return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 16,
+                "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
+    assert m <= 64, "skinny_gemm serves at most 64 rows"
+    return {"USE_DOT": on_cuda, "BLOCK_M": 64, "BLOCK_N": 32,
+            "BLOCK_K": min(64, max(16, triton.next_power_of_2(k))), "num_warps": 4}
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
