@@ -758,16 +758,16 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
 
 def env_timeout_s(name: str) -> float:
     """A timeout from the environment in seconds (its deprecated name in ms); -1: off."""
-    value = os.environ.get(name)
-    scale = 1.0
+    value, source, scale, unit = os.environ.get(name), name, 1.0, "seconds"
     if value is None and _DEPRECATED_MS_ENVS[name] in os.environ:
-        value, scale = os.environ[_DEPRECATED_MS_ENVS[name]], 1e-3
+        source, scale, unit = _DEPRECATED_MS_ENVS[name], 1e-3, "milliseconds"
+        value = os.environ[source]
     if value is None or not value.strip():
         return -1.0
     try:
         return float(value) * scale
     except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}.") from None
+        raise ValueError(f"{source} must be a number of {unit}, got {value!r}.") from None
 
 
 def _drop_finishing(batch: ScheduleBatch) -> None:
