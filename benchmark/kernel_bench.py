@@ -208,7 +208,8 @@ def run_all(presets: list[str], out_dir: str, commit: str | None) -> dict:
 def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
-             "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with the GPU "
+             "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
+             "the GPU "
              "idle), --kernel-fusion off vs on (on-cublas: on without the small-M GEMM; "
              "on-m64: with it up to 64 rows):", "",
              "| model | bs | " + " | ".join(f"{v} (µs)" for v in VARIANTS) +
@@ -254,7 +255,8 @@ def _gemm_lines(report: dict, bw: float) -> list[str]:
         return ["", f"GEMM: {g.get('error', 'not run')[-300:]}"]
     lines = ["", "Decoder matmuls alone, bf16 (GPU µs; weight bytes per second as a share of the "
              "copy bandwidth):", "", "| model | layer | N x K | M | skinny (µs) | F.linear (µs) "
-             "| skinny / F.linear | skinny BW | F.linear BW |", "|---|---|---|---|---|---|---|---|---|"]
+             "| skinny / F.linear | skinny BW | F.linear BW |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in g["rows"]:
         lines.append(f"| {r['model']} | {r['layer']} | {r['n']} x {r['k']} | {r['m']} | "
                      f"{r['skinny_us']:.1f} | {r['cublas_us']:.1f} | "

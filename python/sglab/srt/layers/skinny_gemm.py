@@ -9,9 +9,9 @@ launch, with the op that produces `x` folded into the load of its tiles:
 At decode batch sizes a linear layer is bound by reading its weight once; a separate norm or
 activation kernel, and cuBLAS's split-K reduction, are extra launches on every layer. Each
 program here owns `BLOCK_N` output columns for every row and runs over all of K, so the result
-needs no reduction across programs, and within one launch configuration no row depends on
-another (across configurations the K order differs, so deterministic inference keeps its own
-batch-invariant GEMM). It rounds at the same points as the eager layers (layernorm.py,
+needs no reduction across programs and no row's result depends on the values of the others
+(across batch sizes the tiles, and so the K order, differ: deterministic inference keeps its
+own batch-invariant GEMM). It rounds at the same points as the eager layers (layernorm.py,
 activation.py); the GEMM accumulates in fp32 and rounds once, as F.linear does, in its own K
 order.
 
@@ -119,9 +119,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
 def _config(m: int, k: int, on_cuda: bool) -> dict:
     """Launch parameters by shape. Triton's interpreter cannot tl.dot bf16: there the larger
     tiles reduce by FMA too."""
-    if m <= 4:
-        return {"USE_DOT": False, "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": 8,
-                "BLOCK_K": min(512, triton.next_power_of_2(k)), "num_warps": 4}
+    if m <= 4:  # the FMA product is BLOCK_M x BLOCK_N x BLOCK_K registers: 32 a thread
+        bm = triton.next_power_of_2(m)
+        return {"USE_DOT": False, "BLOCK_M": bm, "BLOCK_N": 8,
+                "BLOCK_K": min(512 // bm, triton.next_power_of_2(k)), "num_warps": 4}
     if m <= 16:
         return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 16,
                 "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
