@@ -691,18 +691,22 @@ class PortArgs:
             tokenizer_ipc_name=f"ipc://{base}/tokenizer",
             scheduler_input_ipc_name=f"ipc://{base}/scheduler",
             detokenizer_ipc_name=f"ipc://{base}/detokenizer",
-            nccl_port=_free_port() if server_args is not None and server_args.tp_size > 1
-            else None,
+            nccl_port=_free_port(avoid=server_args.port) if server_args is not None
+            and server_args.tp_size > 1 else None,
             dp_scheduler_ipc_names=[f"ipc://{base}/scheduler_dp{r}" for r in range(dp)],
         )
 
 
-def _free_port() -> int:
+def _free_port(avoid: int | None = None) -> int:
+    """A free TCP port, never `avoid` (the HTTP port, not yet bound when this runs)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def configure_logging(level: str, prefix: str = "") -> None:

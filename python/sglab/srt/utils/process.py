@@ -47,8 +47,17 @@ def popen_launch_servers(arg_lists: list[list[str]], timeout: float = 600.0,
     try:
         for args in arg_lists:
             servers.append(_spawn(args, env))
-        for server, args in zip(servers, arg_lists):
-            _wait_healthy(server, timeout, _api_key(args))
+        for i, args in enumerate(arg_lists):
+            for attempt in range(PORT_ATTEMPTS):
+                try:
+                    _wait_healthy(servers[i], timeout, _api_key(args))
+                    break
+                except PortTaken:
+                    if attempt == PORT_ATTEMPTS - 1:
+                        raise
+                    # Its free port was taken before it bound it: another one.
+                    kill_server(servers[i])
+                    servers[i] = _spawn(args, env)
     except BaseException:
         # Also when interrupted (SIGTERM, Ctrl-C): the servers run in their own sessions, so
         # nothing else would stop them.
@@ -71,6 +80,21 @@ def _api_key(args: list[str]) -> str | None:
     return args[args.index("--api-key") + 1] if "--api-key" in args else None
 
 
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """The server exited because its HTTP port was in use by the time it bound it."""
+
+
+def _exit_error(server: ServerProcess) -> RuntimeError:
+    log = server.log()
+    port = server.base_url.rsplit(":", 1)[1]
+    taken = f"', {port}): address already in use" in log
+    return (PortTaken if taken else RuntimeError)(
+        f"server exited with {server.process.returncode}:\n{log[-4000:]}")
+
+
 def _wait_healthy(server: ServerProcess, timeout: float, api_key: str | None) -> None:
     http = requests.Session()
     http.trust_env = False
@@ -79,8 +103,7 @@ def _wait_healthy(server: ServerProcess, timeout: float, api_key: str | None) ->
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n"
-                               f"{server.log()[-4000:]}")
+            raise _exit_error(server)
         try:
             if http.get(f"{server.base_url}/health_generate", timeout=5).status_code == 200:
                 return
