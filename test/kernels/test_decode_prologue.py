@@ -4,12 +4,16 @@ Triton backend's metadata (kv_indptr, kv_indices, split counts). CPU: Triton's i
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from sglab.srt.layers.attention.triton_ops.create_kv_indices import (
     create_kv_indices_torch,
     decode_kv_indices,
 )
+from sglab.srt.layers.attention.triton_backend import MIN_KEYS_PER_SPLIT, TritonAttnBackend
+from sglab.srt.managers.overlap_utils import FutureMap
 from sglab.srt.model_executor.decode_inputs import decode_inputs, decode_inputs_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +36,8 @@ def test_decode_inputs_match_the_torch_ops(bs, pad):
     rows, lens, r2t = _batch(bs, bs, max_len=40, pad=pad)
     loc = torch.randint(1, 10**6, (bs + pad,), device=DEVICE)
     loc[bs:] = 0  # padding rows share the padding slot
-    future = torch.randint(0, 1000, (bs + 8,), device=DEVICE)
+    future = FutureMap(bs + 8, torch.device(DEVICE))
+    future.token_ids.copy_(torch.randint(0, 1000, (bs + 8,), device=DEVICE))
     ref_table, table = r2t.clone(), r2t.clone()
     want = decode_inputs_torch(lens, rows, loc, future, ref_table)
     got = decode_inputs(lens, rows, loc, future, table)
@@ -41,10 +46,10 @@ def test_decode_inputs_match_the_torch_ops(bs, pad):
     assert torch.equal(table, ref_table)
 
 
-def _splits(lens: torch.Tensor, max_splits: int, min_keys: int) -> torch.Tensor:
+def _splits(lens: torch.Tensor, max_splits: int) -> torch.Tensor:
     """TritonAttnBackend._num_kv_splits in a graph (the longest length on the device)."""
-    tile = (-(-lens.max() // max_splits)).clamp(min=min_keys)
-    return ((lens + tile - 1) // tile).clamp(1, max_splits).to(torch.int32)
+    backend = SimpleNamespace(max_kv_splits=max_splits)
+    return TritonAttnBackend._num_kv_splits(backend, lens, lens.max())
 
 
 @pytest.mark.parametrize("with_splits", [True, False])
@@ -60,8 +65,8 @@ def test_decode_kv_indices_match_cumsum_create_and_split_counts(bs, pad, max_len
     indptr = torch.zeros_like(ref_indptr)
     indices = torch.full_like(ref_indices, -7)
     splits = torch.zeros(n, dtype=torch.int32, device=DEVICE) if with_splits else None
-    decode_kv_indices(r2t, rows, lens, indptr, indices, splits, 16, 64)
+    decode_kv_indices(r2t, rows, lens, indptr, indices, splits, 16, MIN_KEYS_PER_SPLIT)
     assert torch.equal(indptr, ref_indptr)
     assert torch.equal(indices, ref_indices)  # the tail past the last row untouched
     if with_splits:
-        assert torch.equal(splits, _splits(lens, 16, 64))
+        assert torch.equal(splits, _splits(lens, 16))

@@ -15,7 +15,7 @@ from torch import nn
 
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.distributed.parallel_state import GroupCoordinator, get_tp_group
-from sglab.srt.layers.skinny_gemm import RMSNormPrologue, skinny_applies, skinny_gemm
+from sglab.srt.layers.skinny_gemm import RMSNormPrologue, max_m, skinny_applies, skinny_gemm
 
 
 def _tp_rank_size(tp_rank: int | None, tp_size: int | None,
@@ -53,8 +53,9 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         # --enable-deterministic-inference (ModelOptions.batch_invariant).
         self.batch_invariant = batch_invariant
-        # --kernel-fusion on: small-M matmuls go to skinny_gemm (enable_skinny_gemm).
-        self.skinny = False
+        # --kernel-fusion on: matmuls of at most this many rows go to skinny_gemm (0: none;
+        # set by enable_skinny_gemm, so the forward reads no environment).
+        self.skinny_max_m = 0
 
     def _make_param(self, shape: tuple[int, ...], dtype: torch.dtype,
                     full_shape: tuple[int, ...]) -> nn.Parameter:
@@ -67,7 +68,7 @@ class LinearBase(nn.Module):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
                 prologue: str | None = None) -> torch.Tensor:
         """x @ W^T (+ bias); a prologue (skinny_gemm.SILU_MUL) only where skinny_fits(x)."""
-        if prologue is not None or (self.skinny and skinny_applies(x)):
+        if prologue is not None or self.skinny_fits(x):
             return skinny_gemm(x, self.weight, bias, prologue)
         if self.batch_invariant:
             return linear_batch_invariant(x, self.weight, bias)
@@ -75,7 +76,7 @@ class LinearBase(nn.Module):
 
     def skinny_fits(self, x: torch.Tensor) -> bool:
         """Whether this layer may fold the op before it into its matmul for input x."""
-        return self.skinny and skinny_applies(x)
+        return self.skinny_max_m > 0 and skinny_applies(x, self.skinny_max_m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -263,9 +264,10 @@ class RowParallelLinear(LinearBase):
 def enable_skinny_gemm(model: nn.Module) -> None:
     """--kernel-fusion on: every linear layer of `model` serves small M with skinny_gemm
     (not under deterministic inference, whose GEMM is batch invariant)."""
+    bound = max_m()
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
-            module.skinny = True
+            module.skinny_max_m = bound
 
 
 def _refuse_fused(name: str) -> None:

@@ -45,10 +45,10 @@ def max_m() -> int:
     return min(64, int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "16")))
 
 
-def skinny_applies(x: torch.Tensor) -> bool:
-    """Whether the small-M kernel serves `x` (2-D, at most max_m() rows, on the GPU)."""
+def skinny_applies(x: torch.Tensor, bound: int | None = None) -> bool:
+    """Whether the small-M kernel serves `x`: on the GPU, at most `bound` rows (max_m())."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.is_cuda and 0 < m <= max_m()
+    return x.is_cuda and 0 < m <= (max_m() if bound is None else bound)
 
 
 @triton.jit

@@ -29,7 +29,7 @@ class MHATokenToKVPoolHost:
         self.dtype, self.store_dtype = device_pool.dtype, device_pool.store_dtype
         shape = (self.layer_num, size + self.page_size, device_pool.head_num,
                  device_pool.head_dim)
-        need = 2 * math.prod(shape) * torch.empty((), dtype=self.store_dtype).element_size()
+        need = 2 * math.prod(shape) * self.store_dtype.itemsize
         try:
             self.k_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=pin_memory)
             self.v_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=pin_memory)

@@ -242,7 +242,7 @@ class CudaGraphRunner:
         mr = self.model_runner
         rows, lens, out = fb.req_pool_indices, fb.seq_lens, fb.out_cache_loc
         inputs = decode_inputs if self.fused_inputs else decode_inputs_torch
-        fb.positions, fb.input_ids = inputs(lens, rows, out, mr.future_map.token_ids,
+        fb.positions, fb.input_ids = inputs(lens, rows, out, mr.future_map,
                                             mr.req_to_token_pool.req_to_token)
         for p in self.participants:
             p.graph_prologue(fb, bs)

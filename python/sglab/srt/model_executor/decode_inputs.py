@@ -9,12 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from sglab.srt.managers.overlap_utils import FutureMap
+
 
 def decode_inputs_torch(seq_lens: torch.Tensor, rows: torch.Tensor, out_cache_loc: torch.Tensor,
-                        future_tokens: torch.Tensor, req_to_token: torch.Tensor
+                        future_map: FutureMap, req_to_token: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     positions = seq_lens - 1
-    input_ids = future_tokens.index_select(0, rows)
+    input_ids = future_map.gather(rows)
     req_to_token[rows, positions] = out_cache_loc.to(torch.int32)
     return positions, input_ids
 
@@ -33,11 +35,11 @@ def _decode_inputs_kernel(lens_ptr, rows_ptr, loc_ptr, future_ptr, req_to_token,
 
 
 def decode_inputs(seq_lens: torch.Tensor, rows: torch.Tensor, out_cache_loc: torch.Tensor,
-                  future_tokens: torch.Tensor, req_to_token: torch.Tensor
+                  future_map: FutureMap, req_to_token: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions, input ids), and req_to_token[rows, positions] = out_cache_loc; one launch.
     Padding rows share the padding row and slot, so their duplicate writes agree."""
-    bs = seq_lens.shape[0]
+    bs, future_tokens = seq_lens.shape[0], future_map.token_ids
     assert req_to_token.stride(1) == 1
     positions = torch.empty_like(seq_lens)
     input_ids = torch.empty(bs, dtype=future_tokens.dtype, device=future_tokens.device)

@@ -156,10 +156,11 @@ class LlamaDecoderLayer(nn.Module):
         """--kernel-fusion on at small M: both norms and the SiLU go into the loads of the
         matmuls after them (plain layers only: not under LoRA or DP attention)."""
         attn, mlp = self.self_attn, self.mlp
-        layers = (attn.qkv_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not (isinstance(attn.qkv_proj, LinearBase) and attn.qkv_proj.skinny_fits(x)):
+            return False  # fusion off (the common case) stops here
         return (forward_batch.dp_step is None and type(self.input_layernorm) is RMSNorm
-                and all(isinstance(m, LinearBase) for m in layers)
-                and attn.qkv_proj.skinny_fits(x))
+                and isinstance(mlp.gate_up_proj, LinearBase)
+                and isinstance(mlp.down_proj, LinearBase))
 
     def _forward_folded(self, positions, hidden_states, forward_batch, residual):
         """Three launches around attention instead of six (two norms, SiLU, three matmuls)."""
