@@ -4,9 +4,8 @@
 
 - decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1, 8 and 64, against
   the roofline (weight bytes / measured copy bandwidth), and the kernels in one replay
-  (profiler); fusion off, on, on without the small-M GEMM (`on-cublas`:
-  SGLAB_SKINNY_GEMM_MAX_M=0, every matmul through F.linear) and with it up to 64 rows
-  (`on-m64`);
+  (profiler); fusion off, on (every matmul through F.linear) and on with the small-M GEMM up
+  to 1, 16 and 64 rows (`on-m1`, `on-m16`, `on-m64`: SGLAB_SKINNY_GEMM_MAX_M);
 - gemm: each decoder matmul shape of both models at M = 1, 4, 8, 16, 32, 64: skinny_gemm vs
   F.linear, GPU time and weight bytes per second (the table behind SGLAB_SKINNY_GEMM_MAX_M);
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
@@ -44,9 +43,10 @@ from gpu_bench import (  # noqa: E402
 from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
 
 FUSION = ("off", "on")
-VARIANTS = {"off": ("off", None), "on": ("on", None), "on-cublas": ("on", "0"),
-            "on-m64": ("on", "64")}
+VARIANTS = {"off": ("off", None), "on": ("on", None), "on-m1": ("on", "1"),
+            "on-m16": ("on", "16"), "on-m64": ("on", "64")}
 DECODE_BS = [1, 8, 64]
+GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
 PREFILL_PRESET, PREFILL_LEN = "llama-3.1-8b", 8192
 ATTN_SHAPES = [(64, 4096), (8, 32768)]  # (batch, context)
@@ -158,16 +158,38 @@ def gemm_child() -> dict:
 
     rows = []
     for model, layer, n, k in GEMM_SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        # Enough weight copies that a pass over them does not fit in L2, as in a decode step.
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+              for _ in range(max(1, -(-GEMM_ROTATE_BYTES // (2 * n * k))))]
         for m in GEMM_M:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_skinny = _cuda_time(lambda: skinny_gemm(x, w), reps=50)
-            t_cublas = _cuda_time(lambda: F.linear(x, w), reps=50)
+            t_skinny = _graph_time([lambda w=w: skinny_gemm(x, w) for w in ws])
+            t_cublas = _graph_time([lambda w=w: F.linear(x, w) for w in ws])
             rows.append({"model": model, "layer": layer, "n": n, "k": k, "m": m,
                          "skinny_us": t_skinny * 1e6, "cublas_us": t_cublas * 1e6,
                          "weight_gbps_skinny": 2 * n * k / t_skinny / 1e9,
                          "weight_gbps_cublas": 2 * n * k / t_cublas / 1e9})
+        del ws
     return {"rows": rows}
+
+
+def _graph_time(calls: list, reps: int = 20) -> float:
+    """GPU time of one call: all of `calls` captured in one CUDA graph, its replays timed with
+    events and divided by the calls, so no host launch time is in it (a single launch between
+    two events times the launch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and cuBLAS workspaces, before capture
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    passes = max(1, -(-16 // len(calls)))  # at least 16 calls per replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(passes):
+            for fn in calls:
+                fn()
+    return _cuda_time(graph.replay, reps=reps) / (passes * len(calls))
 
 
 def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -210,8 +232,8 @@ def to_markdown(report: dict) -> str:
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
              "the GPU "
-             "idle), --kernel-fusion off vs on (on-cublas: on without the small-M GEMM; "
-             "on-m64: with it up to 64 rows):", "",
+             "idle), --kernel-fusion off vs on (on: every matmul through cuBLAS; on-m1, on-m16, "
+             "on-m64: with the small-M GEMM up to 1, 16, 64 rows):", "",
              "| model | bs | " + " | ".join(f"{v} (µs)" for v in VARIANTS) +
              " | on / off | roofline (µs) | " + " | ".join(f"{v} / roof" for v in VARIANTS) +
              " | kernels " + " / ".join(VARIANTS) + " | launch off / on (µs) |",

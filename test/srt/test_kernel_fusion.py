@@ -94,8 +94,8 @@ def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
 
 
 def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
-    """With the small-M GEMM serving CPU rows as it serves CUDA ones: every layer of a forward
-    of at most 16 tokens runs norm + qkv, o_proj, norm + gate_up and SiLU + down_proj as four
+    """With the small-M GEMM up to 16 rows (SGLAB_SKINNY_GEMM_MAX_M), serving CPU rows as it
+    serves CUDA ones: every layer of a forward of at most 16 tokens runs norm + qkv, o_proj, norm + gate_up and SiLU + down_proj as four
     skinny_gemm launches, and the outputs are fusion off's."""
     from sglab.srt.layers import linear
     from sglab.srt.layers import skinny_gemm as sg
@@ -109,6 +109,7 @@ def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
         calls[kind] += 1
         return real(x, w, b, prologue)
 
+    monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "16")
     monkeypatch.setattr(linear, "skinny_applies",
                         lambda x, bound: 0 < x.numel() // x.shape[-1] <= bound)
     monkeypatch.setattr(linear, "skinny_gemm", counting)

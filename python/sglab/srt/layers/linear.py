@@ -262,8 +262,9 @@ class RowParallelLinear(LinearBase):
 
 
 def enable_skinny_gemm(model: nn.Module) -> None:
-    """--kernel-fusion on: every linear layer of `model` serves small M with skinny_gemm
-    (not under deterministic inference, whose GEMM is batch invariant)."""
+    """--kernel-fusion on: every linear layer of `model` serves up to max_m() rows with
+    skinny_gemm (0 by default: none; not under deterministic inference, whose GEMM is batch
+    invariant)."""
     bound = max_m()
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:

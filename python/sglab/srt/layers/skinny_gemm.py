@@ -15,8 +15,9 @@ own batch-invariant GEMM). It rounds at the same points as the eager layers (lay
 activation.py); the GEMM accumulates in fp32 and rounds once, as F.linear does, in its own K
 order.
 
-`max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, default 16, at most 64; 0 turns it off) is the largest
-M served; larger M goes to F.linear (cuBLAS). Rows of up to 4 reduce by FMA, up to 16 and up
+`max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, at most 64) is the largest M served; larger M goes to
+F.linear (cuBLAS). The default is 0, off: in H200 decode-graph replays these tiles are slower
+than cuBLAS at every measured shape but qwen3-0.6b at bs 1 (benchmark/README.md). Rows of up to 4 reduce by FMA, up to 16 and up
 to 64 by one `tl.dot` tile of 16 or 64 rows.
 """
 
@@ -42,7 +43,7 @@ class RMSNormPrologue:
 
 
 def max_m() -> int:
-    return min(64, int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "16")))
+    return min(64, int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "0")))
 
 
 def skinny_applies(x: torch.Tensor, bound: int | None = None) -> bool:
