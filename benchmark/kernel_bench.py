@@ -5,7 +5,7 @@
 - decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1, 8 and 64, against
   the roofline (weight bytes / measured copy bandwidth), and the kernels in one replay
   (profiler); fusion off, on (every matmul through F.linear) and on with the small-M GEMM up
-  to 1, 16 and 64 rows (`on-m1`, `on-m16`, `on-m64`: SGLAB_SKINNY_GEMM_MAX_M);
+  to 1 and 16 rows (`on-m1`, `on-m16`: SGLAB_SKINNY_GEMM_MAX_M);
 - gemm: each decoder matmul shape of both models at M = 1, 4, 8, 16, 32, 64: skinny_gemm vs
   F.linear, GPU time and weight bytes per second (the table behind SGLAB_SKINNY_GEMM_MAX_M);
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
@@ -44,7 +44,7 @@ from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
 
 FUSION = ("off", "on")
 VARIANTS = {"off": ("off", None), "on": ("on", None), "on-m1": ("on", "1"),
-            "on-m16": ("on", "16"), "on-m64": ("on", "64")}
+            "on-m16": ("on", "16")}
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
@@ -232,8 +232,8 @@ def to_markdown(report: dict) -> str:
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
              "the GPU "
-             "idle), --kernel-fusion off vs on (on: every matmul through cuBLAS; on-m1, on-m16, "
-             "on-m64: with the small-M GEMM up to 1, 16, 64 rows):", "",
+             "idle), --kernel-fusion off vs on (on: every matmul through cuBLAS; on-m1, on-m16: "
+             "with the small-M GEMM up to 1, 16 rows):", "",
              "| model | bs | " + " | ".join(f"{v} (µs)" for v in VARIANTS) +
              " | on / off | roofline (µs) | " + " | ".join(f"{v} / roof" for v in VARIANTS) +
              " | kernels " + " / ".join(VARIANTS) + " | launch off / on (µs) |",
