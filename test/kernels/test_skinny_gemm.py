@@ -98,6 +98,7 @@ def test_max_m_bounds_what_it_serves(monkeypatch):
     x = torch.zeros(16, 8)
     assert not sg.skinny_applies(x)  # not on the GPU
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.delenv("SGLAB_SKINNY_GEMM_MAX_M", raising=False)
     assert not sg.skinny_applies(torch.zeros(1, 8))  # off by default
     monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "16")
     assert sg.skinny_applies(x) and not sg.skinny_applies(torch.zeros(17, 8))

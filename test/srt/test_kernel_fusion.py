@@ -95,8 +95,9 @@ def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
 
 def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
     """With the small-M GEMM up to 16 rows (SGLAB_SKINNY_GEMM_MAX_M), serving CPU rows as it
-    serves CUDA ones: every layer of a forward of at most 16 tokens runs norm + qkv, o_proj, norm + gate_up and SiLU + down_proj as four
-    skinny_gemm launches, and the outputs are fusion off's."""
+    serves CUDA ones: every layer of a forward of at most 16 tokens runs norm + qkv, o_proj,
+    norm + gate_up and SiLU + down_proj as four skinny_gemm launches, and the outputs are
+    fusion off's."""
     from sglab.srt.layers import linear
     from sglab.srt.layers import skinny_gemm as sg
 

@@ -17,8 +17,8 @@ order.
 
 `max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, at most 64) is the largest M served; larger M goes to
 F.linear (cuBLAS). The default is 0, off: in H200 decode-graph replays these tiles are slower
-than cuBLAS at every measured shape but qwen3-0.6b at bs 1 (benchmark/README.md). Rows of up to 4 reduce by FMA, up to 16 and up
-to 64 by one `tl.dot` tile of 16 or 64 rows.
+than cuBLAS at every measured shape but qwen3-0.6b at bs 1 (benchmark/README.md). Rows of up
+to 4 reduce by FMA, up to 16 and up to 64 by one `tl.dot` tile of 16 or 64 rows.
 """
 
 from __future__ import annotations
