@@ -58,6 +58,15 @@ GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048
                ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336)]
 GEMM_M = [1, 4, 8, 16, 32, 64]
 ATTN_SWEEP_SPLITS = (16, 32, 64)  # max KV splits per request in the attention sweep
+# (max KV splits, keys per tile, pipeline stages, warps) of the one-launch sweep
+ATTN_SWEEP = [(sp, bn, st, nw) for sp in ATTN_SWEEP_SPLITS for bn in (32, 64, 128)
+              for st in (2, 3, 4) for nw in (4, 8)]
+# Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,
+# the reduction over K per tile or deferred to the end.
+GEMM_SWEEP_M = (1, 4)
+GEMM_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "DEFER_REDUCE": d}
+              for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8)
+              for d in (False, True) if bn * bk <= 8192]
 
 
 def _graph(sched, bs: int):
@@ -114,41 +123,89 @@ def decode_child(preset: str, fusion: str) -> dict:
 
 def attention_child() -> dict:
     """Each shape with the serving configuration (MAX_KV_SPLITS splits, the default tile and
-    stages; two stages and one launch), then a sweep of splits x tile x stages, one launch."""
-    from sglab.srt.layers.attention.triton_backend import MAX_KV_SPLITS, MIN_KEYS_PER_SPLIT
+    stages; two stages and one launch), a sweep of ATTN_SWEEP in one launch, and the best three
+    of the sweep again in two stages."""
+    from sglab.srt.layers.attention.triton_backend import MAX_KV_SPLITS
+
+    rows = []
+    for bs, ctx in ATTN_SHAPES:
+        run = _attention_case(bs, ctx)
+        for merge in (False, True):
+            rows.append(run(MAX_KV_SPLITS, None, None, None, merge))
+        sweep = [run(*cfg, True) for cfg in ATTN_SWEEP]
+        rows += sweep
+        best = sorted((r for r in sweep if "median_s" in r), key=lambda r: r["median_s"])[:3]
+        rows += [run(r["max_kv_splits"], r["block_n"], r["num_stages"], r["num_warps"], False)
+                 for r in best]
+    return {"rows": rows}
+
+
+def _attention_case(bs: int, ctx: int):
+    """A closure timing decode_attention_fwd over bs requests of ctx keys each (llama-3.1-8b
+    heads, bf16, contiguous slots)."""
+    from sglab.srt.layers.attention.triton_backend import MIN_KEYS_PER_SPLIT
     from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 
     hq, hkv, d = ATTN_HEADS
-    rows = []
-    for bs, ctx in ATTN_SHAPES:
-        k_buf = torch.randn(bs * ctx + 1, hkv, d, device="cuda", dtype=torch.bfloat16)
-        v_buf = torch.randn_like(k_buf)
-        q = torch.randn(bs, hq, d, device="cuda", dtype=torch.bfloat16)
-        o = torch.empty_like(q)
-        indptr = (torch.arange(bs + 1, device="cuda") * ctx).to(torch.int32)
-        indices = torch.arange(1, bs * ctx + 1, device="cuda")
-        kv_bytes = 2 * k_buf[1:].numel() * k_buf.element_size() + indices.numel() * 8
-        max_splits = max(ATTN_SWEEP_SPLITS)
-        logits = torch.empty(bs, hq, max_splits, d, device="cuda")
-        lse = torch.empty(bs, hq, max_splits, device="cuda")
-        counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
-        configs = [(MAX_KV_SPLITS, None, None, merge) for merge in (False, True)] + [
-            (sp, bn, st, True) for sp in ATTN_SWEEP_SPLITS for bn in (32, 64) for st in (2, 3, 4)]
-        for splits_max, block_n, stages, merge in configs:
-            tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
-            splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
-                                device="cuda")
+    k_buf = torch.randn(bs * ctx + 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v_buf = torch.randn_like(k_buf)
+    q = torch.randn(bs, hq, d, device="cuda", dtype=torch.bfloat16)
+    o = torch.empty_like(q)
+    indptr = (torch.arange(bs + 1, device="cuda") * ctx).to(torch.int32)
+    indices = torch.arange(1, bs * ctx + 1, device="cuda")
+    kv_bytes = 2 * k_buf[1:].numel() * k_buf.element_size() + indices.numel() * 8
+    max_splits = max(ATTN_SWEEP_SPLITS)
+    logits = torch.empty(bs, hq, max_splits, d, device="cuda")
+    lse = torch.empty(bs, hq, max_splits, device="cuda")
+    counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
 
-            def call():
-                decode_attention_fwd(q, k_buf, v_buf, o, indptr, indices, logits, lse, splits,
-                                     splits_max, d ** -0.5, block_n=block_n, num_stages=stages,
-                                     merge_count=counts if merge else None)
+    def run(splits_max, block_n, stages, warps, merge) -> dict:
+        tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
+        splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
+                            device="cuda")
+        row = {"bs": bs, "context": ctx, "one_launch": merge, "max_kv_splits": splits_max,
+               "block_n": block_n, "num_stages": stages, "num_warps": warps,
+               "sweep": block_n is not None}
+
+        def call():
+            decode_attention_fwd(q, k_buf, v_buf, o, indptr, indices, logits, lse, splits,
+                                 splits_max, d ** -0.5, block_n=block_n, num_stages=stages,
+                                 num_warps=warps, merge_count=counts if merge else None)
+        try:
             t = _cuda_time(call)
-            rows.append({"bs": bs, "context": ctx, "one_launch": merge, "median_s": t,
-                         "kv_read_gbps": kv_bytes / t / 1e9, "max_kv_splits": splits_max,
-                         "block_n": block_n, "num_stages": stages,
-                         "sweep": block_n is not None})
+        except Exception as e:  # a tile that does not fit shared memory
+            return {**row, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return {**row, "median_s": t, "kv_read_gbps": kv_bytes / t / 1e9}
+    return run
+
+
+def gemm_sweep_child() -> dict:
+    """GEMM_SWEEP at M in GEMM_SWEEP_M for every decoder shape, CUDA-graph timed as in
+    gemm_child, next to F.linear."""
+    import torch.nn.functional as F
+
+    from sglab.srt.layers.skinny_gemm import skinny_gemm
+
+    rows = []
+    for model, layer, n, k in GEMM_SHAPES:
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+              for _ in range(max(1, -(-GEMM_ROTATE_BYTES // (2 * n * k))))]
+        for m in GEMM_SWEEP_M:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cublas = _graph_time([lambda w=w: F.linear(x, w) for w in ws])
+            for cfg in GEMM_SWEEP:
+                cfg = {**cfg, "BLOCK_K": cfg["BLOCK_K"] // triton_pow2(m), "BLOCK_M":
+                       triton_pow2(m), "USE_DOT": False}
+                t = _graph_time([lambda w=w: skinny_gemm(x, w, config=cfg) for w in ws])
+                rows.append({"model": model, "layer": layer, "n": n, "k": k, "m": m,
+                             "config": cfg, "skinny_us": t * 1e6, "cublas_us": cublas * 1e6,
+                             "weight_gbps_skinny": 2 * n * k / t / 1e9})
+        del ws
     return {"rows": rows}
+
+
+def triton_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
 
 
 def gemm_child() -> dict:
@@ -222,8 +279,19 @@ def run_all(presets: list[str], out_dir: str, commit: str | None) -> dict:
             for v, (fusion, max_m) in VARIANTS.items()}
         print(json.dumps(report["models"][preset])[:1500], flush=True)
     report["gemm"] = _child(["gemm"])
+    report["gemm_sweep"] = _child(["gemm-sweep"])
     report["attention"] = _child(["attention"])
     write_results(out_dir, "kernel_bench", report, to_markdown(report))
+    return report
+
+
+def run_sweep(out_dir: str, commit: str | None) -> dict:
+    """The kernels alone, without the decode models: GEMM table, GEMM sweep, attention."""
+    report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
+    for kind in ("gemm", "gemm-sweep", "attention"):
+        report[kind.replace("-", "_")] = _child([kind])
+        print(kind, str(report[kind.replace("-", "_")])[:300], flush=True)
+    write_results(out_dir, "kernel_sweep", report, to_markdown(report))
     return report
 
 
@@ -253,7 +321,7 @@ def to_markdown(report: dict) -> str:
                 " / ".join(str(r["kernels"]["count"]) for r in rows) +
                 f" | {by['off']['graph_launch_idle_us']:.0f} / "
                 f"{by['on']['graph_launch_idle_us']:.0f} |")
-    lines += _gemm_lines(report, bw) + _top_kernel_lines(report)
+    lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _top_kernel_lines(report)
     lines += _prefill_lines(report) + _attention_lines(report, bw)
     return "\n".join(lines) + "\n"
 
@@ -287,6 +355,38 @@ def _gemm_lines(report: dict, bw: float) -> list[str]:
     return lines
 
 
+def _gemm_sweep_lines(report: dict, bw: float) -> list[str]:
+    g = report.get("gemm_sweep", {})
+    if "rows" not in g:
+        return ["", f"GEMM sweep: {g.get('error', 'not run')[-300:]}"] if g else []
+    lines = ["", "Small-M GEMM layouts (FMA tiles) swept: per shape and M the best layout next to "
+             "the default one and F.linear:", "", "| model | layer | M | best: BLOCK_N / BLOCK_K "
+             "/ warps / deferred | best (µs) | best BW | default (µs) | F.linear (µs) | best / "
+             "F.linear |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["layer"], r["m"]) for r in g["rows"]},
+                  key=lambda t: (t[0], GEMM_LAYERS.index(t[1]), t[2]))
+    for model, layer, m in keys:
+        rows = [r for r in g["rows"] if (r["model"], r["layer"], r["m"]) == (model, layer, m)]
+        best = min(rows, key=lambda r: r["skinny_us"])
+        c = best["config"]
+        default = next((r["skinny_us"] for r in rows if _is_default(r["config"], m)), None)
+        lines.append(f"| {model} | {layer} | {m} | {c['BLOCK_N']} / {c['BLOCK_K']} / "
+                     f"{c['num_warps']} / {c['DEFER_REDUCE']} | {best['skinny_us']:.1f} | "
+                     f"{best['weight_gbps_skinny'] / bw:.0%} | "
+                     f"{'-' if default is None else f'{default:.1f}'} | "
+                     f"{best['cublas_us']:.1f} | {best['skinny_us'] / best['cublas_us']:.2f} |")
+    return lines
+
+
+GEMM_LAYERS = ("qkv", "o", "gate_up", "down")
+
+
+def _is_default(cfg: dict, m: int) -> bool:
+    from sglab.srt.layers.skinny_gemm import _config
+    d = _config(m, 1 << 14, True)
+    return all(cfg[key] == d[key] for key in ("BLOCK_N", "BLOCK_K", "num_warps", "DEFER_REDUCE"))
+
+
 def _prefill_lines(report: dict) -> list[str]:
     m = report["models"].get(PREFILL_PRESET, {})
     if not m or any("error" in m[f] or "prefill" not in m[f] for f in FUSION):
@@ -316,27 +416,39 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
                      f"{r['kv_read_gbps']:.0f} | {r['kv_read_gbps'] / bw:.0%} |")
     sweep = [r for r in att["rows"] if r.get("sweep")]
     if sweep:
-        lines += ["", "One launch, swept (max KV splits, keys per tile, pipeline stages): the best "
-                  "three per shape:", "", "| bs x context | splits | BLOCK_N | stages | median "
-                  "(µs) | of copy bandwidth |", "|---|---|---|---|---|---|"]
+        lines += ["", "Swept (max KV splits, keys per tile, pipeline stages, warps): the best "
+                  "five one-launch configurations per shape, then the best three in two stages:",
+                  "", "| bs x context | kernel | splits | BLOCK_N | stages | warps | median (µs) "
+                  "| of copy bandwidth |", "|---|---|---|---|---|---|---|---|"]
         for shape in sorted({(r["bs"], r["context"]) for r in sweep}):
-            best = sorted((r for r in sweep if (r["bs"], r["context"]) == shape),
-                          key=lambda r: r["median_s"])[:3]
-            lines += [f"| {r['bs']} x {r['context']} | {r['max_kv_splits']} | {r['block_n']} | "
-                      f"{r['num_stages']} | {r['median_s'] * 1e6:.0f} | "
-                      f"{r['kv_read_gbps'] / bw:.0%} |" for r in best]
+            for merge, top in ((True, 5), (False, 3)):
+                best = sorted((r for r in sweep if (r["bs"], r["context"]) == shape
+                               and r["one_launch"] == merge and "median_s" in r),
+                              key=lambda r: r["median_s"])[:top]
+                kind = "one launch" if merge else "two stages"
+                lines += [f"| {r['bs']} x {r['context']} | {kind} | {r['max_kv_splits']} | "
+                          f"{r['block_n']} | {r['num_stages']} | {r.get('num_warps')} | "
+                          f"{r['median_s'] * 1e6:.0f} | {r['kv_read_gbps'] / bw:.0%} |"
+                          for r in best]
+        failed = [r for r in sweep if "error" in r]
+        if failed:
+            lines.append(f"\n{len(failed)} swept configurations did not launch (e.g. "
+                         f"{failed[0]['error'][:120]}).")
     return lines
 
 
 def main() -> None:
-    parser = bench_parser(["all", "decode", "gemm", "attention"])
+    parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "attention"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
     args = parser.parse_args()
     if args.kind == "all":
         run_all(args.presets, args.out, args.commit)
         return
+    if args.kind == "sweep":
+        run_sweep(args.out, args.commit)
+        return
     child = {"decode": lambda: decode_child(args.preset, args.fusion), "gemm": gemm_child,
-             "attention": attention_child}[args.kind]
+             "gemm-sweep": gemm_sweep_child, "attention": attention_child}[args.kind]
     result = child()
     print(json.dumps(result))
 

@@ -44,6 +44,8 @@
 #                 vs on without the small-M GEMM: decode graph time and kernels per replay at
 #                 bs 1/8/64, small-M GEMM vs F.linear per decoder shape, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
+#   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
+#                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps)
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -248,6 +250,10 @@ for step in "$@"; do
       test/kernels/test_skinny_gemm.py test/kernels/test_triton_attention.py \
       test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_kernels.log" | tail -n 8
     timeout 380 python3 benchmark/kernel_bench.py all --out "$R" 2>&1 | tail -n 60 ;;
+  kernels-sweep)  # the kernels alone: GPU tests, then GEMM table + layouts, attention sweep
+    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_skinny_gemm.py \
+      test/kernels/test_triton_attention.py 2>&1 | tee "$R/gpu_tests_kernels.log" | tail -n 8
+    timeout 400 python3 benchmark/kernel_bench.py sweep --out "$R" 2>&1 | tail -n 30 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

@@ -37,26 +37,28 @@ def _weights(n: int, k: int, dtype, bias: bool):
     return w, b
 
 
-def _check(m: int, n: int, k: int, dtype) -> None:
+def _check(m: int, n: int, k: int, dtype, config: dict | None = None) -> None:
     torch.manual_seed(m * 1000 + n + k)
     w, b = _weights(n, k, dtype, bias=True)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
-    _close(sg.skinny_gemm(x, w, b), F.linear(x, w, b), dtype, k)
+    _close(sg.skinny_gemm(x, w, b, config=config), F.linear(x, w, b), dtype, k)
 
     norm = RMSNorm(k, 1e-6, dtype).to(DEVICE)
     norm.weight.data = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
     res = torch.randn(m, k, device=DEVICE).to(dtype)
-    out, new_res = sg.skinny_gemm(x, w, None, sg.RMSNormPrologue(norm.weight, 1e-6, res))
+    out, new_res = sg.skinny_gemm(x, w, None, sg.RMSNormPrologue(norm.weight, 1e-6, res),
+                                  config=config)
     ref_x, ref_res = norm.forward_native(x, res)
     assert torch.equal(new_res, ref_res) or dtype != torch.float32 or DEVICE == "cpu"
     _close(new_res, ref_res, dtype, k)
     _close(out, F.linear(ref_x, w), dtype, k)
-    out, same = sg.skinny_gemm(x, w, None, sg.RMSNormPrologue(norm.weight, 1e-6))
+    out, same = sg.skinny_gemm(x, w, None, sg.RMSNormPrologue(norm.weight, 1e-6),
+                               config=config)
     assert same.data_ptr() == x.data_ptr()
     _close(out, F.linear(norm.forward_native(x), w), dtype, k)
 
     gu = torch.randn(m, 2 * k, device=DEVICE).to(dtype)
-    _close(sg.skinny_gemm(gu, w, None, sg.SILU_MUL),
+    _close(sg.skinny_gemm(gu, w, None, sg.SILU_MUL, config=config),
            F.linear(SiluAndMul().forward_native(gu), w), dtype, k)
 
 
@@ -65,6 +67,24 @@ def _check(m: int, n: int, k: int, dtype) -> None:
                                    (40, 36, 80)])
 def test_skinny_gemm_matches_eager(m, n, k, dtype):
     _check(m, n, k, dtype)
+
+
+# The FMA tile's other layouts, as kernel_bench sweeps them: the reduction over K deferred to
+# the end, wider and narrower column blocks, more warps.
+FMA_CONFIGS = [{"DEFER_REDUCE": True}, {"DEFER_REDUCE": True, "BLOCK_N": 4, "BLOCK_K": 256},
+               {"DEFER_REDUCE": True, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 8}]
+
+
+@pytest.mark.parametrize("config", FMA_CONFIGS)
+@pytest.mark.parametrize("m,n,k", [(1, 20, 600), (3, 12, 96)])
+def test_skinny_gemm_fma_layouts_match_eager(m, n, k, config):
+    _check(m, n, k, torch.float32, config)
+
+
+def test_a_config_without_room_for_every_row_is_refused():
+    w, _ = _weights(8, 32, torch.float32, bias=False)
+    with pytest.raises(AssertionError, match="every row"):
+        sg.skinny_gemm(torch.zeros(3, 32, device=DEVICE), w, config={"BLOCK_M": 2})
 
 
 @pytest.mark.parametrize("m", [2, 4, 9, 16, 40])
@@ -115,3 +135,11 @@ def test_max_m_bounds_what_it_serves(monkeypatch):
                                  (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_gpu_skinny_gemm_at_model_shapes(m, n, k):
     _check(m, n, k, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", FMA_CONFIGS)
+@pytest.mark.parametrize("n,k", [(6144, 1024), (1024, 3072), (28672, 4096), (4096, 14336)])
+def test_gpu_skinny_gemm_fma_layouts(n, k, config):
+    _check(1, n, k, torch.bfloat16, config)

@@ -76,7 +76,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
                         stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
                         PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                         USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        DEFER_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,6 +88,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
                           stride_rom, pid, HAS_RES, BLOCK_M, BLOCK_K)
         inv = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # FMA tiles: products summed elementwise across K tiles, one reduction over BLOCK_K at the
+    # end instead of one per tile.
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K if DEFER_REDUCE else 1], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < K
@@ -109,8 +113,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
                     mask=cmask[:, None] & kmask[None, :], other=0.0)
         if USE_DOT:
             acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
+        elif DEFER_REDUCE:
+            acc3 += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         else:
             acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if DEFER_REDUCE:
+        acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype),
@@ -122,21 +130,21 @@ def _config(m: int, k: int, on_cuda: bool) -> dict:
     tiles reduce by FMA too."""
     if m <= 4:  # the FMA product is BLOCK_M x BLOCK_N x BLOCK_K registers: 32 a thread
         bm = triton.next_power_of_2(m)
-        return {"USE_DOT": False, "BLOCK_M": bm, "BLOCK_N": 8,
+        return {"USE_DOT": False, "DEFER_REDUCE": False, "BLOCK_M": bm, "BLOCK_N": 8,
                 "BLOCK_K": min(512 // bm, triton.next_power_of_2(k)), "num_warps": 4}
     if m <= 16:
-        return {"USE_DOT": on_cuda, "BLOCK_M": 16, "BLOCK_N": 16,
+        return {"USE_DOT": on_cuda, "DEFER_REDUCE": False, "BLOCK_M": 16, "BLOCK_N": 16,
                 "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
     assert m <= 64, "skinny_gemm serves at most 64 rows"
-    return {"USE_DOT": on_cuda, "BLOCK_M": 64, "BLOCK_N": 32,
+    return {"USE_DOT": on_cuda, "DEFER_REDUCE": False, "BLOCK_M": 64, "BLOCK_N": 32,
             "BLOCK_K": min(64, max(16, triton.next_power_of_2(k))), "num_warps": 4}
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                prologue: RMSNormPrologue | str | None = None):
+                prologue: RMSNormPrologue | str | None = None, config: dict | None = None):
     """x @ weight^T (+ bias) after the prologue. With an RMSNormPrologue: (y, x + residual),
     the second being x itself when it has no residual. With SILU_MUL, x is [g, u] and K is
-    half its width."""
+    half its width. `config` replaces some of the shape's launch parameters (benchmarks)."""
     n, k = weight.shape
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
@@ -151,7 +159,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     res2 = res.reshape(-1, k) if res is not None else x2
     res_out = torch.empty_like(x2) if res is not None else x2
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = _config(m, k, x.is_cuda)
+    cfg = {**_config(m, k, x.is_cuda), **(config or {})}
+    assert cfg["BLOCK_M"] >= m, "the tile must hold every row"
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _skinny_gemm_kernel[grid](
         x2, weight, bias if bias is not None else weight, out, res2, res_out,

@@ -395,6 +395,7 @@ def decode_attention_fwd(
     *,
     block_n: int | None = None,
     num_stages: int | None = None,
+    num_warps: int | None = None,
     merge_count: torch.Tensor | None = None,
 ) -> None:
     """o[i] = softmax(q[i] k^T * sm_scale) v over the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]].
@@ -433,7 +434,7 @@ def decode_attention_fwd(
         "MIN_BLOCK_KV": _MIN_BLOCK_KV,
         "LOGIT_CAP": logit_cap,
         "MERGE": merge,
-        "num_warps": 4,
+        "num_warps": num_warps or 4,
     }
     strides = (
         q.stride(0),
