@@ -4,8 +4,9 @@
 
 - decode: GPU time of one CUDA-graph replay (CUDA events, median) at bs 1, 8 and 64, against
   the roofline (weight bytes / measured copy bandwidth), and the kernels in one replay
-  (profiler); fusion off, on (every matmul through F.linear) and on with the small-M GEMM up
-  to 1 and 16 rows (`on-m1`, `on-m16`: SGLAB_SKINNY_GEMM_MAX_M);
+  (profiler); fusion off, on (every matmul through F.linear), on with the small-M GEMM up
+  to 1 and 16 rows (`on-m1`, `on-m16`: SGLAB_SKINNY_GEMM_MAX_M), and `on` / `on-m1` with
+  programmatic dependent launch (`-pdl`: SGLAB_TRITON_PDL=1);
 - gemm: each decoder matmul shape of both models at M = 1, 4, 8, 16, 32, 64: skinny_gemm vs
   F.linear, GPU time and weight bytes per second (the table behind SGLAB_SKINNY_GEMM_MAX_M);
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
@@ -43,8 +44,12 @@ from gpu_bench import (  # noqa: E402
 from sglab.srt.utils.provenance import provenance, provenance_line  # noqa: E402
 
 FUSION = ("off", "on")
-VARIANTS = {"off": ("off", None), "on": ("on", None), "on-m1": ("on", "1"),
-            "on-m16": ("on", "16")}
+# name: (--kernel-fusion, environment); pdl: SGLAB_TRITON_PDL=1 (layers/pdl.py)
+VARIANTS = {"off": ("off", {}), "on": ("on", {}),
+            "on-m1": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1"}),
+            "on-m16": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "16"}),
+            "on-pdl": ("on", {"SGLAB_TRITON_PDL": "1"}),
+            "on-m1-pdl": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "SGLAB_TRITON_PDL": "1"})}
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
@@ -92,10 +97,10 @@ def kernels_per_replay(graph) -> dict:
             "device_us_by_name": [(n, round(t, 2), count[n]) for n, t in device_us.most_common()]}
 
 
-def decode_child(preset: str, fusion: str) -> dict:
+def decode_child(preset: str, fusion: str, with_prefill: bool) -> dict:
     from sglab.bench_one_batch import measure_matmul_tflops, run_one
 
-    prefill = preset == PREFILL_PRESET
+    prefill = with_prefill and preset == PREFILL_PRESET
     sched = _scheduler(preset, kernel_fusion=fusion, cuda_graph_bs=DECODE_BS,
                        disable_overlap_schedule=True,
                        chunked_prefill_size=PREFILL_LEN if prefill else None)
@@ -270,13 +275,15 @@ def _child(args: list[str], env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_all(presets: list[str], out_dir: str, commit: str | None) -> dict:
+def run_all(presets: list[str], out_dir: str, commit: str | None,
+            variants: list[str]) -> dict:
     report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
     for preset in presets:
         report["models"][preset] = {
-            v: _child(["decode", "--preset", preset, "--fusion", fusion],
-                      {"SGLAB_SKINNY_GEMM_MAX_M": max_m} if max_m is not None else None)
-            for v, (fusion, max_m) in VARIANTS.items()}
+            v: _child(["decode", "--preset", preset, "--fusion", fusion]
+                      + (["--prefill"] if v in FUSION else []),
+                      {"SGLAB_SKINNY_GEMM_MAX_M": "0", "SGLAB_TRITON_PDL": "0", **env})
+            for v, (fusion, env) in VARIANTS.items() if v in variants}
         print(json.dumps(report["models"][preset])[:1500], flush=True)
     report["gemm"] = _child(["gemm"])
     report["gemm_sweep"] = _child(["gemm-sweep"])
@@ -299,28 +306,25 @@ def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
-             "the GPU "
-             "idle), --kernel-fusion off vs on (on: every matmul through cuBLAS; on-m1, on-m16: "
-             "with the small-M GEMM up to 1, 16 rows):", "",
-             "| model | bs | " + " | ".join(f"{v} (µs)" for v in VARIANTS) +
-             " | on / off | roofline (µs) | " + " | ".join(f"{v} / roof" for v in VARIANTS) +
-             " | kernels " + " / ".join(VARIANTS) + " | launch off / on (µs) |",
-             "|---|---|" + "---|" * (2 * len(VARIANTS) + 4)]
+             "the GPU idle); variants in kernel_bench.VARIANTS (on: every matmul through cuBLAS; "
+             "-m1 / -m16: the small-M GEMM up to 1 / 16 rows; -pdl: SGLAB_TRITON_PDL=1):", "",
+             "| model | bs | variant | replay GPU (µs) | / off | / roofline | kernels | "
+             "launch (µs) |", "|---|---|---|---|---|---|---|---|"]
     for preset, m in report["models"].items():
-        if any("error" in m[v] for v in VARIANTS):
-            lines.append(f"| {preset} | error |")
+        if "error" in m.get("off", {"error": ""}):
+            lines.append(f"| {preset} | error (off) | | | | | | |")
             continue
         roof = m["off"]["weight_bytes"] / (bw * 1e9) * 1e6
-        for rows in zip(*(m[v]["decode"] for v in VARIANTS)):
-            by = dict(zip(VARIANTS, rows))
-            us = [r["graph_gpu_us"] for r in rows]
-            lines.append(
-                f"| {preset} | {rows[0]['bs']} | " + " | ".join(f"{t:.0f}" for t in us) +
-                f" | {by['on']['graph_gpu_us'] / by['off']['graph_gpu_us']:.3f} | {roof:.0f} | " +
-                " | ".join(f"{t / roof:.2f}" for t in us) + " | " +
-                " / ".join(str(r["kernels"]["count"]) for r in rows) +
-                f" | {by['off']['graph_launch_idle_us']:.0f} / "
-                f"{by['on']['graph_launch_idle_us']:.0f} |")
+        for i, base in enumerate(m["off"]["decode"]):
+            for v, r in m.items():
+                if "error" in r:
+                    lines.append(f"| {preset} | {base['bs']} | {v} | error | | | | |")
+                    continue
+                d = r["decode"][i]
+                t = d["graph_gpu_us"]
+                lines.append(f"| {preset} | {d['bs']} | {v} | {t:.0f} | "
+                             f"{t / base['graph_gpu_us']:.3f} | {t / roof:.2f} | "
+                             f"{d['kernels']['count']} | {d['graph_launch_idle_us']:.0f} |")
     lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _top_kernel_lines(report)
     lines += _prefill_lines(report) + _attention_lines(report, bw)
     return "\n".join(lines) + "\n"
@@ -331,7 +335,7 @@ def _top_kernel_lines(report: dict, top: int = 8) -> list[str]:
     lines = ["", "Where a replay's device time goes (profiler, one replay; name: µs / launches):",
              ""]
     for preset, m in report["models"].items():
-        for v in VARIANTS:
+        for v in m:
             for d in m[v].get("decode", []):
                 rows = d["kernels"].get("device_us_by_name", [])[:top]
                 items = "; ".join(f"`{n[:48]}` {t:.0f} / {c}" for n, t, c in rows)
@@ -440,14 +444,17 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
 def main() -> None:
     parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "attention"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
+    parser.add_argument("--prefill", action="store_true", help="decode: the 8k prefill too")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="all: the decode variants")
     args = parser.parse_args()
     if args.kind == "all":
-        run_all(args.presets, args.out, args.commit)
+        run_all(args.presets, args.out, args.commit, args.variants)
         return
     if args.kind == "sweep":
         run_sweep(args.out, args.commit)
         return
-    child = {"decode": lambda: decode_child(args.preset, args.fusion), "gemm": gemm_child,
+    child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill), "gemm": gemm_child,
              "gemm-sweep": gemm_sweep_child, "attention": attention_child}[args.kind]
     result = child()
     print(json.dumps(result))

@@ -45,7 +45,8 @@
 #                 bs 1/8/64, small-M GEMM vs F.linear per decoder shape, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
-#                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps)
+#                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
+#                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -251,9 +252,13 @@ for step in "$@"; do
       test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_kernels.log" | tail -n 8
     timeout 380 python3 benchmark/kernel_bench.py all --out "$R" 2>&1 | tail -n 60 ;;
   kernels-sweep)  # the kernels alone: GPU tests, then GEMM table + layouts, attention sweep
-    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_skinny_gemm.py \
-      test/kernels/test_triton_attention.py 2>&1 | tee "$R/gpu_tests_kernels.log" | tail -n 8
-    timeout 400 python3 benchmark/kernel_bench.py sweep --out "$R" 2>&1 | tail -n 30 ;;
+    timeout 200 python3 -m pytest -q -m gpu test/kernels/test_skinny_gemm.py \
+      test/kernels/test_triton_attention.py test/kernels/test_pdl.py \
+      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_kernels.log" | tail -n 8
+    timeout 340 python3 benchmark/kernel_bench.py sweep --out "$R" 2>&1 | tail -n 30 ;;
+  kernels-decode)  # decode graph replays per variant (KB_VARIANTS, default all) + 8k prefill
+    timeout 560 python3 benchmark/kernel_bench.py all --out "$R" \
+      ${KB_VARIANTS:+--variants $KB_VARIANTS} 2>&1 | tail -n 40 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

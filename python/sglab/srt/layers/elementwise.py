@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglab.srt.layers.pdl import pdl_launch, pdl_wait
+
 
 def use_fused_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda
@@ -24,7 +26,8 @@ def use_fused_kernels(x: torch.Tensor) -> bool:
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, stride_x, stride_r,
                     stride_ro, stride_o, n_cols, eps, HAS_RES: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -53,7 +56,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rmsnorm_kernel[(n_rows,)](
             x2, res2, res_out, weight, out, x2.stride(0), res2.stride(0), res_out.stride(0),
             out.stride(0), n_cols, eps, HAS_RES=residual is not None,
-            BLOCK=triton.next_power_of_2(n_cols), num_warps=4 if n_cols <= 4096 else 8)
+            BLOCK=triton.next_power_of_2(n_cols), num_warps=4 if n_cols <= 4096 else 8,
+            **pdl_launch(x2))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -62,7 +66,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr,
                          stride_q, stride_k, num_q_heads, eps, v_ptr, loc_ptr, k_buf_ptr,
                          v_buf_ptr, stride_v, stride_kb, stride_kbh, stride_vb, stride_vbh,
-                         HAS_NORM: tl.constexpr, HALF: tl.constexpr, WRITE_KV: tl.constexpr):
+                         HAS_NORM: tl.constexpr, HALF: tl.constexpr, WRITE_KV: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     num_kv_heads = tl.num_programs(1) - num_q_heads
@@ -129,7 +135,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         _qk_norm_rope_kernel[(num_tokens, hq + hkv)](
             q, k, q_out, k_out, q_weight if has_norm else q, k_weight if has_norm else k,
             positions, cos_sin_cache, q.stride(0), k.stride(0), hq, eps, *kv,
-            HAS_NORM=has_norm, HALF=head_dim // 2, WRITE_KV=kv_write is not None, num_warps=1)
+            HAS_NORM=has_norm, HALF=head_dim // 2, WRITE_KV=kv_write is not None, num_warps=1,
+            **pdl_launch(q))
     return q_out, k_out
 
 
@@ -155,7 +162,9 @@ class KVWrite:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -174,5 +183,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(triton.next_power_of_2(d), 1024)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, **pdl_launch(x2))
     return out.view(*x.shape[:-1], d)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglab.srt.layers.pdl import pdl_launch, pdl_wait
+
 SILU_MUL = "silu_mul"
 _NONE, _RMSNORM, _SILU = 0, 1, 2
 
@@ -77,7 +79,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
                         PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                         USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         DEFER_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,7 +171,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight.stride(0), out.stride(0), res2.stride(0), res_out.stride(0),
         prologue.eps if kind == _RMSNORM else 0.0, PROLOGUE=kind, HAS_RES=res is not None,
         HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg, **pdl_launch(x))
     out = out.view(*x.shape[:-1], n)
     if kind != _RMSNORM:
         return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglab.srt.layers.pdl import pdl_launch, pdl_wait
+
 _MIN_BLOCK_KV = 32
 _BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
 
@@ -117,9 +119,11 @@ def _decode_stage1_kernel(
     MIN_BLOCK_KV: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     MERGE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One q head per program; vector math (no tl.dot), for MHA. MERGE: see
     `decode_attention_fwd`'s `merge_count`."""
+    pdl_wait(USE_PDL)
     cur_batch = tl.program_id(0)
     cur_head = tl.program_id(1)
     split_id = tl.program_id(2)
@@ -230,9 +234,11 @@ def _decode_grouped_stage1_kernel(
     PORTABLE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MERGE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Up to BLOCK_H q heads sharing one kv head per program; q @ k^T and p @ v via tl.dot.
     MERGE: see `decode_attention_fwd`'s `merge_count`."""
+    pdl_wait(USE_PDL)
     cur_batch = tl.program_id(0)
     cur_head_id = tl.program_id(1)
     split_id = tl.program_id(2)
@@ -357,7 +363,9 @@ def _decode_stage2_kernel(
     Lv: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     MIN_BLOCK_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     cur_batch = tl.program_id(0)
     cur_head = tl.program_id(1)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -435,6 +443,7 @@ def decode_attention_fwd(
         "LOGIT_CAP": logit_cap,
         "MERGE": merge,
         "num_warps": num_warps or 4,
+        **pdl_launch(q),
     }
     strides = (
         q.stride(0),
@@ -503,4 +512,5 @@ def decode_attention_fwd(
         BLOCK_DV=BLOCK_DV,
         MIN_BLOCK_KV=_MIN_BLOCK_KV,
         num_warps=4,
+        **pdl_launch(q),
     )
