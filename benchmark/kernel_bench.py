@@ -54,7 +54,8 @@ DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
 PREFILL_PRESET, PREFILL_LEN = "llama-3.1-8b", 8192
-ATTN_SHAPES = [(64, 4096), (8, 32768)]  # (batch, context)
+# (batch, context): long context, and the decode step of the graph benchmark (256-token prompts)
+ATTN_SHAPES = [(64, 4096), (8, 32768), (64, 264)]
 ATTN_HEADS = (32, 8, 128)  # llama-3.1-8b: q heads, kv heads, head dim
 # (model, layer, N, K) of each decoder matmul at tp 1.
 GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048),
@@ -66,6 +67,8 @@ ATTN_SWEEP_SPLITS = (16, 32, 64)  # max KV splits per request in the attention s
 # (max KV splits, keys per tile, pipeline stages, warps) of the one-launch sweep
 ATTN_SWEEP = [(sp, bn, st, nw) for sp in ATTN_SWEEP_SPLITS for bn in (32, 64, 128)
               for st in (2, 3, 4) for nw in (4, 8)]
+# At short context the split count is set by the fewest keys per split: swept instead.
+ATTN_SHORT_CONTEXT, ATTN_SWEEP_MIN_KEYS = 1024, (64, 128, 256)
 # Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,
 # the reduction over K per tile or deferred to the end.
 GEMM_SWEEP_M = (1, 4)
@@ -137,11 +140,16 @@ def attention_child() -> dict:
         run = _attention_case(bs, ctx)
         for merge in (False, True):
             rows.append(run(MAX_KV_SPLITS, None, None, None, merge))
-        sweep = [run(*cfg, True) for cfg in ATTN_SWEEP]
+        if ctx <= ATTN_SHORT_CONTEXT:
+            configs = [(MAX_KV_SPLITS, bn, st, nw, mk) for _, bn, st, nw in ATTN_SWEEP
+                       if _ == ATTN_SWEEP_SPLITS[0] for mk in ATTN_SWEEP_MIN_KEYS]
+        else:
+            configs = [(*cfg, None) for cfg in ATTN_SWEEP]
+        sweep = [run(*cfg[:4], True, min_keys=cfg[4]) for cfg in configs]
         rows += sweep
         best = sorted((r for r in sweep if "median_s" in r), key=lambda r: r["median_s"])[:3]
-        rows += [run(r["max_kv_splits"], r["block_n"], r["num_stages"], r["num_warps"], False)
-                 for r in best]
+        rows += [run(r["max_kv_splits"], r["block_n"], r["num_stages"], r["num_warps"], False,
+                     min_keys=r["min_keys_per_split"]) for r in best]
     return {"rows": rows}
 
 
@@ -164,13 +172,14 @@ def _attention_case(bs: int, ctx: int):
     lse = torch.empty(bs, hq, max_splits, device="cuda")
     counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
 
-    def run(splits_max, block_n, stages, warps, merge) -> dict:
-        tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
+    def run(splits_max, block_n, stages, warps, merge, min_keys=None) -> dict:
+        min_keys = min_keys or MIN_KEYS_PER_SPLIT
+        tile = max(min_keys, -(-ctx // splits_max))
         splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
                             device="cuda")
         row = {"bs": bs, "context": ctx, "one_launch": merge, "max_kv_splits": splits_max,
                "block_n": block_n, "num_stages": stages, "num_warps": warps,
-               "sweep": block_n is not None}
+               "min_keys_per_split": min_keys, "sweep": block_n is not None}
 
         def call():
             decode_attention_fwd(q, k_buf, v_buf, o, indptr, indices, logits, lse, splits,
@@ -422,8 +431,8 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
     if sweep:
         lines += ["", "Swept (max KV splits, keys per tile, pipeline stages, warps): the best "
                   "five one-launch configurations per shape, then the best three in two stages:",
-                  "", "| bs x context | kernel | splits | BLOCK_N | stages | warps | median (µs) "
-                  "| of copy bandwidth |", "|---|---|---|---|---|---|---|---|"]
+                  "", "| bs x context | kernel | splits | min keys / split | BLOCK_N | stages | "
+                  "warps | median (µs) | of copy bandwidth |", "|---" * 9 + "|"]
         for shape in sorted({(r["bs"], r["context"]) for r in sweep}):
             for merge, top in ((True, 5), (False, 3)):
                 best = sorted((r for r in sweep if (r["bs"], r["context"]) == shape
@@ -431,7 +440,8 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
                               key=lambda r: r["median_s"])[:top]
                 kind = "one launch" if merge else "two stages"
                 lines += [f"| {r['bs']} x {r['context']} | {kind} | {r['max_kv_splits']} | "
-                          f"{r['block_n']} | {r['num_stages']} | {r.get('num_warps')} | "
+                          f"{r.get('min_keys_per_split')} | {r['block_n']} | "
+                          f"{r['num_stages']} | {r.get('num_warps')} | "
                           f"{r['median_s'] * 1e6:.0f} | {r['kv_read_gbps'] / bw:.0%} |"
                           for r in best]
         failed = [r for r in sweep if "error" in r]
@@ -454,8 +464,9 @@ def main() -> None:
     if args.kind == "sweep":
         run_sweep(args.out, args.commit)
         return
-    child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill), "gemm": gemm_child,
-             "gemm-sweep": gemm_sweep_child, "attention": attention_child}[args.kind]
+    child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill),
+             "gemm": gemm_child, "gemm-sweep": gemm_sweep_child,
+             "attention": attention_child}[args.kind]
     result = child()
     print(json.dumps(result))
 
