@@ -284,30 +284,38 @@ def _child(args: list[str], env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_all(presets: list[str], out_dir: str, commit: str | None,
-            variants: list[str]) -> dict:
+KERNEL_PARTS = ("gemm", "gemm-sweep", "attention")
+
+
+def run_all(presets: list[str], out_dir: str, commit: str | None, variants: list[str],
+            parts: list[str]) -> dict:
+    """Decode variants per preset, then the kernel parts; the results are rewritten after each
+    child, so a run stopped at its time limit keeps what it measured."""
     report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
     for preset in presets:
-        report["models"][preset] = {
-            v: _child(["decode", "--preset", preset, "--fusion", fusion]
-                      + (["--prefill"] if v in FUSION else []),
-                      {"SGLAB_SKINNY_GEMM_MAX_M": "0", "SGLAB_TRITON_PDL": "0", **env})
-            for v, (fusion, env) in VARIANTS.items() if v in variants}
-        print(json.dumps(report["models"][preset])[:1500], flush=True)
-    report["gemm"] = _child(["gemm"])
-    report["gemm_sweep"] = _child(["gemm-sweep"])
-    report["attention"] = _child(["attention"])
-    write_results(out_dir, "kernel_bench", report, to_markdown(report))
+        report["models"][preset] = {}
+        for v, (fusion, env) in VARIANTS.items():
+            if v not in variants:
+                continue
+            report["models"][preset][v] = _child(
+                ["decode", "--preset", preset, "--fusion", fusion]
+                + (["--prefill"] if v in FUSION else []),
+                {"SGLAB_SKINNY_GEMM_MAX_M": "0", "SGLAB_TRITON_PDL": "0", **env})
+            print(preset, v, json.dumps(report["models"][preset][v])[:600], flush=True)
+            write_results(out_dir, "kernel_bench", report, to_markdown(report))
+    for kind in parts:
+        report[kind.replace("-", "_")] = _child([kind])
+        write_results(out_dir, "kernel_bench", report, to_markdown(report))
     return report
 
 
-def run_sweep(out_dir: str, commit: str | None) -> dict:
+def run_sweep(out_dir: str, commit: str | None, parts: list[str]) -> dict:
     """The kernels alone, without the decode models: GEMM table, GEMM sweep, attention."""
     report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
-    for kind in ("gemm", "gemm-sweep", "attention"):
+    for kind in parts:
         report[kind.replace("-", "_")] = _child([kind])
         print(kind, str(report[kind.replace("-", "_")])[:300], flush=True)
-    write_results(out_dir, "kernel_sweep", report, to_markdown(report))
+        write_results(out_dir, "kernel_sweep", report, to_markdown(report))
     return report
 
 
@@ -316,15 +324,18 @@ def to_markdown(report: dict) -> str:
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
              "the GPU idle); variants in kernel_bench.VARIANTS (on: every matmul through cuBLAS; "
-             "-m1 / -m16: the small-M GEMM up to 1 / 16 rows; -pdl: SGLAB_TRITON_PDL=1):", "",
-             "| model | bs | variant | replay GPU (µs) | / off | / roofline | kernels | "
+             "-m1 / -m16: the small-M GEMM up to 1 / 16 rows; -pdl: SGLAB_TRITON_PDL=1); ref: "
+             "off, or the first variant run:", "",
+             "| model | bs | variant | replay GPU (µs) | / ref | / roofline | kernels | "
              "launch (µs) |", "|---|---|---|---|---|---|---|---|"]
     for preset, m in report["models"].items():
-        if "error" in m.get("off", {"error": ""}):
-            lines.append(f"| {preset} | error (off) | | | | | | |")
+        ok = [v for v in m if "decode" in m[v]]
+        if not ok:
+            lines.append(f"| {preset} | error | | | | | | |")
             continue
-        roof = m["off"]["weight_bytes"] / (bw * 1e9) * 1e6
-        for i, base in enumerate(m["off"]["decode"]):
+        ref = "off" if "off" in ok else ok[0]  # the "/ off" column is against this variant
+        roof = m[ref]["weight_bytes"] / (bw * 1e9) * 1e6
+        for i, base in enumerate(m[ref]["decode"]):
             for v, r in m.items():
                 if "error" in r:
                     lines.append(f"| {preset} | {base['bs']} | {v} | error | | | | |")
@@ -402,12 +413,13 @@ def _is_default(cfg: dict, m: int) -> bool:
 
 def _prefill_lines(report: dict) -> list[str]:
     m = report["models"].get(PREFILL_PRESET, {})
-    if not m or any("error" in m[f] or "prefill" not in m[f] for f in FUSION):
+    runs = [f for f in FUSION if "prefill" in m.get(f, {})]
+    if not runs:
         return []
     lines = ["", f"Prefill, {PREFILL_PRESET}, one prompt of {PREFILL_LEN} new tokens (best of 3):",
              "", "| fusion | chunks | latency (ms) | TFLOP/s | MFU | bf16 matmul peak (TFLOP/s) |",
              "|---|---|---|---|---|---|"]
-    for f in FUSION:
+    for f in runs:
         p = m[f]["prefill"]
         lines.append(f"| {f} | {len(p['prefill_chunk_latencies_s'])} | "
                      f"{p['prefill_latency_s'] * 1e3:.1f} | {p['prefill_tflops']:.0f} | "
@@ -457,12 +469,15 @@ def main() -> None:
     parser.add_argument("--prefill", action="store_true", help="decode: the 8k prefill too")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="all: the decode variants")
+    parser.add_argument("--parts", nargs="*", choices=KERNEL_PARTS, default=list(KERNEL_PARTS),
+                        help="all: the kernel benchmarks after the decode variants; sweep: "
+                        "the kernel benchmarks")
     args = parser.parse_args()
     if args.kind == "all":
-        run_all(args.presets, args.out, args.commit, args.variants)
+        run_all(args.presets, args.out, args.commit, args.variants, args.parts)
         return
     if args.kind == "sweep":
-        run_sweep(args.out, args.commit)
+        run_sweep(args.out, args.commit, args.parts)
         return
     child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill),
              "gemm": gemm_child, "gemm-sweep": gemm_sweep_child,

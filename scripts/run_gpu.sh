@@ -47,6 +47,8 @@
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
+#   kernels-quick GPU tests of PDL / small-M GEMM / attention, 0.6B decode off / on / on-m1 and
+#                 both with PDL, 8B decode on / on-pdl, the attention sweep: one device call
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -259,6 +261,17 @@ for step in "$@"; do
   kernels-decode)  # decode graph replays per variant (KB_VARIANTS, default all) + 8k prefill
     timeout 560 python3 benchmark/kernel_bench.py all --out "$R" \
       ${KB_VARIANTS:+--variants $KB_VARIANTS} 2>&1 | tail -n 40 ;;
+  kernels-quick)  # one call: GPU tests, the attention sweep, 0.6B and 8B decode with and
+    # without PDL (each part under its own limit, results kept as they come)
+    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_pdl.py \
+      test/kernels/test_skinny_gemm.py test/kernels/test_triton_attention.py 2>&1 \
+      | tee "$R/gpu_tests_kernels.log" | tail -n 8
+    kb="python3 benchmark/kernel_bench.py all --parts"  # no kernel parts after the decode
+    timeout 200 $kb --presets qwen3-0.6b --variants off on on-m1 on-pdl on-m1-pdl \
+      --out "$R/q06" 2>&1 | tail -n 12
+    timeout 120 $kb --presets llama-3.1-8b --variants on on-pdl --out "$R/l8b" 2>&1 | tail -n 6
+    timeout 100 python3 benchmark/kernel_bench.py sweep --parts attention --out "$R/attn" 2>&1 \
+      | tail -n 6 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;
