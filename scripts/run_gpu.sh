@@ -263,13 +263,13 @@ for step in "$@"; do
       ${KB_VARIANTS:+--variants $KB_VARIANTS} 2>&1 | tail -n 40 ;;
   kernels-quick)  # one call: GPU tests, the attention sweep, 0.6B and 8B decode with and
     # without PDL (each part under its own limit, results kept as they come)
-    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_pdl.py \
+    timeout 120 python3 -m pytest -q -m gpu test/kernels/test_pdl.py \
       test/kernels/test_skinny_gemm.py test/kernels/test_triton_attention.py 2>&1 \
       | tee "$R/gpu_tests_kernels.log" | tail -n 8
     kb="python3 benchmark/kernel_bench.py all --parts"  # no kernel parts after the decode
-    timeout 200 $kb --presets qwen3-0.6b --variants off on on-m1 on-pdl on-m1-pdl \
+    timeout 180 $kb --presets qwen3-0.6b --variants off on on-m1 on-pdl on-m1-pdl \
       --out "$R/q06" 2>&1 | tail -n 12
-    timeout 120 $kb --presets llama-3.1-8b --variants on on-pdl --out "$R/l8b" 2>&1 | tail -n 6
+    timeout 150 $kb --presets llama-3.1-8b --variants on on-pdl --out "$R/l8b" 2>&1 | tail -n 6
     timeout 100 python3 benchmark/kernel_bench.py sweep --parts attention --out "$R/attn" 2>&1 \
       | tail -n 6 ;;
   tests-prefill-graph)
