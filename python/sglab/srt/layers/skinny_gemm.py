@@ -131,10 +131,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
 def _config(m: int, k: int, on_cuda: bool) -> dict:
     """Launch parameters by shape. Triton's interpreter cannot tl.dot bf16: there the larger
     tiles reduce by FMA too."""
-    if m <= 4:  # the FMA product is BLOCK_M x BLOCK_N x BLOCK_K registers: 32 a thread
-        bm = triton.next_power_of_2(m)
-        return {"USE_DOT": False, "DEFER_REDUCE": False, "BLOCK_M": bm, "BLOCK_N": 8,
-                "BLOCK_K": min(512 // bm, triton.next_power_of_2(k)), "num_warps": 4}
+    if m <= 4:  # FMA, the K reduction deferred: the best layouts of the H200 sweep
+        bm = triton.next_power_of_2(m)  # (benchmark/results/2026-12-03-h200-kernel-sweep.md)
+        return {"USE_DOT": False, "DEFER_REDUCE": True, "BLOCK_M": bm,
+                "BLOCK_N": 8 if bm == 1 else 4,
+                "BLOCK_K": min(1024 // bm, triton.next_power_of_2(k)), "num_warps": 4}
     if m <= 16:
         return {"USE_DOT": on_cuda, "DEFER_REDUCE": False, "BLOCK_M": 16, "BLOCK_N": 16,
                 "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "num_warps": 4}
