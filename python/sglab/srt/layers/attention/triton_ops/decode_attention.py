@@ -479,10 +479,7 @@ def decode_attention_fwd(
         grid = (bs, head_num, max_kv_splits)
         _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block, **common)
     else:
-        # H200 sweep (benchmark/results/2026-12-03-h200-kernel-sweep.md): 128-key tiles in 3
-        # stages read the KV cache at 75-85% of copy bandwidth, 32 in 2 at 49-58%.
-        wide = on_cuda and max(BLOCK_DMODEL, BLOCK_DV) <= 128
-        block = block_n or (128 if wide else 32 if on_cuda else 16)
+        block = block_n or (32 if on_cuda else 16)
         programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, _BLOCK_H)
         grid = (bs, programs, max_kv_splits)
         _decode_grouped_stage1_kernel[grid](
@@ -493,7 +490,7 @@ def decode_attention_fwd(
             BLOCK_H=_BLOCK_H,
             PORTABLE_DOT=_portable_dot(q),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_stages=num_stages or (3 if wide else 2 if on_cuda else 1),
+            num_stages=num_stages or (2 if on_cuda else 1),
             **common,
         )
     if merge:
