@@ -29,6 +29,7 @@ import subprocess
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_host_profile import graph_replay_us  # noqa: E402
@@ -141,8 +142,8 @@ def attention_child() -> dict:
         for merge in (False, True):
             rows.append(run(MAX_KV_SPLITS, None, None, None, merge))
         if ctx <= ATTN_SHORT_CONTEXT:
-            configs = [(MAX_KV_SPLITS, bn, st, nw, mk) for _, bn, st, nw in ATTN_SWEEP
-                       if _ == ATTN_SWEEP_SPLITS[0] for mk in ATTN_SWEEP_MIN_KEYS]
+            configs = [(MAX_KV_SPLITS, bn, st, nw, mk) for sp, bn, st, nw in ATTN_SWEEP
+                       if sp == ATTN_SWEEP_SPLITS[0] for mk in ATTN_SWEEP_MIN_KEYS]
         else:
             configs = [(*cfg, None) for cfg in ATTN_SWEEP]
         sweep = [run(*cfg[:4], True, min_keys=cfg[4]) for cfg in configs]
@@ -202,14 +203,13 @@ def gemm_sweep_child() -> dict:
 
     rows = []
     for model, layer, n, k in GEMM_SHAPES:
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-              for _ in range(max(1, -(-GEMM_ROTATE_BYTES // (2 * n * k))))]
+        ws = _rotating_weights(n, k)
         for m in GEMM_SWEEP_M:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = _graph_time([lambda w=w: F.linear(x, w) for w in ws])
+            bm = triton.next_power_of_2(m)
             for cfg in GEMM_SWEEP:
-                cfg = {**cfg, "BLOCK_K": cfg["BLOCK_K"] // triton_pow2(m), "BLOCK_M":
-                       triton_pow2(m), "USE_DOT": False}
+                cfg = {**cfg, "BLOCK_K": cfg["BLOCK_K"] // bm, "BLOCK_M": bm, "USE_DOT": False}
                 t = _graph_time([lambda w=w: skinny_gemm(x, w, config=cfg) for w in ws])
                 rows.append({"model": model, "layer": layer, "n": n, "k": k, "m": m,
                              "config": cfg, "skinny_us": t * 1e6, "cublas_us": cublas * 1e6,
@@ -218,8 +218,11 @@ def gemm_sweep_child() -> dict:
     return {"rows": rows}
 
 
-def triton_pow2(m: int) -> int:
-    return 1 << (m - 1).bit_length()
+def _rotating_weights(n: int, k: int) -> list[torch.Tensor]:
+    """Enough [n, k] weight copies that a pass over them does not fit in L2, as in a decode
+    step."""
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            for _ in range(max(1, -(-GEMM_ROTATE_BYTES // (2 * n * k))))]
 
 
 def gemm_child() -> dict:
@@ -229,9 +232,7 @@ def gemm_child() -> dict:
 
     rows = []
     for model, layer, n, k in GEMM_SHAPES:
-        # Enough weight copies that a pass over them does not fit in L2, as in a decode step.
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-              for _ in range(max(1, -(-GEMM_ROTATE_BYTES // (2 * n * k))))]
+        ws = _rotating_weights(n, k)
         for m in GEMM_M:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_skinny = _graph_time([lambda w=w: skinny_gemm(x, w) for w in ws])

@@ -132,7 +132,7 @@ def _config(m: int, k: int, on_cuda: bool) -> dict:
     """Launch parameters by shape. Triton's interpreter cannot tl.dot bf16: there the larger
     tiles reduce by FMA too."""
     if m <= 4:  # FMA, the K reduction deferred: the best layouts of the H200 sweep
-        bm = triton.next_power_of_2(m)  # (benchmark/results/2026-12-03-h200-kernel-sweep.md)
+        bm = triton.next_power_of_2(m)  # (benchmark/results/2026-12-03-h200-kernel-sweep-gemm.md)
         return {"USE_DOT": False, "DEFER_REDUCE": True, "BLOCK_M": bm,
                 "BLOCK_N": 8 if bm == 1 else 4,
                 "BLOCK_K": min(1024 // bm, triton.next_power_of_2(k)), "num_warps": 4}
