@@ -11,9 +11,10 @@
   F.linear, GPU time and weight bytes per second (the table behind SGLAB_SKINNY_GEMM_MAX_M);
 - prefill: llama-3.1-8b, 8192 new tokens in one chunk: latency (the TTFT of one 8k prompt
   without HTTP), model FLOPs / latency, and MFU against the measured bf16 matmul peak;
-- long-context decode attention (llama-3.1-8b heads): KV bytes read per second at bs 64 x 4096
-  and bs 8 x 32768, two stages vs one launch, against the copy bandwidth; then one launch
-  swept over max KV splits, keys per tile and pipeline stages.
+- decode attention (qwen3-0.6b and llama-3.1-8b heads) at bs 1 / 8 / 64 x 264, 4096 and
+  32768 keys: GPU time and KV bytes read per second against the copy bandwidth, the serving
+  configuration (one launch and two stages) next to the fixed split bound before it, and one
+  launch swept over max KV splits, keys per tile and pipeline stages.
 
 Each scheduler runs in its own process (one at a time on the GPU). Writes DIR/kernel_bench.json
 and DIR/kernel_bench.md.
@@ -50,26 +51,32 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             "on-m1": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1"}),
             "on-m16": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "16"}),
             "on-pdl": ("on", {"SGLAB_TRITON_PDL": "1"}),
-            "on-m1-pdl": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "SGLAB_TRITON_PDL": "1"})}
+            "on-m1-pdl": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "SGLAB_TRITON_PDL": "1"}),
+            # decode attention splits: -fixed up to 16 at every batch size (the bound before),
+            # -wN bounded for N stage-1 programs per SM (SGLAB_DECODE_SPLIT_WAVES)
+            "on-fixed": ("on", {"SGLAB_DECODE_SPLIT_WAVES": "0"}),
+            "on-m1-fixed": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
+                                   "SGLAB_DECODE_SPLIT_WAVES": "0"}),
+            **{f"on-m1-w{w}": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
+                                      "SGLAB_DECODE_SPLIT_WAVES": str(w)}) for w in (1, 2, 8)}}
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
 PREFILL_PRESET, PREFILL_LEN = "llama-3.1-8b", 8192
 # (batch, context): long context, and the decode step of the graph benchmark (256-token prompts)
-ATTN_SHAPES = [(64, 4096), (8, 32768), (64, 264)]
-ATTN_HEADS = (32, 8, 128)  # llama-3.1-8b: q heads, kv heads, head dim
+# (batch, context): the graph benchmark's decode step (256-token prompts), 4k and 32k context
+ATTN_SHAPES = [(1, 264), (8, 264), (64, 264), (1, 4096), (8, 4096), (64, 4096), (1, 32768),
+               (8, 32768)]
+ATTN_HEADS = {"qwen3-0.6b": (16, 8, 128), "llama-3.1-8b": (32, 8, 128)}  # q, kv heads, dim
+ATTN_ROTATE_BYTES, ATTN_MAX_COPIES = 256 << 20, 64
 # (model, layer, N, K) of each decoder matmul at tp 1.
 GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048),
                ("qwen3-0.6b", "gate_up", 6144, 1024), ("qwen3-0.6b", "down", 1024, 3072),
                ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
                ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336)]
 GEMM_M = [1, 4, 8, 16, 32, 64]
-ATTN_SWEEP_SPLITS = (16, 32, 64)  # max KV splits per request in the attention sweep
-# (max KV splits, keys per tile, pipeline stages, warps) of the one-launch sweep
-ATTN_SWEEP = [(sp, bn, st, nw) for sp in ATTN_SWEEP_SPLITS for bn in (32, 64, 128)
-              for st in (2, 3, 4) for nw in (4, 8)]
-# At short context the split count is set by the fewest keys per split: swept instead.
-ATTN_SHORT_CONTEXT, ATTN_SWEEP_MIN_KEYS = 1024, (64, 128, 256)
+# (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
+ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
 # Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,
 # the reduction over K per tile or deferred to the end.
 GEMM_SWEEP_M = (1, 4)
@@ -131,63 +138,65 @@ def decode_child(preset: str, fusion: str, with_prefill: bool) -> dict:
 
 
 def attention_child() -> dict:
-    """Each shape with the serving configuration (MAX_KV_SPLITS splits, the default tile and
-    stages; two stages and one launch), a sweep of ATTN_SWEEP in one launch, and the best three
-    of the sweep again in two stages."""
-    from sglab.srt.layers.attention.triton_backend import MAX_KV_SPLITS
+    """Per head shape and (bs, context): the serving configuration (splits bounded by the
+    batch size, the default tile) in one launch and in two stages, the fixed bound of
+    MAX_KV_SPLITS splits before it, and one launch swept over ATTN_SWEEP."""
+    from sglab.srt.layers.attention.triton_backend import (
+        MAX_KV_SPLITS, decode_max_splits, split_programs)
 
+    programs = split_programs(torch.device("cuda"))
     rows = []
-    for bs, ctx in ATTN_SHAPES:
-        run = _attention_case(bs, ctx)
-        for merge in (False, True):
-            rows.append(run(MAX_KV_SPLITS, None, None, None, merge))
-        if ctx <= ATTN_SHORT_CONTEXT:
-            configs = [(MAX_KV_SPLITS, bn, st, nw, mk) for sp, bn, st, nw in ATTN_SWEEP
-                       if sp == ATTN_SWEEP_SPLITS[0] for mk in ATTN_SWEEP_MIN_KEYS]
-        else:
-            configs = [(*cfg, None) for cfg in ATTN_SWEEP]
-        sweep = [run(*cfg[:4], True, min_keys=cfg[4]) for cfg in configs]
-        rows += sweep
-        best = sorted((r for r in sweep if "median_s" in r), key=lambda r: r["median_s"])[:3]
-        rows += [run(r["max_kv_splits"], r["block_n"], r["num_stages"], r["num_warps"], False,
-                     min_keys=r["min_keys_per_split"]) for r in best]
-    return {"rows": rows}
+    for model, heads in ATTN_HEADS.items():
+        for bs, ctx in ATTN_SHAPES:
+            run = _attention_case(heads, bs, ctx)
+            serving = decode_max_splits(bs, programs, heads[1])  # kv groups <= 16: one program
+            for merge in (True, False):
+                rows.append({**run(serving, None, None, merge), "model": model,
+                             "config": "serving"})
+            rows.append({**run(MAX_KV_SPLITS, None, None, True), "model": model,
+                         "config": "fixed"})
+            rows += [{**run(sp, bn, st, True), "model": model, "config": "sweep"}
+                     for sp, bn, st in ATTN_SWEEP]
+    return {"split_programs": programs, "rows": rows}
 
 
-def _attention_case(bs: int, ctx: int):
-    """A closure timing decode_attention_fwd over bs requests of ctx keys each (llama-3.1-8b
-    heads, bf16, contiguous slots)."""
+def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int):
+    """A closure timing decode_attention_fwd over bs requests of ctx keys each (bf16,
+    contiguous slots) in a CUDA graph. Each captured call reads its own slots of one KV
+    buffer, as each layer reads its own cache, so the graph's calls together read at least
+    ATTN_ROTATE_BYTES (up to ATTN_MAX_COPIES calls) and small shapes do not run from L2."""
     from sglab.srt.layers.attention.triton_backend import MIN_KEYS_PER_SPLIT
     from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 
-    hq, hkv, d = ATTN_HEADS
-    k_buf = torch.randn(bs * ctx + 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+    hq, hkv, d = heads
+    n = bs * ctx
+    kv_bytes = 2 * n * hkv * d * 2 + n * 8
+    copies = max(1, min(ATTN_MAX_COPIES, -(-ATTN_ROTATE_BYTES // kv_bytes)))
+    k_buf = torch.randn(copies * n + 1, hkv, d, device="cuda", dtype=torch.bfloat16)
     v_buf = torch.randn_like(k_buf)
     q = torch.randn(bs, hq, d, device="cuda", dtype=torch.bfloat16)
     o = torch.empty_like(q)
     indptr = (torch.arange(bs + 1, device="cuda") * ctx).to(torch.int32)
-    indices = torch.arange(1, bs * ctx + 1, device="cuda")
-    kv_bytes = 2 * k_buf[1:].numel() * k_buf.element_size() + indices.numel() * 8
-    max_splits = max(ATTN_SWEEP_SPLITS)
+    indices = [torch.arange(1 + i * n, 1 + (i + 1) * n, device="cuda") for i in range(copies)]
+    max_splits = max(sp for sp, _, _ in ATTN_SWEEP)
     logits = torch.empty(bs, hq, max_splits, d, device="cuda")
     lse = torch.empty(bs, hq, max_splits, device="cuda")
     counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
 
-    def run(splits_max, block_n, stages, warps, merge, min_keys=None) -> dict:
-        min_keys = min_keys or MIN_KEYS_PER_SPLIT
-        tile = max(min_keys, -(-ctx // splits_max))
+    def run(splits_max, block_n, stages, merge) -> dict:
+        tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
         splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
                             device="cuda")
-        row = {"bs": bs, "context": ctx, "one_launch": merge, "max_kv_splits": splits_max,
-               "block_n": block_n, "num_stages": stages, "num_warps": warps,
-               "min_keys_per_split": min_keys, "sweep": block_n is not None}
+        row = {"bs": bs, "context": ctx, "heads": list(heads), "one_launch": merge,
+               "max_kv_splits": splits_max, "block_n": block_n, "num_stages": stages,
+               "graph_calls": copies}
 
-        def call():
-            decode_attention_fwd(q, k_buf, v_buf, o, indptr, indices, logits, lse, splits,
-                                 splits_max, d ** -0.5, block_n=block_n, num_stages=stages,
-                                 num_warps=warps, merge_count=counts if merge else None)
+        def call(idx):
+            return lambda: decode_attention_fwd(
+                q, k_buf, v_buf, o, indptr, idx, logits, lse, splits, splits_max, d ** -0.5,
+                block_n=block_n, num_stages=stages, merge_count=counts if merge else None)
         try:
-            t = _cuda_time(call)
+            t = _graph_time([call(idx) for idx in indices])
         except Exception as e:  # a tile that does not fit shared memory
             return {**row, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         return {**row, "median_s": t, "kv_read_gbps": kv_bytes / t / 1e9}
@@ -432,35 +441,36 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
     att = report.get("attention", {})
     if "rows" not in att:
         return ["", f"Decode attention: {att.get('error', 'not run')[-300:]}"]
-    lines = ["", "Decode attention alone (llama-3.1-8b heads, bf16), KV bytes read per second:",
-             "", "| bs x context | kernel | median (µs) | KV read (GB/s) | of copy bandwidth |",
-             "|---|---|---|---|---|"]
-    serving = [r for r in att["rows"] if not r.get("sweep")]
-    for r in serving:
-        kind = "one launch" if r["one_launch"] else "two stages"
-        lines.append(f"| {r['bs']} x {r['context']} | {kind} | {r['median_s'] * 1e6:.0f} | "
-                     f"{r['kv_read_gbps']:.0f} | {r['kv_read_gbps'] / bw:.0%} |")
-    sweep = [r for r in att["rows"] if r.get("sweep")]
-    if sweep:
-        lines += ["", "Swept (max KV splits, keys per tile, pipeline stages, warps): the best "
-                  "five one-launch configurations per shape, then the best three in two stages:",
-                  "", "| bs x context | kernel | splits | min keys / split | BLOCK_N | stages | "
-                  "warps | median (µs) | of copy bandwidth |", "|---" * 9 + "|"]
-        for shape in sorted({(r["bs"], r["context"]) for r in sweep}):
-            for merge, top in ((True, 5), (False, 3)):
-                best = sorted((r for r in sweep if (r["bs"], r["context"]) == shape
-                               and r["one_launch"] == merge and "median_s" in r),
-                              key=lambda r: r["median_s"])[:top]
-                kind = "one launch" if merge else "two stages"
-                lines += [f"| {r['bs']} x {r['context']} | {kind} | {r['max_kv_splits']} | "
-                          f"{r.get('min_keys_per_split')} | {r['block_n']} | "
-                          f"{r['num_stages']} | {r.get('num_warps')} | "
-                          f"{r['median_s'] * 1e6:.0f} | {r['kv_read_gbps'] / bw:.0%} |"
-                          for r in best]
-        failed = [r for r in sweep if "error" in r]
-        if failed:
-            lines.append(f"\n{len(failed)} swept configurations did not launch (e.g. "
-                         f"{failed[0]['error'][:120]}).")
+    rows = [r for r in att["rows"] if "median_s" in r]
+    lines = ["", "Decode attention alone (bf16, CUDA-graph replays over L2-missing KV copies): "
+             "GPU µs and KV bytes read per second against the copy bandwidth. serving: splits "
+             f"bounded by the batch size ({att.get('split_programs')} programs), the default "
+             "tile; fixed: up to 16 splits at every batch size (before); best: the sweep's "
+             "fastest (max splits / BLOCK_N / stages), one launch:", "",
+             "| model | bs x context | serving | two stages | fixed | serving / fixed | best "
+             "| best config | serving BW | best BW |", "|---" * 10 + "|"]
+    for model in dict.fromkeys(r.get("model") for r in rows):
+        for shape in dict.fromkeys((r["bs"], r["context"]) for r in rows if r["model"] == model):
+            pick = [r for r in rows if r["model"] == model and (r["bs"], r["context"]) == shape]
+            by = {(r["config"], r["one_launch"]): r for r in pick if r["config"] != "sweep"}
+            sweep = sorted((r for r in pick if r["config"] == "sweep"),
+                           key=lambda r: r["median_s"])
+            serve, two, fixed = (by.get(k) for k in (("serving", True), ("serving", False),
+                                                    ("fixed", True)))
+            if not (serve and two and fixed and sweep):
+                continue
+            best = sweep[0]
+            us = lambda r: f"{r['median_s'] * 1e6:.1f}"  # noqa: E731
+            lines.append(
+                f"| {model} | {shape[0]} x {shape[1]} | {us(serve)} (≤{serve['max_kv_splits']}) "
+                f"| {us(two)} | {us(fixed)} | {serve['median_s'] / fixed['median_s']:.2f} | "
+                f"{us(best)} | {best['max_kv_splits']} / {best['block_n']} / "
+                f"{best['num_stages']} | {serve['kv_read_gbps'] / bw:.0%} | "
+                f"{best['kv_read_gbps'] / bw:.0%} |")
+    failed = [r for r in att["rows"] if "error" in r]
+    if failed:
+        lines.append(f"\n{len(failed)} swept configurations did not launch (e.g. "
+                     f"{failed[0]['error'][:120]}).")
     return lines
 
 

@@ -49,6 +49,8 @@
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
 #   kernels-quick GPU tests of PDL / small-M GEMM / attention, 0.6B decode off / on / on-m1 and
 #                 both with PDL, 8B decode on / on-pdl, the attention sweep: one device call
+#   kernels-splits  decode attention split bounds by batch size: GPU tests, 0.6B / 8B decode
+#                 per bound, the graph-timed attention sweep (both head shapes): one call
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -271,6 +273,17 @@ for step in "$@"; do
       --out "$R/q06" 2>&1 | tail -n 12
     timeout 150 $kb --presets llama-3.1-8b --variants on on-pdl --out "$R/l8b" 2>&1 | tail -n 6
     timeout 100 python3 benchmark/kernel_bench.py sweep --parts attention --out "$R/attn" 2>&1 \
+      | tail -n 6 ;;
+  kernels-splits)  # one call: attention GPU tests, 0.6B decode per split bound, 8B decode
+    # fixed vs bounded, the graph-timed attention sweep (both head shapes)
+    timeout 90 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
+      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_splits.log" | tail -n 8
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 160 $kb --presets qwen3-0.6b --variants on-m1-fixed on-m1 on-m1-w1 on-m1-w2 \
+      on-m1-w8 --out "$R/q06" 2>&1 | tail -n 12
+    timeout 120 $kb --presets llama-3.1-8b --variants on-fixed on --out "$R/l8b" 2>&1 \
+      | tail -n 6
+    timeout 190 python3 benchmark/kernel_bench.py sweep --parts attention --out "$R/attn" 2>&1 \
       | tail -n 6 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \

@@ -4,7 +4,6 @@ Triton backend's metadata (kv_indptr, kv_indices, split counts). CPU: Triton's i
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,8 +47,7 @@ def test_decode_inputs_match_the_torch_ops(bs, pad):
 
 def _splits(lens: torch.Tensor, max_splits: int) -> torch.Tensor:
     """TritonAttnBackend._num_kv_splits in a graph (the longest length on the device)."""
-    backend = SimpleNamespace(max_kv_splits=max_splits)
-    return TritonAttnBackend._num_kv_splits(backend, lens, lens.max())
+    return TritonAttnBackend._num_kv_splits(lens, lens.max(), max_splits)
 
 
 @pytest.mark.parametrize("with_splits", [True, False])

@@ -545,6 +545,23 @@ def test_decode_real_sizes_gpu(page_size: int, deterministic: bool) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("hq", [16, 32])
+@pytest.mark.parametrize("max_splits", [1, 2, 5, 9])
+def test_decode_split_bounds_real_sizes_gpu(hq: int, max_splits: int) -> None:
+    """The bounds a batch size gives (TritonAttnBackend.max_splits): the unrolled merge of up
+    to a power of two above the bound, one launch with the two-stage bits."""
+    seq_lens = [264, 1, 4096, 65, 700, 2000]
+    b = make_decode_batch(seq_lens, hq, 8, 128, BF16, page_size=1, seed=31)
+    splits = [max(1, min(max_splits, math.ceil(s / 64))) for s in seq_lens]
+    o = run_decode(b, splits, max_splits)
+    kv_indptr, kv_indices = b.unified_kv()
+    ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, 128**-0.5)
+    assert_close(o, ref, BF16)
+    assert torch.equal(run_decode(b, splits, max_splits, merge=True), o)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_decode_one_launch_racing_splits_gpu() -> None:
     """64 requests of up to 4096 keys in 16 splits: 1024 programs per kv head race for the merge
     counters, launch after launch; every launch gives the two-stage bits."""

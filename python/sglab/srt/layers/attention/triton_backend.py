@@ -13,6 +13,7 @@ retraction) prefilled, and whatever else shares its batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,10 @@ from sglab.srt.layers.attention.triton_ops.create_kv_indices import (
     create_kv_indices,
     decode_kv_indices,
 )
-from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+from sglab.srt.layers.attention.triton_ops.decode_attention import (
+    GROUP_BLOCK_H as DECODE_BLOCK_H,
+    decode_attention_fwd,
+)
 from sglab.srt.layers.attention.triton_ops.extend_attention import (
     build_unified_kv_indices,
     extend_attention_fwd,
@@ -39,6 +43,28 @@ if TYPE_CHECKING:
 
 MAX_KV_SPLITS = 16
 MIN_KEYS_PER_SPLIT = 64
+DEFAULT_SPLIT_WAVES = 4  # stage-1 programs per SM a decode batch aims for
+
+
+def split_programs(device: torch.device) -> int:
+    """Stage-1 programs a decode batch aims for: `SGLAB_DECODE_SPLIT_WAVES` (default
+    DEFAULT_SPLIT_WAVES on CUDA, 0 elsewhere) per SM, a CPU counting as one SM; 0: every batch
+    size may take MAX_KV_SPLITS splits. A batch of many requests splits less, since its
+    requests alone fill the GPU and every split adds a partial to write and merge."""
+    env = os.environ.get("SGLAB_DECODE_SPLIT_WAVES")
+    waves = int(env) if env is not None else DEFAULT_SPLIT_WAVES if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return waves
+    return waves * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_max_splits(bs: int, split_programs: int, programs_per_split: int) -> int:
+    """Splits for about `split_programs` stage-1 programs in a `bs`-row batch, 1 to
+    MAX_KV_SPLITS (split_programs 0: MAX_KV_SPLITS)."""
+    if split_programs <= 0:
+        return MAX_KV_SPLITS
+    want = -(-split_programs // (max(bs, 1) * programs_per_split))
+    return max(1, min(MAX_KV_SPLITS, want))
 
 
 @dataclass
@@ -49,6 +75,7 @@ class ForwardMetadata:
     attn_logits: torch.Tensor | None = None
     attn_lse: torch.Tensor | None = None
     num_kv_splits: torch.Tensor | None = None
+    max_kv_splits: int = MAX_KV_SPLITS
     # Extend (and deterministic decode: one query row per request).
     qo_indptr: torch.Tensor | None = None
     max_extend_len: int = 0
@@ -88,6 +115,12 @@ class TritonAttnBackend(AttentionBackend):
                                "batched": self._build_unified_batched,
                                "kernel": self._build_unified_kernel}[index_build]
         self.max_kv_splits = MAX_KV_SPLITS
+        self.split_programs = split_programs(torch.device(self.device))
+        # stage-1 programs per request and split: one per q head, or per BLOCK_H of a kv group
+        num_kv_heads = mc.get_num_kv_heads(model_runner.attn_tp_size)
+        group = self.num_q_heads // num_kv_heads
+        self.programs_per_split = (self.num_q_heads if group == 1
+                                   else num_kv_heads * -(-group // DECODE_BLOCK_H))
         # --kernel-fusion on: decode attention in one launch; its split counters, zero between
         # launches, shared by every layer and graph (all on the forward stream).
         self.merge_count = None
@@ -102,15 +135,20 @@ class TritonAttnBackend(AttentionBackend):
 
     # --- metadata -----------------------------------------------------------------------------
 
-    def _num_kv_splits(self, seq_lens: torch.Tensor,
-                       max_seq_len: int | torch.Tensor) -> torch.Tensor:
+    def max_splits(self, bs: int) -> int:
+        """The most splits a request of a `bs`-row decode batch takes (a graph's padded size)."""
+        return decode_max_splits(bs, self.split_programs, self.programs_per_split)
+
+    @staticmethod
+    def _num_kv_splits(seq_lens: torch.Tensor, max_seq_len: int | torch.Tensor,
+                       max_splits: int) -> torch.Tensor:
         """Splits per request, on the device; `max_seq_len` a host int (eager) or a 0-d
         device tensor (in a graph): the same values either way."""
-        tile = -(-max_seq_len // self.max_kv_splits)
+        tile = -(-max_seq_len // max_splits)
         tile = max(MIN_KEYS_PER_SPLIT, tile) if isinstance(tile, int) else \
             tile.clamp(min=MIN_KEYS_PER_SPLIT)
         splits = (seq_lens + tile - 1) // tile
-        return splits.clamp(1, self.max_kv_splits).to(torch.int32)
+        return splits.clamp(1, max_splits).to(torch.int32)
 
     def _decode_scratch(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (bs, self.num_q_heads, self.max_kv_splits)
@@ -136,8 +174,10 @@ class TritonAttnBackend(AttentionBackend):
                     unified=(kv_indptr, kv_indices, (fb.seq_lens - 1).to(torch.int32)))
                 return
             logits, lse = self._decode_scratch(fb.batch_size)
-            splits = self._num_kv_splits(lens, lens_max)
-            self.forward_metadata = ForwardMetadata(kv_indptr, kv_indices, logits, lse, splits)
+            max_splits = self.max_splits(fb.batch_size)
+            splits = self._num_kv_splits(lens, lens_max, max_splits)
+            self.forward_metadata = ForwardMetadata(kv_indptr, kv_indices, logits, lse, splits,
+                                                    max_splits)
             return
         prefix_lens = fb.extend_prefix_lens
         kv_indptr = _indptr(prefix_lens)
@@ -194,7 +234,7 @@ class TritonAttnBackend(AttentionBackend):
                 unified=(g["kv_indptr"][: bs + 1], g["kv_indices"], g["prefix_lens"][:bs]))
         return ForwardMetadata(
             g["kv_indptr"][: bs + 1], g["kv_indices"], g["attn_logits"][:bs],
-            g["attn_lse"][:bs], g["num_kv_splits"][:bs])
+            g["attn_lse"][:bs], g["num_kv_splits"][:bs], self.max_splits(bs))
 
     def graph_prologue(self, forward_batch: "ForwardBatch", bs: int) -> None:
         """Inside the graph: the static metadata from the static rows and lengths."""
@@ -208,7 +248,7 @@ class TritonAttnBackend(AttentionBackend):
             decode_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
                               g["kv_indptr"], g["kv_indices"],
                               None if self.unified_decode else g["num_kv_splits"],
-                              self.max_kv_splits, MIN_KEYS_PER_SPLIT)
+                              self.max_splits(bs), MIN_KEYS_PER_SPLIT)
         else:
             g["kv_indptr"][1: bs + 1].copy_(torch.cumsum(seq_lens, dim=0))
             create_kv_indices(self.req_to_token, forward_batch.req_pool_indices, seq_lens,
@@ -217,7 +257,8 @@ class TritonAttnBackend(AttentionBackend):
             g["prefix_lens"][:bs].copy_(seq_lens - 1)
         elif not self.fused_graph_prologue:
             # the batch's longest length read on the device: no host value in the graph
-            g["num_kv_splits"][:bs].copy_(self._num_kv_splits(seq_lens, seq_lens.max()))
+            g["num_kv_splits"][:bs].copy_(
+                self._num_kv_splits(seq_lens, seq_lens.max(), self.max_splits(bs)))
 
     def _prefill_graph_prologue(self, fb: "ForwardBatch", bs: int) -> None:
         g = self.prefill_graph_state
@@ -314,6 +355,6 @@ class TritonAttnBackend(AttentionBackend):
                                          layer.scaling, layer.logit_cap)
             return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
         decode_attention_fwd(q, k_buf, v_buf, o, md.kv_indptr, md.kv_indices, md.attn_logits,
-                             md.attn_lse, md.num_kv_splits, self.max_kv_splits, layer.scaling,
+                             md.attn_lse, md.num_kv_splits, md.max_kv_splits, layer.scaling,
                              layer.logit_cap, merge_count=self.merge_count)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -21,7 +21,7 @@ import triton.language as tl
 from sglab.srt.layers.pdl import pdl_launch, pdl_wait
 
 _MIN_BLOCK_KV = 32
-_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
+GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
 
 
 @triton.jit
@@ -55,21 +55,28 @@ def _num_active_splits(seq_len, num_splits, MIN_BLOCK_KV: tl.constexpr):
 
 
 @triton.jit
-def _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os, offs_dv, mask_dv,
-                  BLOCK_DV: tl.constexpr, VOLATILE: tl.constexpr):
-    """One head's output from its splits' partials, merged in split order (batch invariant:
-    the same order whoever merges). VOLATILE: partials another program of this launch wrote."""
-    e_max = -float("inf")
-    e_sum = 0.0
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for split_id in range(num_active):
-        part = tl.load(Att_Out + mid + split_id * stride_mid_os + offs_dv, mask=mask_dv,
-                       other=0.0, volatile=VOLATILE)
-        part_lse = tl.load(Att_Lse + lse + split_id, volatile=VOLATILE)
+def _merge_splits(part, lse, part_mask, lse_mask, num_active, stride_part_split,
+                  MAX_SPLITS: tl.constexpr, VOLATILE: tl.constexpr):
+    """Merges the partials at `part` (a pointer tile: one head's [DV] or a group's [H, DV])
+    with their log-sum-exps at `lse` (a pointer per head, [1] or [H, 1]; splits contiguous),
+    in split order (batch invariant: the same order whoever merges). The loop is unrolled to
+    MAX_SPLITS with the splits past `num_active` masked to no-ops, so every load is issued
+    up front rather than one round trip per split. VOLATILE: partials another program of this
+    launch wrote."""
+    e_max = tl.load(lse, mask=lse_mask, other=-float("inf"), volatile=VOLATILE)
+    acc = tl.load(part, mask=part_mask, other=0.0, volatile=VOLATILE)
+    e_sum = e_max * 0.0 + 1.0
+    for split_id in tl.static_range(1, MAX_SPLITS):
+        active = split_id < num_active
+        # tl.where, not &: Triton's interpreter widens a tile mask & a scalar one to int32
+        part_lse = tl.load(lse + split_id, mask=tl.where(active, lse_mask, False),
+                           other=-float("inf"), volatile=VOLATILE)
+        p = tl.load(part + split_id * stride_part_split,
+                    mask=tl.where(active, part_mask, False), other=0.0, volatile=VOLATILE)
         n_max = tl.maximum(part_lse, e_max)
         old_scale = tl.exp(e_max - n_max)
         part_scale = tl.exp(part_lse - n_max)
-        acc = acc * old_scale + part_scale * part
+        acc = acc * old_scale + part_scale * p
         e_sum = e_sum * old_scale + part_scale
         e_max = n_max
     return acc / e_sum
@@ -119,6 +126,7 @@ def _decode_stage1_kernel(
     MIN_BLOCK_KV: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     MERGE: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One q head per program; vector math (no tl.dot), for MHA. MERGE: see
@@ -189,8 +197,9 @@ def _decode_stage1_kernel(
             if MERGE:
                 counter = cur_batch * tl.num_programs(1) + cur_head
                 if _is_last_split(Merge_Count, counter, num_active):
-                    merged = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active,
-                                           stride_mid_os, offs_dv, mask_dv, BLOCK_DV, True)
+                    merged = _merge_splits(Att_Out + mid + offs_dv, Att_Lse + lse, mask_dv,
+                                           num_active > 0, num_active, stride_mid_os,
+                                           MAX_SPLITS, True)
                     tl.store(out, merged, mask=mask_dv)
                     tl.store(Merge_Count + counter, 0)
 
@@ -229,11 +238,13 @@ def _decode_grouped_stage1_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    MERGE_BLOCK_H: tl.constexpr,
     MIN_BLOCK_KV: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     PORTABLE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MERGE: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Up to BLOCK_H q heads sharing one kv head per program; q @ k^T and p @ v via tl.dot.
@@ -325,25 +336,27 @@ def _decode_grouped_stage1_kernel(
                     _merge_group(Att_Out, Att_Lse, O, cur_batch, first_head,
                                  end_head, num_active, stride_mid_ob, stride_mid_oh,
                                  stride_mid_os, stride_lse_b, stride_lse_h, stride_obs,
-                                 stride_oh, offs_dv, mask_dv, BLOCK_DV, VALID_BLOCK_H)
+                                 stride_oh, offs_dv, mask_dv, VALID_BLOCK_H, MERGE_BLOCK_H,
+                                 MAX_SPLITS)
                     tl.store(Merge_Count + counter, 0)
 
 
 @triton.jit
 def _merge_group(Att_Out, Att_Lse, O, cur_batch, first_head, end_head, num_active,
                  stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
-                 stride_obs, stride_oh, offs_dv, mask_dv, BLOCK_DV: tl.constexpr,
-                 NUM_HEADS: tl.constexpr):
-    """The merge of a grouped program's heads, one head at a time (as stage 2 does)."""
-    for h in tl.static_range(NUM_HEADS):
-        head = first_head + h
-        if head < end_head:
-            mid = cur_batch * stride_mid_ob + head * stride_mid_oh
-            lse = cur_batch * stride_lse_b + head * stride_lse_h
-            merged = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os,
-                                   offs_dv, mask_dv, BLOCK_DV, True)
-            tl.store(O + cur_batch * stride_obs + head * stride_oh + offs_dv, merged,
-                     mask=mask_dv)
+                 stride_obs, stride_oh, offs_dv, mask_dv, NUM_HEADS: tl.constexpr,
+                 BLOCK_HEADS: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """The merge of a grouped program's heads, all at once, each with stage 2's arithmetic."""
+    offs_h = tl.arange(0, BLOCK_HEADS)
+    head = first_head + offs_h
+    mask_h = (offs_h < NUM_HEADS) & (head < end_head)
+    mask = mask_h[:, None] & mask_dv[None, :]
+    mid = cur_batch * stride_mid_ob + head[:, None] * stride_mid_oh + offs_dv[None, :]
+    lse = cur_batch * stride_lse_b + head * stride_lse_h
+    merged = _merge_splits(Att_Out + mid, Att_Lse + lse[:, None], mask, mask_h[:, None],
+                           num_active, stride_mid_os, MAX_SPLITS, True)
+    tl.store(O + cur_batch * stride_obs + head[:, None] * stride_oh + offs_dv[None, :], merged,
+             mask=mask)
 
 
 @triton.jit
@@ -363,6 +376,7 @@ def _decode_stage2_kernel(
     Lv: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     MIN_BLOCK_KV: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
@@ -375,8 +389,8 @@ def _decode_stage2_kernel(
     num_active = _num_active_splits(seq_len, tl.load(num_kv_splits + cur_batch), MIN_BLOCK_KV)
     mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
     lse = cur_batch * stride_lse_b + cur_head * stride_lse_h
-    out = _merge_splits(Att_Out, Att_Lse, mid, lse, num_active, stride_mid_os, offs_dv, mask_dv,
-                        BLOCK_DV, False)
+    out = _merge_splits(Att_Out + mid + offs_dv, Att_Lse + lse, mask_dv, num_active > 0,
+                        num_active, stride_mid_os, MAX_SPLITS, False)
     tl.store(O + cur_batch * stride_obs + cur_head * stride_oh + offs_dv, out, mask=mask_dv)
 
 
@@ -442,6 +456,7 @@ def decode_attention_fwd(
         "MIN_BLOCK_KV": _MIN_BLOCK_KV,
         "LOGIT_CAP": logit_cap,
         "MERGE": merge,
+        "MAX_SPLITS": triton.next_power_of_2(max_kv_splits),
         "num_warps": num_warps or 4,
         **pdl_launch(q),
     }
@@ -480,14 +495,15 @@ def decode_attention_fwd(
         _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block, **common)
     else:
         block = block_n or (32 if on_cuda else 16)
-        programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, _BLOCK_H)
+        programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, GROUP_BLOCK_H)
         grid = (bs, programs, max_kv_splits)
         _decode_grouped_stage1_kernel[grid](
             *args,
             head_num,
             kv_group_num=kv_group_num,
             BLOCK_N=block,
-            BLOCK_H=_BLOCK_H,
+            BLOCK_H=GROUP_BLOCK_H,
+            MERGE_BLOCK_H=triton.next_power_of_2(min(kv_group_num, GROUP_BLOCK_H)),
             PORTABLE_DOT=_portable_dot(q),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_stages=num_stages or (2 if on_cuda else 1),
@@ -511,6 +527,7 @@ def decode_attention_fwd(
         Lv=Lv,
         BLOCK_DV=BLOCK_DV,
         MIN_BLOCK_KV=_MIN_BLOCK_KV,
+        MAX_SPLITS=triton.next_power_of_2(max_kv_splits),
         num_warps=4,
         **pdl_launch(q),
     )
