@@ -155,8 +155,9 @@ def attention_child() -> dict:
                              "config": "serving"})
             rows.append({**run(MAX_KV_SPLITS, None, None, True), "model": model,
                          "config": "fixed"})
-            rows += [{**run(sp, bn, st, True), "model": model, "config": "sweep"}
-                     for sp, bn, st in ATTN_SWEEP]
+            if os.environ.get("KB_ATTN_SWEEP", "1") != "0":  # 0: serving and fixed only
+                rows += [{**run(sp, bn, st, True), "model": model, "config": "sweep"}
+                         for sp, bn, st in ATTN_SWEEP]
     return {"split_programs": programs, "rows": rows}
 
 
@@ -445,7 +446,7 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
     lines = ["", "Decode attention alone (bf16, CUDA-graph replays over L2-missing KV copies): "
              "GPU µs and KV bytes read per second against the copy bandwidth. serving: splits "
              f"bounded by the batch size ({att.get('split_programs')} programs), the default "
-             "tile; fixed: up to 16 splits at every batch size (before); best: the sweep's "
+             "tile; fixed: up to 16 splits at every batch size, the default tile; best: the sweep's "
              "fastest (max splits / BLOCK_N / stages), one launch:", "",
              "| model | bs x context | serving | two stages | fixed | serving / fixed | best "
              "| best config | serving BW | best BW |", "|---" * 10 + "|"]
@@ -457,16 +458,16 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
                            key=lambda r: r["median_s"])
             serve, two, fixed = (by.get(k) for k in (("serving", True), ("serving", False),
                                                     ("fixed", True)))
-            if not (serve and two and fixed and sweep):
+            if not (serve and two and fixed):
                 continue
-            best = sweep[0]
             us = lambda r: f"{r['median_s'] * 1e6:.1f}"  # noqa: E731
+            best = (f"{us(sweep[0])} | {sweep[0]['max_kv_splits']} / {sweep[0]['block_n']} / "
+                    f"{sweep[0]['num_stages']}" if sweep else "- | -")
+            best_bw = f"{sweep[0]['kv_read_gbps'] / bw:.0%}" if sweep else "-"
             lines.append(
                 f"| {model} | {shape[0]} x {shape[1]} | {us(serve)} (≤{serve['max_kv_splits']}) "
                 f"| {us(two)} | {us(fixed)} | {serve['median_s'] / fixed['median_s']:.2f} | "
-                f"{us(best)} | {best['max_kv_splits']} / {best['block_n']} / "
-                f"{best['num_stages']} | {serve['kv_read_gbps'] / bw:.0%} | "
-                f"{best['kv_read_gbps'] / bw:.0%} |")
+                f"{best} | {serve['kv_read_gbps'] / bw:.0%} | {best_bw} |")
     failed = [r for r in att["rows"] if "error" in r]
     if failed:
         lines.append(f"\n{len(failed)} swept configurations did not launch (e.g. "

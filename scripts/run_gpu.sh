@@ -275,16 +275,18 @@ for step in "$@"; do
     timeout 100 python3 benchmark/kernel_bench.py sweep --parts attention --out "$R/attn" 2>&1 \
       | tail -n 6 ;;
   kernels-splits)  # one call: attention GPU tests, 0.6B decode per split bound, 8B decode
-    # fixed vs bounded, the graph-timed attention sweep (both head shapes)
-    timeout 90 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
-      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_splits.log" | tail -n 8
+    # fixed vs bounded, the graph-timed attention sweep (both head shapes; KB_ATTN_SWEEP=0:
+    # the serving and fixed rows only)
+    timeout 170 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
+      test/srt/test_kernel_fusion.py test/srt/test_decode_splits.py 2>&1 \
+      | tee "$R/gpu_tests_splits.log" | tail -n 8
     kb="python3 benchmark/kernel_bench.py all --parts"
-    timeout 160 $kb --presets qwen3-0.6b --variants on-m1-fixed on-m1 on-m1-w1 on-m1-w2 \
-      on-m1-w8 --out "$R/q06" 2>&1 | tail -n 12
-    timeout 120 $kb --presets llama-3.1-8b --variants on-fixed on --out "$R/l8b" 2>&1 \
+    timeout 150 $kb --presets qwen3-0.6b --variants ${KS_Q06:-on on-m1-fixed on-m1 on-m1-pdl} \
+      --out "$R/q06" 2>&1 | tail -n 12
+    timeout 130 $kb --presets llama-3.1-8b --variants ${KS_L8B:-on-fixed on} --out "$R/l8b" 2>&1 \
       | tail -n 6
-    timeout 190 python3 benchmark/kernel_bench.py sweep --parts attention --out "$R/attn" 2>&1 \
-      | tail -n 6 ;;
+    timeout ${KS_ATTN_S:-190} python3 benchmark/kernel_bench.py sweep --parts attention \
+      --out "$R/attn" 2>&1 | tail -n 6 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

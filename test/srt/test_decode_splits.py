@@ -14,8 +14,8 @@ PARAMS = {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True}
 
 
 @pytest.mark.parametrize("programs,per_split,bs,want", [
-    (528, 8, 1, MAX_KV_SPLITS), (528, 8, 8, 9), (528, 8, 64, 2), (528, 8, 128, 1),
-    (528, 32, 64, 1), (0, 8, 64, MAX_KV_SPLITS)])
+    (264, 8, 1, MAX_KV_SPLITS), (264, 8, 8, 4), (264, 8, 16, 2), (264, 8, 64, 1),
+    (264, 8, 256, 1), (100, 8, 2, 6), (0, 8, 64, MAX_KV_SPLITS)])
 def test_max_splits_fill_the_target_programs(programs, per_split, bs, want):
     assert triton_backend.decode_max_splits(bs, programs, per_split) == want
 

@@ -14,6 +14,8 @@ arithmetic as stage 2, so both forms give the same bits.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,13 @@ from sglab.srt.layers.pdl import pdl_launch, pdl_wait
 
 _MIN_BLOCK_KV = 32
 GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
+# Grouped-kernel tiles (keys per tile, pipeline stages) on CUDA, the first that fits shared
+# memory. One split per request (a batch large enough to fill the GPU on its own): small tiles,
+# several programs per SM. Several splits (a small batch, each program streaming a long range):
+# 128-key tiles in 3 stages. Measured on an H200: benchmark/kernel_bench.py sweep --parts
+# attention.
+_GROUPED_TILES_ONE_SPLIT = ((32, 3), (32, 2))
+_GROUPED_TILES_SPLIT = ((128, 3), (64, 3), (32, 3), (32, 2))
 
 
 @triton.jit
@@ -394,6 +403,26 @@ def _decode_stage2_kernel(
     tl.store(O + cur_batch * stride_obs + cur_head * stride_oh + offs_dv, out, mask=mask_dv)
 
 
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _grouped_tile(q: torch.Tensor, k_buffer: torch.Tensor, max_kv_splits: int, d: int,
+                  dv: int) -> tuple[int, int]:
+    """The grouped kernel's default (BLOCK_N, num_stages): see _GROUPED_TILES_*."""
+    if not q.is_cuda:
+        return 16, 1
+    limit = _max_shared_memory(q.device.index if q.device.index is not None
+                               else torch.cuda.current_device())
+    tiles = _GROUPED_TILES_ONE_SPLIT if max_kv_splits == 1 else _GROUPED_TILES_SPLIT
+    q_tile = GROUP_BLOCK_H * d * q.element_size()
+    for block_n, stages in tiles:
+        if stages * block_n * (d + dv) * k_buffer.element_size() + q_tile <= limit:
+            return block_n, stages
+    return tiles[-1]
+
+
 def _portable_dot(t: torch.Tensor) -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1 when the kernels were defined): see _dot."""
     return not t.is_cuda or not isinstance(
@@ -494,7 +523,8 @@ def decode_attention_fwd(
         grid = (bs, head_num, max_kv_splits)
         _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block, **common)
     else:
-        block = block_n or (32 if on_cuda else 16)
+        tile_n, stages = _grouped_tile(q, k_buffer, max_kv_splits, BLOCK_DMODEL, BLOCK_DV)
+        block = block_n or tile_n
         programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, GROUP_BLOCK_H)
         grid = (bs, programs, max_kv_splits)
         _decode_grouped_stage1_kernel[grid](
@@ -506,7 +536,7 @@ def decode_attention_fwd(
             MERGE_BLOCK_H=triton.next_power_of_2(min(kv_group_num, GROUP_BLOCK_H)),
             PORTABLE_DOT=_portable_dot(q),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_stages=num_stages or (2 if on_cuda else 1),
+            num_stages=num_stages or stages,
             **common,
         )
     if merge:
