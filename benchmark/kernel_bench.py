@@ -446,8 +446,8 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
     lines = ["", "Decode attention alone (bf16, CUDA-graph replays over L2-missing KV copies): "
              "GPU µs and KV bytes read per second against the copy bandwidth. serving: splits "
              f"bounded by the batch size ({att.get('split_programs')} programs), the default "
-             "tile; fixed: up to 16 splits at every batch size, the default tile; best: the sweep's "
-             "fastest (max splits / BLOCK_N / stages), one launch:", "",
+             "tile; fixed: up to 16 splits at every batch size, the default tile; best: the "
+             "sweep's fastest (max splits / BLOCK_N / stages), one launch:", "",
              "| model | bs x context | serving | two stages | fixed | serving / fixed | best "
              "| best config | serving BW | best BW |", "|---" * 10 + "|"]
     for model in dict.fromkeys(r.get("model") for r in rows):
