@@ -91,13 +91,18 @@ def _graph(sched, bs: int):
 
 
 def kernels_per_replay(graph) -> dict:
-    """Kernels (and copies/memsets) the profiler sees in one replay: by name, how many and
+    """The kernels of one replay (_device_time_by_name)."""
+    return _device_time_by_name(graph.replay)
+
+
+def _device_time_by_name(fn) -> dict:
+    """Kernels (and copies/memsets) the profiler sees while fn runs: by name, how many and
     their summed device µs (largest first)."""
     from torch.autograd import DeviceType
 
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        graph.replay()
+        fn()
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     count, device_us = collections.Counter(), collections.Counter()
@@ -134,6 +139,8 @@ def decode_child(preset: str, fusion: str, with_prefill: bool) -> dict:
         best = min(runs, key=lambda r: r.prefill_latency_s)
         out["prefill"] = {**best.__dict__,
                           "latencies_s": [r.prefill_latency_s for r in runs]}
+        kernels = _device_time_by_name(lambda: run_one(sched, 1, PREFILL_LEN, 2, seed=4))
+        out["prefill"]["kernels_top"] = kernels["device_us_by_name"][:12]
     return out
 
 
@@ -435,6 +442,11 @@ def _prefill_lines(report: dict) -> list[str]:
         lines.append(f"| {f} | {len(p['prefill_chunk_latencies_s'])} | "
                      f"{p['prefill_latency_s'] * 1e3:.1f} | {p['prefill_tflops']:.0f} | "
                      f"{p['prefill_mfu']:.1%} | {p['peak_tflops']:.0f} |")
+    for f in runs:
+        top = m[f]["prefill"].get("kernels_top")
+        if top:
+            lines += ["", f"Where a prefill's device time goes ({f}; name: µs / launches): "
+                      + "; ".join(f"`{n[:48]}` {t:.0f} / {c}" for n, t, c in top)]
     return lines
 
 
