@@ -55,6 +55,8 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             # decode attention splits: -fixed up to 16 at every batch size (the bound before),
             # -wN bounded for N stage-1 programs per SM (SGLAB_DECODE_SPLIT_WAVES)
             "on-fixed": ("on", {"SGLAB_DECODE_SPLIT_WAVES": "0"}),
+            # the shipped defaults: nothing set (the small-M GEMM and PDL bounds by shape)
+            "on-default": ("on", None),
             "on-m1-fixed": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
                                    "SGLAB_DECODE_SPLIT_WAVES": "0"}),
             **{f"on-m1-w{w}": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
@@ -294,9 +296,13 @@ def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _child(args: list[str], env: dict | None = None) -> dict:
+DEFAULT_KNOBS = ("SGLAB_SKINNY_GEMM_MAX_M", "SGLAB_TRITON_PDL", "SGLAB_DECODE_SPLIT_WAVES")
+
+
+def _child(args: list[str], env: dict | None = None, unset=()) -> dict:
+    child_env = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**child_env, **(env or {})})
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -318,7 +324,8 @@ def run_all(presets: list[str], out_dir: str, commit: str | None, variants: list
             report["models"][preset][v] = _child(
                 ["decode", "--preset", preset, "--fusion", fusion]
                 + (["--prefill"] if v in FUSION else []),
-                {"SGLAB_SKINNY_GEMM_MAX_M": "0", "SGLAB_TRITON_PDL": "0", **env})
+                {"SGLAB_SKINNY_GEMM_MAX_M": "0", "SGLAB_TRITON_PDL": "0", **env}
+                if env is not None else None, unset=DEFAULT_KNOBS if env is None else ())
             print(preset, v, json.dumps(report["models"][preset][v])[:600], flush=True)
             write_results(out_dir, "kernel_bench", report, to_markdown(report))
     for kind in parts:

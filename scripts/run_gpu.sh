@@ -281,9 +281,9 @@ for step in "$@"; do
       test/srt/test_kernel_fusion.py test/srt/test_decode_splits.py 2>&1 \
       | tee "$R/gpu_tests_splits.log" | tail -n 8
     kb="python3 benchmark/kernel_bench.py all --parts"
-    timeout 150 $kb --presets qwen3-0.6b --variants ${KS_Q06:-on on-m1-fixed on-m1 on-m1-pdl} \
-      --out "$R/q06" 2>&1 | tail -n 12
-    timeout 130 $kb --presets llama-3.1-8b --variants ${KS_L8B:-on-fixed on} --out "$R/l8b" 2>&1 \
+    q06=${KS_Q06:-on-default on-m1-fixed on-m1 on-m1-pdl}
+    timeout 150 $kb --presets qwen3-0.6b --variants $q06 --out "$R/q06" 2>&1 | tail -n 12
+    timeout 150 $kb --presets llama-3.1-8b --variants ${KS_L8B:-on on-default} --out "$R/l8b" 2>&1 \
       | tail -n 6
     timeout ${KS_ATTN_S:-190} python3 benchmark/kernel_bench.py sweep --parts attention \
       --out "$R/attn" 2>&1 | tail -n 6 ;;

@@ -119,7 +119,8 @@ def test_max_m_bounds_what_it_serves(monkeypatch):
     assert not sg.skinny_applies(x)  # not on the GPU
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.delenv("SGLAB_SKINNY_GEMM_MAX_M", raising=False)
-    assert not sg.skinny_applies(torch.zeros(1, 8))  # off by default
+    assert not sg.skinny_applies(torch.zeros(1, 8))  # off without a model's hidden size
+    assert sg.max_m(sg.SMALL_MODEL_HIDDEN) == 1 and sg.max_m(sg.SMALL_MODEL_HIDDEN * 2) == 0
     monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "16")
     assert sg.skinny_applies(x) and not sg.skinny_applies(torch.zeros(17, 8))
     monkeypatch.setenv("SGLAB_SKINNY_GEMM_MAX_M", "0")

@@ -261,11 +261,10 @@ class RowParallelLinear(LinearBase):
         return out if self.bias is None else out + self.bias
 
 
-def enable_skinny_gemm(model: nn.Module) -> None:
-    """--kernel-fusion on: every linear layer of `model` serves up to max_m() rows with
-    skinny_gemm (0 by default: none; not under deterministic inference, whose GEMM is batch
-    invariant)."""
-    bound = max_m()
+def enable_skinny_gemm(model: nn.Module, hidden_size: int) -> None:
+    """--kernel-fusion on: every linear layer of `model` serves up to max_m(hidden_size) rows
+    with skinny_gemm (not under deterministic inference, whose GEMM is batch invariant)."""
+    bound = max_m(hidden_size)
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
             module.skinny_max_m = bound

@@ -15,10 +15,12 @@ own batch-invariant GEMM). It rounds at the same points as the eager layers (lay
 activation.py); the GEMM accumulates in fp32 and rounds once, as F.linear does, in its own K
 order.
 
-`max_m()` (`SGLAB_SKINNY_GEMM_MAX_M`, at most 64) is the largest M served; larger M goes to
-F.linear (cuBLAS). The default is 0, off: in H200 decode-graph replays these tiles are slower
-than cuBLAS at every measured shape but qwen3-0.6b at bs 1 (benchmark/README.md). Rows of up
-to 4 reduce by FMA, up to 16 and up to 64 by one `tl.dot` tile of 16 or 64 rows.
+`max_m(hidden_size)` (`SGLAB_SKINNY_GEMM_MAX_M`, at most 64) is the largest M served; larger M
+goes to F.linear (cuBLAS). The default is 1 for a model of hidden size at most
+SMALL_MODEL_HIDDEN and 0 (off) above it: in H200 decode-graph replays these tiles beat cuBLAS
+only at one row of qwen3-0.6b (hidden 1024); at llama-3.1-8b (4096) the folded RMSNorm re-reads
+the row in each of the many programs (benchmark/README.md). Rows of up to 4 reduce by FMA, up
+to 16 and up to 64 by one `tl.dot` tile of 16 or 64 rows.
 """
 
 from __future__ import annotations
@@ -44,8 +46,15 @@ class RMSNormPrologue:
     residual: torch.Tensor | None = None
 
 
-def max_m() -> int:
-    return min(64, int(os.environ.get("SGLAB_SKINNY_GEMM_MAX_M", "0")))
+SMALL_MODEL_HIDDEN = 1024
+
+
+def max_m(hidden_size: int | None = None) -> int:
+    """SGLAB_SKINNY_GEMM_MAX_M, else the default for a model of `hidden_size` (None: 0)."""
+    env = os.environ.get("SGLAB_SKINNY_GEMM_MAX_M")
+    if env is None:
+        return int(hidden_size is not None and hidden_size <= SMALL_MODEL_HIDDEN)
+    return min(64, int(env))
 
 
 def skinny_applies(x: torch.Tensor, bound: int | None = None) -> bool:
