@@ -55,7 +55,7 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             # decode attention splits: -fixed up to 16 at every batch size (the bound before),
             # -wN bounded for N stage-1 programs per SM (SGLAB_DECODE_SPLIT_WAVES)
             "on-fixed": ("on", {"SGLAB_DECODE_SPLIT_WAVES": "0"}),
-            # the shipped defaults: nothing set (the small-M GEMM and PDL bounds by shape)
+            # the shipped defaults: nothing set (the small-M GEMM bound by the hidden size)
             "on-default": ("on", None),
             "on-m1-fixed": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
                                    "SGLAB_DECODE_SPLIT_WAVES": "0"}),
@@ -77,6 +77,9 @@ GEMM_SHAPES = [("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048
                ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
                ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336)]
 GEMM_M = [1, 4, 8, 16, 32, 64]
+# (BLOCK_M, BLOCK_N, warps, stages) of the prefill attention sweep
+EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8)
+                for st in (1, 2, 3) if bm * bn <= 8192 and (bm, nw) != (128, 4)]
 # (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
 ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
 # Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,
@@ -213,6 +216,40 @@ def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int):
     return run
 
 
+def extend_child() -> dict:
+    """The prefill attention kernel alone: one causal prompt of PREFILL_LEN new tokens with
+    llama-3.1-8b heads (bf16), the default launch and EXTEND_SWEEP, against the model FLOPs of
+    causal attention and the measured bf16 matmul peak."""
+    from sglab.bench_one_batch import measure_matmul_tflops
+    from sglab.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+
+    hq, hkv, d = ATTN_HEADS["llama-3.1-8b"]
+    n = PREFILL_LEN
+    q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o = torch.empty_like(q)
+    qo = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    kv_indptr = torch.zeros(2, dtype=torch.int32, device="cuda")
+    empty = torch.zeros(0, dtype=torch.int64, device="cuda")
+    flops = 4 * hq * d * n * (n + 1) // 2
+    peak = measure_matmul_tflops("cuda", torch.bfloat16)
+    rows = []
+    for cfg in [None, *EXTEND_SWEEP]:
+        bm, bn, nw, st = cfg or (None,) * 4
+        row = {"config": cfg, "default": cfg is None}
+        try:
+            t = _cuda_time(lambda: extend_attention_fwd(
+                q, k, v, o, k, v, qo, kv_indptr, empty, None, True, None, n,
+                block_m=bm, block_n=bn, num_warps=nw, num_stages=st), reps=10)
+        except Exception as e:  # a tile that does not fit
+            rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            continue
+        rows.append({**row, "median_s": t, "tflops": flops / t / 1e12,
+                     "of_peak": flops / t / 1e12 / peak})
+    return {"tokens": n, "heads": [hq, hkv, d], "flops": flops, "peak_tflops": peak,
+            "rows": rows}
+
+
 def gemm_sweep_child() -> dict:
     """GEMM_SWEEP at M in GEMM_SWEEP_M for every decoder shape, CUDA-graph timed as in
     gemm_child, next to F.linear."""
@@ -308,7 +345,7 @@ def _child(args: list[str], env: dict | None = None, unset=()) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-KERNEL_PARTS = ("gemm", "gemm-sweep", "attention")
+KERNEL_PARTS = ("gemm", "gemm-sweep", "attention", "extend")
 
 
 def run_all(presets: list[str], out_dir: str, commit: str | None, variants: list[str],
@@ -371,7 +408,7 @@ def to_markdown(report: dict) -> str:
                              f"{t / base['graph_gpu_us']:.3f} | {t / roof:.2f} | "
                              f"{d['kernels']['count']} | {d['graph_launch_idle_us']:.0f} |")
     lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _top_kernel_lines(report)
-    lines += _prefill_lines(report) + _attention_lines(report, bw)
+    lines += _prefill_lines(report) + _attention_lines(report, bw) + _extend_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +455,8 @@ def _gemm_sweep_lines(report: dict, bw: float) -> list[str]:
         rows = [r for r in g["rows"] if (r["model"], r["layer"], r["m"]) == (model, layer, m)]
         best = min(rows, key=lambda r: r["skinny_us"])
         c = best["config"]
-        default = next((r["skinny_us"] for r in rows if _is_default(r["config"], m)), None)
+        default = next((r["skinny_us"] for r in rows
+                        if _is_default(r["config"], m, r["n"], r["k"])), None)
         lines.append(f"| {model} | {layer} | {m} | {c['BLOCK_N']} / {c['BLOCK_K']} / "
                      f"{c['num_warps']} / {c['DEFER_REDUCE']} | {best['skinny_us']:.1f} | "
                      f"{best['weight_gbps_skinny'] / bw:.0%} | "
@@ -430,9 +468,9 @@ def _gemm_sweep_lines(report: dict, bw: float) -> list[str]:
 GEMM_LAYERS = ("qkv", "o", "gate_up", "down")
 
 
-def _is_default(cfg: dict, m: int) -> bool:
+def _is_default(cfg: dict, m: int, n: int, k: int) -> bool:
     from sglab.srt.layers.skinny_gemm import _config
-    d = _config(m, 1 << 14, True)
+    d = _config(m, n, k, True)
     return all(cfg[key] == d[key] for key in ("BLOCK_N", "BLOCK_K", "num_warps", "DEFER_REDUCE"))
 
 
@@ -454,6 +492,26 @@ def _prefill_lines(report: dict) -> list[str]:
         if top:
             lines += ["", f"Where a prefill's device time goes ({f}; name: µs / launches): "
                       + "; ".join(f"`{n[:48]}` {t:.0f} / {c}" for n, t, c in top)]
+    return lines
+
+
+def _extend_lines(report: dict) -> list[str]:
+    ext = report.get("extend")
+    if not ext:
+        return []
+    if "rows" not in ext:
+        return ["", f"Prefill attention: {ext.get('error', '')[-300:]}"]
+    ok = sorted((r for r in ext["rows"] if "median_s" in r), key=lambda r: r["median_s"])
+    default = next((r for r in ok if r["default"]), None)
+    lines = ["", f"Prefill attention alone: one causal prompt of {ext['tokens']} tokens, heads "
+             f"{ext['heads']}, {ext['flops'] / 1e12:.1f} TFLOP; of the measured bf16 matmul peak "
+             f"({ext['peak_tflops']:.0f} TFLOP/s). Default and the five fastest (BLOCK_M, "
+             "BLOCK_N, warps, stages):", "", "| config | ms | TFLOP/s | of peak |",
+             "|---|---|---|---|"]
+    for r in ([default] if default else []) + [r for r in ok if not r["default"]][:5]:
+        name = "default" if r["default"] else " / ".join(map(str, r["config"]))
+        lines.append(f"| {name} | {r['median_s'] * 1e3:.2f} | {r['tflops']:.0f} | "
+                     f"{r['of_peak']:.0%} |")
     return lines
 
 
@@ -495,7 +553,8 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
 
 
 def main() -> None:
-    parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "attention"])
+    parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "attention",
+                           "extend"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
     parser.add_argument("--prefill", action="store_true", help="decode: the 8k prefill too")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -512,7 +571,7 @@ def main() -> None:
         return
     child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill),
              "gemm": gemm_child, "gemm-sweep": gemm_sweep_child,
-             "attention": attention_child}[args.kind]
+             "attention": attention_child, "extend": extend_child}[args.kind]
     result = child()
     print(json.dumps(result))
 

@@ -51,6 +51,8 @@
 #                 both with PDL, 8B decode on / on-pdl, the attention sweep: one device call
 #   kernels-splits  decode attention split bounds by batch size: GPU tests, 0.6B / 8B decode
 #                 per bound, the graph-timed attention sweep (both head shapes): one call
+#   kernels-final   small-M GEMM / PDL GPU tests, 0.6B decode (defaults, cuBLAS, PDL), the
+#                 prefill attention sweep (8k causal, tiles / warps / stages): one call
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -287,6 +289,14 @@ for step in "$@"; do
       | tail -n 6
     timeout ${KS_ATTN_S:-190} python3 benchmark/kernel_bench.py sweep --parts attention \
       --out "$R/attn" 2>&1 | tail -n 6 ;;
+  kernels-final)  # one call: small-M GEMM and PDL GPU tests, 0.6B decode with the shipped
+    # defaults, through cuBLAS, and with PDL; the prefill attention sweep
+    timeout 90 python3 -m pytest -q -m gpu test/kernels/test_skinny_gemm.py \
+      test/kernels/test_pdl.py 2>&1 | tee "$R/gpu_tests_final.log" | tail -n 8
+    timeout 130 python3 benchmark/kernel_bench.py all --parts --presets qwen3-0.6b \
+      --variants ${KS_Q06:-on-default on on-m1-pdl} --out "$R/q06" 2>&1 | tail -n 12
+    timeout 130 python3 benchmark/kernel_bench.py sweep --parts extend --out "$R/ext" 2>&1 \
+      | tail -n 12 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

@@ -1,7 +1,6 @@
-"""Programmatic dependent launch (SGLAB_TRITON_PDL, layers/pdl.py).
+"""Programmatic dependent launch (SGLAB_TRITON_PDL=1, layers/pdl.py).
 
-On CPU the kernels launch as before: `pdl_launch` adds no launch attribute; on a Hopper GPU the
-default (auto) launches kernels of at most PDL_AUTO_MAX_ROWS rows with PDL.
+On CPU (and off by default) the kernels launch as before: `pdl_launch` adds no launch attribute.
 On a Hopper GPU: a consumer launched with PDL that skips `pdl_wait` reads a slow producer's
 output before it is written (so PDL is really in effect and the race is observable), the same
 consumer with `pdl_wait` always reads it written, and a decode model in CUDA graphs gives the
@@ -22,22 +21,19 @@ from sglab.test.runners import SchedulerRunner, free_gpu_memory
 
 @pytest.fixture
 def pdl_env(monkeypatch):
-    def set_pdl(on: bool | str) -> None:
-        monkeypatch.setenv("SGLAB_TRITON_PDL", on if isinstance(on, str) else "1" if on else "0")
-        pdl.pdl_mode.cache_clear()
+    def set_pdl(on: bool) -> None:
+        monkeypatch.setenv("SGLAB_TRITON_PDL", "1" if on else "0")
+        pdl.pdl_enabled.cache_clear()
     yield set_pdl
-    pdl.pdl_mode.cache_clear()
+    pdl.pdl_enabled.cache_clear()
 
 
-def test_pdl_never_on_cpu(pdl_env, monkeypatch):
+def test_pdl_is_off_by_default_and_on_cpu(pdl_env, monkeypatch):
     monkeypatch.delenv("SGLAB_TRITON_PDL", raising=False)
-    pdl.pdl_mode.cache_clear()
+    pdl.pdl_enabled.cache_clear()
     assert pdl.pdl_launch(torch.zeros(1)) == {"USE_PDL": False}
     pdl_env(True)
     assert pdl.pdl_launch(torch.zeros(1)) == {"USE_PDL": False}  # a CPU tensor never
-    pdl_env("2")
-    with pytest.raises(ValueError, match="SGLAB_TRITON_PDL"):
-        pdl.pdl_mode()
 
 
 def _hopper() -> bool:
@@ -101,23 +97,10 @@ def test_gpu_decode_with_pdl_gives_the_same_bits(tiny_model_dir, pdl_env, monkey
         runner = SchedulerRunner(model_path=tiny_model_dir("tiny-qwen3"), device="cuda",
                                  dtype="float32", attention_backend="triton",
                                  cuda_graph_max_bs=16, kernel_fusion="on")
-        assert pdl.pdl_mode() == ("on" if on else "off")
+        assert pdl.pdl_enabled() == on
         outs[on] = runner.generate(prompts, params, return_logprob=True)
         assert runner.integrity_error() is None
         del runner
     assert [o.output_ids for o in outs[True]] == [o.output_ids for o in outs[False]]
     assert [o.logprobs["output_token_logprobs_val"] for o in outs[True]] == \
         [o.logprobs["output_token_logprobs_val"] for o in outs[False]]
-
-
-@pytest.mark.gpu
-@hopper
-def test_gpu_auto_is_the_default_and_bounds_the_rows(pdl_env, monkeypatch):
-    monkeypatch.delenv("SGLAB_TRITON_PDL", raising=False)
-    pdl.pdl_mode.cache_clear()
-    assert pdl.pdl_mode() == "auto"
-    rows = pdl.PDL_AUTO_MAX_ROWS
-    assert pdl.pdl_launch(torch.zeros(rows, 4, device="cuda"))["USE_PDL"]
-    assert not pdl.pdl_launch(torch.zeros(rows + 1, 4, device="cuda"))["USE_PDL"]
-    pdl_env(True)
-    assert pdl.pdl_launch(torch.zeros(64, 4, device="cuda"))["USE_PDL"]

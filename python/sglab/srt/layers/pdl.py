@@ -1,8 +1,7 @@
-"""Programmatic dependent launch (PDL) for sglab's decode-path Triton kernels (Hopper and
-newer). `SGLAB_TRITON_PDL`: `auto` (the default) launches with PDL the kernels of at most
-PDL_AUTO_MAX_ROWS token rows, `1` every PDL-aware kernel, `0` none. On an H200 PDL took 4-6%
-off qwen3-0.6b decode replays at bs 1 and 8 and added 2-4% at bs 64
-(benchmark/results/2026-12-03-h200-kernel-decode-pdl.md).
+"""Programmatic dependent launch (PDL) for sglab's decode-path Triton kernels
+(`SGLAB_TRITON_PDL=1`, Hopper and newer; off by default: on an H200 it was within a few percent
+either way per decode replay, and slower at bs 1 and 64 with the current attention tiles,
+benchmark/results/2026-12-03-h200-kernel-decode-splits.md).
 
 With PDL a kernel may be scheduled while the one before it on the stream is still running: its
 programs start, then block in `griddepcontrol.wait` until the previous grid has completed and
@@ -30,30 +29,22 @@ import triton
 import triton.language as tl
 
 
-PDL_AUTO_MAX_ROWS = 8
-
-
 @functools.cache
-def pdl_mode() -> str:
-    """"on", "auto" or "off": SGLAB_TRITON_PDL (1, auto or unset, 0) on a GPU of compute
-    capability 9.0 or newer with a Triton that has the griddepcontrol ops, else "off"; read
-    once (tests call pdl_mode.cache_clear())."""
-    env = os.environ.get("SGLAB_TRITON_PDL", "auto")
-    if env not in ("0", "1", "auto"):
-        raise ValueError(f"SGLAB_TRITON_PDL={env!r}: expected 0, 1 or auto")
-    if env == "0" or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return "off"
+def pdl_enabled() -> bool:
+    """SGLAB_TRITON_PDL=1 on a GPU of compute capability 9.0 or newer with a Triton that has
+    the griddepcontrol ops; read once (tests call pdl_enabled.cache_clear())."""
+    if os.environ.get("SGLAB_TRITON_PDL", "0") != "1" or not torch.cuda.is_available():
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
     has_ops = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
-    if not has_ops or torch.cuda.get_device_capability()[0] < 9:
-        return "off"
-    return "on" if env == "1" else "auto"
+    return has_ops and torch.cuda.get_device_capability()[0] >= 9
 
 
 def pdl_launch(t: torch.Tensor) -> dict:
-    """Launch keyword arguments for a PDL-aware kernel whose token-major operands include `t`
-    (rows first): the constexpr and the launch attribute together, or neither."""
-    mode = pdl_mode()
-    if t.is_cuda and (mode == "on" or mode == "auto" and t.shape[0] <= PDL_AUTO_MAX_ROWS):
+    """Launch keyword arguments for a PDL-aware kernel whose operands include `t`: the
+    constexpr and the launch attribute together, or neither."""
+    if t.is_cuda and pdl_enabled():
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
 

@@ -367,9 +367,11 @@ def _extend_block_config(head_dim: int, device: torch.device) -> tuple[int, int,
     return 64, 32, num_warps, 1
 
 
-def _launch_params(q: torch.Tensor, Lv: int, block_m: int | None, block_n: int | None) -> dict:
+def _launch_params(q: torch.Tensor, Lv: int, block_m: int | None, block_n: int | None,
+                   num_warps: int | None = None, num_stages: int | None = None) -> dict:
     Lq = q.shape[-1]
-    default_m, default_n, num_warps, num_stages = _extend_block_config(max(Lq, Lv), q.device)
+    default_m, default_n, default_warps, default_stages = _extend_block_config(max(Lq, Lv),
+                                                                               q.device)
     return {
         "Lq": Lq,
         "Lv": Lv,
@@ -379,8 +381,8 @@ def _launch_params(q: torch.Tensor, Lv: int, block_m: int | None, block_n: int |
         "BLOCK_N": block_n or default_n,
         "PORTABLE_DOT": _portable_dot(q),
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": num_warps,
-        "num_stages": num_stages,
+        "num_warps": num_warps or default_warps,
+        "num_stages": num_stages or default_stages,
     }
 
 
@@ -404,6 +406,8 @@ def extend_attention_fwd(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> None:
     """2-stage extend attention.
 
@@ -423,7 +427,8 @@ def extend_attention_fwd(
     if bs == 0 or max_len_extend == 0:
         return
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q_extend.shape[-1])
-    params = _launch_params(q_extend, v_extend.shape[-1], block_m, block_n)
+    params = _launch_params(q_extend, v_extend.shape[-1], block_m, block_n, num_warps,
+                            num_stages)
     use_custom_mask = custom_mask is not None
     grid = (bs, head_num, triton.cdiv(max_len_extend, params["BLOCK_M"]))
     _fwd_kernel[grid](
