@@ -456,7 +456,7 @@ def _gemm_sweep_lines(report: dict, bw: float) -> list[str]:
         best = min(rows, key=lambda r: r["skinny_us"])
         c = best["config"]
         default = next((r["skinny_us"] for r in rows
-                        if _is_default(r["config"], m, r["n"], r["k"])), None)
+                        if _is_default(r["config"], m, r["k"])), None)
         lines.append(f"| {model} | {layer} | {m} | {c['BLOCK_N']} / {c['BLOCK_K']} / "
                      f"{c['num_warps']} / {c['DEFER_REDUCE']} | {best['skinny_us']:.1f} | "
                      f"{best['weight_gbps_skinny'] / bw:.0%} | "
@@ -468,9 +468,9 @@ def _gemm_sweep_lines(report: dict, bw: float) -> list[str]:
 GEMM_LAYERS = ("qkv", "o", "gate_up", "down")
 
 
-def _is_default(cfg: dict, m: int, n: int, k: int) -> bool:
+def _is_default(cfg: dict, m: int, k: int) -> bool:
     from sglab.srt.layers.skinny_gemm import _config
-    d = _config(m, n, k, True)
+    d = _config(m, k, True)
     return all(cfg[key] == d[key] for key in ("BLOCK_N", "BLOCK_K", "num_warps", "DEFER_REDUCE"))
 
 

@@ -53,6 +53,7 @@
 #                 per bound, the graph-timed attention sweep (both head shapes): one call
 #   kernels-final   small-M GEMM / PDL GPU tests, 0.6B decode (defaults, cuBLAS, PDL), the
 #                 prefill attention sweep (8k causal, tiles / warps / stages): one call
+#   kernels-prefill  extend-attention GPU tests, llama-3.1-8b decode and 8k prefill (`on`)
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -297,6 +298,11 @@ for step in "$@"; do
       --variants ${KS_Q06:-on-default on on-m1-pdl} --out "$R/q06" 2>&1 | tail -n 12
     timeout 130 python3 benchmark/kernel_bench.py sweep --parts extend --out "$R/ext" 2>&1 \
       | tail -n 12 ;;
+  kernels-prefill)  # one call: the extend-attention GPU tests, the 8B decode and 8k prefill
+    timeout 60 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py -k "extend or \
+      unified or head_dims" 2>&1 | tee "$R/gpu_tests_prefill.log" | tail -n 4
+    timeout 120 python3 benchmark/kernel_bench.py all --parts --presets llama-3.1-8b \
+      --variants on --out "$R/l8b" 2>&1 | tail -n 12 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

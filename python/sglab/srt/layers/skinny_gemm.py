@@ -137,25 +137,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
              mask=rmask[:, None] & cmask[None, :])
 
 
-# One row, by weight shape (N, K): the H200 sweep's fastest layout (BLOCK_N, BLOCK_K, the K
-# reduction deferred) for each decoder matmul of qwen3-0.6b and llama-3.1-8b at tp 1
-# (benchmark/results/2026-12-03-h200-kernel-sweep-gemm.md); other shapes take 8 x 1024, deferred.
-_ONE_ROW_LAYOUTS = {
-    (4096, 1024): (4, 1024, False), (1024, 2048): (4, 1024, True),
-    (6144, 1024): (8, 512, True), (1024, 3072): (4, 1024, True),
-    (6144, 4096): (8, 512, True), (4096, 4096): (8, 1024, True),
-    (28672, 4096): (4, 1024, True), (4096, 14336): (8, 1024, True)}
-
-
-def _config(m: int, n: int, k: int, on_cuda: bool) -> dict:
-    """Launch parameters by shape. Triton's interpreter cannot tl.dot bf16: there the larger
+def _config(m: int, k: int, on_cuda: bool) -> dict:
+    """Launch parameters by shape (one layout per M for every weight: per-shape one-row layouts,
+    the isolated GEMM's fastest, were slower in the decode graph, whose qkv and gate_up fold
+    the RMSNorm into every program). Triton's interpreter cannot tl.dot bf16: there the larger
     tiles reduce by FMA too."""
-    if m == 1 and (n, k) in _ONE_ROW_LAYOUTS:
-        block_n, block_k, defer = _ONE_ROW_LAYOUTS[n, k]
-        return {"USE_DOT": False, "DEFER_REDUCE": defer, "BLOCK_M": 1, "BLOCK_N": block_n,
-                "BLOCK_K": block_k, "num_warps": 4}
     if m <= 4:  # FMA, the K reduction deferred: the best layouts of the H200 sweep
-        bm = triton.next_power_of_2(m)
+        bm = triton.next_power_of_2(m)  # (benchmark/results/2026-12-03-h200-kernel-sweep-gemm.md)
         return {"USE_DOT": False, "DEFER_REDUCE": True, "BLOCK_M": bm,
                 "BLOCK_N": 8 if bm == 1 else 4,
                 "BLOCK_K": min(1024 // bm, triton.next_power_of_2(k)), "num_warps": 4}
@@ -186,7 +174,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     res2 = res.reshape(-1, k) if res is not None else x2
     res_out = torch.empty_like(x2) if res is not None else x2
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = {**_config(m, n, k, x.is_cuda), **(config or {})}
+    cfg = {**_config(m, k, x.is_cuda), **(config or {})}
     assert cfg["BLOCK_M"] >= m, "the tile must hold every row"
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _skinny_gemm_kernel[grid](
