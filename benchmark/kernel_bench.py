@@ -504,9 +504,9 @@ def _extend_lines(report: dict) -> list[str]:
     ok = sorted((r for r in ext["rows"] if "median_s" in r), key=lambda r: r["median_s"])
     default = next((r for r in ok if r["default"]), None)
     lines = ["", f"Prefill attention alone: one causal prompt of {ext['tokens']} tokens, heads "
-             f"{ext['heads']}, {ext['flops'] / 1e12:.1f} TFLOP; of the measured bf16 matmul peak "
-             f"({ext['peak_tflops']:.0f} TFLOP/s). Default and the five fastest (BLOCK_M, "
-             "BLOCK_N, warps, stages):", "", "| config | ms | TFLOP/s | of peak |",
+             f"{ext['heads']}, {ext['flops'] / 1e12:.2f} TFLOP (one layer); of the bf16 "
+             f"matmul peak ({ext['peak_tflops']:.0f} TFLOP/s). Default and the five fastest "
+             "(BLOCK_M, BLOCK_N, warps, stages):", "", "| config | ms | TFLOP/s | of peak |",
              "|---|---|---|---|"]
     for r in ([default] if default else []) + [r for r in ok if not r["default"]][:5]:
         name = "default" if r["default"] else " / ".join(map(str, r["config"]))
