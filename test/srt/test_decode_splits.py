@@ -25,6 +25,9 @@ def test_split_programs_env_and_cpu_default(monkeypatch):
     assert triton_backend.split_programs(torch.device("cpu")) == 0
     monkeypatch.setenv("SGLAB_DECODE_SPLIT_WAVES", "40")
     assert triton_backend.split_programs(torch.device("cpu")) == 40
+    monkeypatch.setenv("SGLAB_DECODE_SPLIT_WAVES", "-1")
+    with pytest.raises(ValueError, match="SGLAB_DECODE_SPLIT_WAVES"):
+        triton_backend.split_programs(torch.device("cpu"))
 
 
 def _prompts() -> list[list[int]]:

@@ -54,6 +54,8 @@ def split_programs(device: torch.device) -> int:
     size may take MAX_KV_SPLITS splits. A batch of many requests splits less, since its
     requests alone fill the GPU and every split adds a partial to write and merge."""
     env = os.environ.get("SGLAB_DECODE_SPLIT_WAVES")
+    if env is not None and not env.isdigit():
+        raise ValueError(f"SGLAB_DECODE_SPLIT_WAVES={env!r}: expected a non-negative integer")
     waves = int(env) if env is not None else DEFAULT_SPLIT_WAVES if device.type == "cuda" else 0
     if device.type != "cuda":
         return waves
