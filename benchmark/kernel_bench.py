@@ -154,14 +154,14 @@ def attention_child() -> dict:
     batch size, the default tile) in one launch and in two stages, the fixed bound of
     MAX_KV_SPLITS splits before it, and one launch swept over ATTN_SWEEP."""
     from sglab.srt.layers.attention.triton_backend import (
-        MAX_KV_SPLITS, decode_max_splits, split_programs)
+        MAX_KV_SPLITS, decode_max_splits, decode_programs_per_split, split_programs)
 
     programs = split_programs(torch.device("cuda"))
     rows = []
     for model, heads in ATTN_HEADS.items():
         for bs, ctx in ATTN_SHAPES:
             run = _attention_case(heads, bs, ctx)
-            serving = decode_max_splits(bs, programs, heads[1])  # kv groups <= 16: one program
+            serving = decode_max_splits(bs, programs, decode_programs_per_split(*heads[:2]))
             for merge in (True, False):
                 rows.append({**run(serving, None, None, merge), "model": model,
                              "config": "serving"})

@@ -69,3 +69,8 @@ def test_fewer_splits_same_tokens(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(torch.tensor(a.logprobs["output_token_logprobs_val"]),
                                    torch.tensor(b.logprobs["output_token_logprobs_val"]),
                                    atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("hq,hkv,want", [(16, 8, 8), (32, 8, 8), (64, 2, 4), (8, 8, 8)])
+def test_programs_per_split(hq, hkv, want):
+    assert triton_backend.decode_programs_per_split(hq, hkv) == want

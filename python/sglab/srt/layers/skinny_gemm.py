@@ -54,6 +54,8 @@ def max_m(hidden_size: int | None = None) -> int:
     env = os.environ.get("SGLAB_SKINNY_GEMM_MAX_M")
     if env is None:
         return int(hidden_size is not None and hidden_size <= SMALL_MODEL_HIDDEN)
+    if not env.isdigit():
+        raise ValueError(f"SGLAB_SKINNY_GEMM_MAX_M={env!r}: expected a non-negative integer")
     return min(64, int(env))
 
 

@@ -62,6 +62,13 @@ def split_programs(device: torch.device) -> int:
     return waves * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def decode_programs_per_split(num_q_heads: int, num_kv_heads: int) -> int:
+    """Stage-1 programs per request and split: one per q head (MHA), or per DECODE_BLOCK_H q
+    heads of each kv group (the grouped kernel)."""
+    group = num_q_heads // num_kv_heads
+    return num_q_heads if group == 1 else num_kv_heads * -(-group // DECODE_BLOCK_H)
+
+
 def decode_max_splits(bs: int, split_programs: int, programs_per_split: int) -> int:
     """Splits for at most `split_programs` stage-1 programs in a `bs`-row batch, 1 to
     MAX_KV_SPLITS (split_programs 0: MAX_KV_SPLITS)."""
@@ -120,11 +127,8 @@ class TritonAttnBackend(AttentionBackend):
                                "kernel": self._build_unified_kernel}[index_build]
         self.max_kv_splits = MAX_KV_SPLITS
         self.split_programs = split_programs(torch.device(self.device))
-        # stage-1 programs per request and split: one per q head, or per BLOCK_H of a kv group
-        num_kv_heads = mc.get_num_kv_heads(model_runner.attn_tp_size)
-        group = self.num_q_heads // num_kv_heads
-        self.programs_per_split = (self.num_q_heads if group == 1
-                                   else num_kv_heads * -(-group // DECODE_BLOCK_H))
+        self.programs_per_split = decode_programs_per_split(
+            self.num_q_heads, mc.get_num_kv_heads(model_runner.attn_tp_size))
         # --kernel-fusion on: decode attention in one launch; its split counters, zero between
         # launches, shared by every layer and graph (all on the forward stream).
         self.merge_count = None
