@@ -60,7 +60,11 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             "on-m1-fixed": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
                                    "SGLAB_DECODE_SPLIT_WAVES": "0"}),
             **{f"on-m1-w{w}": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
-                                      "SGLAB_DECODE_SPLIT_WAVES": str(w)}) for w in (1, 2, 8)}}
+                                      "SGLAB_DECODE_SPLIT_WAVES": str(w)}) for w in (1, 2, 8)},
+            # -rope0: the q/k norm + RoPE in its own kernel, not in decode attention
+            "on-rope0": ("on", {"SGLAB_DECODE_FUSED_ROPE": "0"}),
+            "on-m1-rope0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
+                                   "SGLAB_DECODE_FUSED_ROPE": "0"})}
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
@@ -333,7 +337,8 @@ def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-DEFAULT_KNOBS = ("SGLAB_SKINNY_GEMM_MAX_M", "SGLAB_TRITON_PDL", "SGLAB_DECODE_SPLIT_WAVES")
+DEFAULT_KNOBS = ("SGLAB_SKINNY_GEMM_MAX_M", "SGLAB_TRITON_PDL", "SGLAB_DECODE_SPLIT_WAVES",
+                 "SGLAB_DECODE_FUSED_ROPE")
 
 
 def _child(args: list[str], env: dict | None = None, unset=()) -> dict:

@@ -54,6 +54,9 @@
 #   kernels-final   small-M GEMM / PDL GPU tests, 0.6B decode (defaults, cuBLAS, PDL), the
 #                 prefill attention sweep (8k causal, tiles / warps / stages): one call
 #   kernels-prefill  extend-attention GPU tests, llama-3.1-8b decode and 8k prefill (`on`)
+#   kernels-rope  decode attention with the q/k norm + RoPE and K/V write taken in, and the
+#                 one-launch greedy argmax: GPU tests (with the unfenced variant caught),
+#                 0.6B / 8B decode with and without the fused RoPE: one call
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -303,6 +306,16 @@ for step in "$@"; do
       unified or head_dims" 2>&1 | tee "$R/gpu_tests_prefill.log" | tail -n 4
     timeout 120 python3 benchmark/kernel_bench.py all --parts --presets llama-3.1-8b \
       --variants on --out "$R/l8b" 2>&1 | tail -n 12 ;;
+  kernels-rope)  # one call: the fused-RoPE decode attention and argmax GPU tests, 0.6B / 8B
+    # decode with the RoPE in decode attention vs in its own kernel (-rope0)
+    timeout 200 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
+      test/kernels/test_argmax.py test/srt/test_kernel_fusion.py -k "not extend and not \
+      unified and not head_dims" 2>&1 | tee "$R/gpu_tests_rope.log" | tail -n 8
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 140 $kb --presets qwen3-0.6b --variants ${KR_Q06:-on-m1 on-m1-rope0 on-default} \
+      --out "$R/q06" 2>&1 | tail -n 12
+    timeout 160 $kb --presets llama-3.1-8b --variants ${KR_L8B:-on on-rope0} --out "$R/l8b" \
+      2>&1 | tail -n 6 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

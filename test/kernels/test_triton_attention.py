@@ -15,7 +15,10 @@ from sglab.srt.layers.attention.triton_ops.create_kv_indices import (
     create_kv_indices,
     create_kv_indices_torch,
 )
-from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+from sglab.srt.layers.attention.triton_ops.decode_attention import (
+    DecodeRope,
+    decode_attention_fwd,
+)
 from sglab.srt.layers.attention.triton_ops.extend_attention import (
     build_unified_kv_indices,
     extend_attention_fwd,
@@ -25,6 +28,7 @@ from sglab.srt.layers.attention.triton_ops.reference import (
     ref_decode_attention,
     ref_extend_attention,
 )
+from sglab.srt.layers.elementwise import KVWrite, QKNormRope
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
@@ -168,10 +172,13 @@ def run_decode(
     logit_cap: float = 0.0,
     scratch_splits: int | None = None,
     merge: bool = False,
+    q: torch.Tensor | None = None,
+    rope: DecodeRope | None = None,
     **blocks: int,
 ) -> torch.Tensor:
-    """merge: the one-launch form (`merge_count`), whose counters must come back zeroed."""
-    q = b.q()
+    """merge: the one-launch form (`merge_count`), whose counters must come back zeroed; q:
+    instead of the batch's queries."""
+    q = b.q() if q is None else q
     kv_indptr, kv_indices = b.unified_kv()
     bs, hq, _ = q.shape
     dv = b.v_buffer.shape[-1]
@@ -195,6 +202,7 @@ def run_decode(
         q.shape[-1] ** -0.5,
         logit_cap,
         merge_count=counts,
+        rope=rope,
         **blocks,
     )
     if merge:
@@ -435,6 +443,68 @@ def test_decode_batch_invariant(hq: int, hkv: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# decode that takes in the q/k norm + RoPE and the new K/V write (DecodeRope)
+
+
+def _projected(b: PagedBatch, has_norm: bool, seed: int):
+    """Raw q, k, v of each request's new token (row-strided views of one qkv, as the model
+    passes them) and a layer's norm + RoPE at the token's position."""
+    gen = torch.Generator().manual_seed(seed)
+    hq, (hkv, d), dtype = b.q_all[0].shape[1], b.k_buffer.shape[1:], b.k_buffer.dtype
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+    q, k, v = randn(b.bs, (hq + 2 * hkv) * d).split([hq * d, hkv * d, hkv * d], dim=-1)
+    positions = torch.tensor([s - 1 for s in b.seq_lens], device=DEVICE)
+    weights = (randn(d), randn(d)) if has_norm else (None, None)
+    norm_rope = QKNormRope(positions, randn(max(b.seq_lens), d), d, *weights, eps=1e-6)
+    return q, k, v, norm_rope
+
+
+def run_decode_rope(b: PagedBatch, splits: list[int], max_splits: int, has_norm: bool,
+                    merge: bool, seed: int = 0):
+    """The fused launch over a pool whose new-token slots hold NaN, and the separate path
+    (qk_norm_rope with its K/V write, then decode attention): (o, k, v) of each."""
+    q, k, v, norm_rope = _projected(b, has_norm, seed)
+    loc = b.out_cache_loc()
+    ref_k, ref_v = b.k_buffer.clone(), b.v_buffer.clone()
+    q_rot, _ = norm_rope(q, k, KVWrite(v, loc, ref_k, ref_v))
+    shape = (b.bs, -1, b.k_buffer.shape[-1])
+    ref = replace(b, k_buffer=ref_k, v_buffer=ref_v)
+    o_ref = run_decode(ref, splits, max_splits, merge=merge, q=q_rot.view(shape))
+    fused = replace(b, k_buffer=b.k_buffer.clone(), v_buffer=b.v_buffer.clone())
+    fused.k_buffer[loc] = float("nan")
+    fused.v_buffer[loc] = float("nan")
+    o = run_decode(fused, splits, max_splits, merge=merge, q=q.view(shape),
+                   rope=DecodeRope(norm_rope, k, v, loc))
+    return (o, fused.k_buffer, fused.v_buffer), (o_ref, ref_k, ref_v)
+
+
+def assert_rope_matches_separate(got, want, dtype: torch.dtype) -> None:
+    (o, k, v), (o_ref, k_ref, v_ref) = got, want
+    assert torch.equal(v, v_ref), "v stored as projected"
+    assert not k.isnan().any(), "a new token's k left unwritten"
+    torch.testing.assert_close(k, k_ref, atol=TOL[dtype] / 4, rtol=TOL[dtype] / 4)
+    assert_close(o, o_ref, dtype)
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype, page_size", [
+    (4, 2, 32, FP32, 1), (4, 2, 32, BF16, 16), (40, 2, 16, FP32, 1)])
+@pytest.mark.parametrize("has_norm", [True, False])
+@pytest.mark.parametrize("merge", [True, False])
+def test_decode_rope_matches_separate_kernels(hq: int, hkv: int, d: int, dtype: torch.dtype,
+                                              page_size: int, has_norm: bool,
+                                              merge: bool) -> None:
+    """Rows of one split and of several (the new token in the last), a group wider than one
+    program (40 / 2 > 16 heads: two programs store the same k): the pool and the output of the
+    separate kernels, and no read of a slot before its k and v are stored (NaN poison)."""
+    b = make_decode_batch([1, 64, 150, 33], hq, hkv, d, dtype, page_size, seed=41)
+    got, want = run_decode_rope(b, [1, 1, 3, 4], 4, has_norm, merge, seed=42)
+    assert_rope_matches_separate(got, want, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # extend: 2-stage and unified vs the reference and each other
 
 EXTEND_CASES = [
@@ -558,6 +628,58 @@ def test_decode_split_bounds_real_sizes_gpu(hq: int, max_splits: int) -> None:
     ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, 128**-0.5)
     assert_close(o, ref, BF16)
     assert torch.equal(run_decode(b, splits, max_splits, merge=True), o)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("hq", [16, 32])
+@pytest.mark.parametrize("max_splits", [1, 4, 16])
+def test_decode_rope_real_sizes_gpu(hq: int, max_splits: int) -> None:
+    """qwen3-0.6b / llama-3.1-8b heads at the split bounds of bs 64 / 8 / 1, launch after
+    launch: the separate kernels' pool and output, never a NaN-poisoned new slot read."""
+    seq_lens = [264, 1, 4096, 65, 700, 2000]
+    b = make_decode_batch(seq_lens, hq, 8, 128, BF16, page_size=1, seed=43)
+    splits = [max(1, min(max_splits, math.ceil(s / 64))) for s in seq_lens]
+    for seed in range(10):
+        got, want = run_decode_rope(b, splits, max_splits, True, True, seed=seed)
+        assert_rope_matches_separate(got, want, BF16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_rope_without_its_barrier_is_caught_gpu(tmp_path, monkeypatch) -> None:
+    """The check above can fail: a copy of the kernels without the barrier between the new
+    slot's stores and the key loop's loads reads the NaN-poisoned slot (or a stale k) in some
+    launch, with every request's new token in its first tile."""
+    import importlib.util
+
+    from sglab.srt.layers.attention.triton_ops import decode_attention
+
+    src = open(decode_attention.__file__).read()
+    line = "    tl.debug_barrier()  # the new slot's stores before any thread's loads of it\n"
+    assert src.count(line) == 1
+    path = tmp_path / "decode_attention_unfenced.py"
+    path.write_text(src.replace(line, ""))
+    spec = importlib.util.spec_from_file_location("decode_attention_unfenced", path)
+    unfenced = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unfenced)
+    b = make_decode_batch([1 + i % 32 for i in range(64)], 32, 8, 128, BF16, page_size=1,
+                          seed=44)
+
+    def failures() -> int:
+        caught = 0
+        for seed in range(20):
+            got, want = run_decode_rope(b, [1] * b.bs, 1, True, True, seed=seed)
+            try:
+                assert_rope_matches_separate(got, want, BF16)
+            except AssertionError:
+                caught += 1
+        return caught
+
+    assert failures() == 0
+    monkeypatch.setitem(globals(), "decode_attention_fwd", unfenced.decode_attention_fwd)
+    monkeypatch.setitem(globals(), "DecodeRope", unfenced.DecodeRope)
+    assert failures() > 0, "20 launches without the barrier all passed the check"
 
 
 @pytest.mark.gpu

@@ -52,20 +52,24 @@ def _assert_same_outputs(on: list, off: list) -> None:
 
 
 @pytest.mark.parametrize("preset,backend", [("tiny-qwen3", "triton"),
+                                            ("tiny-llama", "triton"),
                                             ("tiny-qwen3", "torch_native"),
                                             ("tiny-llama", "torch_native")])
 def test_fusion_on_matches_off(tiny_model_dir, preset, backend):
-    """Triton: the fused K/V write and the one-launch decode; torch_native: the K/V write alone,
-    with (Qwen3) and without (Llama) q/k norm."""
+    """Triton: the fused K/V write in prefill, and decode attention in one launch with the q/k
+    norm + RoPE and the K/V write; torch_native: the K/V write alone; with (Qwen3) and without
+    (Llama) q/k norm."""
     path = tiny_model_dir(preset)
     kw = {"attention_backend": backend, "chunked_prefill_size": 32}
     _assert_same_outputs(_run(path, "on", **kw), _run(path, "off", **kw))
 
 
 def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
-    """With fusion on, no layer calls set_kv_buffer (the RoPE kernel wrote K/V) and every
-    decode attention runs as one launch; off, both run as before."""
-    calls = {"set_kv_buffer": 0, "merged": 0, "two_stage": 0}
+    """With fusion on, no layer calls set_kv_buffer (the RoPE kernel wrote K/V in prefill, decode
+    attention in decode) and every decode attention runs as one launch that also applies the
+    q/k norm + RoPE; SGLAB_DECODE_FUSED_ROPE=0 leaves that to the RoPE kernel; off, all run as
+    before."""
+    calls = {"set_kv_buffer": 0, "merged": 0, "two_stage": 0, "rope": 0}
     set_kv = MHATokenToKVPool.set_kv_buffer
     decode = decode_attention.decode_attention_fwd
 
@@ -73,24 +77,28 @@ def test_fused_paths_are_taken(tiny_model_dir, monkeypatch):
         calls["set_kv_buffer"] += 1
         return set_kv(self, *a, **kw)
 
-    def counting_decode(*a, merge_count=None, **kw):
+    def counting_decode(*a, merge_count=None, rope=None, **kw):
         calls["merged" if merge_count is not None else "two_stage"] += 1
-        return decode(*a, merge_count=merge_count, **kw)
+        calls["rope"] += rope is not None
+        return decode(*a, merge_count=merge_count, rope=rope, **kw)
 
     monkeypatch.setattr(MHATokenToKVPool, "set_kv_buffer", counting_set_kv)
     monkeypatch.setattr("sglab.srt.layers.attention.triton_backend.decode_attention_fwd",
                         counting_decode)
     path = tiny_model_dir("tiny-qwen3")
     counts = {}
-    for fusion in ("on", "off"):
+    for fusion, fused_rope in (("on", "1"), ("on", "0"), ("off", "1")):
+        monkeypatch.setenv("SGLAB_DECODE_FUSED_ROPE", fused_rope)
         calls.update(dict.fromkeys(calls, 0))
         SchedulerRunner(model_path=path, kernel_fusion=fusion,
                         attention_backend="triton").generate(_prompts()[2:], PARAMS)
-        counts[fusion] = dict(calls)
+        counts[fusion, fused_rope] = dict(calls)
     layers, decodes = 2, PARAMS["max_new_tokens"] - 1
-    assert counts["on"] == {"set_kv_buffer": 0, "merged": layers * decodes, "two_stage": 0}
-    assert counts["off"] == {"set_kv_buffer": layers * (1 + decodes), "merged": 0,
-                             "two_stage": layers * decodes}
+    merged = {"set_kv_buffer": 0, "merged": layers * decodes, "two_stage": 0}
+    assert counts["on", "1"] == {**merged, "rope": layers * decodes}
+    assert counts["on", "0"] == {**merged, "rope": 0}
+    assert counts["off", "1"] == {"set_kv_buffer": layers * (1 + decodes), "merged": 0,
+                                  "two_stage": layers * decodes, "rope": 0}
 
 
 def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):

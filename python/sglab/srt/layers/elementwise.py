@@ -141,6 +141,25 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 @dataclass(frozen=True)
+class QKNormRope:
+    """A layer's optional per-head q/k RMSNorm (`q_weight` None: none) and neox RoPE at
+    `positions`: what `qk_norm_rope` applies, or a decode attention in its own launch
+    (`AttentionBackend.fuses_qk_rope`)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    head_dim: int
+    q_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, kv_write: KVWrite | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return qk_norm_rope(q, k, self.positions, self.cos_sin_cache, self.head_dim,
+                            self.q_weight, self.k_weight, self.eps, kv_write)
+
+
+@dataclass(frozen=True)
 class KVWrite:
     """Where `qk_norm_rope` writes k and v: one layer's K/V pool buffers
     ([slots, Hkv, D]) at `loc[t]` for token t; `v` is [T, Hkv*D] (a row-strided view is fine)."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from sglab.srt.layers.elementwise import QKNormRope
     from sglab.srt.model_executor.forward_batch_info import ForwardBatch
 
 
@@ -26,7 +27,9 @@ class RadixAttention(nn.Module):
         self.logit_cap = logit_cap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                forward_batch: "ForwardBatch", save_kv_cache: bool = True) -> torch.Tensor:
+                forward_batch: "ForwardBatch", save_kv_cache: bool = True,
+                rope: "QKNormRope | None" = None) -> torch.Tensor:
         k = k.view(-1, self.tp_k_head_num, self.head_dim)
         v = v.view(-1, self.tp_v_head_num, self.head_dim)
-        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, save_kv_cache)
+        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, save_kv_cache,
+                                                  rope=rope)

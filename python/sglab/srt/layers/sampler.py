@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sglab.srt.layers.argmax import greedy_argmax
 from sglab.srt.sampling.sampling_params import TOP_K_ALL
 from sglab.srt.utils.h2d import h2d
 
@@ -91,13 +92,13 @@ class Sampler(nn.Module):
                 return_logprob: bool = False, top_logprobs_num: int = 0,
                 token_ids_logprobs: list[list[int] | None] | None = None) -> SampleOutput:
         if info.is_all_greedy:
-            next_ids = logits.argmax(dim=-1)
+            next_ids = greedy_argmax(logits)
         else:
             probs = torch.softmax(logits / info.temperatures, dim=-1)
             probs = _filter_probs(probs, info)
             next_ids = _seeded_sample(probs, info.seeds, positions)
             greedy = info.top_ks == 1
-            next_ids = torch.where(greedy, logits.argmax(dim=-1), next_ids)
+            next_ids = torch.where(greedy, greedy_argmax(logits), next_ids)
         out = SampleOutput(next_token_ids=next_ids)
         if return_logprob:
             logprobs = torch.log_softmax(logits / info.temperatures, dim=-1)

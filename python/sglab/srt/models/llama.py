@@ -11,7 +11,7 @@ from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.distributed.parallel_state import get_attention_tp_group, is_dp_attention_enabled
 from sglab.srt.layers.activation import SiluAndMul
 from sglab.srt.layers.communicator import forward_mlp
-from sglab.srt.layers.elementwise import KVWrite, qk_norm_rope, use_fused_kernels
+from sglab.srt.layers.elementwise import KVWrite, QKNormRope, use_fused_kernels
 from sglab.srt.layers.layernorm import RMSNorm
 from sglab.srt.layers.linear import (
     LinearBase,
@@ -92,13 +92,12 @@ class LlamaAttention(nn.Module):
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         return q, k
 
-    def _fused_qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                            kv_write: KVWrite | None):
+    def _norm_rope(self, positions: torch.Tensor) -> QKNormRope:
         cache = self.rotary_emb.cos_sin_cache
         if not self.qk_norm:
-            return qk_norm_rope(q, k, positions, cache, self.head_dim, kv_write=kv_write)
-        return qk_norm_rope(q, k, positions, cache, self.head_dim, self.q_norm.weight,
-                            self.k_norm.weight, self.q_norm.variance_epsilon, kv_write)
+            return QKNormRope(positions, cache, self.head_dim)
+        return QKNormRope(positions, cache, self.head_dim, self.q_norm.weight,
+                          self.k_norm.weight, self.q_norm.variance_epsilon)
 
     def _kv_write(self, forward_batch: ForwardBatch, v: torch.Tensor) -> KVWrite | None:
         """This layer's KV-pool buffers for the fused write, or None (not fused, or a pool
@@ -120,8 +119,13 @@ class LlamaAttention(nn.Module):
         """Attention and o_proj from the qkv projection's output."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         kv_write = self._kv_write(forward_batch, v)
+        if kv_write is not None and forward_batch.attn_backend.fuses_qk_rope(self.attn,
+                                                                             forward_batch):
+            out = self.attn(q, k, v, forward_batch, save_kv_cache=False,
+                            rope=self._norm_rope(positions))
+            return self.o_proj(out)
         if kv_write is not None or (self.fused_qk_rope_ok and use_fused_kernels(q)):
-            q, k = self._fused_qk_norm_rope(positions, q, k, kv_write)
+            q, k = self._norm_rope(positions)(q, k, kv_write)
         else:
             if self.qk_norm:
                 q, k = self._apply_qk_norm(q, k)

@@ -277,8 +277,9 @@ class HybridLinearAttnBackend:
         for backend in self.attn_backend_list:
             backend.init_forward_metadata(forward_batch)
 
-    def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, rope=None):
         assert layer.layer_id in self.full_attn_layers, layer.layer_id
+        assert rope is None, "the hybrid backend does not fuse q/k norm + RoPE"
         return self.full_attn_backend.forward(q, k, v, layer, forward_batch, save_kv_cache)
 
     def forward_linear(self, layer, forward_batch, mixed_qkv, a, b) -> torch.Tensor:

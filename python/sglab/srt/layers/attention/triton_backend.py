@@ -29,6 +29,7 @@ from sglab.srt.layers.attention.triton_ops.create_kv_indices import (
 )
 from sglab.srt.layers.attention.triton_ops.decode_attention import (
     GROUP_BLOCK_H as DECODE_BLOCK_H,
+    DecodeRope,
     decode_attention_fwd,
 )
 from sglab.srt.layers.attention.triton_ops.extend_attention import (
@@ -76,6 +77,14 @@ def decode_max_splits(bs: int, split_programs: int, programs_per_split: int) -> 
         return MAX_KV_SPLITS
     want = split_programs // (max(bs, 1) * programs_per_split)
     return max(1, min(MAX_KV_SPLITS, want))
+
+
+def decode_fused_rope() -> bool:
+    """SGLAB_DECODE_FUSED_ROPE: 1 (default) or 0."""
+    env = os.environ.get("SGLAB_DECODE_FUSED_ROPE", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"SGLAB_DECODE_FUSED_ROPE={env!r}: expected 0 or 1")
+    return env == "1"
 
 
 @dataclass
@@ -138,6 +147,9 @@ class TritonAttnBackend(AttentionBackend):
                                            device=self.device)
         # --kernel-fusion on: a decode graph's indptr, indices and split counts in one launch.
         self.fused_graph_prologue = args.kernel_fusion == "on"
+        # --kernel-fusion on: grouped-head decode attention takes in the q/k norm + RoPE and
+        # the new K/V write (SGLAB_DECODE_FUSED_ROPE=0: the separate kernel).
+        self.fused_decode_rope = self.merge_count is not None and decode_fused_rope()
         self.forward_metadata: ForwardMetadata | None = None
         self.graph_state: dict[str, torch.Tensor] | None = None
 
@@ -365,4 +377,27 @@ class TritonAttnBackend(AttentionBackend):
         decode_attention_fwd(q, k_buf, v_buf, o, md.kv_indptr, md.kv_indices, md.attn_logits,
                              md.attn_lse, md.num_kv_splits, md.max_kv_splits, layer.scaling,
                              layer.logit_cap, merge_count=self.merge_count)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def fuses_qk_rope(self, layer: "RadixAttention", forward_batch: "ForwardBatch") -> bool:
+        """--kernel-fusion on, a decode of grouped heads: the grouped kernel takes in the q/k
+        norm + RoPE. Not under HiSparse, whose selection reads the rotated q and k."""
+        return (self.fused_decode_rope and forward_batch.forward_mode.is_decode()
+                and forward_batch.hisparse_coordinator is None
+                and layer.tp_q_head_num > layer.tp_k_head_num
+                and layer.qk_head_dim == layer.v_head_dim)
+
+    def forward_decode_rope(self, q, k, v, layer: "RadixAttention",
+                            forward_batch: "ForwardBatch", rope) -> torch.Tensor:
+        """forward_decode from the raw q and k: one launch normalizes and rotates them, stores
+        the new K/V and attends."""
+        fb, md = forward_batch, self.forward_metadata
+        q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = q.new_empty((q.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        decode_attention_fwd(q, k_buf, v_buf, o, md.kv_indptr, md.kv_indices, md.attn_logits,
+                             md.attn_lse, md.num_kv_splits, md.max_kv_splits, layer.scaling,
+                             layer.logit_cap, merge_count=self.merge_count,
+                             rope=DecodeRope(rope, k.flatten(1), v.flatten(1),
+                                             fb.out_cache_loc))
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)

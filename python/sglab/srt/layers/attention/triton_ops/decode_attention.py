@@ -10,6 +10,11 @@ does not depend on what else is in the batch.
 With a merge counter (`--kernel-fusion on`) there is no stage 2: a request with one split writes
 its output from stage 1, and otherwise the last split to finish merges, in the same order and
 arithmetic as stage 2, so both forms give the same bits.
+
+With `rope` (grouped kernel, `--kernel-fusion on`) q arrives as the projection's raw output: each
+program applies the layer's q/k RMSNorm and RoPE to its heads' rows, and the split that holds
+the new token also stores that token's k (normed, rotated) and v into the pool before reading
+its keys, in place of the separate `qk_norm_rope` launch with its K/V write.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dataclasses import dataclass
+
+from sglab.srt.layers.elementwise import QKNormRope
 from sglab.srt.layers.pdl import pdl_launch, pdl_wait
 
 _MIN_BLOCK_KV = 32
@@ -31,6 +39,31 @@ GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for
 # attention.
 _GROUPED_TILES_ONE_SPLIT = ((32, 3), (32, 2))
 _GROUPED_TILES_SPLIT = ((128, 3), (64, 3), (32, 3), (32, 2))
+
+
+@dataclass(frozen=True)
+class DecodeRope:
+    """`decode_attention_fwd(rope=)`: the layer's q/k norm + RoPE, and the new tokens' raw k and
+    v ([bs, Hkv * D], row-strided views are fine) with their pool slots `loc` ([bs])."""
+
+    norm_rope: QKNormRope
+    k: torch.Tensor
+    v: torch.Tensor
+    loc: torch.Tensor
+
+    def args(self, q: torch.Tensor, k_buffer: torch.Tensor) -> tuple:
+        nr, d = self.norm_rope, q.shape[-1]
+        half = d // 2
+        assert half > 0 and half & (half - 1) == 0, "RoPE over whole power-of-two heads"
+        assert k_buffer.dtype == q.dtype and k_buffer.shape[-1] == d
+        for t in (self.k, self.v):
+            assert t.shape == (q.shape[0], k_buffer.shape[1] * d) and t.stride(1) == 1
+            assert t.dtype == q.dtype
+        assert self.loc.shape == (q.shape[0],) and nr.positions.shape == (q.shape[0],)
+        has_norm = nr.q_weight is not None
+        return (self.k, self.v, self.loc, nr.positions, nr.cos_sin_cache,
+                nr.q_weight if has_norm else q, nr.k_weight if has_norm else q, nr.eps,
+                self.k.stride(0), self.v.stride(0)), has_norm
 
 
 @triton.jit
@@ -98,6 +131,45 @@ def _is_last_split(Merge_Count, idx, num_active):
     tl.debug_barrier()  # every thread's partial stores happen before the release below
     arrived = tl.atomic_add(Merge_Count + idx, 1, sem="acq_rel", scope="gpu")
     return arrived == num_active - 1
+
+
+@triton.jit
+def _load_rows(src, offs_d, row_mask, HALF: tl.constexpr):
+    """The head rows at `src` (a [R, 1] pointer tile) and each element's RoPE partner (the
+    other half), loaded in place so the rotated tile stays whole for tl.dot."""
+    rot = (offs_d + HALF) % (2 * HALF)
+    x = tl.load(src + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    xr = tl.load(src + rot[None, :], mask=row_mask[:, None], other=0.0)
+    return x, xr
+
+
+@triton.jit
+def _load_cos_sin(Cos_Sin, pos, offs_d, HALF: tl.constexpr):
+    half = offs_d % HALF
+    return (tl.load(Cos_Sin + pos * 2 * HALF + half),
+            tl.load(Cos_Sin + pos * 2 * HALF + HALF + half))
+
+
+@triton.jit
+def _norm_rope(x, xr, offs_d, cos, sin, Weight, eps, HAS_NORM: tl.constexpr,
+               HALF: tl.constexpr):
+    """RMSNorm (HAS_NORM) and neox RoPE of rows `x` ([R, 2 * HALF], partners `xr`), rounding
+    where `qk_norm_rope` does; in the rows' dtype."""
+    dtype = x.dtype
+    if HAS_NORM:
+        rot = (offs_d + HALF) % (2 * HALF)
+        f = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(f * f, 1) / (2 * HALF) + eps)
+        w = tl.load(Weight + offs_d).to(tl.float32)
+        wr = tl.load(Weight + rot).to(tl.float32)
+        x = ((f * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]).to(dtype)
+        xr = ((xr.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * wr[None, :]).to(dtype)
+    cos = cos.to(dtype).to(tl.float32)
+    sin = sin.to(dtype).to(tl.float32)
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    out = ((x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+           + (sign[None, :] * xr.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32))
+    return out.to(dtype)
 
 
 @triton.jit
@@ -240,6 +312,16 @@ def _decode_grouped_stage1_kernel(
     stride_oh,
     Merge_Count,
     q_head_num,
+    Rope_K,
+    Rope_V,
+    Rope_Loc,
+    Rope_Pos,
+    Rope_Cos_Sin,
+    Rope_QW,
+    Rope_KW,
+    rope_eps,
+    stride_rope_k,
+    stride_rope_v,
     kv_group_num: tl.constexpr,
     Lk: tl.constexpr,
     Lv: tl.constexpr,
@@ -255,9 +337,11 @@ def _decode_grouped_stage1_kernel(
     MERGE: tl.constexpr,
     MAX_SPLITS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROPE_NORM: tl.constexpr,
 ):
     """Up to BLOCK_H q heads sharing one kv head per program; q @ k^T and p @ v via tl.dot.
-    MERGE: see `decode_attention_fwd`'s `merge_count`."""
+    MERGE: see `decode_attention_fwd`'s `merge_count`; ROPE: its `rope`."""
     pdl_wait(USE_PDL)
     cur_batch = tl.program_id(0)
     cur_head_id = tl.program_id(1)
@@ -280,16 +364,34 @@ def _decode_grouped_stage1_kernel(
     mask_d = offs_d < Lk
     mask_dv = offs_dv < Lv
 
+    if ROPE:  # loads that need no length first, so their latency overlaps kv_indptr's
+        HALF: tl.constexpr = BLOCK_DMODEL // 2
+        qx, qr = _load_rows(Q + cur_batch * stride_qbs + cur_head[:, None] * stride_qh, offs_d,
+                            mask_h, HALF)
+        k_row = Rope_K + cur_batch * stride_rope_k + cur_kv_head * 2 * HALF
+        kx, kr = _load_rows(k_row + tl.zeros([1, 1], dtype=tl.int32), offs_d,
+                            tl.full([1], True, tl.int1), HALF)
+        v_new = tl.load(Rope_V + cur_batch * stride_rope_v + cur_kv_head * 2 * HALF + offs_dv)
+        loc = tl.load(Rope_Loc + cur_batch).to(tl.int64)
+        cos, sin = _load_cos_sin(Rope_Cos_Sin, tl.load(Rope_Pos + cur_batch), offs_d, HALF)
     kv_start = tl.load(kv_indptr + cur_batch)
     seq_len = tl.load(kv_indptr + cur_batch + 1) - kv_start
     num_splits = tl.load(num_kv_splits + cur_batch)
     split_start, split_end = _split_range(seq_len, num_splits, split_id, MIN_BLOCK_KV)
     if split_end > split_start:
-        q = tl.load(
-            Q + cur_batch * stride_qbs + cur_head[:, None] * stride_qh + offs_d[None, :],
-            mask=mask_h[:, None] & mask_d[None, :],
-            other=0.0,
-        )
+        if ROPE:
+            q = _norm_rope(qx, qr, offs_d, cos, sin, Rope_QW, rope_eps, ROPE_NORM, HALF)
+            if split_end == seq_len:  # the new token's split: its k and v into the pool first
+                k_new = _norm_rope(kx, kr, offs_d, cos, sin, Rope_KW, rope_eps, ROPE_NORM, HALF)
+                _store_new_kv(k_new, v_new, loc, K_Buffer, V_Buffer, cur_kv_head,
+                              stride_buf_kbs, stride_buf_kh, stride_buf_vbs, stride_buf_vh,
+                              offs_d, offs_dv)
+        else:
+            q = tl.load(
+                Q + cur_batch * stride_qbs + cur_head[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :],
+                other=0.0,
+            )
         e_max = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
         e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
@@ -348,6 +450,16 @@ def _decode_grouped_stage1_kernel(
                                  stride_oh, offs_dv, mask_dv, VALID_BLOCK_H, MERGE_BLOCK_H,
                                  MAX_SPLITS)
                     tl.store(Merge_Count + counter, 0)
+
+
+@triton.jit
+def _store_new_kv(k, v, loc, K_Buffer, V_Buffer, kv_head, stride_buf_kbs, stride_buf_kh,
+                  stride_buf_vbs, stride_buf_vh, offs_d, offs_dv):
+    """The new token's k ([1, D], normed and rotated) and v of `kv_head` at its pool slot,
+    visible to every thread of the program before its key loop reads that slot."""
+    tl.store(K_Buffer + loc * stride_buf_kbs + kv_head * stride_buf_kh + offs_d[None, :], k)
+    tl.store(V_Buffer + loc * stride_buf_vbs + kv_head * stride_buf_vh + offs_dv, v)
+    tl.debug_barrier()  # the new slot's stores before any thread's loads of it
 
 
 @triton.jit
@@ -448,6 +560,7 @@ def decode_attention_fwd(
     num_stages: int | None = None,
     num_warps: int | None = None,
     merge_count: torch.Tensor | None = None,
+    rope: DecodeRope | None = None,
 ) -> None:
     """o[i] = softmax(q[i] k^T * sm_scale) v over the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]].
 
@@ -459,6 +572,10 @@ def decode_attention_fwd(
     merge_count (int32, >= bs * num_q_heads zeros, left zeroed): one launch instead of two. A
     request with one split writes o directly; otherwise the split that finishes last (counted
     atomically) merges the partials, in split order, as stage 2 would: the same bits.
+
+    rope (grouped heads only): q is the projection's raw q; the launch applies `rope.norm_rope`
+    to q and to the new token's k, and stores that k and v at `rope.loc` (what `qk_norm_rope`
+    with its K/V write would do) before the keys are read.
     """
     bs, head_num, Lk = q.shape
     Lv = v_buffer.shape[-1]
@@ -471,6 +588,9 @@ def decode_attention_fwd(
     assert attn_logits.stride(-1) == 1 and attn_lse.stride(-1) == 1
     if merge_count is not None:
         assert merge_count.dtype == torch.int32 and merge_count.numel() >= bs * head_num
+    assert rope is None or (kv_group_num > 1 and Lv == Lk), "rope: grouped heads, Lv == Lk"
+    rope_args, rope_norm = rope.args(q, k_buffer) if rope is not None else ((q,) * 7 + (
+        0.0, 0, 0), False)
     if bs == 0:
         return
     on_cuda = q.is_cuda
@@ -530,6 +650,7 @@ def decode_attention_fwd(
         _decode_grouped_stage1_kernel[grid](
             *args,
             head_num,
+            *rope_args,
             kv_group_num=kv_group_num,
             BLOCK_N=block,
             BLOCK_H=GROUP_BLOCK_H,
@@ -537,6 +658,8 @@ def decode_attention_fwd(
             PORTABLE_DOT=_portable_dot(q),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_stages=num_stages or stages,
+            ROPE=rope is not None,
+            ROPE_NORM=rope_norm,
             **common,
         )
     if merge:
