@@ -112,11 +112,11 @@ def _drain(scheduler) -> int:
     return steps
 
 
-def run_sglab(preset: str) -> dict:
+def run_sglab(preset: str, kernel_fusion: str = "off") -> dict:
     from sglab.bench_one_batch import run_one
 
-    out: dict = {"preset": preset}
-    sched = _scheduler(preset, disable_overlap_schedule=True)
+    out: dict = {"preset": preset, "kernel_fusion": kernel_fusion}
+    sched = _scheduler(preset, disable_overlap_schedule=True, kernel_fusion=kernel_fusion)
     out["weight_bytes"] = sched.model_config.weight_bytes()
     runner = sched.tp_worker.model_runner
     out["state_bytes_per_req"] = runner.mamba_slot_bytes() \
@@ -214,8 +214,8 @@ def run_hf(preset: str) -> dict:
             "output_len": THROUGHPUT_OUTPUT_LEN}
 
 
-def _child(kind: str, preset: str) -> dict:
-    cmd = [sys.executable, __file__, kind, "--preset", preset]
+def _child(kind: str, preset: str, extra: list[str] = ()) -> dict:
+    cmd = [sys.executable, __file__, kind, "--preset", preset, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
@@ -232,14 +232,30 @@ def write_results(out_dir: str, name: str, report: dict, markdown: str) -> None:
     print(markdown)
 
 
-def run_all(presets: list[str], out_dir: str, commit: str | None = None) -> dict:
+def sglab_key(fusion: str) -> str:
+    """A report's key for sglab at `--kernel-fusion fusion` ("sglab": off, the default)."""
+    return "sglab" if fusion == "off" else f"sglab-fusion-{fusion}"
+
+
+def run_all(presets: list[str], out_dir: str, commit: str | None = None,
+            fusions: tuple[str, ...] = ("off",)) -> dict:
     report = {**provenance(commit), "bandwidth": measure_bandwidth(), "models": {}}
     for preset in presets:
-        report["models"][preset] = {"sglab": _child("sglab", preset),
-                                    "hf": _child("hf", preset)}
+        report["models"][preset] = {
+            **{sglab_key(f): _child("sglab", preset, ["--kernel-fusion", f]) for f in fusions},
+            "hf": _child("hf", preset)}
         print(json.dumps(report["models"][preset])[:2000], flush=True)
-    write_results(out_dir, "gpu_bench", report, to_markdown(report))
+        write_results(out_dir, "gpu_bench", report, to_markdown(report))
     return report
+
+
+def _runs(report: dict):
+    """(row label, sglab result, hf result) per preset and kernel-fusion setting."""
+    for preset, m in report["models"].items():
+        for key, s in m.items():
+            if key.startswith("sglab"):
+                label = preset if key == "sglab" else f"{preset} ({key[6:]})"
+                yield label, s, m.get("hf", {"error": "not run"})
 
 
 def to_markdown(report: dict) -> str:
@@ -249,8 +265,7 @@ def to_markdown(report: dict) -> str:
              "Decode step with a host sync after every step (bench_one_batch, overlap off):", "",
              "| model | bs | decode step (ms) | roofline (ms) | ratio | prefill (ms) |",
              "|---|---|---|---|---|---|"]
-    for preset, m in report["models"].items():
-        s = m["sglab"]
+    for preset, s, _ in _runs(report):
         if "error" in s:
             lines.append(f"| {preset} | error | | | | |")
             continue
@@ -263,8 +278,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", "Decode ITL at batch 1 with the overlap loop (steady state, 200 steps):", "",
               "| model | ITL bs1 (ms) | roofline (ms) | ratio | HF ITL bs1 (ms) |",
               "|---|---|---|---|---|"]
-    for preset, m in report["models"].items():
-        s, h = m["sglab"], m["hf"]
+    for preset, s, h in _runs(report):
         if "error" in s or "decode_bs1_overlap" not in s:
             continue
         roof = _roofline(s, 1, bw)
@@ -275,8 +289,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", "| model | sglab out tok/s (64 concurrent, overlap) | no overlap | "
               "HF tok/s | ratio vs HF | HF ITL bs1 (ms) | GPU idle (overlap) |",
               "|---|---|---|---|---|---|---|"]
-    for preset, m in report["models"].items():
-        s, h = m["sglab"], m["hf"]
+    for preset, s, h in _runs(report):
         if "error" in s or "error" in h:
             lines.append(f"| {preset} | error | | | | | |")
             continue
@@ -307,12 +320,19 @@ def bench_parser(kinds: list[str]) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = bench_parser(["all", "sglab", "hf", "bandwidth"]).parse_args()
+    parser = bench_parser(["all", "sglab", "hf", "bandwidth"])
+    parser.add_argument("--kernel-fusion", choices=["off", "on"], default="off",
+                        help="sglab child: its --kernel-fusion")
+    parser.add_argument("--fusions", nargs="+", choices=["off", "on"], default=["off"],
+                        help="all: one sglab run per --kernel-fusion setting")
+    args = parser.parse_args()
     if args.kind == "all":
-        run_all(args.presets, args.out, args.commit)
+        run_all(args.presets, args.out, args.commit, tuple(args.fusions))
         return
-    fn = {"sglab": run_sglab, "hf": run_hf}.get(args.kind)
-    result = measure_bandwidth() if fn is None else fn(args.preset)
+    if args.kind == "sglab":
+        result = run_sglab(args.preset, args.kernel_fusion)
+    else:
+        result = run_hf(args.preset) if args.kind == "hf" else measure_bandwidth()
     print(json.dumps(result))
 
 

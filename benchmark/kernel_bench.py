@@ -99,6 +99,24 @@ def _graph(sched, bs: int):
     return [g for k, g in gr.graphs.items() if k[0] == bs][-1]
 
 
+def back_to_back_replay_us(graph, replays: int = 20, rounds: int = 7) -> float:
+    """GPU µs per replay with the next one already queued (median of rounds of `replays`): the
+    host's launch overlaps the device's work, as in a serving loop that runs ahead. One replay
+    between two events also counts the launch wait when the launch takes longer than the
+    GPU's idle start (graph_replay_us)."""
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()  # the queue is not empty at the first event
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replays)
+    return statistics.median(times)
+
+
 def kernels_per_replay(graph) -> dict:
     """The kernels of one replay (_device_time_by_name)."""
     return _device_time_by_name(graph.replay)
@@ -138,8 +156,11 @@ def decode_child(preset: str, fusion: str, with_prefill: bool) -> dict:
             sched.run_step()
         graph = _graph(sched, bs)
         gpu_us, launch_us = graph_replay_us(sched, bs)
+        kernels = kernels_per_replay(graph)
         out["decode"].append({"bs": bs, "graph_gpu_us": gpu_us, "graph_launch_idle_us": launch_us,
-                              "kernels": kernels_per_replay(graph)})
+                              "back_to_back_us": back_to_back_replay_us(graph),
+                              "kernel_sum_us": sum(t for _, t, _ in kernels["device_us_by_name"]),
+                              "kernels": kernels})
         _drain(sched)
         sched.flush_cache()
     if prefill:
@@ -390,11 +411,13 @@ def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
-             "the GPU idle); variants in kernel_bench.VARIANTS (on: every matmul through cuBLAS; "
+             "the GPU idle), per replay back to back (the next launch queued), and the sum of "
+             "its kernels' device time; variants in kernel_bench.VARIANTS (on: every matmul through cuBLAS; "
              "-m1 / -m16: the small-M GEMM up to 1 / 16 rows; -pdl: SGLAB_TRITON_PDL=1); ref: "
              "off, or the first variant run:", "",
              "| model | bs | variant | replay GPU (µs) | / ref | / roofline | kernels | "
-             "launch (µs) |", "|---|---|---|---|---|---|---|---|"]
+             "launch (µs) | back to back (µs) | / roofline | kernel sum (µs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, m in report["models"].items():
         ok = [v for v in m if "decode" in m[v]]
         if not ok:
@@ -409,9 +432,12 @@ def to_markdown(report: dict) -> str:
                     continue
                 d = r["decode"][i]
                 t = d["graph_gpu_us"]
+                b2b = d.get("back_to_back_us")
                 lines.append(f"| {preset} | {d['bs']} | {v} | {t:.0f} | "
                              f"{t / base['graph_gpu_us']:.3f} | {t / roof:.2f} | "
-                             f"{d['kernels']['count']} | {d['graph_launch_idle_us']:.0f} |")
+                             f"{d['kernels']['count']} | {d['graph_launch_idle_us']:.0f} | "
+                             + (f"{b2b:.0f} | {b2b / roof:.2f} | {d['kernel_sum_us']:.0f} |"
+                                if b2b is not None else "| | |"))
     lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _top_kernel_lines(report)
     lines += _prefill_lines(report) + _attention_lines(report, bw) + _extend_lines(report)
     return "\n".join(lines) + "\n"

@@ -57,6 +57,10 @@
 #   kernels-rope  decode attention with the q/k norm + RoPE and K/V write taken in, and the
 #                 one-launch greedy argmax: GPU tests (with the unfenced variant caught),
 #                 0.6B / 8B decode with and without the fused RoPE: one call
+#   kernels-engine  the fused-RoPE GPU tests (the unfenced variant caught), then gpu_bench
+#                 with --kernel-fusion off and on (the engine table): one call
+#   kernels-replays  0.6B / 8B decode replays with and without the fused RoPE, one replay,
+#                 back to back and the kernels' sum: one call
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -316,6 +320,18 @@ for step in "$@"; do
       --out "$R/q06" 2>&1 | tail -n 12
     timeout 160 $kb --presets llama-3.1-8b --variants ${KR_L8B:-on on-rope0} --out "$R/l8b" \
       2>&1 | tail -n 6 ;;
+  kernels-engine)  # one call: fused-RoPE tests, gpu_bench fusion off / on
+    timeout 100 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
+      test/kernels/test_argmax.py -k "rope or argmax" 2>&1 | tee "$R/gpu_tests_engine.log" \
+      | tail -n 6
+    timeout ${KE_BENCH_S:-420} python3 benchmark/gpu_bench.py all --fusions off on \
+      --out "$R/engine" 2>&1 | tail -n 30 ;;
+  kernels-replays)  # one call: 0.6B / 8B decode replays (single, back to back, kernel sum)
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 150 $kb --presets qwen3-0.6b --variants on-default on-m1-rope0 \
+      --out "$R/q06" 2>&1 | tail -n 8
+    timeout 200 $kb --presets llama-3.1-8b --variants on on-rope0 --out "$R/l8b" 2>&1 \
+      | tail -n 6 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

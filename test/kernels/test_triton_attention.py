@@ -652,6 +652,7 @@ def test_decode_rope_without_its_barrier_is_caught_gpu(tmp_path, monkeypatch) ->
     slot's stores and the key loop's loads reads the NaN-poisoned slot (or a stale k) in some
     launch, with every request's new token in its first tile."""
     import importlib.util
+    import sys
 
     from sglab.srt.layers.attention.triton_ops import decode_attention
 
@@ -662,6 +663,7 @@ def test_decode_rope_without_its_barrier_is_caught_gpu(tmp_path, monkeypatch) ->
     path.write_text(src.replace(line, ""))
     spec = importlib.util.spec_from_file_location("decode_attention_unfenced", path)
     unfenced = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, unfenced)  # for its dataclass
     spec.loader.exec_module(unfenced)
     b = make_decode_batch([1 + i % 32 for i in range(64)], 32, 8, 128, BF16, page_size=1,
                           seed=44)

@@ -65,3 +65,26 @@ def test_benchmark_scripts_take_a_commit():
         out = subprocess.run([sys.executable, os.path.join(BENCHMARK_DIR, script), "--help"],
                              capture_output=True, text=True, timeout=120)
         assert "--commit" in out.stdout, (script, out.stderr[-500:])
+
+
+def test_gpu_bench_reports_each_kernel_fusion_setting(monkeypatch):
+    """`gpu_bench all --fusions off on`: one row per setting in every table, the fused one
+    labelled, each against the same HF run."""
+    monkeypatch.syspath_prepend(BENCHMARK_DIR)
+    import gpu_bench
+
+    def sglab(step_s: float) -> dict:
+        row = {"batch_size": 1, "median_decode_latency_s": step_s, "prefill_latency_s": 0.01}
+        return {"weight_bytes": 4e9, "one_batch": [row], "decode_bs1_overlap": {"step_s": step_s},
+                "throughput": {"output_throughput": 100.0},
+                "throughput_no_overlap": {"output_throughput": 90.0},
+                "idle": {"idle_fraction": 0.1}}
+
+    report = {**pv.provenance("c1"), "bandwidth": {"bandwidth_gbps": 4000.0}, "models": {
+        "m": {gpu_bench.sglab_key("off"): sglab(0.002), gpu_bench.sglab_key("on"): sglab(0.0015),
+              "hf": {"itl_bs1_s": 0.01, "output_throughput": 50.0}}}}
+    rows = [line for line in gpu_bench.to_markdown(report).splitlines()
+            if line.startswith("| m ") or line.startswith("| m (")]
+    assert [r.split(" | ")[0] for r in rows] == ["| m", "| m (fusion-on)"] * 3
+    assert "| 2.000 | 1.000 | 2.00 |" in rows[0] and "| 1.500 | 1.000 | 1.50 |" in rows[1]
+    assert rows[4].startswith("| m | 100 | 90 | 50 | 2.00 |")
