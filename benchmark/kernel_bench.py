@@ -64,7 +64,10 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             # -rope0: the q/k norm + RoPE in its own kernel, not in decode attention
             "on-rope0": ("on", {"SGLAB_DECODE_FUSED_ROPE": "0"}),
             "on-m1-rope0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
-                                   "SGLAB_DECODE_FUSED_ROPE": "0"})}
+                                   "SGLAB_DECODE_FUSED_ROPE": "0"}),
+            # -lt: torch's matmuls through cuBLASLt (its heuristics) instead of cuBLAS
+            "on-lt": ("on", {"TORCH_BLAS_PREFER_CUBLASLT": "1"}),
+            "on-m1-lt": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "TORCH_BLAS_PREFER_CUBLASLT": "1"})}
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8

@@ -328,10 +328,10 @@ for step in "$@"; do
       --out "$R/engine" 2>&1 | tail -n 30 ;;
   kernels-replays)  # one call: 0.6B / 8B decode replays (single, back to back, kernel sum)
     kb="python3 benchmark/kernel_bench.py all --parts"
-    timeout 150 $kb --presets qwen3-0.6b --variants on-default on-m1-rope0 \
+    timeout 150 $kb --presets qwen3-0.6b --variants ${KR_Q06:-on-default on-m1-rope0} \
       --out "$R/q06" 2>&1 | tail -n 8
-    timeout 200 $kb --presets llama-3.1-8b --variants on on-rope0 --out "$R/l8b" 2>&1 \
-      | tail -n 6 ;;
+    timeout 200 $kb --presets llama-3.1-8b --variants ${KR_L8B:-on on-rope0} --out "$R/l8b" \
+      2>&1 | tail -n 6 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

@@ -459,7 +459,7 @@ def _store_new_kv(k, v, loc, K_Buffer, V_Buffer, kv_head, stride_buf_kbs, stride
     visible to every thread of the program before its key loop reads that slot."""
     tl.store(K_Buffer + loc * stride_buf_kbs + kv_head * stride_buf_kh + offs_d[None, :], k)
     tl.store(V_Buffer + loc * stride_buf_vbs + kv_head * stride_buf_vh + offs_dv, v)
-    tl.debug_barrier()  # the new slot's stores before any thread's loads of it
+    tl.debug_barrier()  # the memory model's order: these stores before other threads' loads
 
 
 @triton.jit
