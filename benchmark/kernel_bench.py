@@ -65,9 +65,11 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             "on-rope0": ("on", {"SGLAB_DECODE_FUSED_ROPE": "0"}),
             "on-m1-rope0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
                                    "SGLAB_DECODE_FUSED_ROPE": "0"}),
-            # -lt: torch's matmuls through cuBLASLt (its heuristics) instead of cuBLAS
-            "on-lt": ("on", {"TORCH_BLAS_PREFER_CUBLASLT": "1"}),
-            "on-m1-lt": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "TORCH_BLAS_PREFER_CUBLASLT": "1"})}
+            # -cublas: torch's matmuls through cuBLAS, not cuBLASLt (fusion on's choice)
+            "on-cublas": ("on", {"TORCH_BLAS_PREFER_CUBLASLT": "0"}),
+            "on-m1-cublas": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
+                                    "TORCH_BLAS_PREFER_CUBLASLT": "0"})}
+PREFILL_VARIANTS = ("off", "on", "on-cublas")
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
 INPUT_LEN, DECODE_STEPS = 256, 8
@@ -389,7 +391,7 @@ def run_all(presets: list[str], out_dir: str, commit: str | None, variants: list
                 continue
             report["models"][preset][v] = _child(
                 ["decode", "--preset", preset, "--fusion", fusion]
-                + (["--prefill"] if v in FUSION else []),
+                + (["--prefill"] if v in PREFILL_VARIANTS else []),
                 {"SGLAB_SKINNY_GEMM_MAX_M": "0", "SGLAB_TRITON_PDL": "0", **env}
                 if env is not None else None, unset=DEFAULT_KNOBS if env is None else ())
             print(preset, v, json.dumps(report["models"][preset][v])[:600], flush=True)
@@ -415,9 +417,9 @@ def to_markdown(report: dict) -> str:
     lines = [provenance_line(report), f"Measured device copy bandwidth: {bw:.0f} GB/s", "",
              "Decode: GPU time of one CUDA-graph replay (and the host time of its launch with "
              "the GPU idle), per replay back to back (the next launch queued), and the sum of "
-             "its kernels' device time; variants in kernel_bench.VARIANTS (on: every matmul through cuBLAS; "
-             "-m1 / -m16: the small-M GEMM up to 1 / 16 rows; -pdl: SGLAB_TRITON_PDL=1); ref: "
-             "off, or the first variant run:", "",
+             "its kernels' device time; variants in kernel_bench.VARIANTS (on: every matmul "
+             "through cuBLASLt; -cublas: through cuBLAS; -m1 / -m16: the small-M GEMM up to "
+             "1 / 16 rows; -pdl: SGLAB_TRITON_PDL=1); ref: off, or the first variant run:", "",
              "| model | bs | variant | replay GPU (µs) | / ref | / roofline | kernels | "
              "launch (µs) | back to back (µs) | / roofline | kernel sum (µs) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -510,11 +512,11 @@ def _is_default(cfg: dict, m: int, k: int) -> bool:
 
 def _prefill_lines(report: dict) -> list[str]:
     m = report["models"].get(PREFILL_PRESET, {})
-    runs = [f for f in FUSION if "prefill" in m.get(f, {})]
+    runs = [f for f in PREFILL_VARIANTS if "prefill" in m.get(f, {})]
     if not runs:
         return []
     lines = ["", f"Prefill, {PREFILL_PRESET}, one prompt of {PREFILL_LEN} new tokens (best of 3):",
-             "", "| fusion | chunks | latency (ms) | TFLOP/s | MFU | bf16 matmul peak (TFLOP/s) |",
+             "", "| variant | chunks | latency (ms) | TFLOP/s | MFU | bf16 matmul peak (TFLOP/s) |",
              "|---|---|---|---|---|---|"]
     for f in runs:
         p = m[f]["prefill"]

@@ -61,6 +61,8 @@
 #                 with --kernel-fusion off and on (the engine table): one call
 #   kernels-replays  0.6B / 8B decode replays with and without the fused RoPE, one replay,
 #                 back to back and the kernels' sum: one call
+#   kernels-blas  fusion on's cuBLASLt preference vs cuBLAS: GPU tests, 0.6B / 8B decode and
+#                 the 8k prefill: one call
 #   structured    decode ITL with a simple JSON schema vs unconstrained, qwen3-0.6b dummy,
 #                 concurrency 8, 6 ABBA rounds (target: within 10%), and the structured-output
 #                 GPU tests
@@ -332,6 +334,15 @@ for step in "$@"; do
       --out "$R/q06" 2>&1 | tail -n 8
     timeout 200 $kb --presets llama-3.1-8b --variants ${KR_L8B:-on on-rope0} --out "$R/l8b" \
       2>&1 | tail -n 6 ;;
+  kernels-blas)  # one call: fusion GPU tests under cuBLASLt, 0.6B / 8B decode and the 8k
+    # prefill with cuBLASLt (fusion on's default) vs cuBLAS
+    timeout 150 python3 -m pytest -q -m gpu test/srt/test_kernel_fusion.py \
+      test/kernels/test_skinny_gemm.py 2>&1 | tee "$R/gpu_tests_blas.log" | tail -n 6
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 100 $kb --presets qwen3-0.6b --variants on-default on-m1-cublas --out "$R/q06" \
+      2>&1 | tail -n 8
+    timeout 200 $kb --presets llama-3.1-8b --variants on on-cublas --out "$R/l8b" 2>&1 \
+      | tail -n 12 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

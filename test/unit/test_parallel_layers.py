@@ -109,3 +109,19 @@ def test_vocab_parallel_embedding_pads_and_masks(vocab, tp):
     logits = torch.cat([X[:, :6] @ m.weight.T for m in ranks], dim=-1)
     torch.testing.assert_close(logits[:, :vocab], X[:, :6] @ w.T)
     assert torch.all(logits[:, vocab:] == 0)
+
+
+def test_kernel_fusion_prefers_cublaslt_unless_torch_is_told(monkeypatch):
+    """prefer_cublaslt routes torch's matmuls to cuBLASLt; a set TORCH_BLAS_PREFER_CUBLASLT
+    (either value) is the user's choice and stays."""
+    from sglab.srt.layers import linear
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", calls.append)
+    monkeypatch.delenv("TORCH_BLAS_PREFER_CUBLASLT", raising=False)
+    linear.prefer_cublaslt()
+    assert calls == ["cublaslt"]
+    for value in ("0", "1"):
+        monkeypatch.setenv("TORCH_BLAS_PREFER_CUBLASLT", value)
+        linear.prefer_cublaslt()
+    assert calls == ["cublaslt"]

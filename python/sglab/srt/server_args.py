@@ -563,8 +563,10 @@ class ServerArgs:
           help="Enable deterministic inference mode with batch invariant ops.")
         a("--kernel-fusion", type=str, default=d.kernel_fusion, choices=KERNEL_FUSION_CHOICES,
           help="sglab's fused decoder kernels: q/k norm + RoPE + the KV-cache write in one "
-               "kernel, decode attention in one kernel (no separate merge), fp32 logits "
-               "straight from the GEMM. off (default) keeps the unfused path.")
+               "kernel (inside decode attention at decode), decode attention in one kernel "
+               "(no separate merge), fp32 logits straight from the GEMM, the small-M GEMM with "
+               "the norms folded in for small models, and torch's matmuls through cuBLASLt. "
+               "off (default) keeps the unfused path.")
         a("--cuda-graph-max-bs", "--cuda-graph-max-bs-decode", type=int,
           default=d.cuda_graph_max_bs,
           help="Set the maximum batch size for cuda graph. It will extend the cuda graph "

@@ -9,6 +9,8 @@ which loads a tp=1 tensor, so a dummy weight drawn at full shape is each rank's 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -268,6 +270,16 @@ def enable_skinny_gemm(model: nn.Module, hidden_size: int) -> None:
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
             module.skinny_max_m = bound
+
+
+def prefer_cublaslt() -> None:
+    """--kernel-fusion on, CUDA: torch's matmuls through cuBLASLt's heuristics rather than
+    cuBLAS's. On an H200 at 64 decode rows of llama-3.1-8b they choose tiles without a split-K
+    reduction (5238 vs 5454 µs of kernels per graph replay), the same elsewhere within noise
+    (benchmark/results/2026-12-03-h200-kernel-decode-rope.md). Process-wide; a set
+    TORCH_BLAS_PREFER_CUBLASLT (torch's own switch) decides instead."""
+    if "TORCH_BLAS_PREFER_CUBLASLT" not in os.environ:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
 
 
 def _refuse_fused(name: str) -> None:

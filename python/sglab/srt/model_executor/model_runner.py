@@ -17,6 +17,7 @@ from sglab.srt.distributed.parallel_state import (
 )
 from sglab.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglab.srt.layers.logits_processor import LogitsProcessorOutput
+from sglab.srt.layers.linear import prefer_cublaslt
 from sglab.srt.layers.sampler import SampleOutput, Sampler
 from sglab.srt.sampling.custom_logit_processor import apply_custom_logit_processors
 from sglab.srt.mem_cache.memory_pool import (
@@ -77,6 +78,8 @@ class ModelRunner(ModelRunnerMambaMixin):
             batch_invariant=server_args.enable_deterministic_inference,
             sync_free_logits_metadata=self.patch_flags.sync_free_logits_metadata,
             kernel_fusion=server_args.kernel_fusion == "on")
+        if options.kernel_fusion and self.device.type == "cuda":
+            prefer_cublaslt()
         self.model = get_model(model_config, server_args.load_format, str(self.device),
                                options)
         self.sampler = Sampler()
