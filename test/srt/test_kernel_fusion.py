@@ -212,6 +212,18 @@ def test_fusion_flag_validation(tiny_model_dir, monkeypatch):
     assert ServerArgs(model_path=path).kernel_fusion == "off"
 
 
+def test_fused_rope_switch_validation(monkeypatch):
+    from sglab.srt.layers.attention.triton_backend import decode_fused_rope
+
+    monkeypatch.delenv("SGLAB_DECODE_FUSED_ROPE", raising=False)
+    assert decode_fused_rope()
+    monkeypatch.setenv("SGLAB_DECODE_FUSED_ROPE", "0")
+    assert not decode_fused_rope()
+    monkeypatch.setenv("SGLAB_DECODE_FUSED_ROPE", "yes")
+    with pytest.raises(ValueError, match="SGLAB_DECODE_FUSED_ROPE='yes'"):
+        decode_fused_rope()
+
+
 # --- GPU ---------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

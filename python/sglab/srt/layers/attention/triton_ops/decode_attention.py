@@ -20,12 +20,11 @@ its keys, in place of the separate `qk_norm_rope` launch with its K/V write.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-from dataclasses import dataclass
 
 from sglab.srt.layers.elementwise import QKNormRope
 from sglab.srt.layers.pdl import pdl_launch, pdl_wait
@@ -589,6 +588,7 @@ def decode_attention_fwd(
     if merge_count is not None:
         assert merge_count.dtype == torch.int32 and merge_count.numel() >= bs * head_num
     assert rope is None or (kv_group_num > 1 and Lv == Lk), "rope: grouped heads, Lv == Lk"
+    # without rope: placeholders for its 7 pointers, eps and 2 strides
     rope_args, rope_norm = rope.args(q, k_buffer) if rope is not None else ((q,) * 7 + (
         0.0, 0, 0), False)
     if bs == 0:
