@@ -67,14 +67,17 @@ def _post_all(server, bodies: list[dict]) -> list:
 
 
 def _idle_state(server) -> dict:
-    """The scheduler's state once every KV slot is free or cached (or after 10 s)."""
+    """The scheduler's state once every KV slot is free or cached and no request is left in its
+    batches (or after 10 s). A request the last step finished leaves the running batch at the
+    next step, so the two can lag each other by one loop iteration."""
     http = session()
     deadline = time.monotonic() + 10
     while True:
         state = http.get(f"{server.base_url}/get_server_info",
                          timeout=30).json()["internal_states"][0]
         back = state["available_kv_tokens"] + state["evictable_kv_tokens"]
-        if back == state["max_total_num_tokens"] or time.monotonic() > deadline:
+        idle = state["num_running_reqs"] == 0 and state["num_waiting_reqs"] == 0
+        if (back == state["max_total_num_tokens"] and idle) or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
 

@@ -257,24 +257,6 @@ def test_abort_frees_memory(qwen3_path):
     _check_idle(runner)
 
 
-def test_a_finished_request_is_not_reported_running(qwen3_path):
-    """Between the step that finishes a request and the next one (where it leaves the running
-    batch), /get_server_info's state already counts it out."""
-    runner = SchedulerRunner(model_path=qwen3_path, disable_overlap_schedule=True)
-    rid = runner.submit(_prompts(1000, [12], seed=12)[0], {**GREEDY, "max_new_tokens": 3})
-    state = runner.scheduler.get_internal_state
-    for _ in range(20):
-        runner.scheduler.run_step()
-        done = runner.collect().get(rid)
-        if done is not None and done.finish_reason is not None:
-            break
-        assert state()["num_running_reqs"] <= 1
-    assert len(runner.scheduler.running_batch.reqs) == 1  # it leaves at the next step
-    assert state()["num_running_reqs"] == 0
-    runner.run()
-    _check_idle(runner)
-
-
 @pytest.mark.parametrize("params,ids,message", [
     ({"max_new_tokens": -1}, [1, 2], "max_new_tokens"),
     ({"temperature": -0.5}, [1, 2], "temperature"),

@@ -724,8 +724,7 @@ class Scheduler(SchedulerOutputProcessorMixin, SchedulerLoRAMixin, SchedulerProf
             "max_total_num_tokens": self.max_total_num_tokens,
             "available_kv_tokens": self.token_to_kv_pool_allocator.available_size(),
             "evictable_kv_tokens": self.tree_cache.evictable_size(),
-            # a request finished by the last step leaves the running batch at the next one
-            "num_running_reqs": sum(r.finished_reason is None for r in self.running_batch.reqs),
+            "num_running_reqs": len(self.running_batch.reqs),
             "num_waiting_reqs": len(self.waiting_queue),
             "last_gen_throughput": self.last_gen_throughput,
             "forward_ct": self.forward_ct,
