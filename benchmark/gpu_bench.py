@@ -254,7 +254,7 @@ def _runs(report: dict):
     for preset, m in report["models"].items():
         for key, s in m.items():
             if key.startswith("sglab"):
-                label = preset if key == "sglab" else f"{preset} ({key[6:]})"
+                label = preset if key == "sglab" else f"{preset} ({key.removeprefix('sglab-')})"
                 yield label, s, m.get("hf", {"error": "not run"})
 
 

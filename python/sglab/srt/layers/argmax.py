@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096
-MAX_ROWS = 1 << 20
 
 
 @triton.jit
@@ -28,7 +27,7 @@ def _argmax_kernel(X, Out, Keys, Count, stride_x, n_cols, BLOCK: tl.constexpr,
     block = tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) + 0.0
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) + 0.0  # -0 -> +0
     bits = x.to(tl.int32, bitcast=True)
     key32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     key32 = tl.where(x != x, 0x7FFFFFFF, key32)
@@ -51,8 +50,10 @@ _counts: dict[torch.device, list[torch.Tensor]] = {}
 
 def _row_counters(device: torch.device, rows: int) -> torch.Tensor:
     """Per-row arrival counters, zero between launches (each launch re-zeroes its rows), per
-    device. A larger batch gets a larger buffer; the smaller ones stay allocated, since CUDA
-    graphs captured with them keep using them."""
+    device, shared by every launch: launches must run one after another on one stream (the
+    forward stream, as the decode attention's merge counters). A larger batch gets a larger
+    buffer; the smaller ones stay allocated, since CUDA graphs captured with them keep using
+    them."""
     buffers = _counts.setdefault(device, [])
     if not buffers or buffers[-1].numel() < rows:
         buffers.append(torch.zeros(max(rows, 4096), dtype=torch.int32, device=device))
@@ -62,7 +63,7 @@ def _row_counters(device: torch.device, rows: int) -> torch.Tensor:
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) of a [rows, vocab] tensor (int64); one Triton launch on CUDA."""
     if not logits.is_cuda or logits.dim() != 2 or logits.numel() == 0 \
-            or logits.shape[0] > MAX_ROWS or logits.stride(-1) != 1:
+            or logits.stride(-1) != 1:
         return logits.argmax(dim=-1)
     return argmax_rows(logits)
 

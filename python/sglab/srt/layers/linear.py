@@ -275,7 +275,8 @@ def enable_skinny_gemm(model: nn.Module, hidden_size: int) -> None:
 def prefer_cublaslt() -> None:
     """--kernel-fusion on, CUDA: torch's matmuls through cuBLASLt's heuristics rather than
     cuBLAS's. On an H200 at 64 decode rows of llama-3.1-8b they choose tiles without a split-K
-    reduction (5238 vs 5454 µs of kernels per graph replay), the same elsewhere within noise
+    reduction (5238 vs 5454 µs of kernels per graph replay); at 8 rows up to 2% slower, at one
+    row and for qwen3-0.6b the same
     (benchmark/results/2026-12-03-h200-kernel-decode-rope.md). Process-wide; a set
     TORCH_BLAS_PREFER_CUBLASLT (torch's own switch) decides instead."""
     if "TORCH_BLAS_PREFER_CUBLASLT" not in os.environ:

@@ -119,18 +119,17 @@ class LlamaAttention(nn.Module):
         """Attention and o_proj from the qkv projection's output."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         kv_write = self._kv_write(forward_batch, v)
+        rope = None  # set: attention normalizes, rotates and stores k / v itself
         if kv_write is not None and forward_batch.attn_backend.fuses_qk_rope(self.attn,
                                                                              forward_batch):
-            out = self.attn(q, k, v, forward_batch, save_kv_cache=False,
-                            rope=self._norm_rope(positions))
-            return self.o_proj(out)
-        if kv_write is not None or (self.fused_qk_rope_ok and use_fused_kernels(q)):
+            rope = self._norm_rope(positions)
+        elif kv_write is not None or (self.fused_qk_rope_ok and use_fused_kernels(q)):
             q, k = self._norm_rope(positions)(q, k, kv_write)
         else:
             if self.qk_norm:
                 q, k = self._apply_qk_norm(q, k)
             q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, forward_batch, save_kv_cache=kv_write is None)
+        out = self.attn(q, k, v, forward_batch, save_kv_cache=kv_write is None, rope=rope)
         return self.o_proj(out)
 
 
