@@ -91,6 +91,10 @@ EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for
                 for st in (1, 2, 3) if bm * bn <= 8192 and (bm, nw) != (128, 4)]
 # (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
 ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
+# Split-K GEMM layouts swept at decode batch sizes (splitk_gemm): BLOCK_N, BLOCK_K, SPLIT_K.
+SPLITK_M = (8, 16, 32, 64)
+SPLITK_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 4}
+                for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
 # Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,
 # the reduction over K per tile or deferred to the end.
 GEMM_SWEEP_M = (1, 4)
@@ -304,6 +308,38 @@ def gemm_sweep_child() -> dict:
     return {"rows": rows}
 
 
+def splitk_sweep_child() -> dict:
+    """SPLITK_SWEEP at M in SPLITK_M for every decoder shape, CUDA-graph timed as in
+    gemm_child, next to F.linear through cuBLASLt (fusion on's choice) and cuBLAS."""
+    import torch.nn.functional as F
+
+    from sglab.srt.layers.splitk_gemm import splitk_gemm
+
+    rows = []
+    for model, layer, n, k in GEMM_SHAPES:
+        ws = _rotating_weights(n, k)
+        for m in SPLITK_M:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            blas = {}
+            for lib in ("cublaslt", "cublas"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                blas[lib] = _graph_time([lambda w=w: F.linear(x, w) for w in ws]) * 1e6
+            for cfg in SPLITK_SWEEP:
+                row = {"model": model, "layer": layer, "n": n, "k": k, "m": m, "config": cfg,
+                       "cublaslt_us": blas["cublaslt"], "cublas_us": blas["cublas"]}
+                try:
+                    t = _graph_time([lambda w=w: splitk_gemm(x, w, config=cfg) for w in ws])
+                    want = F.linear(x, ws[-1]).float()
+                    err = (splitk_gemm(x, ws[-1], config=cfg).float() - want).abs().max()
+                    row.update(splitk_us=t * 1e6, max_abs_err=err.item(),
+                               weight_gbps=2 * n * k / t / 1e9)
+                except Exception as e:  # a tile that does not fit shared memory
+                    row["error"] = repr(e)[:300]
+                rows.append(row)
+        del ws
+    return {"rows": rows}
+
+
 def _rotating_weights(n: int, k: int) -> list[torch.Tensor]:
     """Enough [n, k] weight copies that a pass over them does not fit in L2, as in a decode
     step."""
@@ -376,7 +412,7 @@ def _child(args: list[str], env: dict | None = None, unset=()) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-KERNEL_PARTS = ("gemm", "gemm-sweep", "attention", "extend")
+KERNEL_PARTS = ("gemm", "gemm-sweep", "splitk-sweep", "attention", "extend")
 
 
 def run_all(presets: list[str], out_dir: str, commit: str | None, variants: list[str],
@@ -443,7 +479,8 @@ def to_markdown(report: dict) -> str:
                              f"{d['kernels']['count']} | {d['graph_launch_idle_us']:.0f} | "
                              + (f"{b2b:.0f} | {b2b / roof:.2f} | {d['kernel_sum_us']:.0f} |"
                                 if b2b is not None else "| | |"))
-    lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _top_kernel_lines(report)
+    lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _splitk_lines(report, bw)
+    lines += _top_kernel_lines(report)
     lines += _prefill_lines(report) + _attention_lines(report, bw) + _extend_lines(report)
     return "\n".join(lines) + "\n"
 
@@ -498,6 +535,35 @@ def _gemm_sweep_lines(report: dict, bw: float) -> list[str]:
                      f"{best['weight_gbps_skinny'] / bw:.0%} | "
                      f"{'-' if default is None else f'{default:.1f}'} | "
                      f"{best['cublas_us']:.1f} | {best['skinny_us'] / best['cublas_us']:.2f} |")
+    return lines
+
+
+def _splitk_lines(report: dict, bw: float) -> list[str]:
+    g = report.get("splitk_sweep", {})
+    if "rows" not in g:
+        return ["", f"Split-K sweep: {g.get('error', 'not run')[-300:]}"] if g else []
+    lines = ["", "Split-K GEMM (splitk_gemm) swept: per shape and M the fastest layout next to "
+             "F.linear through cuBLASLt and cuBLAS (weight bytes per second against the copy "
+             "bandwidth):", "", "| model | layer | M | best: BLOCK_N / BLOCK_K / SPLIT_K | "
+             "best (µs) | BW | cuBLASLt (µs) | BW | cuBLAS (µs) | best / cuBLASLt | max err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok = [r for r in g["rows"] if "splitk_us" in r]
+    keys = sorted({(r["model"], r["layer"], r["m"]) for r in ok},
+                  key=lambda t: (t[0], GEMM_LAYERS.index(t[1]), t[2]))
+    for model, layer, m in keys:
+        rows = [r for r in ok if (r["model"], r["layer"], r["m"]) == (model, layer, m)]
+        best = min(rows, key=lambda r: r["splitk_us"])
+        c, wb = best["config"], 2 * best["n"] * best["k"] / 1e9
+        lines.append(f"| {model} | {layer} | {m} | {c['BLOCK_N']} / {c['BLOCK_K']} / "
+                     f"{c['SPLIT_K']} | {best['splitk_us']:.1f} | "
+                     f"{best['weight_gbps'] / bw:.0%} | {best['cublaslt_us']:.1f} | "
+                     f"{wb / best['cublaslt_us'] * 1e6 / bw:.0%} | {best['cublas_us']:.1f} | "
+                     f"{best['splitk_us'] / best['cublaslt_us']:.2f} | "
+                     f"{max(r['max_abs_err'] for r in rows):.3g} |")
+    failed = [r for r in g["rows"] if "error" in r]
+    if failed:
+        lines.append(f"\n{len(failed)} swept layouts did not launch (e.g. "
+                     f"{failed[0]['error'][:120]}).")
     return lines
 
 
@@ -589,8 +655,8 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
 
 
 def main() -> None:
-    parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "attention",
-                           "extend"])
+    parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "splitk-sweep",
+                           "attention", "extend"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
     parser.add_argument("--prefill", action="store_true", help="decode: the 8k prefill too")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -607,6 +673,7 @@ def main() -> None:
         return
     child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill),
              "gemm": gemm_child, "gemm-sweep": gemm_sweep_child,
+             "splitk-sweep": splitk_sweep_child,
              "attention": attention_child, "extend": extend_child}[args.kind]
     result = child()
     print(json.dumps(result))

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglab.srt.layers.arrival import arrival_counters
+
 BLOCK = 4096
 
 
@@ -45,21 +47,6 @@ def _argmax_kernel(X, Out, Keys, Count, stride_x, n_cols, BLOCK: tl.constexpr,
         tl.store(Count + row, 0)
 
 
-_counts: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _row_counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Per-row arrival counters, zero between launches (each launch re-zeroes its rows), per
-    device, shared by every launch: launches must run one after another on one stream (the
-    forward stream, as the decode attention's merge counters). A larger batch gets a larger
-    buffer; the smaller ones stay allocated, since CUDA graphs captured with them keep using
-    them."""
-    buffers = _counts.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < rows:
-        buffers.append(torch.zeros(max(rows, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) of a [rows, vocab] tensor (int64); one Triton launch on CUDA."""
     if not logits.is_cuda or logits.dim() != 2 or logits.numel() == 0 \
@@ -75,7 +62,7 @@ def argmax_rows(logits: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     keys = torch.empty(rows * triton.next_power_of_2(blocks), dtype=torch.int64,
                        device=logits.device)
-    _argmax_kernel[(rows, blocks)](logits, out, keys, _row_counters(logits.device, rows),
+    _argmax_kernel[(rows, blocks)](logits, out, keys, arrival_counters(logits.device, rows),
                                    logits.stride(0), n_cols, BLOCK=block,
                                    NUM_BLOCKS=triton.next_power_of_2(blocks), num_warps=8)
     return out
