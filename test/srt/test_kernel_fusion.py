@@ -6,10 +6,12 @@ On CPU the fused kernels run in Triton's interpreter (test/conftest.py sets TRIT
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from sglab.srt.layers.attention.triton_ops import decode_attention
 from sglab.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -127,6 +129,38 @@ def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
     on = _run(path, "on", **kw)
     assert calls["silu"] >= 2 * (PARAMS["max_new_tokens"] - 1)  # 2 layers, every decode
     assert calls == {"norm": 2 * calls["silu"], "plain": calls["silu"], "silu": calls["silu"]}
+    _assert_same_outputs(on, _run(path, "off", **kw))
+
+
+def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
+    """Weights the split-K table has a layout for (here tiny-llama's o_proj and down_proj, as
+    on CUDA) run every matmul of at most MAX_M rows through splitk_gemm with that layout, the
+    others and the longer prefills through F.linear, and the outputs are fusion off's."""
+    from sglab.srt.layers import linear
+    from sglab.srt.layers import splitk_gemm as sk
+
+    path = tiny_model_dir("tiny-llama")
+    cfg = AutoConfig.from_pretrained(path)
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    layouts = {(hidden, hidden): {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3},
+               (hidden, inter): {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}}
+    monkeypatch.setattr(sk, "SPLITK_TABLE",
+                        {shape: ((sk.MAX_M, c),) for shape, c in layouts.items()})
+    monkeypatch.setattr(linear, "splitk_applies",
+                        lambda x: 0 < x.numel() // x.shape[-1] <= sk.MAX_M)
+    calls = collections.Counter()
+
+    def counting(x, w, b=None, config=None):
+        assert config is layouts[tuple(w.shape)]
+        calls[tuple(w.shape)] += 1
+        return real(x, w, b, config)
+
+    real = sk.splitk_gemm
+    monkeypatch.setattr(linear, "splitk_gemm", counting)
+    kw = {"attention_backend": "triton", "chunked_prefill_size": 32}
+    on = _run(path, "on", **kw)
+    decodes = cfg.num_hidden_layers * (PARAMS["max_new_tokens"] - 1) * 2  # two generate calls
+    assert calls[hidden, hidden] == calls[hidden, inter] >= decodes
     _assert_same_outputs(on, _run(path, "off", **kw))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.distributed.parallel_state import GroupCoordinator, get_tp_group
 from sglab.srt.layers.skinny_gemm import RMSNormPrologue, max_m, skinny_applies, skinny_gemm
+from sglab.srt.layers.splitk_gemm import config_for, splitk_applies, splitk_gemm
 
 
 def _tp_rank_size(tp_rank: int | None, tp_size: int | None,
@@ -56,8 +57,10 @@ class LinearBase(nn.Module):
         # --enable-deterministic-inference (ModelOptions.batch_invariant).
         self.batch_invariant = batch_invariant
         # --kernel-fusion on: matmuls of at most this many rows go to skinny_gemm (0: none;
-        # set by enable_skinny_gemm, so the forward reads no environment).
+        # set by enable_decode_gemms, so the forward reads no environment).
         self.skinny_max_m = 0
+        # --kernel-fusion on: decode rows the split-K table has a layout for go to splitk_gemm.
+        self.splitk = False
 
     def _make_param(self, shape: tuple[int, ...], dtype: torch.dtype,
                     full_shape: tuple[int, ...]) -> nn.Parameter:
@@ -72,6 +75,10 @@ class LinearBase(nn.Module):
         """x @ W^T (+ bias); a prologue (skinny_gemm.SILU_MUL) only where skinny_fits(x)."""
         if prologue is not None or self.skinny_fits(x):
             return skinny_gemm(x, self.weight, bias, prologue)
+        if self.splitk and splitk_applies(x):
+            cfg = config_for(*self.weight.shape, x.numel() // x.shape[-1])
+            if cfg is not None:
+                return splitk_gemm(x, self.weight, bias, cfg)
         if self.batch_invariant:
             return linear_batch_invariant(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
@@ -263,13 +270,15 @@ class RowParallelLinear(LinearBase):
         return out if self.bias is None else out + self.bias
 
 
-def enable_skinny_gemm(model: nn.Module, hidden_size: int) -> None:
+def enable_decode_gemms(model: nn.Module, hidden_size: int) -> None:
     """--kernel-fusion on: every linear layer of `model` serves up to max_m(hidden_size) rows
-    with skinny_gemm (not under deterministic inference, whose GEMM is batch invariant)."""
+    with skinny_gemm, and the shapes and rows of the split-K table with splitk_gemm (not under
+    deterministic inference, whose GEMM is batch invariant)."""
     bound = max_m(hidden_size)
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
             module.skinny_max_m = bound
+            module.splitk = True
 
 
 def prefer_cublaslt() -> None:

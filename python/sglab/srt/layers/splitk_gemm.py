@@ -78,6 +78,11 @@ SPLITK_TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = {}
 MAX_M = 64
 
 
+def splitk_applies(x: torch.Tensor) -> bool:
+    """Whether x's rows may go to splitk_gemm at all: on the GPU, 1 to MAX_M of them."""
+    return x.is_cuda and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_M
+
+
 def config_for(n: int, k: int, m: int) -> dict | None:
     """The measured launch parameters for an [m, k] @ [n, k]^T product, or None (F.linear)."""
     for bound, cfg in SPLITK_TABLE.get((n, k), ()):

@@ -18,7 +18,7 @@ from sglab.srt.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    enable_skinny_gemm,
+    enable_decode_gemms,
 )
 from sglab.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from sglab.srt.layers.radix_attention import RadixAttention
@@ -221,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
             config.vocab_size, sync_free_metadata=options.sync_free_logits_metadata,
             batch_invariant=options.batch_invariant, fp32_gemm_out=options.kernel_fusion)
         if options.kernel_fusion:
-            enable_skinny_gemm(self.model, config.hidden_size)
+            enable_decode_gemms(self.model, config.hidden_size)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
