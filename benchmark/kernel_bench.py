@@ -68,7 +68,11 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             # -cublas: torch's matmuls through cuBLAS, not cuBLASLt (fusion on's choice)
             "on-cublas": ("on", {"TORCH_BLAS_PREFER_CUBLASLT": "0"}),
             "on-m1-cublas": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
-                                    "TORCH_BLAS_PREFER_CUBLASLT": "0"})}
+                                    "TORCH_BLAS_PREFER_CUBLASLT": "0"}),
+            # -nosplitk: no matmul through the split-K GEMM (F.linear where its table has one)
+            "on-nosplitk": ("on", {"SGLAB_SPLITK_TABLE": "none"}),
+            "on-m1-nosplitk": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
+                                      "SGLAB_SPLITK_TABLE": "none"})}
 PREFILL_VARIANTS = ("off", "on", "on-cublas")
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
@@ -445,7 +449,34 @@ def run_sweep(out_dir: str, commit: str | None, parts: list[str]) -> dict:
         report[kind.replace("-", "_")] = _child([kind])
         print(kind, str(report[kind.replace("-", "_")])[:300], flush=True)
         write_results(out_dir, "kernel_sweep", report, to_markdown(report))
+    if "rows" in report.get("splitk_sweep", {}):
+        table = splitk_table(report["splitk_sweep"]["rows"])
+        with open(os.path.join(out_dir, "splitk_table.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        print("splitk table", json.dumps(table), flush=True)
     return report
+
+
+SPLITK_WIN = 0.97  # a layout enters the table when it takes at most this share of cuBLASLt's time
+
+
+def splitk_table(rows: list[dict]) -> dict:
+    """The split-K sweep's table for SGLAB_SPLITK_TABLE: per weight shape and measured M, the
+    fastest layout where it beats cuBLASLt by SPLITK_WIN, for the rows from the measured M
+    below (exclusive; the lowest measured M for the first) up to this one."""
+    table: dict = {}
+    ok = [r for r in rows if "splitk_us" in r]
+    for n, k in sorted({(r["n"], r["k"]) for r in ok}):
+        entries, lo = [], None
+        for m in sorted({r["m"] for r in ok if (r["n"], r["k"]) == (n, k)}):
+            cand = [r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)]
+            best = min(cand, key=lambda r: r["splitk_us"])
+            if best["splitk_us"] <= SPLITK_WIN * best["cublaslt_us"]:
+                entries.append([m if lo is None else lo + 1, m, best["config"]])
+            lo = m
+        if entries:
+            table[f"{n}x{k}"] = entries
+    return table
 
 
 def to_markdown(report: dict) -> str:

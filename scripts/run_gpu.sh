@@ -44,7 +44,8 @@
 #                 vs on without the small-M GEMM: decode graph time and kernels per replay at
 #                 bs 1/8/64, small-M GEMM vs F.linear per decoder shape, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
-#   kernels-splitk  the split-K GEMM: GPU tests, layouts at 8-64 rows vs cuBLASLt / cuBLAS
+#   kernels-splitk  the split-K GEMM: GPU tests, layouts at 8-64 rows vs cuBLASLt / cuBLAS and
+#                 the table they imply, decode replays with it vs without (KS_TABLE: a table)
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
@@ -345,11 +346,18 @@ for step in "$@"; do
     timeout 200 $kb --presets llama-3.1-8b --variants on on-cublas --out "$R/l8b" 2>&1 \
       | tail -n 12 ;;
   kernels-splitk)  # one call: the split-K GEMM's GPU tests, its layout sweep at 8-64 rows
-    # against cuBLASLt / cuBLAS
+    # against cuBLASLt / cuBLAS (writing the table it implies), then decode replays with that
+    # table against none (SGLAB_SPLITK_TABLE=none)
     timeout 120 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py 2>&1 \
       | tee "$R/gpu_tests_splitk.log" | tail -n 6
-    timeout ${KS_SPLITK_S:-400} python3 benchmark/kernel_bench.py sweep --parts splitk-sweep \
-      --out "$R" 2>&1 | tail -n 40 ;;
+    timeout ${KS_SPLITK_S:-240} python3 benchmark/kernel_bench.py sweep --parts splitk-sweep \
+      --out "$R/sweep" 2>&1 | tail -n 40
+    export SGLAB_SPLITK_TABLE=${KS_TABLE:-$R/sweep/splitk_table.json}
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 170 $kb --presets llama-3.1-8b --variants on on-nosplitk --out "$R/l8b" 2>&1 \
+      | tail -n 12
+    timeout 110 $kb --presets qwen3-0.6b --variants on-m1 on-m1-nosplitk --out "$R/q06" 2>&1 \
+      | tail -n 8 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

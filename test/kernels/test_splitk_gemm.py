@@ -77,10 +77,32 @@ def test_rejects_what_it_cannot_serve() -> None:
 
 def test_table_lookup_by_rows(monkeypatch) -> None:
     small, large = {"SPLIT_K": 4}, {"SPLIT_K": 2}
-    monkeypatch.setattr(sk, "SPLITK_TABLE", {(8, 16): ((16, small), (64, large))})
-    assert sk.config_for(8, 16, 1) is small and sk.config_for(8, 16, 16) is small
+    monkeypatch.setattr(sk, "SPLITK_TABLE", {(8, 16): ((8, 16, small), (17, 64, large))})
+    assert sk.config_for(8, 16, 8) is small and sk.config_for(8, 16, 16) is small
     assert sk.config_for(8, 16, 17) is large and sk.config_for(8, 16, 64) is large
-    assert sk.config_for(8, 16, 65) is None and sk.config_for(16, 8, 4) is None
+    assert sk.config_for(8, 16, 4) is None  # below the rows measured
+    assert sk.config_for(8, 16, 65) is None and sk.config_for(16, 8, 8) is None
+
+
+def test_table_from_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(sk, "SPLITK_TABLE", {})
+    path = tmp_path / "table.json"
+    path.write_text('{"4096x14336": [[33, 64, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}]]}')
+    monkeypatch.setenv("SGLAB_SPLITK_TABLE", str(path))
+    sk.load_table()
+    assert sk.config_for(4096, 14336, 64) == {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}
+    monkeypatch.setenv("SGLAB_SPLITK_TABLE", "none")
+    sk.load_table()
+    assert sk.config_for(4096, 14336, 64) is None
+    for bad in ('{"4096x14336": [[0, 64, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}]]}',
+                '{"4096x14336": [[1, 64, {"BLOCK_N": 64}]]}', '{"4096": []}', "not json"):
+        path.write_text(bad)
+        monkeypatch.setenv("SGLAB_SPLITK_TABLE", str(path))
+        with pytest.raises(ValueError, match="SGLAB_SPLITK_TABLE"):
+            sk.load_table()
+    monkeypatch.setenv("SGLAB_SPLITK_TABLE", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="SGLAB_SPLITK_TABLE"):
+        sk.load_table()
 
 
 @needs_cuda

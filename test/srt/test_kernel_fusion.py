@@ -145,7 +145,8 @@ def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
     layouts = {(hidden, hidden): {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3},
                (hidden, inter): {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}}
     monkeypatch.setattr(sk, "SPLITK_TABLE",
-                        {shape: ((sk.MAX_M, c),) for shape, c in layouts.items()})
+                        {shape: ((1, sk.MAX_M, c),) for shape, c in layouts.items()})
+    monkeypatch.delenv("SGLAB_SPLITK_TABLE", raising=False)
     monkeypatch.setattr(linear, "splitk_applies",
                         lambda x: 0 < x.numel() // x.shape[-1] <= sk.MAX_M)
     calls = collections.Counter()

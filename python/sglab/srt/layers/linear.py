@@ -18,7 +18,7 @@ from torch import nn
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.distributed.parallel_state import GroupCoordinator, get_tp_group
 from sglab.srt.layers.skinny_gemm import RMSNormPrologue, max_m, skinny_applies, skinny_gemm
-from sglab.srt.layers.splitk_gemm import config_for, splitk_applies, splitk_gemm
+from sglab.srt.layers.splitk_gemm import config_for, load_table, splitk_applies, splitk_gemm
 
 
 def _tp_rank_size(tp_rank: int | None, tp_size: int | None,
@@ -275,6 +275,7 @@ def enable_decode_gemms(model: nn.Module, hidden_size: int) -> None:
     with skinny_gemm, and the shapes and rows of the split-K table with splitk_gemm (not under
     deterministic inference, whose GEMM is batch invariant)."""
     bound = max_m(hidden_size)
+    load_table()
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
             module.skinny_max_m = bound

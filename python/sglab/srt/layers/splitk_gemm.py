@@ -18,6 +18,9 @@ goes to F.linear (cuBLAS).
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -72,10 +75,45 @@ def _store_tile(acc, B, Out, rows, cols, rmask, cmask, stride_om, HAS_BIAS: tl.c
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
-# (N, K) of a weight -> ((largest M, config), ...) in increasing M: H200 decode-batch sizes where
-# this kernel beat F.linear under cuBLASLt (benchmark/results/2026-12-04-h200-kernel-sweep-splitk.md).
-SPLITK_TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = {}
+# (N, K) of a weight -> ((lowest M, highest M, config), ...): the decode row counts where this
+# kernel beat F.linear under cuBLASLt on an H200
+# (benchmark/results/2026-12-04-h200-kernel-sweep-splitk.md).
+Table = dict[tuple[int, int], tuple[tuple[int, int, dict], ...]]
+SPLITK_TABLE: Table = {}
 MAX_M = 64
+_LAYOUT_KEYS = {"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"}
+
+
+def load_table() -> None:
+    """SGLAB_SPLITK_TABLE: a JSON file {"NxK": [[lowest M, highest M, config], ...]} (a
+    table measured on another GPU, `kernel_bench.py sweep --parts splitk-sweep` writes one)
+    replaces the built-in table; "none": no shape goes to splitk_gemm."""
+    global SPLITK_TABLE
+    path = os.environ.get("SGLAB_SPLITK_TABLE")
+    if path is None:
+        return
+    if path == "none":
+        SPLITK_TABLE = {}
+        return
+    try:
+        with open(path) as f:
+            SPLITK_TABLE = parse_table(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"SGLAB_SPLITK_TABLE={path!r}: {e}") from None
+
+
+def parse_table(raw: dict) -> Table:
+    table = {}
+    for shape, entries in raw.items():
+        n, k = (int(v) for v in shape.split("x"))
+        rows = []
+        for lo, hi, cfg in entries:
+            if not 0 < int(lo) <= int(hi) <= MAX_M or not {"BLOCK_N", "BLOCK_K", "SPLIT_K"} \
+                    <= set(cfg) <= _LAYOUT_KEYS:
+                raise ValueError(f"bad entry for {shape}: {[lo, hi, cfg]}")
+            rows.append((int(lo), int(hi), {key: int(v) for key, v in cfg.items()}))
+        table[n, k] = tuple(rows)
+    return table
 
 
 def splitk_applies(x: torch.Tensor) -> bool:
@@ -85,8 +123,8 @@ def splitk_applies(x: torch.Tensor) -> bool:
 
 def config_for(n: int, k: int, m: int) -> dict | None:
     """The measured launch parameters for an [m, k] @ [n, k]^T product, or None (F.linear)."""
-    for bound, cfg in SPLITK_TABLE.get((n, k), ()):
-        if m <= bound:
+    for lo, hi, cfg in SPLITK_TABLE.get((n, k), ()):
+        if lo <= m <= hi:
             return cfg
     return None
 
