@@ -95,8 +95,9 @@ EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for
                 for st in (1, 2, 3) if bm * bn <= 8192 and (bm, nw) != (128, 4)]
 # (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
 ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
-# Split-K GEMM layouts swept at decode batch sizes (splitk_gemm): BLOCK_N, BLOCK_K, SPLIT_K.
-SPLITK_M = (8, 16, 32, 64)
+# Split-K GEMM layouts swept at decode batch sizes (splitk_gemm, the graph sizes up to 64 in
+# ranges): BLOCK_N, BLOCK_K, SPLIT_K.
+SPLITK_M = (1, 4, 8, 16, 32, 64)
 SPLITK_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 4}
                 for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
 # Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,

@@ -44,7 +44,7 @@
 #                 vs on without the small-M GEMM: decode graph time and kernels per replay at
 #                 bs 1/8/64, small-M GEMM vs F.linear per decoder shape, 8k prefill MFU,
 #                 long-context decode attention bandwidth)
-#   kernels-splitk  the split-K GEMM: GPU tests, layouts at 8-64 rows vs cuBLASLt / cuBLAS and
+#   kernels-splitk  the split-K GEMM: GPU tests, layouts at 1-64 rows vs cuBLASLt / cuBLAS and
 #                 the table they imply, decode replays with it vs without (KS_TABLE: a table)
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
@@ -345,7 +345,7 @@ for step in "$@"; do
       2>&1 | tail -n 8
     timeout 200 $kb --presets llama-3.1-8b --variants on on-cublas --out "$R/l8b" 2>&1 \
       | tail -n 12 ;;
-  kernels-splitk)  # one call: the split-K GEMM's GPU tests, its layout sweep at 8-64 rows
+  kernels-splitk)  # one call: the split-K GEMM's GPU tests, its layout sweep at 1-64 rows
     # against cuBLASLt / cuBLAS (writing the table it implies), then decode replays with that
     # table against none (SGLAB_SPLITK_TABLE=none)
     timeout 120 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py 2>&1 \

@@ -1,4 +1,4 @@
-"""Split-K GEMM for decode batches (`--kernel-fusion on`): `y = x @ W^T` for 16-64 rows, where
+"""Split-K GEMM for decode batches (`--kernel-fusion on`): `y = x @ W^T` for 1-64 rows, where
 reading the weight once sets the time and cuBLAS's tiles leave SMs idle.
 
 At 64 rows of llama-3.1-8b, cuBLASLt's tiles for o_proj and down_proj (N = 4096) make 86
