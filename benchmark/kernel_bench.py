@@ -72,7 +72,11 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
             # -nosplitk: no matmul through the split-K GEMM (F.linear where its table has one)
             "on-nosplitk": ("on", {"SGLAB_SPLITK_TABLE": "none"}),
             "on-m1-nosplitk": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
-                                      "SGLAB_SPLITK_TABLE": "none"})}
+                                      "SGLAB_SPLITK_TABLE": "none"}),
+            # -fold0: no norm folded into the split-K GEMM; -silu0: no SiLU folded into gate_up
+            "on-fold0": ("on", {"SGLAB_SPLITK_FOLD_MAX_M": "0"}),
+            "on-silu0": ("on", {"SGLAB_SPLITK_SILU": "0"}),
+            "on-m1-silu0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "SGLAB_SPLITK_SILU": "0"})}
 PREFILL_VARIANTS = ("off", "on", "on-cublas")
 DECODE_BS = [1, 8, 64]
 GEMM_ROTATE_BYTES = 256 << 20  # over 2x the H100/H200 L2 (50/60 MB)
@@ -405,7 +409,8 @@ def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
 
 
 DEFAULT_KNOBS = ("SGLAB_SKINNY_GEMM_MAX_M", "SGLAB_TRITON_PDL", "SGLAB_DECODE_SPLIT_WAVES",
-                 "SGLAB_DECODE_FUSED_ROPE")
+                 "SGLAB_DECODE_FUSED_ROPE", "SGLAB_SPLITK_TABLE", "SGLAB_SPLITK_FOLD_MAX_M",
+                 "SGLAB_SPLITK_SILU")
 
 
 def _child(args: list[str], env: dict | None = None, unset=()) -> dict:
@@ -463,8 +468,8 @@ SPLITK_WIN = 0.97  # a layout enters the table when it takes at most this share 
 
 def splitk_table(rows: list[dict]) -> dict:
     """The split-K sweep's table for SGLAB_SPLITK_TABLE: per weight shape and measured M, the
-    fastest layout where it beats cuBLASLt by SPLITK_WIN, for the rows from the measured M
-    below (exclusive; the lowest measured M for the first) up to this one."""
+    fastest layout and whether it beats cuBLASLt by SPLITK_WIN, for the rows from the measured
+    M below (exclusive; the lowest measured M for the first) up to this one."""
     table: dict = {}
     ok = [r for r in rows if "splitk_us" in r]
     for n, k in sorted({(r["n"], r["k"]) for r in ok}):
@@ -472,13 +477,11 @@ def splitk_table(rows: list[dict]) -> dict:
         for m in sorted({r["m"] for r in ok if (r["n"], r["k"]) == (n, k)}):
             cand = [r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)]
             best = min(cand, key=lambda r: r["splitk_us"])
-            if best["splitk_us"] <= SPLITK_WIN * best["cublaslt_us"]:
-                entries.append([m if lo is None else lo + 1, m, best["config"]])
+            entries.append([m if lo is None else lo + 1, m, best["config"],
+                            best["splitk_us"] <= SPLITK_WIN * best["cublaslt_us"]])
             lo = m
-        if entries:
-            table[f"{n}x{k}"] = entries
+        table[f"{n}x{k}"] = entries
     return table
-
 
 def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]

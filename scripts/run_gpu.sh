@@ -46,6 +46,8 @@
 #                 long-context decode attention bandwidth)
 #   kernels-splitk  the split-K GEMM: GPU tests, layouts at 1-64 rows vs cuBLASLt / cuBLAS and
 #                 the table they imply, decode replays with it vs without (KS_TABLE: a table)
+#   kernels-fold  split-K GPU tests; decode replays with the norms / SiLU folded into the
+#                 split-K GEMM against without and without split-K
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
@@ -358,6 +360,16 @@ for step in "$@"; do
       | tail -n 12
     timeout 110 $kb --presets qwen3-0.6b --variants on-m1 on-m1-nosplitk --out "$R/q06" 2>&1 \
       | tail -n 8 ;;
+  kernels-fold)  # one call: split-K / fusion GPU tests, then decode replays with the built-in
+    # split-K table: norms folded at one row, SiLU in gate_up, against neither and no split-K
+    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
+      test/srt/test_kernel_fusion.py test/kernels/test_skinny_gemm.py 2>&1 \
+      | tee "$R/gpu_tests_fold.log" | tail -n 6
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 260 $kb --presets llama-3.1-8b --variants on on-fold0 on-silu0 on-nosplitk \
+      --out "$R/l8b" 2>&1 | tail -n 14
+    timeout 130 $kb --presets qwen3-0.6b --variants on-m1 on-m1-silu0 on-m1-nosplitk \
+      --out "$R/q06" 2>&1 | tail -n 10 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

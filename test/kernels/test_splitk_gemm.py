@@ -5,7 +5,7 @@ split order of the final sum is fixed, so two launches give the same bits, and a
 a different shape still finds its arrival counters zero.
 
 On CPU the kernel runs in Triton's interpreter (test/conftest.py sets TRITON_INTERPRET=1) at
-small shapes; the `gpu` variant runs the decoder shapes of the table at 16-64 rows."""
+small shapes; the `gpu` variants run the decoder shapes of the table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from sglab.srt.layers import splitk_gemm as sk
+from sglab.srt.layers.activation import SiluAndMul
 from sglab.srt.layers.arrival import arrival_counters
+from sglab.srt.layers.layernorm import RMSNorm
+from sglab.srt.layers.skinny_gemm import SILU_MUL, RMSNormPrologue
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
@@ -77,25 +80,32 @@ def test_rejects_what_it_cannot_serve() -> None:
 
 def test_table_lookup_by_rows(monkeypatch) -> None:
     small, large = {"SPLIT_K": 4}, {"SPLIT_K": 2}
-    monkeypatch.setattr(sk, "SPLITK_TABLE", {(8, 16): ((8, 16, small), (17, 64, large))})
+    monkeypatch.setattr(sk, "SPLITK_TABLE",
+                        {(8, 16): ((8, 16, small, True), (17, 64, large, False))})
     assert sk.config_for(8, 16, 8) is small and sk.config_for(8, 16, 16) is small
-    assert sk.config_for(8, 16, 17) is large and sk.config_for(8, 16, 64) is large
-    assert sk.config_for(8, 16, 4) is None  # below the rows measured
-    assert sk.config_for(8, 16, 65) is None and sk.config_for(16, 8, 8) is None
+    assert sk.config_for(8, 16, 17) is None  # measured slower than F.linear
+    assert sk.config_for(8, 16, 17, fused=True) is large
+    assert sk.config_for(8, 16, 64, fused=True) is large
+    assert sk.config_for(8, 16, 4, fused=True) is None  # below the rows measured
+    assert sk.config_for(8, 16, 65, fused=True) is None and sk.config_for(16, 8, 8) is None
 
 
 def test_table_from_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(sk, "SPLITK_TABLE", {})
     path = tmp_path / "table.json"
-    path.write_text('{"4096x14336": [[33, 64, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}]]}')
+    path.write_text('{"4096x14336": [[33, 64, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, '
+                    'true]]}')
     monkeypatch.setenv("SGLAB_SPLITK_TABLE", str(path))
     sk.load_table()
     assert sk.config_for(4096, 14336, 64) == {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}
     monkeypatch.setenv("SGLAB_SPLITK_TABLE", "none")
     sk.load_table()
     assert sk.config_for(4096, 14336, 64) is None
-    for bad in ('{"4096x14336": [[0, 64, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}]]}',
-                '{"4096x14336": [[1, 64, {"BLOCK_N": 64}]]}', '{"4096": []}', "not json"):
+    layout = '{"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}'
+    for bad in (f'{{"4096x14336": [[0, 64, {layout}, true]]}}',
+                f'{{"4096x14336": [[1, 64, {layout}]]}}',
+                f'{{"4096x14336": [[1, 64, {layout}, 1]]}}',
+                '{"4096x14336": [[1, 64, {"BLOCK_N": 64}, true]]}', '{"4096": []}', "not json"):
         path.write_text(bad)
         monkeypatch.setenv("SGLAB_SPLITK_TABLE", str(path))
         with pytest.raises(ValueError, match="SGLAB_SPLITK_TABLE"):
@@ -105,10 +115,80 @@ def test_table_from_the_environment(monkeypatch, tmp_path) -> None:
         sk.load_table()
 
 
+def _norm_case(m: int, k: int, dtype: torch.dtype):
+    norm = RMSNorm(k, 1e-6, dtype).to(DEVICE)
+    norm.weight.data = (torch.rand(k, generator=torch.Generator().manual_seed(k)) + 0.5) \
+        .to(dtype).to(DEVICE)
+    return norm
+
+
+def _close(got, want, dtype) -> None:
+    tol = 1e-4 if dtype == torch.float32 else 3e-2 if DEVICE.type == "cuda" else 8e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,split_k", [(1, 3), (6, 1)])
+def test_prologues_and_silu_out_match_the_eager_layers(dtype, m, split_k) -> None:
+    """The norm (with and without the residual add) and SiLU-and-mul folded into the loads, and
+    SiLU-and-mul applied before the store (gate_up), against RMSNorm / SiluAndMul's torch
+    paths and F.linear; split or not."""
+    n, k = 40, 48
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": split_k}
+    x, w, b = _case(m, n, k, dtype, bias=True, seed=m)
+    res = _case(m, n, k, dtype, bias=False, seed=m + 1)[0]
+    norm = _norm_case(m, k, dtype)
+    out, new_res = sk.splitk_gemm(x, w, None, cfg, RMSNormPrologue(norm.weight, 1e-6, res))
+    ref_x, ref_res = norm.forward_native(x, res)
+    _close(new_res, ref_res, dtype)
+    _close(out, F.linear(ref_x, w), dtype)
+    out, same = sk.splitk_gemm(x, w, b, cfg, RMSNormPrologue(norm.weight, 1e-6))
+    assert same.data_ptr() == x.data_ptr()
+    _close(out, F.linear(norm.forward_native(x), w, b), dtype)
+    gu = _case(m, n, 2 * k, dtype, bias=False, seed=m + 2)[0]
+    _close(sk.splitk_gemm(gu, w, b, cfg, SILU_MUL),
+           F.linear(SiluAndMul().forward_native(gu), w, b), dtype)
+    act = sk.splitk_gemm(x, w, b, cfg, silu_out=True)
+    assert act.shape == (m, n // 2)
+    _close(act, SiluAndMul().forward_native(F.linear(x, w, b)), dtype)
+    act, new_res = sk.splitk_gemm(x, w, None, cfg, RMSNormPrologue(norm.weight, 1e-6, res),
+                                  silu_out=True)
+    _close(act, SiluAndMul().forward_native(F.linear(ref_x, w)), dtype)
+
+
+def test_fold_switches_are_validated(monkeypatch) -> None:
+    monkeypatch.setenv("SGLAB_SPLITK_FOLD_MAX_M", "4")
+    monkeypatch.setenv("SGLAB_SPLITK_SILU", "0")
+    assert sk.splitk_fold_max_m() == 4 and sk.splitk_silu() is False
+    for name, bad in (("SGLAB_SPLITK_FOLD_MAX_M", "-1"), ("SGLAB_SPLITK_SILU", "yes")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            sk.splitk_fold_max_m() if name.endswith("MAX_M") else sk.splitk_silu()
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [16, 32, 64])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (4096, 1024)])
 def test_splitk_real_sizes_gpu(m, n, k) -> None:
-    cfg = sk.config_for(n, k, m) or {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}
-    _check(m, n, k, torch.bfloat16, cfg, bias=False)
+    _check(m, n, k, torch.bfloat16, sk.config_for(n, k, m, fused=True), bias=False)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_fused_real_sizes_gpu(m) -> None:
+    """llama-3.1-8b's folded norm before qkv and gate_up with SiLU out, the table's layouts."""
+    dtype, k = torch.bfloat16, 4096
+    x, w, _ = _case(m, 6144, k, dtype, bias=False, seed=1)
+    res = _case(m, 6144, k, dtype, bias=False, seed=2)[0]
+    norm = _norm_case(m, k, dtype)
+    out, new_res = sk.splitk_gemm(x, w, None, sk.config_for(6144, k, m, fused=True),
+                                  RMSNormPrologue(norm.weight, 1e-5, res))
+    ref_x, ref_res = norm.forward_native(x, res)
+    assert torch.equal(new_res, ref_res)
+    _close(out, F.linear(ref_x, w), dtype)
+    gate_up = _case(m, 28672, k, dtype, bias=False, seed=3)[1]
+    act = sk.splitk_gemm(ref_x, gate_up, None, sk.config_for(28672, k, m, fused=True),
+                         silu_out=True)
+    _close(act, SiluAndMul().forward_native(F.linear(ref_x, gate_up)), dtype)

@@ -133,36 +133,56 @@ def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
 
 
 def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
-    """Weights the split-K table has a layout for (here tiny-llama's o_proj and down_proj, as
-    on CUDA) run every matmul of at most MAX_M rows through splitk_gemm with that layout, the
-    others and the longer prefills through F.linear, and the outputs are fusion off's."""
+    """With a split-K table for every tiny-llama matmul (as on CUDA): o_proj and down_proj
+    (layouts that beat F.linear) run through splitk_gemm at every M up to MAX_M, qkv (one
+    that does not) only with the norm folded in; one-row decodes fold both norms (qkv, gate_up
+    with SiLU out), other rows up to MAX_M apply SiLU in gate_up. The outputs are fusion
+    off's, and with SGLAB_SPLITK_FOLD_MAX_M=0 / SGLAB_SPLITK_SILU=0 nothing is fused."""
     from sglab.srt.layers import linear
     from sglab.srt.layers import splitk_gemm as sk
 
     path = tiny_model_dir("tiny-llama")
     cfg = AutoConfig.from_pretrained(path)
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    layouts = {(hidden, hidden): {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3},
-               (hidden, inter): {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}}
-    monkeypatch.setattr(sk, "SPLITK_TABLE",
-                        {shape: ((1, sk.MAX_M, c),) for shape, c in layouts.items()})
+    hidden, inter, dim = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * dim
+    layouts = {(qkv, hidden): ({"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}, False),
+               (hidden, hidden): ({"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3}, True),
+               (2 * inter, hidden): ({"BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 1}, False),
+               (hidden, inter): ({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}, True)}
+    monkeypatch.setattr(sk, "SPLITK_TABLE", {shape: ((1, sk.MAX_M, c, wins),)
+                                             for shape, (c, wins) in layouts.items()})
     monkeypatch.delenv("SGLAB_SPLITK_TABLE", raising=False)
     monkeypatch.setattr(linear, "splitk_applies",
                         lambda x: 0 < x.numel() // x.shape[-1] <= sk.MAX_M)
     calls = collections.Counter()
 
-    def counting(x, w, b=None, config=None):
-        assert config is layouts[tuple(w.shape)]
-        calls[tuple(w.shape)] += 1
-        return real(x, w, b, config)
+    def counting(x, w, b=None, config=None, prologue=None, silu_out=False):
+        assert config is layouts[tuple(w.shape)][0]
+        rows = x.numel() // x.shape[-1]
+        kind = "norm" if prologue is not None else "plain"
+        calls[kind, "silu" if silu_out else "", tuple(w.shape)] += 1
+        assert prologue is None or rows <= 1  # the fold bound
+        return real(x, w, b, config, prologue, silu_out)
 
     real = sk.splitk_gemm
     monkeypatch.setattr(linear, "splitk_gemm", counting)
     kw = {"attention_backend": "triton", "chunked_prefill_size": 32}
     on = _run(path, "on", **kw)
-    decodes = cfg.num_hidden_layers * (PARAMS["max_new_tokens"] - 1) * 2  # two generate calls
-    assert calls[hidden, hidden] == calls[hidden, inter] >= decodes
-    _assert_same_outputs(on, _run(path, "off", **kw))
+    layers, one_row_decodes = cfg.num_hidden_layers, PARAMS["max_new_tokens"] - 1
+    assert calls["norm", "", (qkv, hidden)] >= layers * one_row_decodes
+    assert calls["norm", "silu", (2 * inter, hidden)] == calls["norm", "", (qkv, hidden)]
+    assert calls["plain", "silu", (2 * inter, hidden)] > layers  # prefill chunks, 2-row steps
+    assert calls["plain", "", (hidden, hidden)] == calls["plain", "", (hidden, inter)] \
+        == sum(n for (_, silu, shape), n in calls.items() if silu)
+    assert calls["plain", "", (qkv, hidden)] == 0
+    off = _run(path, "off", **kw)
+    _assert_same_outputs(on, off)
+    calls.clear()
+    monkeypatch.setenv("SGLAB_SPLITK_FOLD_MAX_M", "0")
+    monkeypatch.setenv("SGLAB_SPLITK_SILU", "0")
+    plain = _run(path, "on", **kw)
+    assert {kind for kind, _, _ in calls} == {"plain"} and not any(s for _, s, _ in calls)
+    _assert_same_outputs(plain, off)
 
 
 def test_graph_prologue_in_one_launch_each_gives_the_torch_ops_bits(tiny_model_dir,

@@ -18,7 +18,14 @@ from torch import nn
 from sglab.srt.batch_invariant_ops import linear_batch_invariant
 from sglab.srt.distributed.parallel_state import GroupCoordinator, get_tp_group
 from sglab.srt.layers.skinny_gemm import RMSNormPrologue, max_m, skinny_applies, skinny_gemm
-from sglab.srt.layers.splitk_gemm import config_for, load_table, splitk_applies, splitk_gemm
+from sglab.srt.layers.splitk_gemm import (
+    config_for,
+    load_table,
+    splitk_applies,
+    splitk_fold_max_m,
+    splitk_gemm,
+    splitk_silu,
+)
 
 
 def _tp_rank_size(tp_rank: int | None, tp_size: int | None,
@@ -59,8 +66,12 @@ class LinearBase(nn.Module):
         # --kernel-fusion on: matmuls of at most this many rows go to skinny_gemm (0: none;
         # set by enable_decode_gemms, so the forward reads no environment).
         self.skinny_max_m = 0
-        # --kernel-fusion on: decode rows the split-K table has a layout for go to splitk_gemm.
+        # --kernel-fusion on (enable_decode_gemms): decode rows the split-K table has a layout
+        # for go to splitk_gemm; up to splitk_fold_max_m rows the norms fold into it, and
+        # splitk_silu folds SiLU into gate_up.
         self.splitk = False
+        self.splitk_fold_max_m = 0
+        self.splitk_silu = False
 
     def _make_param(self, shape: tuple[int, ...], dtype: torch.dtype,
                     full_shape: tuple[int, ...]) -> nn.Parameter:
@@ -75,10 +86,9 @@ class LinearBase(nn.Module):
         """x @ W^T (+ bias); a prologue (skinny_gemm.SILU_MUL) only where skinny_fits(x)."""
         if prologue is not None or self.skinny_fits(x):
             return skinny_gemm(x, self.weight, bias, prologue)
-        if self.splitk and splitk_applies(x):
-            cfg = config_for(*self.weight.shape, x.numel() // x.shape[-1])
-            if cfg is not None:
-                return splitk_gemm(x, self.weight, bias, cfg)
+        cfg = self.splitk_layout(x)
+        if cfg is not None:
+            return splitk_gemm(x, self.weight, bias, cfg)
         if self.batch_invariant:
             return linear_batch_invariant(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
@@ -86,6 +96,18 @@ class LinearBase(nn.Module):
     def skinny_fits(self, x: torch.Tensor) -> bool:
         """Whether this layer may fold the op before it into its matmul for input x."""
         return self.skinny_max_m > 0 and skinny_applies(x, self.skinny_max_m)
+
+    def splitk_layout(self, x: torch.Tensor, fused: bool = False) -> dict | None:
+        """splitk_gemm's layout for input x (a fused product's: see config_for), or None."""
+        if not (self.splitk and splitk_applies(x)):
+            return None
+        return config_for(*self.weight.shape, x.numel() // x.shape[-1], fused)
+
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether forward_norm serves x (skinny_gemm, or splitk_gemm up to its fold bound)."""
+        return self.skinny_fits(x) or (
+            x.numel() // x.shape[-1] <= self.splitk_fold_max_m
+            and self.splitk_layout(x, fused=True) is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -150,12 +172,15 @@ class ColumnParallelLinear(LinearBase):
         out = self._matmul(x, self.bias)
         return self.group.all_gather(out) if self.gather_output else out
 
-    def forward_norm(self, x: torch.Tensor, norm: RMSNormPrologue
+    def forward_norm(self, x: torch.Tensor, norm: RMSNormPrologue, silu_out: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x [+ residual]) @ W^T (+ bias), x [+ residual]) in one launch; only where
-        skinny_fits(x), and without gather_output."""
+        folds_norm(x) (and fuses_silu(x) for silu_out), and without gather_output."""
         assert not self.gather_output
-        return skinny_gemm(x, self.weight, self.bias, norm)
+        if self.skinny_fits(x) and not silu_out:
+            return skinny_gemm(x, self.weight, self.bias, norm)
+        return splitk_gemm(x, self.weight, self.bias, self.splitk_layout(x, fused=True), norm,
+                           silu_out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -181,6 +206,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             _refuse_fused(type(self).__name__)
         size = self.output_sizes[int(shard_id)]
         return self.total_output_sizes[int(shard_id)], self.tp_rank * size, size
+
+    def fuses_silu(self, x: torch.Tensor) -> bool:
+        """Whether forward_silu serves x: [gate; up] halves, splitk_gemm with SiLU folded in."""
+        return self.splitk_silu and len(self.output_sizes) == 2 \
+            and self.output_sizes[0] == self.output_sizes[1] \
+            and self.splitk_layout(x, fused=True) is not None
+
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x @ gate^T) * (x @ up^T) in one launch; only where fuses_silu(x)."""
+        return splitk_gemm(x, self.weight, self.bias, self.splitk_layout(x, fused=True),
+                           silu_out=True)
 
     def load_full_weight(self, param: nn.Parameter, full: torch.Tensor) -> None:
         for i, block in enumerate(full.split(self.total_output_sizes, dim=0)):
@@ -274,12 +310,13 @@ def enable_decode_gemms(model: nn.Module, hidden_size: int) -> None:
     """--kernel-fusion on: every linear layer of `model` serves up to max_m(hidden_size) rows
     with skinny_gemm, and the shapes and rows of the split-K table with splitk_gemm (not under
     deterministic inference, whose GEMM is batch invariant)."""
-    bound = max_m(hidden_size)
+    bound, fold, silu = max_m(hidden_size), splitk_fold_max_m(), splitk_silu()
     load_table()
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
             module.skinny_max_m = bound
             module.splitk = True
+            module.splitk_fold_max_m, module.splitk_silu = fold, silu
 
 
 def prefer_cublaslt() -> None:

@@ -26,26 +26,54 @@ import triton
 import triton.language as tl
 
 from sglab.srt.layers.arrival import arrival_counters
+from sglab.srt.layers.skinny_gemm import _NONE, _RMSNORM, _SILU, SILU_MUL, RMSNormPrologue, \
+    _sum_squares
 
 
 @triton.jit
-def _splitk_gemm_kernel(X, W, B, Out, Part, Count, M, N, K, stride_xm, stride_wn, stride_om,
-                        k_per_split, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+def _splitk_gemm_kernel(X, W, B, Out, Part, Count, Res, ResOut, NormW, M, N, K, stride_xm,
+                        stride_wn, stride_om, stride_rm, stride_rom, eps, k_per_split,
+                        PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, SILU_OUT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask, cmask = rows < M, cols < N
+    c = tl.arange(0, BLOCK_N)
+    if SILU_OUT:  # N = [gate; up] rows: even tile columns gate, odd ones up, of one output
+        out_cols = pid_n * (BLOCK_N // 2) + c // 2
+        cols = out_cols + (c % 2) * (N // 2)
+        cmask = out_cols < N // 2
+    else:
+        cols = pid_n * BLOCK_N + c
+        cmask = cols < N
+    rmask = rows < M
+    dtype = Out.dtype.element_ty
+    if PROLOGUE == 1:  # the whole row's sum of squares in every program
+        ss = _sum_squares(X, Res, ResOut, rows, rmask, K, stride_xm, stride_rm, stride_rom,
+                          pid_n + pid_k, HAS_RES, BLOCK_M, BLOCK_K)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < k_end
-        a = tl.load(X + rows[:, None] * stride_xm + kk[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        m2 = rmask[:, None] & kmask[None, :]
+        xp = X + rows[:, None] * stride_xm + kk[None, :]
+        a = tl.load(xp, mask=m2, other=0.0)
+        if PROLOGUE == 1:
+            if HAS_RES:
+                r = tl.load(Res + rows[:, None] * stride_rm + kk[None, :], mask=m2, other=0.0)
+                a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            a = (a.to(tl.float32) * inv[:, None]).to(dtype)
+            nw = tl.load(NormW + kk, mask=kmask, other=0.0)
+            a = (a.to(tl.float32) * nw[None, :].to(tl.float32)).to(dtype)
+        elif PROLOGUE == 2:
+            g = a.to(tl.float32)
+            u = tl.load(xp + K, mask=m2, other=0.0).to(tl.float32)
+            a = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
         w = tl.load(W + cols[None, :] * stride_wn + kk[:, None],
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         if USE_DOT:
@@ -53,10 +81,10 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, M, N, K, stride_xm, stride_wn
         else:  # Triton's interpreter cannot tl.dot bf16
             acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     if SPLIT_K == 1:
-        _store_tile(acc, B, Out, rows, cols, rmask, cmask, stride_om, HAS_BIAS)
+        _store_tile(acc, B, Out, rows, cols, rmask, cmask, pid_n, N, stride_om, HAS_BIAS,
+                    SILU_OUT, BLOCK_M, BLOCK_N)
     else:
-        tile = Part + (pid_n * SPLIT_K * BLOCK_M + rows[:, None]) * BLOCK_N \
-            + tl.arange(0, BLOCK_N)[None, :]
+        tile = Part + (pid_n * SPLIT_K * BLOCK_M + rows[:, None]) * BLOCK_N + c[None, :]
         tl.store(tile + pid_k * BLOCK_M * BLOCK_N, acc)
         tl.debug_barrier()  # every thread's partial before the arrival
         arrived = tl.atomic_add(Count + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -64,28 +92,117 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, M, N, K, stride_xm, stride_wn
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(tile + s * BLOCK_M * BLOCK_N, volatile=True)
-            _store_tile(total, B, Out, rows, cols, rmask, cmask, stride_om, HAS_BIAS)
+            _store_tile(total, B, Out, rows, cols, rmask, cmask, pid_n, N, stride_om,
+                        HAS_BIAS, SILU_OUT, BLOCK_M, BLOCK_N)
             tl.store(Count + pid_n, 0)
 
 
 @triton.jit
-def _store_tile(acc, B, Out, rows, cols, rmask, cmask, stride_om, HAS_BIAS: tl.constexpr):
+def _store_tile(acc, B, Out, rows, cols, rmask, cmask, pid_n, N, stride_om,
+                HAS_BIAS: tl.constexpr, SILU_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The tile rounded once (to F.linear's output); SILU_OUT: then silu(gate) * up, rounded
+    where SiluAndMul rounds."""
+    dtype = Out.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Out + rows[:, None] * stride_om + cols[None, :], acc.to(Out.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    if SILU_OUT:
+        g, u = tl.split(tl.reshape(acc.to(dtype), (BLOCK_M, BLOCK_N // 2, 2)))
+        g = g.to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        out_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(Out + rows[:, None] * stride_om + out_cols[None, :], (s * u).to(dtype),
+                 mask=rmask[:, None] & (out_cols < N // 2)[None, :])
+    else:
+        tl.store(Out + rows[:, None] * stride_om + cols[None, :], acc.to(dtype),
+                 mask=rmask[:, None] & cmask[None, :])
 
-# (N, K) of a weight -> ((lowest M, highest M, config), ...): the decode row counts where this
-# kernel beat F.linear under cuBLASLt on an H200
-# (benchmark/results/2026-12-04-h200-kernel-sweep-splitk.md).
-Table = dict[tuple[int, int], tuple[tuple[int, int, dict], ...]]
-SPLITK_TABLE: Table = {}
+
+# (N, K) of a weight -> ((lowest M, highest M, layout, beats F.linear), ...): the fastest
+# layout per range of decode rows on an H200, and whether it beat F.linear under cuBLASLt by
+# SPLITK_WIN (benchmark/results/2026-12-03-h200-kernel-sweep-splitk.md). Plain products take
+# only the winning layouts; the fused ones (a norm or SiLU folded in, which a separate kernel
+# would cost) take any.
+Table = dict[tuple[int, int], tuple[tuple[int, int, dict, bool], ...]]
 MAX_M = 64
 _LAYOUT_KEYS = {"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"}
 
 
+def _layout(block_n: int, block_k: int, split_k: int) -> dict:
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4,
+            "num_stages": 4}
+
+
+SPLITK_TABLE: Table = {
+    (1024, 2048): (  # qwen3-0.6b o
+        (1, 1, _layout(32, 64, 8), True),
+        (2, 4, _layout(32, 128, 8), True),
+        (5, 8, _layout(32, 128, 8), True),
+        (9, 16, _layout(32, 128, 8), True),
+        (17, 32, _layout(32, 128, 4), True),
+        (33, 64, _layout(32, 128, 4), False),
+    ),
+    (1024, 3072): (  # qwen3-0.6b down
+        (1, 1, _layout(32, 128, 8), True),
+        (2, 4, _layout(32, 128, 8), True),
+        (5, 8, _layout(32, 128, 8), True),
+        (9, 16, _layout(32, 128, 8), True),
+        (17, 32, _layout(32, 128, 4), True),
+        (33, 64, _layout(32, 128, 4), True),
+    ),
+    (4096, 1024): (  # qwen3-0.6b qkv
+        (1, 1, _layout(32, 128, 1), False),
+        (2, 4, _layout(32, 128, 1), False),
+        (5, 8, _layout(32, 128, 1), False),
+        (9, 16, _layout(32, 128, 1), False),
+        (17, 32, _layout(32, 128, 1), False),
+        (33, 64, _layout(32, 128, 1), True),
+    ),
+    (4096, 4096): (  # llama-3.1-8b o
+        (1, 1, _layout(64, 128, 4), True),
+        (2, 4, _layout(32, 128, 2), True),
+        (5, 8, _layout(32, 128, 2), True),
+        (9, 16, _layout(32, 128, 2), True),
+        (17, 32, _layout(32, 128, 2), False),
+        (33, 64, _layout(32, 128, 2), False),
+    ),
+    (4096, 14336): (  # llama-3.1-8b down
+        (1, 1, _layout(64, 128, 4), False),
+        (2, 4, _layout(64, 128, 4), False),
+        (5, 8, _layout(64, 128, 4), True),
+        (9, 16, _layout(128, 128, 4), True),
+        (17, 32, _layout(128, 128, 4), False),
+        (33, 64, _layout(64, 128, 2), False),
+    ),
+    (6144, 1024): (  # qwen3-0.6b gate_up
+        (1, 1, _layout(64, 128, 1), False),
+        (2, 4, _layout(64, 128, 1), False),
+        (5, 8, _layout(64, 128, 1), False),
+        (9, 16, _layout(64, 128, 1), False),
+        (17, 32, _layout(64, 128, 1), False),
+        (33, 64, _layout(64, 128, 1), False),
+    ),
+    (6144, 4096): (  # llama-3.1-8b qkv
+        (1, 1, _layout(32, 128, 2), False),
+        (2, 4, _layout(32, 128, 2), False),
+        (5, 8, _layout(32, 128, 2), False),
+        (9, 16, _layout(32, 128, 2), False),
+        (17, 32, _layout(32, 128, 2), False),
+        (33, 64, _layout(32, 128, 1), False),
+    ),
+    (28672, 4096): (  # llama-3.1-8b gate_up
+        (1, 1, _layout(32, 64, 1), False),
+        (2, 4, _layout(128, 128, 1), False),
+        (5, 8, _layout(128, 64, 1), True),
+        (9, 16, _layout(32, 64, 1), False),
+        (17, 32, _layout(128, 128, 1), False),
+        (33, 64, _layout(128, 128, 1), False),
+    ),
+}
+
+
 def load_table() -> None:
-    """SGLAB_SPLITK_TABLE: a JSON file {"NxK": [[lowest M, highest M, config], ...]} (a
+    """SGLAB_SPLITK_TABLE: a JSON file {"NxK": [[lowest M, highest M, layout, wins], ...]} (a
     table measured on another GPU, `kernel_bench.py sweep --parts splitk-sweep` writes one)
     replaces the built-in table; "none": no shape goes to splitk_gemm."""
     global SPLITK_TABLE
@@ -107,13 +224,37 @@ def parse_table(raw: dict) -> Table:
     for shape, entries in raw.items():
         n, k = (int(v) for v in shape.split("x"))
         rows = []
-        for lo, hi, cfg in entries:
+        for lo, hi, cfg, wins in entries:
             if not 0 < int(lo) <= int(hi) <= MAX_M or not {"BLOCK_N", "BLOCK_K", "SPLIT_K"} \
-                    <= set(cfg) <= _LAYOUT_KEYS:
-                raise ValueError(f"bad entry for {shape}: {[lo, hi, cfg]}")
-            rows.append((int(lo), int(hi), {key: int(v) for key, v in cfg.items()}))
+                    <= set(cfg) <= _LAYOUT_KEYS or not isinstance(wins, bool):
+                raise ValueError(f"bad entry for {shape}: {[lo, hi, cfg, wins]}")
+            rows.append((int(lo), int(hi), {key: int(v) for key, v in cfg.items()}, wins))
         table[n, k] = tuple(rows)
     return table
+
+
+DEFAULT_FOLD_MAX_M = 1
+
+
+def splitk_fold_max_m() -> int:
+    """SGLAB_SPLITK_FOLD_MAX_M (default DEFAULT_FOLD_MAX_M): up to this many rows the decoder's
+    norms fold into splitk_gemm's loads. Every program re-reads the whole rows for their sum
+    of squares, so the fold pays at few rows only."""
+    env = os.environ.get("SGLAB_SPLITK_FOLD_MAX_M")
+    if env is None:
+        return DEFAULT_FOLD_MAX_M
+    if not env.isdigit():
+        raise ValueError(f"SGLAB_SPLITK_FOLD_MAX_M={env!r}: expected a non-negative integer")
+    return min(MAX_M, int(env))
+
+
+def splitk_silu() -> bool:
+    """SGLAB_SPLITK_SILU (0 / 1, default 1): gate_up's splitk_gemm applies SiLU-and-mul
+    before it stores, instead of a separate kernel."""
+    env = os.environ.get("SGLAB_SPLITK_SILU", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"SGLAB_SPLITK_SILU={env!r}: expected 0 or 1")
+    return env == "1"
 
 
 def splitk_applies(x: torch.Tensor) -> bool:
@@ -121,41 +262,57 @@ def splitk_applies(x: torch.Tensor) -> bool:
     return x.is_cuda and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_M
 
 
-def config_for(n: int, k: int, m: int) -> dict | None:
-    """The measured launch parameters for an [m, k] @ [n, k]^T product, or None (F.linear)."""
-    for lo, hi, cfg in SPLITK_TABLE.get((n, k), ()):
+def config_for(n: int, k: int, m: int, fused: bool = False) -> dict | None:
+    """The measured layout for an [m, k] @ [n, k]^T product: for a plain one only where it beat
+    F.linear, for a fused one (`fused`) wherever measured; None: F.linear."""
+    for lo, hi, cfg, wins in SPLITK_TABLE.get((n, k), ()):
         if lo <= m <= hi:
-            return cfg
+            return cfg if wins or fused else None
     return None
 
 
 def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: dict | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias) for at most MAX_M rows. `config`: BLOCK_N, BLOCK_K, SPLIT_K and
-    optionally num_warps / num_stages (default: config_for's entry, which must exist)."""
+                config: dict | None = None, prologue: RMSNormPrologue | str | None = None,
+                silu_out: bool = False):
+    """x @ weight^T (+ bias) for at most MAX_M rows, after the prologue as skinny_gemm has
+    them (RMSNormPrologue: returns (y, x + residual); SILU_MUL: x is [g, u]). silu_out: the
+    weight is [gate; up] and the result silu(x @ gate^T) * (x @ up^T), half as wide. `config`:
+    BLOCK_N, BLOCK_K, SPLIT_K and optionally num_warps / num_stages (default: config_for's
+    entry, which must exist)."""
     n, k = weight.shape
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    if x2.shape[1] != k:
+    kind = _RMSNORM if isinstance(prologue, RMSNormPrologue) else \
+        _SILU if prologue == SILU_MUL else _NONE
+    if x2.shape[1] != (2 * k if kind == _SILU else k):
         raise ValueError(f"splitk_gemm: x has {x2.shape[1]} columns for a weight of K={k}")
     if not 0 < m <= MAX_M:
         raise ValueError(f"splitk_gemm: {m} rows; it serves 1 to {MAX_M}")
     cfg = dict(config or config_for(n, k, m))
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    assert weight.stride(1) == 1
+    assert weight.stride(1) == 1 and (not silu_out or n % 2 == 0)
+    res = prologue.residual if kind == _RMSNORM else None
+    res2 = res.reshape(-1, k) if res is not None else x2
+    res_out = torch.empty_like(x2) if res is not None else x2
     block_m = max(16, triton.next_power_of_2(m))
-    split_k = cfg.pop("SPLIT_K")
-    block_k = cfg.pop("BLOCK_K")
-    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    split_k, block_k = cfg.pop("SPLIT_K"), cfg.pop("BLOCK_K")
+    out_n = n // 2 if silu_out else n
+    tiles = triton.cdiv(out_n, cfg["BLOCK_N"] // 2 if silu_out else cfg["BLOCK_N"])
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
     part = torch.empty(tiles * split_k * block_m * cfg["BLOCK_N"] if split_k > 1 else 1,
                        dtype=torch.float32, device=x.device)
     _splitk_gemm_kernel[(tiles, split_k)](
         x2, weight, bias if bias is not None else weight, out, part,
-        arrival_counters(x.device, tiles), m, n, k, x2.stride(0), weight.stride(0),
-        out.stride(0), k_per_split, HAS_BIAS=bias is not None, USE_DOT=x.is_cuda,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT_K=split_k,
-        BLOCK_M=block_m, BLOCK_K=block_k, **cfg)
-    return out.view(*x.shape[:-1], n)
+        arrival_counters(x.device, tiles), res2, res_out,
+        prologue.weight if kind == _RMSNORM else weight, m, n, k, x2.stride(0),
+        weight.stride(0), out.stride(0), res2.stride(0), res_out.stride(0),
+        prologue.eps if kind == _RMSNORM else 0.0, k_per_split, PROLOGUE=kind,
+        HAS_RES=res is not None, SILU_OUT=silu_out, HAS_BIAS=bias is not None,
+        USE_DOT=x.is_cuda, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_K=block_k, **cfg)
+    out = out.view(*x.shape[:-1], out_n)
+    if kind != _RMSNORM:
+        return out
+    return out, res_out.view(*x.shape[:-1], k)

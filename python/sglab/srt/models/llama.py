@@ -43,6 +43,9 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_up_proj, MergedColumnParallelLinear) \
+                and self.gate_up_proj.fuses_silu(x):
+            return self.down_proj(self.gate_up_proj.forward_silu(x))
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
@@ -159,11 +162,12 @@ class LlamaDecoderLayer(nn.Module):
         """--kernel-fusion on at small M: both norms and the SiLU go into the loads of the
         matmuls after them (plain layers only: not under LoRA or DP attention)."""
         attn, mlp = self.self_attn, self.mlp
-        if not (isinstance(attn.qkv_proj, LinearBase) and attn.qkv_proj.skinny_fits(x)):
+        if not (isinstance(attn.qkv_proj, LinearBase) and attn.qkv_proj.folds_norm(x)):
             return False  # fusion off (the common case) stops here
         return (forward_batch.dp_step is None and type(self.input_layernorm) is RMSNorm
-                and isinstance(mlp.gate_up_proj, LinearBase)
-                and isinstance(mlp.down_proj, LinearBase))
+                and isinstance(mlp.gate_up_proj, MergedColumnParallelLinear)
+                and isinstance(mlp.down_proj, LinearBase) and mlp.gate_up_proj.folds_norm(x)
+                and (mlp.gate_up_proj.skinny_fits(x) or mlp.gate_up_proj.fuses_silu(x)))
 
     def _forward_folded(self, positions, hidden_states, forward_batch, residual):
         """Three launches around attention instead of six (two norms, SiLU, three matmuls)."""
@@ -172,9 +176,12 @@ class LlamaDecoderLayer(nn.Module):
         qkv, residual = attn.qkv_proj.forward_norm(
             hidden_states, RMSNormPrologue(norm1.weight, norm1.variance_epsilon, residual))
         hidden_states = attn.forward_qkv(positions, qkv, forward_batch)
-        gate_up, residual = mlp.gate_up_proj.forward_norm(
-            hidden_states, RMSNormPrologue(norm2.weight, norm2.variance_epsilon, residual))
-        return mlp.down_proj(gate_up, SILU_MUL), residual
+        norm2 = RMSNormPrologue(norm2.weight, norm2.variance_epsilon, residual)
+        if mlp.gate_up_proj.skinny_fits(hidden_states):
+            gate_up, residual = mlp.gate_up_proj.forward_norm(hidden_states, norm2)
+            return mlp.down_proj(gate_up, SILU_MUL), residual
+        act, residual = mlp.gate_up_proj.forward_norm(hidden_states, norm2, silu_out=True)
+        return mlp.down_proj(act), residual
 
 
 class LlamaModel(nn.Module):
