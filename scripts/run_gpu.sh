@@ -48,6 +48,8 @@
 #                 the table they imply, decode replays with it vs without (KS_TABLE: a table)
 #   kernels-fold  split-K GPU tests; decode replays with the norms / SiLU folded into the
 #                 split-K GEMM against without and without split-K
+#   kernels-final split-K / fusion GPU tests, decode replays with and without split-K, and
+#                 gpu_bench fusion off / on
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
@@ -370,6 +372,17 @@ for step in "$@"; do
       --out "$R/l8b" 2>&1 | tail -n 14
     timeout 130 $kb --presets qwen3-0.6b --variants on-m1 on-m1-silu0 on-m1-nosplitk \
       --out "$R/q06" 2>&1 | tail -n 10 ;;
+  kernels-final)  # one call: split-K / fusion GPU tests, 8B and 0.6B decode replays with and
+    # without split-K, gpu_bench fusion off / on (each part under its own limit)
+    timeout 90 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
+      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_final.log" | tail -n 4
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 140 $kb --presets llama-3.1-8b --variants on on-nosplitk --out "$R/l8b" 2>&1 \
+      | tail -n 8
+    timeout 80 $kb --presets qwen3-0.6b --variants on-default on-m1-nosplitk --out "$R/q06" \
+      2>&1 | tail -n 8
+    timeout ${KF_BENCH_S:-260} python3 benchmark/gpu_bench.py all --fusions off on \
+      --out "$R/engine" 2>&1 | tail -n 30 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

@@ -156,7 +156,15 @@ def test_prologues_and_silu_out_match_the_eager_layers(dtype, m, split_k) -> Non
     _close(act, SiluAndMul().forward_native(F.linear(ref_x, w)), dtype)
 
 
+def test_silu_out_bound_by_shape(monkeypatch) -> None:
+    monkeypatch.setattr(sk, "SILU_OUT_MAX_M", {(64, 32): 8})
+    assert sk.silu_out_applies(64, 32, 8) and not sk.silu_out_applies(64, 32, 9)
+    assert sk.silu_out_applies(32, 64, sk.MAX_M)  # a shape not listed: every row count
+
+
 def test_fold_switches_are_validated(monkeypatch) -> None:
+    monkeypatch.delenv("SGLAB_SPLITK_FOLD_MAX_M", raising=False)
+    assert sk.splitk_fold_max_m() == sk.DEFAULT_FOLD_MAX_M
     monkeypatch.setenv("SGLAB_SPLITK_FOLD_MAX_M", "4")
     monkeypatch.setenv("SGLAB_SPLITK_SILU", "0")
     assert sk.splitk_fold_max_m() == 4 and sk.splitk_silu() is False

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from sglab.srt.configs.model_options import ModelOptions
 from sglab.srt.layers.attention.triton_ops import decode_attention
 from sglab.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglab.srt.server_args import ServerArgs, ServerArgsError
@@ -135,11 +136,13 @@ def test_small_m_matmuls_fold_the_norms_and_silu(tiny_model_dir, monkeypatch):
 def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
     """With a split-K table for every tiny-llama matmul (as on CUDA): o_proj and down_proj
     (layouts that beat F.linear) run through splitk_gemm at every M up to MAX_M, qkv (one
-    that does not) only with the norm folded in; one-row decodes fold both norms (qkv, gate_up
-    with SiLU out), other rows up to MAX_M apply SiLU in gate_up. The outputs are fusion
-    off's, and with SGLAB_SPLITK_FOLD_MAX_M=0 / SGLAB_SPLITK_SILU=0 nothing is fused."""
+    that does not) only with the norm folded in; with SGLAB_SPLITK_FOLD_MAX_M=1 one-row
+    decodes fold both norms (qkv, gate_up with SiLU out), other rows up to MAX_M apply SiLU in
+    gate_up. The outputs are fusion off's; with the defaults' fold bound (0) and
+    SGLAB_SPLITK_SILU=0 the layers fuse nothing."""
     from sglab.srt.layers import linear
     from sglab.srt.layers import splitk_gemm as sk
+    from sglab.srt.models.llama import LlamaMLP
 
     path = tiny_model_dir("tiny-llama")
     cfg = AutoConfig.from_pretrained(path)
@@ -152,6 +155,7 @@ def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(sk, "SPLITK_TABLE", {shape: ((1, sk.MAX_M, c, wins),)
                                              for shape, (c, wins) in layouts.items()})
     monkeypatch.delenv("SGLAB_SPLITK_TABLE", raising=False)
+    monkeypatch.setenv("SGLAB_SPLITK_FOLD_MAX_M", "1")
     monkeypatch.setattr(linear, "splitk_applies",
                         lambda x: 0 < x.numel() // x.shape[-1] <= sk.MAX_M)
     calls = collections.Counter()
@@ -177,12 +181,14 @@ def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
     assert calls["plain", "", (qkv, hidden)] == 0
     off = _run(path, "off", **kw)
     _assert_same_outputs(on, off)
-    calls.clear()
-    monkeypatch.setenv("SGLAB_SPLITK_FOLD_MAX_M", "0")
+    monkeypatch.delenv("SGLAB_SPLITK_FOLD_MAX_M")
     monkeypatch.setenv("SGLAB_SPLITK_SILU", "0")
-    plain = _run(path, "on", **kw)
-    assert {kind for kind, _, _ in calls} == {"plain"} and not any(s for _, s, _ in calls)
-    _assert_same_outputs(plain, off)
+    mlp = LlamaMLP(hidden, inter, torch.float32, ModelOptions(False, False, True))
+    linear.enable_decode_gemms(mlp, hidden)
+    row = torch.zeros(1, hidden)
+    assert mlp.gate_up_proj.splitk_layout(row) is None  # plain: not a winning layout
+    assert not mlp.gate_up_proj.folds_norm(row) and not mlp.gate_up_proj.fuses_silu(row)
+    assert mlp.down_proj.splitk_layout(torch.zeros(1, inter)) is not None
 
 
 def test_graph_prologue_in_one_launch_each_gives_the_torch_ops_bits(tiny_model_dir,

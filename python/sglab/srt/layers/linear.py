@@ -21,6 +21,7 @@ from sglab.srt.layers.skinny_gemm import RMSNormPrologue, max_m, skinny_applies,
 from sglab.srt.layers.splitk_gemm import (
     config_for,
     load_table,
+    silu_out_applies,
     splitk_applies,
     splitk_fold_max_m,
     splitk_gemm,
@@ -211,7 +212,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         """Whether forward_silu serves x: [gate; up] halves, splitk_gemm with SiLU folded in."""
         return self.splitk_silu and len(self.output_sizes) == 2 \
             and self.output_sizes[0] == self.output_sizes[1] \
-            and self.splitk_layout(x, fused=True) is not None
+            and self.splitk_layout(x, fused=True) is not None \
+            and silu_out_applies(*self.weight.shape, x.numel() // x.shape[-1])
 
     def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ gate^T) * (x @ up^T) in one launch; only where fuses_silu(x)."""

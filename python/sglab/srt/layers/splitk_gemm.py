@@ -233,13 +233,25 @@ def parse_table(raw: dict) -> Table:
     return table
 
 
-DEFAULT_FOLD_MAX_M = 1
+# Off: at one row of llama-3.1-8b the folded norms made the decode replay 40% slower (6171 vs
+# 4418 µs): every program of qkv and gate_up (up to 1792) runs the row's sum of squares before
+# its own loads (benchmark/results/2026-12-03-h200-kernel-decode-splitk.md).
+DEFAULT_FOLD_MAX_M = 0
+# gate_up weights -> the most rows at which SiLU applied before splitk_gemm's store beat
+# gate_up through F.linear and the SiLU kernel in H200 decode replays (the same results):
+# llama-3.1-8b at 1 and 8 rows, not at 64 (1998 vs 1899 + 70 µs per replay); qwen3-0.6b at 8
+# and 64. Shapes not listed: every row count with a layout.
+SILU_OUT_MAX_M = {(28672, 4096): 8, (6144, 1024): 64}
+
+
+def silu_out_applies(n: int, k: int, m: int) -> bool:
+    return m <= SILU_OUT_MAX_M.get((n, k), MAX_M)
 
 
 def splitk_fold_max_m() -> int:
     """SGLAB_SPLITK_FOLD_MAX_M (default DEFAULT_FOLD_MAX_M): up to this many rows the decoder's
-    norms fold into splitk_gemm's loads. Every program re-reads the whole rows for their sum
-    of squares, so the fold pays at few rows only."""
+    norms fold into splitk_gemm's loads, each program reading the whole rows for their sum of
+    squares."""
     env = os.environ.get("SGLAB_SPLITK_FOLD_MAX_M")
     if env is None:
         return DEFAULT_FOLD_MAX_M
