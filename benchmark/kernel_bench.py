@@ -97,6 +97,10 @@ GEMM_M = [1, 4, 8, 16, 32, 64]
 # (BLOCK_M, BLOCK_N, warps, stages) of the prefill attention sweep
 EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8)
                 for st in (1, 2, 3) if bm * bn <= 8192 and (bm, nw) != (128, 4)]
+# (warps, keys per tile, pipeline stages) of the decode attention with the q/k norm + RoPE,
+# at the serving splits (attention-tune)
+ATTN_TUNE = [(w, bn, st) for w in (2, 4, 8) for bn in (16, 32, 64) for st in (2, 3)]
+ATTN_TUNE_SHAPES = [(64, 264)]
 # (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
 ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
 # Split-K GEMM layouts swept at decode batch sizes (splitk_gemm, the graph sizes up to 64 in
@@ -216,13 +220,37 @@ def attention_child() -> dict:
     return {"split_programs": programs, "rows": rows}
 
 
-def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int):
+def attention_tune_child() -> dict:
+    """Decode attention as the fused decode step runs it (one launch, the q/k norm + RoPE and
+    the new token's K/V write taken in, the serving splits) over ATTN_TUNE, per head shape and
+    ATTN_TUNE_SHAPES, CUDA-graph timed over L2-missing KV copies as attention_child."""
+    from sglab.srt.layers.attention.triton_backend import (
+        decode_max_splits, decode_programs_per_split, split_programs)
+
+    programs = split_programs(torch.device("cuda"))
+    rows = []
+    for model, heads in ATTN_HEADS.items():
+        for bs, ctx in ATTN_TUNE_SHAPES:
+            run = _attention_case(heads, bs, ctx, rope_norm=model == "qwen3-0.6b")
+            serving = decode_max_splits(bs, programs, decode_programs_per_split(*heads[:2]))
+            rows.append({**run(serving, None, None, True), "model": model, "num_warps": None})
+            for w, bn, st in ATTN_TUNE:
+                rows.append({**run(serving, bn, st, True, num_warps=w), "model": model,
+                             "num_warps": w})
+    return {"split_programs": programs, "rows": rows}
+
+
+def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int,
+                    rope_norm: bool | None = None):
     """A closure timing decode_attention_fwd over bs requests of ctx keys each (bf16,
     contiguous slots) in a CUDA graph. Each captured call reads its own slots of one KV
     buffer, as each layer reads its own cache, so the graph's calls together read at least
-    ATTN_ROTATE_BYTES (up to ATTN_MAX_COPIES calls) and small shapes do not run from L2."""
+    ATTN_ROTATE_BYTES (up to ATTN_MAX_COPIES calls) and small shapes do not run from L2.
+    rope_norm not None: the q/k norm (True) + RoPE and the last key's K/V write taken in."""
     from sglab.srt.layers.attention.triton_backend import MIN_KEYS_PER_SPLIT
-    from sglab.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+    from sglab.srt.layers.attention.triton_ops.decode_attention import (
+        DecodeRope, decode_attention_fwd)
+    from sglab.srt.layers.elementwise import QKNormRope
 
     hq, hkv, d = heads
     n = bs * ctx
@@ -238,8 +266,17 @@ def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int):
     logits = torch.empty(bs, hq, max_splits, d, device="cuda")
     lse = torch.empty(bs, hq, max_splits, device="cuda")
     counts = torch.zeros(bs * hq, dtype=torch.int32, device="cuda")
+    ropes = [None] * copies
+    if rope_norm is not None:
+        weight = (lambda: torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5) \
+            if rope_norm else (lambda: None)
+        spec = QKNormRope(torch.full((bs,), ctx - 1, device="cuda"),
+                          torch.randn(ctx, d, device="cuda"), d, weight(), weight())
+        new_kv = torch.randn(2, bs, hkv * d, device="cuda", dtype=torch.bfloat16)
+        ropes = [DecodeRope(spec, new_kv[0], new_kv[1], idx[indptr[1:].long() - 1])
+                 for idx in indices]
 
-    def run(splits_max, block_n, stages, merge) -> dict:
+    def run(splits_max, block_n, stages, merge, num_warps=None) -> dict:
         tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
         splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
                             device="cuda")
@@ -247,12 +284,13 @@ def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int):
                "max_kv_splits": splits_max, "block_n": block_n, "num_stages": stages,
                "graph_calls": copies}
 
-        def call(idx):
+        def call(idx, rope):
             return lambda: decode_attention_fwd(
                 q, k_buf, v_buf, o, indptr, idx, logits, lse, splits, splits_max, d ** -0.5,
-                block_n=block_n, num_stages=stages, merge_count=counts if merge else None)
+                block_n=block_n, num_stages=stages, num_warps=num_warps,
+                merge_count=counts if merge else None, rope=rope)
         try:
-            t = _graph_time([call(idx) for idx in indices])
+            t = _graph_time([call(idx, rope) for idx, rope in zip(indices, ropes)])
         except Exception as e:  # a tile that does not fit shared memory
             return {**row, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         return {**row, "median_s": t, "kv_read_gbps": kv_bytes / t / 1e9}
@@ -422,7 +460,7 @@ def _child(args: list[str], env: dict | None = None, unset=()) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-KERNEL_PARTS = ("gemm", "gemm-sweep", "splitk-sweep", "attention", "extend")
+KERNEL_PARTS = ("gemm", "gemm-sweep", "splitk-sweep", "attention", "attention-tune", "extend")
 
 
 def run_all(presets: list[str], out_dir: str, commit: str | None, variants: list[str],
@@ -516,7 +554,8 @@ def to_markdown(report: dict) -> str:
                                 if b2b is not None else "| | |"))
     lines += _gemm_lines(report, bw) + _gemm_sweep_lines(report, bw) + _splitk_lines(report, bw)
     lines += _top_kernel_lines(report)
-    lines += _prefill_lines(report) + _attention_lines(report, bw) + _extend_lines(report)
+    lines += _prefill_lines(report) + _attention_lines(report, bw) + _attention_tune_lines(report, bw)
+    lines += _extend_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -632,6 +671,34 @@ def _prefill_lines(report: dict) -> list[str]:
     return lines
 
 
+def _attention_tune_lines(report: dict, bw: float) -> list[str]:
+    g = report.get("attention_tune", {})
+    if "rows" not in g:
+        return ["", f"Attention tuning: {g.get('error', 'not run')[-300:]}"] if g else []
+    lines = ["", "Decode attention with the q/k norm + RoPE and the K/V write (one launch, the "
+             "serving splits): the default launch and the fastest of warps x keys per tile x "
+             "stages (KV read per second against the copy bandwidth):", "",
+             "| model | bs x context | default (µs) | BW | best (µs) | BW | warps / tile / "
+             "stages | best / default |", "|---|---|---|---|---|---|---|---|"]
+    ok = [r for r in g["rows"] if "median_s" in r]
+    for model, bs, ctx in sorted({(r["model"], r["bs"], r["context"]) for r in ok}):
+        rows = [r for r in ok if (r["model"], r["bs"], r["context"]) == (model, bs, ctx)]
+        base = next((r for r in rows if r["num_warps"] is None), None)
+        best = min(rows, key=lambda r: r["median_s"])
+        if base is None:
+            continue
+        lines.append(f"| {model} | {bs} x {ctx} | {base['median_s'] * 1e6:.1f} | "
+                     f"{base['kv_read_gbps'] / bw:.0%} | {best['median_s'] * 1e6:.1f} | "
+                     f"{best['kv_read_gbps'] / bw:.0%} | {best['num_warps']} / "
+                     f"{best['block_n']} / {best['num_stages']} | "
+                     f"{best['median_s'] / base['median_s']:.2f} |")
+    failed = [r for r in g["rows"] if "error" in r]
+    if failed:
+        lines.append(f"\n{len(failed)} configurations did not launch (e.g. "
+                     f"{failed[0]['error'][:120]}).")
+    return lines
+
+
 def _extend_lines(report: dict) -> list[str]:
     ext = report.get("extend")
     if not ext:
@@ -691,7 +758,7 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
 
 def main() -> None:
     parser = bench_parser(["all", "sweep", "decode", "gemm", "gemm-sweep", "splitk-sweep",
-                           "attention", "extend"])
+                           "attention", "attention-tune", "extend"])
     parser.add_argument("--fusion", choices=FUSION, default="off")
     parser.add_argument("--prefill", action="store_true", help="decode: the 8k prefill too")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -708,7 +775,7 @@ def main() -> None:
         return
     child = {"decode": lambda: decode_child(args.preset, args.fusion, args.prefill),
              "gemm": gemm_child, "gemm-sweep": gemm_sweep_child,
-             "splitk-sweep": splitk_sweep_child,
+             "splitk-sweep": splitk_sweep_child, "attention-tune": attention_tune_child,
              "attention": attention_child, "extend": extend_child}[args.kind]
     result = child()
     print(json.dumps(result))

@@ -50,6 +50,7 @@
 #                 split-K GEMM against without and without split-K
 #   kernels-final split-K / fusion GPU tests, decode replays with and without split-K, and
 #                 gpu_bench fusion off / on
+#   kernels-attn-tune  the fused decode attention's warps / tile / stages at bs 64
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
@@ -383,6 +384,12 @@ for step in "$@"; do
       2>&1 | tail -n 8
     timeout ${KF_BENCH_S:-260} python3 benchmark/gpu_bench.py all --fusions off on \
       --out "$R/engine" 2>&1 | tail -n 30 ;;
+  kernels-attn-tune)  # one call: split-K GPU tests, the fused decode attention's warps /
+    # tile / stages at the bs-64 decode step
+    timeout 60 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py 2>&1 \
+      | tee "$R/gpu_tests_splitk.log" | tail -n 3
+    timeout 200 python3 benchmark/kernel_bench.py sweep --parts attention-tune --out "$R" \
+      2>&1 | tail -n 12 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;
