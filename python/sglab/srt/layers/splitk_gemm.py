@@ -1,19 +1,25 @@
 """Split-K GEMM for decode batches (`--kernel-fusion on`): `y = x @ W^T` for 1-64 rows, where
-reading the weight once sets the time and cuBLAS's tiles leave SMs idle.
+reading the weight once sets the time, cuBLAS's tiles at a narrow N leave SMs idle and its
+split-K adds a reduction kernel.
 
-At 64 rows of llama-3.1-8b, cuBLASLt's tiles for o_proj and down_proj (N = 4096) make 86
-programs for 132 SMs. Here a program owns BLOCK_N columns of every row and one of SPLIT_K
-ranges of K, so N / BLOCK_N * SPLIT_K programs stream the weight. Each writes its fp32 partial
-tile to a workspace; the last of a column tile's programs to arrive (counted atomically, as the
+A program owns BLOCK_N columns of every row and one of SPLIT_K ranges of K, so
+N / BLOCK_N * SPLIT_K programs stream the weight. Each writes its fp32 partial tile to a
+workspace; the last of a column tile's programs to arrive (counted atomically, as the
 one-launch decode attention merges its splits) sums the SPLIT_K partials in split order, adds
 the bias, rounds once and re-zeroes its counter. The sum's order is fixed, so the result is the
 same on every run; a row's result never depends on the other rows' values (across batch sizes
 the tile, and so the rounding, may differ: deterministic inference keeps its own
 batch-invariant GEMM).
 
-`config_for(n, k, m)` picks the launch parameters from a table measured on an H200
-(`benchmark/kernel_bench.py sweep --parts splitk`); a shape or row count it has no entry for
-goes to F.linear (cuBLAS).
+Folded in, as skinny_gemm has them: the decoder's RMSNorm (+ residual add) or SiLU-and-mul in
+the loads, and for gate_up (`silu_out`) SiLU-and-mul before the store, with gate and up
+columns interleaved in the tile so one program holds both halves of its outputs.
+
+`config_for(n, k, m)` picks the layout from a table measured on an H200
+(`benchmark/kernel_bench.py sweep --parts splitk-sweep`); a plain product it has no winning
+entry for goes to F.linear (cuBLAS). On the H200 it won for qwen3-0.6b's o_proj / down_proj at
+1-64 rows and llama-3.1-8b's o_proj at 1-16 and down_proj at 5-16; at 17-64 rows of the 8B
+shape cuBLASLt's tiles stayed faster.
 """
 
 from __future__ import annotations

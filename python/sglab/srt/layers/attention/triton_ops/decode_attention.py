@@ -31,13 +31,13 @@ from sglab.srt.layers.pdl import pdl_launch, pdl_wait
 
 _MIN_BLOCK_KV = 32
 GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
-# Grouped-kernel tiles (keys per tile, pipeline stages) on CUDA, the first that fits shared
+# Grouped-kernel tiles (keys per tile, pipeline stages, warps) on CUDA, the first that fits shared
 # memory. One split per request (a batch large enough to fill the GPU on its own): small tiles,
 # several programs per SM. Several splits (a small batch, each program streaming a long range):
 # 128-key tiles in 3 stages. Measured on an H200: benchmark/kernel_bench.py sweep --parts
 # attention.
-_GROUPED_TILES_ONE_SPLIT = ((32, 3), (32, 2))
-_GROUPED_TILES_SPLIT = ((128, 3), (64, 3), (32, 3), (32, 2))
+_GROUPED_TILES_ONE_SPLIT = ((32, 3, 4), (32, 2, 4))
+_GROUPED_TILES_SPLIT = ((128, 3, 4), (64, 3, 4), (32, 3, 4), (32, 2, 4))
 
 
 @dataclass(frozen=True)
@@ -520,17 +520,17 @@ def _max_shared_memory(device_index: int) -> int:
 
 
 def _grouped_tile(q: torch.Tensor, k_buffer: torch.Tensor, max_kv_splits: int, d: int,
-                  dv: int) -> tuple[int, int]:
-    """The grouped kernel's default (BLOCK_N, num_stages): see _GROUPED_TILES_*."""
+                  dv: int) -> tuple[int, int, int]:
+    """The grouped kernel's default (BLOCK_N, num_stages, num_warps): see _GROUPED_TILES_*."""
     if not q.is_cuda:
-        return 16, 1
+        return 16, 1, 4
     limit = _max_shared_memory(q.device.index if q.device.index is not None
                                else torch.cuda.current_device())
     tiles = _GROUPED_TILES_ONE_SPLIT if max_kv_splits == 1 else _GROUPED_TILES_SPLIT
     q_tile = GROUP_BLOCK_H * d * q.element_size()
-    for block_n, stages in tiles:
+    for block_n, stages, warps in tiles:
         if stages * block_n * (d + dv) * k_buffer.element_size() + q_tile <= limit:
-            return block_n, stages
+            return block_n, stages, warps
     return tiles[-1]
 
 
@@ -606,7 +606,6 @@ def decode_attention_fwd(
         "LOGIT_CAP": logit_cap,
         "MERGE": merge,
         "MAX_SPLITS": triton.next_power_of_2(max_kv_splits),
-        "num_warps": num_warps or 4,
         **pdl_launch(q),
     }
     strides = (
@@ -641,9 +640,11 @@ def decode_attention_fwd(
     if kv_group_num == 1:
         block = block_n or (64 if on_cuda else 32)
         grid = (bs, head_num, max_kv_splits)
-        _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block, **common)
+        _decode_stage1_kernel[grid](*args, kv_group_num=1, BLOCK_N=block,
+                                    num_warps=num_warps or 4, **common)
     else:
-        tile_n, stages = _grouped_tile(q, k_buffer, max_kv_splits, BLOCK_DMODEL, BLOCK_DV)
+        tile_n, stages, warps = _grouped_tile(q, k_buffer, max_kv_splits, BLOCK_DMODEL,
+                                              BLOCK_DV)
         block = block_n or tile_n
         programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, GROUP_BLOCK_H)
         grid = (bs, programs, max_kv_splits)
@@ -658,6 +659,7 @@ def decode_attention_fwd(
             PORTABLE_DOT=_portable_dot(q),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_stages=num_stages or stages,
+            num_warps=num_warps or warps,
             ROPE=rope is not None,
             ROPE_NORM=rope_norm,
             **common,
