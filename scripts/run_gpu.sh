@@ -384,12 +384,25 @@ for step in "$@"; do
       2>&1 | tail -n 8
     timeout ${KF_BENCH_S:-260} python3 benchmark/gpu_bench.py all --fusions off on \
       --out "$R/engine" 2>&1 | tail -n 30 ;;
-  kernels-attn-tune)  # one call: split-K GPU tests, the fused decode attention's warps /
-    # tile / stages at the bs-64 decode step
-    timeout 60 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py 2>&1 \
-      | tee "$R/gpu_tests_splitk.log" | tail -n 3
-    timeout 200 python3 benchmark/kernel_bench.py sweep --parts attention-tune --out "$R" \
-      2>&1 | tail -n 12 ;;
+  kernels-attn-tune)  # one call: split-K / fusion GPU tests, the fused decode attention's
+    # warps / tile / stages at the bs-64 step, then decode replays with split-K (and without),
+    # and with the tuned tile of each model (SGLAB_DECODE_ONE_SPLIT_TILE)
+    timeout 90 python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
+      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_final.log" | tail -n 4
+    timeout 120 python3 benchmark/kernel_bench.py sweep --parts attention-tune --out "$R/tune" \
+      2>&1 | grep "x 264"
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 120 $kb --presets llama-3.1-8b --variants on on-nosplitk --out "$R/l8b" 2>&1 \
+      | grep "^| llama"
+    timeout 70 $kb --presets qwen3-0.6b --variants on-default on-m1-nosplitk --out "$R/q06" \
+      2>&1 | grep "^| qwen"
+    for m in llama-3.1-8b qwen3-0.6b; do
+      tile=$(python3 -c "import json,sys; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if r['model']=='$m' and 'median_s' in r]; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n'] or 32},{b['num_stages'] or 3},{b['num_warps'] or 4}\")")
+      echo "$m tile $tile"
+      v=on; [ $m = qwen3-0.6b ] && v=on-default
+      SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 70 $kb --presets $m --variants $v \
+        --out "$R/tile-$m" 2>&1 | grep "^| [lq]"
+    done ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;

@@ -285,6 +285,22 @@ def test_fused_rope_switch_validation(monkeypatch):
         decode_fused_rope()
 
 
+def test_one_split_tile_override(monkeypatch):
+    """SGLAB_DECODE_ONE_SPLIT_TILE puts its tile first for one-split batches, the defaults
+    come back without it, and a bad value names the variable."""
+    da = decode_attention
+    try:
+        da.set_one_split_tile("16,2,2")
+        assert da._GROUPED_TILES_ONE_SPLIT[0] == (16, 2, 2)
+        assert da._GROUPED_TILES_ONE_SPLIT[1:] == da._DEFAULT_ONE_SPLIT
+        for bad in ("16,2", "24,2,2", "16,0,2", "a,b,c"):
+            with pytest.raises(ValueError, match="SGLAB_DECODE_ONE_SPLIT_TILE"):
+                da.set_one_split_tile(bad)
+    finally:
+        da.set_one_split_tile(None)
+    assert da._GROUPED_TILES_ONE_SPLIT == da._DEFAULT_ONE_SPLIT
+
+
 # --- GPU ---------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

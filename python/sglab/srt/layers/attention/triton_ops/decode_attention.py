@@ -36,8 +36,26 @@ GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for
 # several programs per SM. Several splits (a small batch, each program streaming a long range):
 # 128-key tiles in 3 stages. Measured on an H200: benchmark/kernel_bench.py sweep --parts
 # attention.
-_GROUPED_TILES_ONE_SPLIT = ((32, 3, 4), (32, 2, 4))
+_DEFAULT_ONE_SPLIT = ((32, 3, 4), (32, 2, 4))
+_GROUPED_TILES_ONE_SPLIT = _DEFAULT_ONE_SPLIT
 _GROUPED_TILES_SPLIT = ((128, 3, 4), (64, 3, 4), (32, 3, 4), (32, 2, 4))
+
+
+def set_one_split_tile(env: str | None) -> None:
+    """SGLAB_DECODE_ONE_SPLIT_TILE="BLOCK_N,STAGES,WARPS" (read by the Triton backend when it
+    is built): the grouped kernel's tile for batches of one split per request, before the
+    defaults (tuning; kernel_bench sweep --parts attention-tune)."""
+    global _GROUPED_TILES_ONE_SPLIT
+    _GROUPED_TILES_ONE_SPLIT = _DEFAULT_ONE_SPLIT
+    if env is None:
+        return
+    parts = env.split(",")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts) \
+            or int(parts[0]) & (int(parts[0]) - 1):
+        raise ValueError(f"SGLAB_DECODE_ONE_SPLIT_TILE={env!r}: expected BLOCK_N,STAGES,WARPS "
+                         "(positive integers, BLOCK_N a power of two)")
+    tile = tuple(int(p) for p in parts)
+    _GROUPED_TILES_ONE_SPLIT = (tile, *(t for t in _DEFAULT_ONE_SPLIT if t != tile))
 
 
 @dataclass(frozen=True)
