@@ -396,7 +396,7 @@ for step in "$@"; do
       | grep "^| llama"
     timeout 70 $kb --presets qwen3-0.6b --variants on-default on-m1-nosplitk --out "$R/q06" \
       2>&1 | grep "^| qwen"
-    for m in llama-3.1-8b qwen3-0.6b; do
+    for m in ${KT_MODELS:-llama-3.1-8b qwen3-0.6b}; do
       tile=$(python3 -c "import json,sys; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if r['model']=='$m' and 'median_s' in r]; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n'] or 32},{b['num_stages'] or 3},{b['num_warps'] or 4}\")")
       echo "$m tile $tile"
       v=on; [ $m = qwen3-0.6b ] && v=on-default
