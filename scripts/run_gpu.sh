@@ -394,8 +394,8 @@ for step in "$@"; do
     kb="python3 benchmark/kernel_bench.py all --parts"
     timeout 120 $kb --presets llama-3.1-8b --variants on on-nosplitk --out "$R/l8b" 2>&1 \
       | grep "^| llama"
-    timeout 70 $kb --presets qwen3-0.6b --variants on-default on-m1-nosplitk --out "$R/q06" \
-      2>&1 | grep "^| qwen"
+    [ "${KT_Q06:-1}" = 1 ] && timeout 70 $kb --presets qwen3-0.6b --variants on-default \
+      on-m1-nosplitk --out "$R/q06" 2>&1 | grep "^| qwen"
     for m in ${KT_MODELS:-llama-3.1-8b qwen3-0.6b}; do
       tile=$(python3 -c "import json,sys; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if r['model']=='$m' and 'median_s' in r]; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n'] or 32},{b['num_stages'] or 3},{b['num_warps'] or 4}\")")
       echo "$m tile $tile"
