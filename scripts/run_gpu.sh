@@ -51,6 +51,7 @@
 #   kernels-final split-K / fusion GPU tests, decode replays with and without split-K, and
 #                 gpu_bench fusion off / on
 #   kernels-attn-tune  the fused decode attention's warps / tile / stages at bs 64
+#   tests-attn    the decode attention and kernel-fusion GPU tests
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
 #                 kernels-decode: kernel_bench all (KB_VARIANTS="off on ..." picks variants)
@@ -403,6 +404,9 @@ for step in "$@"; do
       SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 70 $kb --presets $m --variants $v \
         --out "$R/tile-$m" 2>&1 | grep "^| [lq]"
     done ;;
+  tests-attn)  # the decode attention and fusion GPU tests
+    timeout 150 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
+      test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_attn.log" | tail -n 4 ;;
   tests-prefill-graph)
     timeout 300 python3 -m pytest -q -m gpu test/srt/test_prefill_cuda_graph.py 2>&1 \
       | tee "$R/gpu_tests_prefill_graph.log" | tail -n 8 ;;
