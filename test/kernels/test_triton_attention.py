@@ -463,7 +463,7 @@ def _projected(b: PagedBatch, has_norm: bool, seed: int):
 
 
 def run_decode_rope(b: PagedBatch, splits: list[int], max_splits: int, has_norm: bool,
-                    merge: bool, seed: int = 0):
+                    merge: bool, seed: int = 0, **blocks: int):
     """The fused launch over a pool whose new-token slots hold NaN, and the separate path
     (qk_norm_rope with its K/V write, then decode attention): (o, k, v) of each."""
     q, k, v, norm_rope = _projected(b, has_norm, seed)
@@ -472,12 +472,12 @@ def run_decode_rope(b: PagedBatch, splits: list[int], max_splits: int, has_norm:
     q_rot, _ = norm_rope(q, k, KVWrite(v, loc, ref_k, ref_v))
     shape = (b.bs, -1, b.k_buffer.shape[-1])
     ref = replace(b, k_buffer=ref_k, v_buffer=ref_v)
-    o_ref = run_decode(ref, splits, max_splits, merge=merge, q=q_rot.view(shape))
+    o_ref = run_decode(ref, splits, max_splits, merge=merge, q=q_rot.view(shape), **blocks)
     fused = replace(b, k_buffer=b.k_buffer.clone(), v_buffer=b.v_buffer.clone())
     fused.k_buffer[loc] = float("nan")
     fused.v_buffer[loc] = float("nan")
     o = run_decode(fused, splits, max_splits, merge=merge, q=q.view(shape),
-                   rope=DecodeRope(norm_rope, k, v, loc))
+                   rope=DecodeRope(norm_rope, k, v, loc), **blocks)
     return (o, fused.k_buffer, fused.v_buffer), (o_ref, ref_k, ref_v)
 
 
@@ -642,6 +642,27 @@ def test_decode_rope_real_sizes_gpu(hq: int, max_splits: int) -> None:
     splits = [max(1, min(max_splits, math.ceil(s / 64))) for s in seq_lens]
     for seed in range(10):
         got, want = run_decode_rope(b, splits, max_splits, True, True, seed=seed)
+        assert_rope_matches_separate(got, want, BF16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tile", [(32, 3, 4), (32, 2, 4), (64, 3, 2)])
+@pytest.mark.parametrize("hq", [16, 32])
+def test_decode_one_split_tiles_gpu(tile: tuple[int, int, int], hq: int) -> None:
+    """The one-split tiles (the defaults and the tuned 64 keys / 3 stages / 2 warps of
+    SGLAB_DECODE_ONE_SPLIT_TILE) at bs 64 x ~264 keys: the torch reference, and with the q/k
+    norm + RoPE the separate kernels' pool and output."""
+    seq_lens = [264 + (i * 37) % 29 for i in range(63)] + [1]
+    b = make_decode_batch(seq_lens, hq, 8, 128, BF16, page_size=1, seed=47)
+    blocks = dict(zip(("block_n", "num_stages", "num_warps"), tile))
+    o = run_decode(b, [1] * len(seq_lens), 1, merge=True, **blocks)
+    kv_indptr, kv_indices = b.unified_kv()
+    ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, 128**-0.5)
+    assert_close(o, ref, BF16)
+    for seed in range(3):
+        got, want = run_decode_rope(b, [1] * len(seq_lens), 1, hq == 16, True, seed=seed,
+                                    **blocks)
         assert_rope_matches_separate(got, want, BF16)
 
 

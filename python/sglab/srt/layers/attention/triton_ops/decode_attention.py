@@ -37,7 +37,8 @@ GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for
 # range): 128-key tiles in 3 stages. Measured on an H200: benchmark/kernel_bench.py sweep --parts
 # attention. The fused decode step at bs 64 x 264 keys ran faster still with 64-key tiles in 3
 # stages on 2 warps (24.8 vs 27.1 µs at the 8B heads, 25.9 vs 26.3 at the 0.6B ones; sweep
-# --parts attention-tune): SGLAB_DECODE_ONE_SPLIT_TILE=64,3,2 until its GPU tests have run.
+# --parts attention-tune): SGLAB_DECODE_ONE_SPLIT_TILE=64,3,2 until its GPU test
+# (test_decode_one_split_tiles_gpu) has run.
 _DEFAULT_ONE_SPLIT = ((32, 3, 4), (32, 2, 4))
 _GROUPED_TILES_ONE_SPLIT = _DEFAULT_ONE_SPLIT
 _GROUPED_TILES_SPLIT = ((128, 3, 4), (64, 3, 4), (32, 3, 4), (32, 2, 4))
