@@ -634,11 +634,16 @@ def _splitk_lines(report: dict, bw: float) -> list[str]:
                      f"{wb / best['cublaslt_us'] * 1e6 / bw:.0%} | {best['cublas_us']:.1f} | "
                      f"{best['splitk_us'] / best['cublaslt_us']:.2f} | "
                      f"{max(r['max_abs_err'] for r in rows):.3g} |")
-    failed = [r for r in g["rows"] if "error" in r]
-    if failed:
-        lines.append(f"\n{len(failed)} swept layouts did not launch (e.g. "
-                     f"{failed[0]['error'][:120]}).")
+    lines += _failures(g["rows"], "swept layouts")
     return lines
+
+
+def _failures(rows: list[dict], what: str) -> list[str]:
+    """A line counting the rows that did not launch, with the first one's error."""
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return []
+    return [f"\n{len(failed)} {what} did not launch (e.g. {failed[0]['error'][:120]})."]
 
 
 GEMM_LAYERS = ("qkv", "o", "gate_up", "down")
@@ -692,10 +697,7 @@ def _attention_tune_lines(report: dict, bw: float) -> list[str]:
                      f"{best['kv_read_gbps'] / bw:.0%} | {best['num_warps']} / "
                      f"{best['block_n']} / {best['num_stages']} | "
                      f"{best['median_s'] / base['median_s']:.2f} |")
-    failed = [r for r in g["rows"] if "error" in r]
-    if failed:
-        lines.append(f"\n{len(failed)} configurations did not launch (e.g. "
-                     f"{failed[0]['error'][:120]}).")
+    lines += _failures(g["rows"], "configurations")
     return lines
 
 
@@ -749,10 +751,7 @@ def _attention_lines(report: dict, bw: float) -> list[str]:
                 f"| {model} | {shape[0]} x {shape[1]} | {us(serve)} (≤{serve['max_kv_splits']}) "
                 f"| {us(two)} | {us(fixed)} | {serve['median_s'] / fixed['median_s']:.2f} | "
                 f"{best} | {serve['kv_read_gbps'] / bw:.0%} | {best_bw} |")
-    failed = [r for r in att["rows"] if "error" in r]
-    if failed:
-        lines.append(f"\n{len(failed)} swept configurations did not launch (e.g. "
-                     f"{failed[0]['error'][:120]}).")
+    lines += _failures(att["rows"], "swept configurations")
     return lines
 
 

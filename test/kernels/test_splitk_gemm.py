@@ -92,6 +92,7 @@ def test_table_lookup_by_rows(monkeypatch) -> None:
 
 def test_table_from_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(sk, "SPLITK_TABLE", {})
+    monkeypatch.setattr(sk, "_override", None)
     path = tmp_path / "table.json"
     path.write_text('{"4096x14336": [[33, 64, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, '
                     'true]]}')
@@ -101,6 +102,10 @@ def test_table_from_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SGLAB_SPLITK_TABLE", "none")
     sk.load_table()
     assert sk.config_for(4096, 14336, 64) is None
+    monkeypatch.delenv("SGLAB_SPLITK_TABLE")
+    monkeypatch.setattr(sk, "SPLITK_TABLE", {(8, 16): ((1, 64, {"SPLIT_K": 1}, True),)})
+    sk.load_table()  # unset again: the built-in table, not the last one loaded
+    assert sk.config_for(8, 16, 4) == {"SPLIT_K": 1}
     layout = '{"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}'
     for bad in (f'{{"4096x14336": [[0, 64, {layout}, true]]}}',
                 f'{{"4096x14336": [[1, 64, {layout}]]}}',

@@ -85,6 +85,28 @@ def _sum_squares(x_ptr, res_ptr, res_out_ptr, rows, rmask, K, stride_xm, stride_
 
 
 @triton.jit
+def load_x_tile(x_ptr, res_ptr, nw_ptr, rows, kk, m2, kmask, K, stride_xm, stride_rm, inv,
+                dtype, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr):
+    """The [rows, kk] tile of the matmul's input after the prologue, rounded where the eager
+    layers round: 1, rmsnorm(x [+ residual]) * w_norm with `inv` the rows' 1 / rms; 2,
+    silu(g) * u from x = [g, u] (K columns each); 0, x itself."""
+    xp = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    a = tl.load(xp, mask=m2, other=0.0)
+    if PROLOGUE == 1:
+        if HAS_RES:
+            r = tl.load(res_ptr + rows[:, None] * stride_rm + kk[None, :], mask=m2, other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        a = (a.to(tl.float32) * inv[:, None]).to(dtype)
+        nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0)
+        a = (a.to(tl.float32) * nw[None, :].to(tl.float32)).to(dtype)
+    elif PROLOGUE == 2:
+        g = a.to(tl.float32)
+        u = tl.load(xp + K, mask=m2, other=0.0).to(tl.float32)
+        a = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
+    return a
+
+
+@triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_ptr, M, N, K,
                         stride_xm, stride_wn, stride_om, stride_rm, stride_rom, eps,
                         PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -97,6 +119,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
     dtype = out_ptr.dtype.element_ty
+    inv = 0.0
     if PROLOGUE == 1:
         ss = _sum_squares(x_ptr, res_ptr, res_out_ptr, rows, rmask, K, stride_xm, stride_rm,
                           stride_rom, pid, HAS_RES, BLOCK_M, BLOCK_K)
@@ -109,20 +132,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_p
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < K
         m2 = rmask[:, None] & kmask[None, :]
-        xp = x_ptr + rows[:, None] * stride_xm + kk[None, :]
-        a = tl.load(xp, mask=m2, other=0.0)
-        if PROLOGUE == 1:
-            if HAS_RES:
-                r = tl.load(res_ptr + rows[:, None] * stride_rm + kk[None, :], mask=m2,
-                            other=0.0)
-                a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            a = (a.to(tl.float32) * inv[:, None]).to(dtype)
-            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0)
-            a = (a.to(tl.float32) * nw[None, :].to(tl.float32)).to(dtype)
-        elif PROLOGUE == 2:
-            g = a.to(tl.float32)
-            u = tl.load(xp + K, mask=m2, other=0.0).to(tl.float32)
-            a = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
+        a = load_x_tile(x_ptr, res_ptr, nw_ptr, rows, kk, m2, kmask, K, stride_xm, stride_rm,
+                        inv, dtype, PROLOGUE, HAS_RES)
         w = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :],
                     mask=cmask[:, None] & kmask[None, :], other=0.0)
         if USE_DOT:

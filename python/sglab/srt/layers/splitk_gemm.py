@@ -33,7 +33,7 @@ import triton.language as tl
 
 from sglab.srt.layers.arrival import arrival_counters
 from sglab.srt.layers.skinny_gemm import _NONE, _RMSNORM, _SILU, SILU_MUL, RMSNormPrologue, \
-    _sum_squares
+    _sum_squares, load_x_tile
 
 
 @triton.jit
@@ -56,6 +56,7 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, Res, ResOut, NormW, M, N, K, 
         cmask = cols < N
     rmask = rows < M
     dtype = Out.dtype.element_ty
+    inv = 0.0
     if PROLOGUE == 1:  # the whole row's sum of squares in every program
         ss = _sum_squares(X, Res, ResOut, rows, rmask, K, stride_xm, stride_rm, stride_rom,
                           pid_n + pid_k, HAS_RES, BLOCK_M, BLOCK_K)
@@ -67,19 +68,8 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, Res, ResOut, NormW, M, N, K, 
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < k_end
         m2 = rmask[:, None] & kmask[None, :]
-        xp = X + rows[:, None] * stride_xm + kk[None, :]
-        a = tl.load(xp, mask=m2, other=0.0)
-        if PROLOGUE == 1:
-            if HAS_RES:
-                r = tl.load(Res + rows[:, None] * stride_rm + kk[None, :], mask=m2, other=0.0)
-                a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            a = (a.to(tl.float32) * inv[:, None]).to(dtype)
-            nw = tl.load(NormW + kk, mask=kmask, other=0.0)
-            a = (a.to(tl.float32) * nw[None, :].to(tl.float32)).to(dtype)
-        elif PROLOGUE == 2:
-            g = a.to(tl.float32)
-            u = tl.load(xp + K, mask=m2, other=0.0).to(tl.float32)
-            a = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
+        a = load_x_tile(X, Res, NormW, rows, kk, m2, kmask, K, stride_xm, stride_rm, inv, dtype,
+                        PROLOGUE, HAS_RES)
         w = tl.load(W + cols[None, :] * stride_wn + kk[:, None],
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         if USE_DOT:
@@ -207,20 +197,22 @@ SPLITK_TABLE: Table = {
 }
 
 
+_override: Table | None = None  # load_table's SGLAB_SPLITK_TABLE; None: SPLITK_TABLE
+
+
 def load_table() -> None:
     """SGLAB_SPLITK_TABLE: a JSON file {"NxK": [[lowest M, highest M, layout, wins], ...]} (a
     table measured on another GPU, `kernel_bench.py sweep --parts splitk-sweep` writes one)
-    replaces the built-in table; "none": no shape goes to splitk_gemm."""
-    global SPLITK_TABLE
+    replaces the built-in table; "none": no shape goes to splitk_gemm; unset: the built-in
+    table, whatever an earlier model of the process loaded."""
+    global _override
     path = os.environ.get("SGLAB_SPLITK_TABLE")
-    if path is None:
-        return
-    if path == "none":
-        SPLITK_TABLE = {}
+    if path is None or path == "none":
+        _override = None if path is None else {}
         return
     try:
         with open(path) as f:
-            SPLITK_TABLE = parse_table(json.load(f))
+            _override = parse_table(json.load(f))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"SGLAB_SPLITK_TABLE={path!r}: {e}") from None
 
@@ -283,7 +275,8 @@ def splitk_applies(x: torch.Tensor) -> bool:
 def config_for(n: int, k: int, m: int, fused: bool = False) -> dict | None:
     """The measured layout for an [m, k] @ [n, k]^T product: for a plain one only where it beat
     F.linear, for a fused one (`fused`) wherever measured; None: F.linear."""
-    for lo, hi, cfg, wins in SPLITK_TABLE.get((n, k), ()):
+    table = SPLITK_TABLE if _override is None else _override
+    for lo, hi, cfg, wins in table.get((n, k), ()):
         if lo <= m <= hi:
             return cfg if wins or fused else None
     return None
