@@ -108,6 +108,15 @@ ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) fo
 SPLITK_M = (1, 4, 8, 16, 32, 64)
 SPLITK_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 4}
                 for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
+# KB_SPLITK_WIDE=1: the layouts for 32-64 rows, where cuBLASLt's tiles led: TMA loads (TMA),
+# 8 warps, 256-column tiles; at KB_SPLITK_M rows (default 32, 64) of KB_SPLITK_MODELS' shapes
+# (default llama-3.1-8b), and gate_up with SiLU out next to F.linear + the SiLU kernel.
+SPLITK_SWEEP_WIDE = [
+    {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "TMA": 1, "num_warps": w, "num_stages": st}
+    for bn in (64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4, 8)
+    for w, st in ((4, 4), (8, 3))] + [
+    {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8, "num_stages": 3}
+    for bn in (64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4)]
 # Small-M GEMM layouts swept at M = 1 and 4 (FMA tiles): BLOCK_N, BLOCK_K (per row), warps,
 # the reduction over K per tile or deferred to the end.
 GEMM_SWEEP_M = (1, 4)
@@ -356,35 +365,63 @@ def gemm_sweep_child() -> dict:
 
 
 def splitk_sweep_child() -> dict:
-    """SPLITK_SWEEP at M in SPLITK_M for every decoder shape, CUDA-graph timed as in
-    gemm_child, next to F.linear through cuBLASLt (fusion on's choice) and cuBLAS."""
+    """SPLITK_SWEEP at M in SPLITK_M for every decoder shape (KB_SPLITK_WIDE=1:
+    SPLITK_SWEEP_WIDE, see there), CUDA-graph timed as in gemm_child, next to F.linear through
+    cuBLASLt (fusion on's choice) and cuBLAS."""
     import torch.nn.functional as F
 
+    from sglab.srt.layers.elementwise import silu_and_mul
     from sglab.srt.layers.splitk_gemm import splitk_gemm
 
+    wide = os.environ.get("KB_SPLITK_WIDE") == "1"
+    layouts = SPLITK_SWEEP_WIDE if wide else SPLITK_SWEEP
+    ms = [int(v) for v in os.environ.get("KB_SPLITK_M", "32,64").split(",")] if wide \
+        else SPLITK_M
+    models = os.environ.get("KB_SPLITK_MODELS", "llama-3.1-8b").split(",") if wide else None
     rows = []
     for model, layer, n, k in GEMM_SHAPES:
+        if models is not None and model not in models:
+            continue
         ws = _rotating_weights(n, k)
-        for m in SPLITK_M:
+        silu = wide and layer == "gate_up"
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             blas = {}
             for lib in ("cublaslt", "cublas"):
                 torch.backends.cuda.preferred_blas_library(lib)
                 blas[lib] = _graph_time([lambda w=w: F.linear(x, w) for w in ws]) * 1e6
-            for cfg in SPLITK_SWEEP:
-                row = {"model": model, "layer": layer, "n": n, "k": k, "m": m, "config": cfg,
-                       "cublaslt_us": blas["cublaslt"], "cublas_us": blas["cublas"]}
-                try:
-                    t = _graph_time([lambda w=w: splitk_gemm(x, w, config=cfg) for w in ws])
-                    want = F.linear(x, ws[-1]).float()
-                    err = (splitk_gemm(x, ws[-1], config=cfg).float() - want).abs().max()
-                    row.update(splitk_us=t * 1e6, max_abs_err=err.item(),
-                               weight_gbps=2 * n * k / t / 1e9)
-                except Exception as e:  # a tile that does not fit shared memory
-                    row["error"] = repr(e)[:300]
-                rows.append(row)
+                if silu:
+                    blas[lib + "_silu"] = _graph_time(
+                        [lambda w=w: silu_and_mul(F.linear(x, w)) for w in ws]) * 1e6
+            for cfg in layouts:
+                rows.append(_splitk_row(model, layer, n, k, m, x, ws, cfg, blas, False))
+                if silu:
+                    rows.append(_splitk_row(model, layer + "+silu", n, k, m, x, ws, cfg,
+                                            blas, True))
         del ws
     return {"rows": rows}
+
+
+def _splitk_row(model, layer, n, k, m, x, ws, cfg, blas, silu_out) -> dict:
+    import torch.nn.functional as F
+
+    from sglab.srt.layers.elementwise import silu_and_mul
+    from sglab.srt.layers.splitk_gemm import splitk_gemm
+
+    suffix = "_silu" if silu_out else ""
+    row = {"model": model, "layer": layer, "n": n, "k": k, "m": m, "config": cfg,
+           "silu_out": silu_out, "cublaslt_us": blas["cublaslt" + suffix],
+           "cublas_us": blas["cublas" + suffix]}
+    try:
+        t = _graph_time([lambda w=w: splitk_gemm(x, w, config=cfg, silu_out=silu_out)
+                         for w in ws])
+        want = F.linear(x, ws[-1])
+        want = (silu_and_mul(want) if silu_out else want).float()
+        err = (splitk_gemm(x, ws[-1], config=cfg, silu_out=silu_out).float() - want).abs().max()
+        row.update(splitk_us=t * 1e6, max_abs_err=err.item(), weight_gbps=2 * n * k / t / 1e9)
+    except Exception as e:  # a tile that does not fit shared memory
+        row["error"] = repr(e)[:300]
+    return row
 
 
 def _rotating_weights(n: int, k: int) -> list[torch.Tensor]:
@@ -494,7 +531,9 @@ def run_sweep(out_dir: str, commit: str | None, parts: list[str]) -> dict:
         print(kind, str(report[kind.replace("-", "_")])[:300], flush=True)
         write_results(out_dir, "kernel_sweep", report, to_markdown(report))
     if "rows" in report.get("splitk_sweep", {}):
-        table = splitk_table(report["splitk_sweep"]["rows"])
+        wide = os.environ.get("KB_SPLITK_WIDE") == "1"  # the built-in table below its rows
+        table = splitk_table(report["splitk_sweep"]["rows"], keep_below=min(
+            r["m"] for r in report["splitk_sweep"]["rows"]) if wide else 0)
         with open(os.path.join(out_dir, "splitk_table.json"), "w") as f:
             json.dump(table, f, indent=1)
         print("splitk table", json.dumps(table), flush=True)
@@ -504,22 +543,31 @@ def run_sweep(out_dir: str, commit: str | None, parts: list[str]) -> dict:
 SPLITK_WIN = 0.97  # a layout enters the table when it takes at most this share of cuBLASLt's time
 
 
-def splitk_table(rows: list[dict]) -> dict:
-    """The split-K sweep's table for SGLAB_SPLITK_TABLE: per weight shape and measured M, the
-    fastest layout and whether it beats cuBLASLt by SPLITK_WIN, for the rows from the measured
-    M below (exclusive; the lowest measured M for the first) up to this one."""
+def splitk_table(rows: list[dict], keep_below: int = 0) -> dict:
+    """The split-K sweep's tables for SGLAB_SPLITK_TABLE: per weight shape (gate_up's SiLU-out
+    product as "NxK+silu") and measured M, the fastest layout and whether it beats cuBLASLt
+    (+ the SiLU kernel) by SPLITK_WIN, for the rows from the measured M below (exclusive; the
+    lowest measured M for the first) up to this one. keep_below: the built-in entries wholly
+    below this many rows stay (a sweep of the larger M only)."""
+    from sglab.srt.layers import splitk_gemm as sk
+
     table: dict = {}
-    ok = [r for r in rows if "splitk_us" in r]
-    for n, k in sorted({(r["n"], r["k"]) for r in ok}):
-        entries, lo = [], None
-        for m in sorted({r["m"] for r in ok if (r["n"], r["k"]) == (n, k)}):
-            cand = [r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)]
-            best = min(cand, key=lambda r: r["splitk_us"])
-            entries.append([m if lo is None else lo + 1, m, best["config"],
-                            best["splitk_us"] <= SPLITK_WIN * best["cublaslt_us"]])
-            lo = m
-        table[f"{n}x{k}"] = entries
+    for silu in (False, True):
+        base = sk.SILU_OUT_TABLE if silu else sk.SPLITK_TABLE
+        ok = [r for r in rows if "splitk_us" in r and bool(r.get("silu_out")) == silu]
+        for n, k in sorted({(r["n"], r["k"]) for r in ok}):
+            entries = [[lo, hi, cfg, wins] for lo, hi, cfg, wins in base.get((n, k), ())
+                       if hi < keep_below]
+            lo = entries[-1][1] if entries else None
+            for m in sorted({r["m"] for r in ok if (r["n"], r["k"]) == (n, k)}):
+                cand = [r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)]
+                best = min(cand, key=lambda r: r["splitk_us"])
+                entries.append([m if lo is None else lo + 1, m, best["config"],
+                                best["splitk_us"] <= SPLITK_WIN * best["cublaslt_us"]])
+                lo = m
+            table[f"{n}x{k}" + (sk.SILU_SUFFIX if silu else "")] = entries
     return table
+
 
 def to_markdown(report: dict) -> str:
     bw = report["bandwidth"]["bandwidth_gbps"]
@@ -618,24 +666,33 @@ def _splitk_lines(report: dict, bw: float) -> list[str]:
         return ["", f"Split-K sweep: {g.get('error', 'not run')[-300:]}"] if g else []
     lines = ["", "Split-K GEMM (splitk_gemm) swept: per shape and M the fastest layout next to "
              "F.linear through cuBLASLt and cuBLAS (weight bytes per second against the copy "
-             "bandwidth):", "", "| model | layer | M | best: BLOCK_N / BLOCK_K / SPLIT_K | "
+             "bandwidth; gate_up+silu: SiLU out, against F.linear + the SiLU kernel):", "",
+             "| model | layer | M | best: BLOCK_N / BLOCK_K / SPLIT_K | "
              "best (µs) | BW | cuBLASLt (µs) | BW | cuBLAS (µs) | best / cuBLASLt | max err |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = [r for r in g["rows"] if "splitk_us" in r]
     keys = sorted({(r["model"], r["layer"], r["m"]) for r in ok},
-                  key=lambda t: (t[0], GEMM_LAYERS.index(t[1]), t[2]))
+                  key=lambda t: (t[0], GEMM_LAYERS.index(t[1].split("+")[0]), t[1], t[2]))
     for model, layer, m in keys:
         rows = [r for r in ok if (r["model"], r["layer"], r["m"]) == (model, layer, m)]
         best = min(rows, key=lambda r: r["splitk_us"])
         c, wb = best["config"], 2 * best["n"] * best["k"] / 1e9
-        lines.append(f"| {model} | {layer} | {m} | {c['BLOCK_N']} / {c['BLOCK_K']} / "
-                     f"{c['SPLIT_K']} | {best['splitk_us']:.1f} | "
+        lines.append(f"| {model} | {layer} | {m} | {_layout_name(c)} | "
+                     f"{best['splitk_us']:.1f} | "
                      f"{best['weight_gbps'] / bw:.0%} | {best['cublaslt_us']:.1f} | "
                      f"{wb / best['cublaslt_us'] * 1e6 / bw:.0%} | {best['cublas_us']:.1f} | "
                      f"{best['splitk_us'] / best['cublaslt_us']:.2f} | "
                      f"{max(r['max_abs_err'] for r in rows):.3g} |")
     lines += _failures(g["rows"], "swept layouts")
     return lines
+
+
+def _layout_name(c: dict) -> str:
+    extra = [f"{c['num_warps']}w" if c.get("num_warps", 4) != 4 else "",
+             f"{c['num_stages']}st" if c.get("num_stages", 4) != 4 else "",
+             "TMA" if c.get("TMA") else ""]
+    return " / ".join(str(c[key]) for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K")) + \
+        "".join(f" {e}" for e in extra if e)
 
 
 def _failures(rows: list[dict], what: str) -> list[str]:

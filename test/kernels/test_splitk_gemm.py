@@ -54,6 +54,43 @@ def test_splitk_matches_linear(dtype, m, n, k, split_k) -> None:
            bias=split_k != 3)
 
 
+class _Refused:
+    def __getitem__(self, grid):
+        raise AssertionError("the pointer kernel ran where the TMA kernel should")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,split_k", [
+    (5, 48, 64, 1),    # one split; rows past M come as zeros from the descriptor
+    (16, 40, 96, 3),   # N past the last full tile
+    (17, 33, 104, 4),  # K past the last full block (zeros), 32 rows of tile
+    (3, 16, 40, 8),    # empty trailing splits still arrive
+])
+def test_tma_layouts_match_linear(monkeypatch, dtype, m, n, k, split_k) -> None:
+    monkeypatch.setattr(sk, "_splitk_gemm_kernel", _Refused())
+    _check(m, n, k, dtype, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": split_k, "TMA": 1},
+           bias=split_k != 3)
+    x, w, b = _case(m, 2 * n, k, dtype, bias=True, seed=m)
+    act = sk.splitk_gemm(x, w, b, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": split_k, "TMA": 1},
+                         silu_out=True)
+    _close(act, SiluAndMul().forward_native(F.linear(x, w, b)), dtype)
+
+
+def test_tma_layout_falls_back_off_its_alignment() -> None:
+    """A prologue, or rows TMA cannot address (a base off 16 bytes), take the pointer kernel
+    with the same tile."""
+    x, w, _ = _case(4, 32, 49, torch.float32, bias=False)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2, "TMA": 1}
+    view = x[:, 1:]
+    assert not sk._tma_aligned(view)
+    torch.testing.assert_close(sk.splitk_gemm(view, w[:, 1:].contiguous(), config=cfg),
+                               F.linear(view, w[:, 1:]), atol=1e-4, rtol=1e-4)
+    norm = _norm_case(4, 48, torch.float32)
+    out, _ = sk.splitk_gemm(view.contiguous(), w[:, 1:].contiguous(), None, cfg,
+                            RMSNormPrologue(norm.weight, 1e-6))
+    _close(out, F.linear(norm.forward_native(view.contiguous()), w[:, 1:]), torch.float32)
+
+
 def test_counters_left_zero_between_shapes() -> None:
     for m, n, split_k in ((4, 64, 4), (9, 32, 2), (4, 64, 3)):
         _check(m, n, 48, torch.float32, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": split_k})
@@ -161,10 +198,32 @@ def test_prologues_and_silu_out_match_the_eager_layers(dtype, m, split_k) -> Non
     _close(act, SiluAndMul().forward_native(F.linear(ref_x, w)), dtype)
 
 
-def test_silu_out_bound_by_shape(monkeypatch) -> None:
-    monkeypatch.setattr(sk, "SILU_OUT_MAX_M", {(64, 32): 8})
-    assert sk.silu_out_applies(64, 32, 8) and not sk.silu_out_applies(64, 32, 9)
-    assert sk.silu_out_applies(32, 64, sk.MAX_M)  # a shape not listed: every row count
+def test_silu_out_table(monkeypatch, tmp_path) -> None:
+    """SiLU out takes its own table where it lists the shape (only winning entries), else the
+    plain product's fused entries; SGLAB_SPLITK_TABLE's "NxK+silu" entries replace it."""
+    plain, silu = {"SPLIT_K": 2}, {"SPLIT_K": 1, "TMA": 1}
+    monkeypatch.setattr(sk, "_override", None)
+    monkeypatch.setattr(sk, "SPLITK_TABLE", {(64, 32): ((1, 64, plain, False),),
+                                             (32, 64): ((1, 64, plain, False),)})
+    monkeypatch.setattr(sk, "SILU_OUT_TABLE", {(64, 32): ((1, 8, silu, True),
+                                                          (9, 64, silu, False))})
+    assert sk.silu_out_config(64, 32, 8) is silu and sk.silu_out_config(64, 32, 9) is None
+    assert sk.silu_out_config(32, 64, sk.MAX_M) is plain  # a shape not listed
+    path = tmp_path / "table.json"
+    path.write_text('{"64x32": [[1, 64, {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}, false]], '
+                    '"64x32+silu": [[1, 64, {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, '
+                    '"TMA": 1}, true]]}')
+    monkeypatch.setenv("SGLAB_SPLITK_TABLE", str(path))
+    sk.load_table()
+    assert sk.config_for(64, 32, 9) is None
+    assert sk.silu_out_config(64, 32, 9) == {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1,
+                                             "TMA": 1}
+    monkeypatch.setenv("SGLAB_SPLITK_TABLE", "none")
+    sk.load_table()
+    assert sk.silu_out_config(64, 32, 8) is None and sk.config_for(64, 32, 8, fused=True) is None
+    monkeypatch.delenv("SGLAB_SPLITK_TABLE")
+    sk.load_table()
+    assert sk.silu_out_config(64, 32, 8) is silu
 
 
 def test_fold_switches_are_validated(monkeypatch) -> None:
@@ -189,6 +248,20 @@ def test_splitk_real_sizes_gpu(m, n, k) -> None:
 
 @needs_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 33, 64])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (28672, 4096)])
+@pytest.mark.parametrize("block_n,split_k,warps", [(64, 2, 4), (128, 4, 8), (256, 1, 8)])
+def test_tma_real_sizes_gpu(m, n, k, block_n, split_k, warps) -> None:
+    cfg = {"BLOCK_N": block_n, "BLOCK_K": 64 if block_n == 256 else 128, "SPLIT_K": split_k,
+           "TMA": 1, "num_warps": warps, "num_stages": 3}
+    _check(m, n, k, torch.bfloat16, cfg, bias=False)
+    x, w, _ = _case(m, n, k, torch.bfloat16, bias=False, seed=4)
+    _close(sk.splitk_gemm(x, w, None, cfg, silu_out=True),
+           SiluAndMul().forward_native(F.linear(x, w)), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 8, 64])
 def test_fused_real_sizes_gpu(m) -> None:
     """llama-3.1-8b's folded norm before qkv and gate_up with SiLU out, the table's layouts."""
@@ -204,4 +277,8 @@ def test_fused_real_sizes_gpu(m) -> None:
     gate_up = _case(m, 28672, k, dtype, bias=False, seed=3)[1]
     act = sk.splitk_gemm(ref_x, gate_up, None, sk.config_for(28672, k, m, fused=True),
                          silu_out=True)
+    _close(act, SiluAndMul().forward_native(F.linear(ref_x, gate_up)), dtype)
+    if sk.silu_out_config(28672, k, m) is None:
+        return
+    act = sk.splitk_gemm(ref_x, gate_up, None, sk.silu_out_config(28672, k, m), silu_out=True)
     _close(act, SiluAndMul().forward_native(F.linear(ref_x, gate_up)), dtype)

@@ -21,7 +21,7 @@ from sglab.srt.layers.skinny_gemm import RMSNormPrologue, max_m, skinny_applies,
 from sglab.srt.layers.splitk_gemm import (
     config_for,
     load_table,
-    silu_out_applies,
+    silu_out_config,
     splitk_applies,
     splitk_fold_max_m,
     splitk_gemm,
@@ -212,13 +212,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         """Whether forward_silu serves x: [gate; up] halves, splitk_gemm with SiLU folded in."""
         return self.splitk_silu and len(self.output_sizes) == 2 \
             and self.output_sizes[0] == self.output_sizes[1] \
-            and self.splitk_layout(x, fused=True) is not None \
-            and silu_out_applies(*self.weight.shape, x.numel() // x.shape[-1])
+            and self.silu_layout(x) is not None
+
+    def silu_layout(self, x: torch.Tensor) -> dict | None:
+        if not (self.splitk and splitk_applies(x)):
+            return None
+        return silu_out_config(*self.weight.shape, x.numel() // x.shape[-1])
 
     def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ gate^T) * (x @ up^T) in one launch; only where fuses_silu(x)."""
-        return splitk_gemm(x, self.weight, self.bias, self.splitk_layout(x, fused=True),
-                           silu_out=True)
+        return splitk_gemm(x, self.weight, self.bias, self.silu_layout(x), silu_out=True)
 
     def load_full_weight(self, param: nn.Parameter, full: torch.Tensor) -> None:
         for i, block in enumerate(full.split(self.total_output_sizes, dim=0)):

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sglab.srt.layers.arrival import arrival_counters
 from sglab.srt.layers.skinny_gemm import _NONE, _RMSNORM, _SILU, SILU_MUL, RMSNormPrologue, \
@@ -43,18 +44,7 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, Res, ResOut, NormW, M, N, K, 
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_N)
-    if SILU_OUT:  # N = [gate; up] rows: even tile columns gate, odd ones up, of one output
-        out_cols = pid_n * (BLOCK_N // 2) + c // 2
-        cols = out_cols + (c % 2) * (N // 2)
-        cmask = out_cols < N // 2
-    else:
-        cols = pid_n * BLOCK_N + c
-        cmask = cols < N
-    rmask = rows < M
+    pid_n, pid_k, rows, c, cols, rmask, cmask = _program_tile(M, N, SILU_OUT, BLOCK_M, BLOCK_N)
     dtype = Out.dtype.element_ty
     inv = 0.0
     if PROLOGUE == 1:  # the whole row's sum of squares in every program
@@ -76,6 +66,71 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, Res, ResOut, NormW, M, N, K, 
             acc += tl.dot(a, w, input_precision=DOT_PRECISION)
         else:  # Triton's interpreter cannot tl.dot bf16
             acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    _finish(acc, B, Out, Part, Count, rows, cols, c, rmask, cmask, pid_n, pid_k, N, stride_om,
+            HAS_BIAS, SILU_OUT, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _splitk_tma_kernel(X_desc, W_desc, B, Out, Part, Count, M, N, K, stride_om, k_per_split,
+                       SILU_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The plain product with x and W tiles loaded by the tensor memory accelerator (TMA
+    layouts): rows past M and keys past K arrive as zeros. SILU_OUT loads the gate and up
+    halves as two tiles and interleaves their accumulators as the pointer kernel holds them."""
+    pid_n, pid_k, rows, c, cols, rmask, cmask = _program_tile(M, N, SILU_OUT, BLOCK_M, BLOCK_N)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if SILU_OUT:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            a = X_desc.load([0, k0])
+            acc_g = _tma_dot(acc_g, a, W_desc.load([pid_n * (BLOCK_N // 2), k0]), USE_DOT,
+                             DOT_PRECISION)
+            acc_u = _tma_dot(acc_u, a, W_desc.load([N // 2 + pid_n * (BLOCK_N // 2), k0]),
+                             USE_DOT, DOT_PRECISION)
+        acc = tl.reshape(tl.join(acc_g, acc_u), (BLOCK_M, BLOCK_N))
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            acc = _tma_dot(acc, X_desc.load([0, k0]), W_desc.load([pid_n * BLOCK_N, k0]),
+                           USE_DOT, DOT_PRECISION)
+    _finish(acc, B, Out, Part, Count, rows, cols, c, rmask, cmask, pid_n, pid_k, N, stride_om,
+            HAS_BIAS, SILU_OUT, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _program_tile(M, N, SILU_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's column tile and split, its rows and weight rows (cols) with their masks.
+    SILU_OUT (N = [gate; up] rows): even tile columns gate, odd ones up, of one output."""
+    pid_n = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    if SILU_OUT:
+        out_cols = pid_n * (BLOCK_N // 2) + c // 2
+        cols = out_cols + (c % 2) * (N // 2)
+        cmask = out_cols < N // 2
+    else:
+        cols = pid_n * BLOCK_N + c
+        cmask = cols < N
+    return pid_n, tl.program_id(1), rows, c, cols, rows < M, cmask
+
+
+@triton.jit
+def _tma_dot(acc, a, w, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ w^T for a [BLOCK_M, BLOCK_K] and w [BLOCK_N, BLOCK_K] tile."""
+    if USE_DOT:
+        return tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _finish(acc, B, Out, Part, Count, rows, cols, c, rmask, cmask, pid_n, pid_k, N, stride_om,
+            HAS_BIAS: tl.constexpr, SILU_OUT: tl.constexpr, SPLIT_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One split's fp32 tile: stored (one split), or written to the workspace, where the last
+    split of the column tile to arrive sums them in split order, stores and re-zeroes."""
     if SPLIT_K == 1:
         _store_tile(acc, B, Out, rows, cols, rmask, cmask, pid_n, N, stride_om, HAS_BIAS,
                     SILU_OUT, BLOCK_M, BLOCK_N)
@@ -121,12 +176,14 @@ def _store_tile(acc, B, Out, rows, cols, rmask, cmask, pid_n, N, stride_om,
 # would cost) take any.
 Table = dict[tuple[int, int], tuple[tuple[int, int, dict, bool], ...]]
 MAX_M = 64
-_LAYOUT_KEYS = {"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"}
+_LAYOUT_KEYS = {"BLOCK_N", "BLOCK_K", "SPLIT_K", "TMA", "num_warps", "num_stages"}
 
 
-def _layout(block_n: int, block_k: int, split_k: int) -> dict:
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4,
-            "num_stages": 4}
+def _layout(block_n: int, block_k: int, split_k: int, tma: bool = False, num_warps: int = 4,
+            num_stages: int = 4) -> dict:
+    cfg = {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": num_warps,
+           "num_stages": num_stages}
+    return {**cfg, "TMA": 1} if tma else cfg
 
 
 SPLITK_TABLE: Table = {
@@ -197,23 +254,38 @@ SPLITK_TABLE: Table = {
 }
 
 
-_override: Table | None = None  # load_table's SGLAB_SPLITK_TABLE; None: SPLITK_TABLE
+# gate_up weights -> the SiLU-out product's layouts (splitk_gemm(silu_out=True)) and whether
+# it beat gate_up through F.linear + the SiLU kernel in H200 decode replays
+# (results/2026-12-03-h200-kernel-decode-splitk.md): llama-3.1-8b at 1 and 8 rows, not at 64
+# (1998 vs 1899 + 70 µs per replay); qwen3-0.6b at 8 and 64. A gate_up shape not listed takes
+# its plain product's layouts (config_for's fused entries) at every row count.
+SILU_OUT_TABLE: Table = {
+    (28672, 4096): tuple((lo, hi, cfg, hi <= 8) for lo, hi, cfg, _ in SPLITK_TABLE[28672, 4096]),
+    (6144, 1024): tuple((lo, hi, cfg, True) for lo, hi, cfg, _ in SPLITK_TABLE[6144, 1024]),
+}
+SILU_SUFFIX = "+silu"  # SGLAB_SPLITK_TABLE's key of a SiLU-out entry: "NxK+silu"
+
+# load_table's SGLAB_SPLITK_TABLE (plain, SiLU out); None: the built-in tables
+_override: tuple[Table, Table] | None = None
 
 
 def load_table() -> None:
-    """SGLAB_SPLITK_TABLE: a JSON file {"NxK": [[lowest M, highest M, layout, wins], ...]} (a
-    table measured on another GPU, `kernel_bench.py sweep --parts splitk-sweep` writes one)
-    replaces the built-in table; "none": no shape goes to splitk_gemm; unset: the built-in
-    table, whatever an earlier model of the process loaded."""
+    """SGLAB_SPLITK_TABLE: a JSON file {"NxK": [[lowest M, highest M, layout, wins], ...],
+    "NxK+silu": [...]} (tables measured on another GPU, `kernel_bench.py sweep --parts
+    splitk-sweep` writes one) replaces the built-in tables; "none": no shape goes to
+    splitk_gemm; unset: the built-in tables, whatever an earlier model of the process loaded."""
     global _override
     path = os.environ.get("SGLAB_SPLITK_TABLE")
     if path is None or path == "none":
-        _override = None if path is None else {}
+        _override = None if path is None else ({}, {})
         return
     try:
         with open(path) as f:
-            _override = parse_table(json.load(f))
-    except (OSError, ValueError, TypeError, KeyError) as e:
+            raw = json.load(f)
+        _override = (parse_table({s: e for s, e in raw.items() if not s.endswith(SILU_SUFFIX)}),
+                     parse_table({s[:-len(SILU_SUFFIX)]: e for s, e in raw.items()
+                                  if s.endswith(SILU_SUFFIX)}))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"SGLAB_SPLITK_TABLE={path!r}: {e}") from None
 
 
@@ -235,17 +307,6 @@ def parse_table(raw: dict) -> Table:
 # 4418 µs): every program of qkv and gate_up (up to 1792) runs the row's sum of squares before
 # its own loads (benchmark/results/2026-12-03-h200-kernel-decode-splitk.md).
 DEFAULT_FOLD_MAX_M = 0
-# gate_up weights -> the most rows at which SiLU applied before splitk_gemm's store beat
-# gate_up through F.linear and the SiLU kernel in H200 decode replays (the same results):
-# llama-3.1-8b at 1 and 8 rows, not at 64 (1998 vs 1899 + 70 µs per replay); qwen3-0.6b at 8
-# and 64. Shapes not listed: every row count with a layout.
-SILU_OUT_MAX_M = {(28672, 4096): 8, (6144, 1024): 64}
-
-
-def silu_out_applies(n: int, k: int, m: int) -> bool:
-    return m <= SILU_OUT_MAX_M.get((n, k), MAX_M)
-
-
 def splitk_fold_max_m() -> int:
     """SGLAB_SPLITK_FOLD_MAX_M (default DEFAULT_FOLD_MAX_M): up to this many rows the decoder's
     norms fold into splitk_gemm's loads, each program reading the whole rows for their sum of
@@ -275,11 +336,28 @@ def splitk_applies(x: torch.Tensor) -> bool:
 def config_for(n: int, k: int, m: int, fused: bool = False) -> dict | None:
     """The measured layout for an [m, k] @ [n, k]^T product: for a plain one only where it beat
     F.linear, for a fused one (`fused`) wherever measured; None: F.linear."""
-    table = SPLITK_TABLE if _override is None else _override
+    return _lookup(SPLITK_TABLE if _override is None else _override[0], n, k, m, fused)
+
+
+def silu_out_config(n: int, k: int, m: int) -> dict | None:
+    """The SiLU-out product's layout for an [n, k] gate_up weight: where SILU_OUT_TABLE's
+    entry won, or for a shape it does not list the plain product's fused entry."""
+    table = SILU_OUT_TABLE if _override is None else _override[1]
+    if (n, k) in table:
+        return _lookup(table, n, k, m, False)
+    return config_for(n, k, m, fused=True)
+
+
+def _lookup(table: Table, n: int, k: int, m: int, fused: bool) -> dict | None:
     for lo, hi, cfg, wins in table.get((n, k), ()):
         if lo <= m <= hi:
             return cfg if wins or fused else None
     return None
+
+
+def _tma_aligned(*ts: torch.Tensor) -> bool:
+    """TMA's rule for a 2-D tensor: a 16-byte aligned base and row stride."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in ts)
 
 
 def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -289,7 +367,8 @@ def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     them (RMSNormPrologue: returns (y, x + residual); SILU_MUL: x is [g, u]). silu_out: the
     weight is [gate; up] and the result silu(x @ gate^T) * (x @ up^T), half as wide. `config`:
     BLOCK_N, BLOCK_K, SPLIT_K and optionally num_warps / num_stages (default: config_for's
-    entry, which must exist)."""
+    entry, which must exist); TMA: 1 loads the tiles through the tensor memory accelerator
+    (products without a prologue, on 16-byte aligned rows; otherwise the pointer kernel)."""
     n, k = weight.shape
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
@@ -308,21 +387,30 @@ def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     res_out = torch.empty_like(x2) if res is not None else x2
     block_m = max(16, triton.next_power_of_2(m))
     split_k, block_k = cfg.pop("SPLIT_K"), cfg.pop("BLOCK_K")
+    tma = cfg.pop("TMA", 0) and kind == _NONE and _tma_aligned(x2, weight)
     out_n = n // 2 if silu_out else n
     tiles = triton.cdiv(out_n, cfg["BLOCK_N"] // 2 if silu_out else cfg["BLOCK_N"])
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     out = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
     part = torch.empty(tiles * split_k * block_m * cfg["BLOCK_N"] if split_k > 1 else 1,
                        dtype=torch.float32, device=x.device)
-    _splitk_gemm_kernel[(tiles, split_k)](
-        x2, weight, bias if bias is not None else weight, out, part,
-        arrival_counters(x.device, tiles), res2, res_out,
-        prologue.weight if kind == _RMSNORM else weight, m, n, k, x2.stride(0),
-        weight.stride(0), out.stride(0), res2.stride(0), res_out.stride(0),
-        prologue.eps if kind == _RMSNORM else 0.0, k_per_split, PROLOGUE=kind,
-        HAS_RES=res is not None, SILU_OUT=silu_out, HAS_BIAS=bias is not None,
-        USE_DOT=x.is_cuda, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_K=block_k, **cfg)
+    common = dict(SILU_OUT=silu_out, HAS_BIAS=bias is not None, USE_DOT=x.is_cuda,
+                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_K=block_k, **cfg)
+    b = bias if bias is not None else weight
+    if tma:
+        w_rows = cfg["BLOCK_N"] // 2 if silu_out else cfg["BLOCK_N"]
+        _splitk_tma_kernel[(tiles, split_k)](
+            TensorDescriptor.from_tensor(x2, [block_m, block_k]),
+            TensorDescriptor.from_tensor(weight, [w_rows, block_k]), b, out, part,
+            arrival_counters(x.device, tiles), m, n, k, out.stride(0), k_per_split, **common)
+    else:
+        _splitk_gemm_kernel[(tiles, split_k)](
+            x2, weight, b, out, part, arrival_counters(x.device, tiles), res2, res_out,
+            prologue.weight if kind == _RMSNORM else weight, m, n, k, x2.stride(0),
+            weight.stride(0), out.stride(0), res2.stride(0), res_out.stride(0),
+            prologue.eps if kind == _RMSNORM else 0.0, k_per_split, PROLOGUE=kind,
+            HAS_RES=res is not None, **common)
     out = out.view(*x.shape[:-1], out_n)
     if kind != _RMSNORM:
         return out

@@ -33,13 +33,12 @@ _MIN_BLOCK_KV = 32
 GROUP_BLOCK_H = 16  # q heads per program in the grouped (GQA) kernel; >= 16 for tl.dot
 # Grouped-kernel tiles (keys per tile, pipeline stages, warps) on CUDA, the first that fits
 # shared memory. One split per request (a batch large enough to fill the GPU on its own): small
-# tiles, several programs per SM. Several splits (a small batch, each program streaming a long
-# range): 128-key tiles in 3 stages. Measured on an H200: benchmark/kernel_bench.py sweep --parts
-# attention. The fused decode step at bs 64 x 264 keys ran faster still with 64-key tiles in 3
-# stages on 2 warps (24.8 vs 27.1 µs at the 8B heads, 25.9 vs 26.3 at the 0.6B ones; sweep
-# --parts attention-tune): SGLAB_DECODE_ONE_SPLIT_TILE=64,3,2 until its GPU test
-# (test_decode_one_split_tiles_gpu) has run.
-_DEFAULT_ONE_SPLIT = ((32, 3, 4), (32, 2, 4))
+# tiles, several programs per SM; the fused decode step at bs 64 x 264 keys ran fastest with
+# 64-key tiles in 3 stages on 2 warps (24.8 vs 27.1 µs for 32 / 3 / 4 at the 8B heads, 25.9 vs
+# 26.3 at the 0.6B ones; kernel_bench sweep --parts attention-tune). Several splits (a small
+# batch, each program streaming a long range): 128-key tiles in 3 stages. Measured on an H200:
+# benchmark/kernel_bench.py sweep --parts attention.
+_DEFAULT_ONE_SPLIT = ((64, 3, 2), (32, 3, 4), (32, 2, 4))
 _GROUPED_TILES_ONE_SPLIT = _DEFAULT_ONE_SPLIT
 _GROUPED_TILES_SPLIT = ((128, 3, 4), (64, 3, 4), (32, 3, 4), (32, 2, 4))
 
