@@ -393,13 +393,26 @@ def splitk_sweep_child() -> dict:
                 if silu:
                     blas[lib + "_silu"] = _graph_time(
                         [lambda w=w: silu_and_mul(F.linear(x, w)) for w in ws]) * 1e6
-            for cfg in layouts:
+            for cfg in layouts + (_built_in_layouts(n, k, m) if wide else []):
                 rows.append(_splitk_row(model, layer, n, k, m, x, ws, cfg, blas, False))
                 if silu:
                     rows.append(_splitk_row(model, layer + "+silu", n, k, m, x, ws, cfg,
                                             blas, True))
         del ws
     return {"rows": rows}
+
+
+def _built_in_layouts(n: int, k: int, m: int) -> list[dict]:
+    """The built-in tables' layouts for m rows (plain, SiLU out) not already swept, so a
+    refined table only replaces an entry with a faster one."""
+    from sglab.srt.layers import splitk_gemm as sk
+
+    found = [sk._lookup(t, n, k, m, True) for t in (sk.SPLITK_TABLE, sk.SILU_OUT_TABLE)]
+    out = []
+    for cfg in found:
+        if cfg is not None and cfg not in SPLITK_SWEEP_WIDE and cfg not in out:
+            out.append(dict(cfg))
+    return out
 
 
 def _splitk_row(model, layer, n, k, m, x, ws, cfg, blas, silu_out) -> dict:
@@ -531,9 +544,8 @@ def run_sweep(out_dir: str, commit: str | None, parts: list[str]) -> dict:
         print(kind, str(report[kind.replace("-", "_")])[:300], flush=True)
         write_results(out_dir, "kernel_sweep", report, to_markdown(report))
     if "rows" in report.get("splitk_sweep", {}):
-        wide = os.environ.get("KB_SPLITK_WIDE") == "1"  # the built-in table below its rows
-        table = splitk_table(report["splitk_sweep"]["rows"], keep_below=min(
-            r["m"] for r in report["splitk_sweep"]["rows"]) if wide else 0)
+        table = splitk_table(report["splitk_sweep"]["rows"],
+                             refine=os.environ.get("KB_SPLITK_WIDE") == "1")
         with open(os.path.join(out_dir, "splitk_table.json"), "w") as f:
             json.dump(table, f, indent=1)
         print("splitk table", json.dumps(table), flush=True)
@@ -543,12 +555,12 @@ def run_sweep(out_dir: str, commit: str | None, parts: list[str]) -> dict:
 SPLITK_WIN = 0.97  # a layout enters the table when it takes at most this share of cuBLASLt's time
 
 
-def splitk_table(rows: list[dict], keep_below: int = 0) -> dict:
+def splitk_table(rows: list[dict], refine: bool = False) -> dict:
     """The split-K sweep's tables for SGLAB_SPLITK_TABLE: per weight shape (gate_up's SiLU-out
     product as "NxK+silu") and measured M, the fastest layout and whether it beats cuBLASLt
     (+ the SiLU kernel) by SPLITK_WIN, for the rows from the measured M below (exclusive; the
-    lowest measured M for the first) up to this one. keep_below: the built-in entries wholly
-    below this many rows stay (a sweep of the larger M only)."""
+    lowest measured M for the first) up to this one. refine (a sweep of some M only): the
+    built-in tables' entries, each whose highest M was measured replaced by the sweep's."""
     from sglab.srt.layers import splitk_gemm as sk
 
     table: dict = {}
@@ -556,15 +568,18 @@ def splitk_table(rows: list[dict], keep_below: int = 0) -> dict:
         base = sk.SILU_OUT_TABLE if silu else sk.SPLITK_TABLE
         ok = [r for r in rows if "splitk_us" in r and bool(r.get("silu_out")) == silu]
         for n, k in sorted({(r["n"], r["k"]) for r in ok}):
-            entries = [[lo, hi, cfg, wins] for lo, hi, cfg, wins in base.get((n, k), ())
-                       if hi < keep_below]
-            lo = entries[-1][1] if entries else None
-            for m in sorted({r["m"] for r in ok if (r["n"], r["k"]) == (n, k)}):
-                cand = [r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)]
-                best = min(cand, key=lambda r: r["splitk_us"])
-                entries.append([m if lo is None else lo + 1, m, best["config"],
-                                best["splitk_us"] <= SPLITK_WIN * best["cublaslt_us"]])
-                lo = m
+            best = {}
+            for m in {r["m"] for r in ok if (r["n"], r["k"]) == (n, k)}:
+                b = min((r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)),
+                        key=lambda r: r["splitk_us"])
+                best[m] = [b["config"], b["splitk_us"] <= SPLITK_WIN * b["cublaslt_us"]]
+            if refine and (n, k) in base:
+                entries = [[lo, hi, *best.get(hi, [cfg, wins])]
+                           for lo, hi, cfg, wins in base[n, k]]
+            else:
+                bounds = sorted(best)
+                entries = [[lo + 1 if i else m, m, *best[m]]
+                           for i, (lo, m) in enumerate(zip([0] + bounds, bounds))]
             table[f"{n}x{k}" + (sk.SILU_SUFFIX if silu else "")] = entries
     return table
 

@@ -51,8 +51,9 @@
 #   kernels-final split-K / fusion GPU tests, decode replays with and without split-K, and
 #                 gpu_bench fusion off / on
 #   kernels-attn-tune  the fused decode attention's warps / tile / stages at bs 64
-#   kernels-tma   split-K TMA / 8-warp layouts at 33-64 rows of the 8B shape: GPU tests, the
-#                 sweep and its table, 8B decode replays with the built-in table and with it
+#   kernels-tma   split-K TMA / 8-warp layouts at 1 and 64 rows of the 8B shape: GPU tests,
+#                 the sweep and the refined table, 8B decode replays with the built-in table
+#                 and with the refined one
 #   tests-attn    the decode attention and kernel-fusion GPU tests
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
@@ -406,14 +407,14 @@ for step in "$@"; do
       SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 70 $kb --presets $m --variants $v \
         --out "$R/tile-$m" 2>&1 | grep "^| [lq]"
     done ;;
-  kernels-tma)  # one call: split-K (TMA layouts too) / attention / fusion GPU tests, the
-    # split-K sweep of 33-64 rows with TMA, 8-warp and 256-column layouts (KB_SPLITK_WIDE=1,
-    # llama-3.1-8b, SiLU out for gate_up), then 8B decode replays with the built-in table and
-    # with the sweep's (the built-in entries below its rows kept)
-    timeout ${KM_TESTS_S:-170} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
-      test/kernels/test_triton_attention.py test/srt/test_kernel_fusion.py 2>&1 \
+  kernels-tma)  # one call: the TMA split-K and one-split attention tile GPU tests, the
+    # split-K sweep at KM_M rows (default 1 and 64) with TMA, 8-warp and 256-column layouts
+    # next to the built-in ones (KB_SPLITK_WIDE=1, llama-3.1-8b, SiLU out for gate_up), then
+    # 8B decode replays with the built-in table and with the built-in table refined by the sweep
+    timeout ${KM_TESTS_S:-100} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
+      test/kernels/test_triton_attention.py -k "tma or one_split" 2>&1 \
       | tee "$R/gpu_tests_tma.log" | tail -n 4
-    KB_SPLITK_WIDE=1 KB_SPLITK_M=${KM_M:-64} timeout ${KM_SWEEP_S:-200} python3 \
+    KB_SPLITK_WIDE=1 KB_SPLITK_M=${KM_M:-1,64} timeout ${KM_SWEEP_S:-240} python3 \
       benchmark/kernel_bench.py sweep --parts splitk-sweep --out "$R/sweep" 2>&1 \
       | grep "^| llama"
     kb="python3 benchmark/kernel_bench.py all --parts"
