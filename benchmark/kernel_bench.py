@@ -110,7 +110,8 @@ SPLITK_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "n
                 for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
 # KB_SPLITK_WIDE=1: the layouts for 32-64 rows, where cuBLASLt's tiles led: TMA loads (TMA),
 # 8 warps, 256-column tiles; at KB_SPLITK_M rows (default 32, 64) of KB_SPLITK_MODELS' shapes
-# (default llama-3.1-8b), and gate_up with SiLU out next to F.linear + the SiLU kernel.
+# (default llama-3.1-8b) and KB_SPLITK_LAYERS (default all), and gate_up with SiLU out next
+# to F.linear + the SiLU kernel.
 SPLITK_SWEEP_WIDE = [
     {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "TMA": 1, "num_warps": w, "num_stages": st}
     for bn in (64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4, 8)
@@ -378,9 +379,10 @@ def splitk_sweep_child() -> dict:
     ms = [int(v) for v in os.environ.get("KB_SPLITK_M", "32,64").split(",")] if wide \
         else SPLITK_M
     models = os.environ.get("KB_SPLITK_MODELS", "llama-3.1-8b").split(",") if wide else None
+    layers = os.environ.get("KB_SPLITK_LAYERS", ",".join(GEMM_LAYERS)).split(",")
     rows = []
     for model, layer, n, k in GEMM_SHAPES:
-        if models is not None and model not in models:
+        if models is not None and model not in models or layer not in layers:
             continue
         ws = _rotating_weights(n, k)
         silu = wide and layer == "gate_up"

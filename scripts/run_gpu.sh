@@ -54,6 +54,8 @@
 #   kernels-tma   split-K TMA / 8-warp layouts at 1 and 64 rows of the 8B shape: GPU tests,
 #                 the sweep and the refined table, 8B decode replays with the built-in table
 #                 and with the refined one
+#   kernels-tma-final  split-K / attention / norm / fusion GPU tests, 8B and 0.6B decode
+#                 replays with the shipped defaults
 #   tests-attn    the decode attention and kernel-fusion GPU tests
 #   kernels-sweep the kernels alone: their GPU tests, the GEMM table, the small-M GEMM layouts
 #                 at M = 1 / 4, and the decode attention sweep (splits, tile, stages, warps);
@@ -421,6 +423,15 @@ for step in "$@"; do
     timeout 100 $kb --presets llama-3.1-8b --variants on --out "$R/l8b" 2>&1 | grep "^| llama"
     SGLAB_SPLITK_TABLE=$R/sweep/splitk_table.json timeout 100 $kb --presets llama-3.1-8b \
       --variants on --out "$R/l8b-tma" 2>&1 | grep "^| llama" ;;
+  kernels-tma-final)  # one call: split-K / attention / norm / fusion GPU tests, then 8B
+    # (with the 8k prefill) and 0.6B decode replays with the shipped defaults
+    timeout ${KM_TESTS_S:-220} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
+      test/kernels/test_elementwise.py test/srt/test_kernel_fusion.py \
+      test/kernels/test_triton_attention.py 2>&1 | tee "$R/gpu_tests_tma_final.log" | tail -n 4
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout 100 $kb --presets llama-3.1-8b --variants on --out "$R/l8b" 2>&1 | grep "^| llama"
+    timeout 80 $kb --presets qwen3-0.6b --variants on-default --out "$R/q06" 2>&1 \
+      | grep "^| qwen" ;;
   tests-attn)  # the decode attention and fusion GPU tests
     timeout 150 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
       test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_attn.log" | tail -n 4 ;;

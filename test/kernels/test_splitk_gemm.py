@@ -262,6 +262,26 @@ def test_tma_real_sizes_gpu(m, n, k, block_n, split_k, warps) -> None:
 
 @needs_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64])
+def test_tma_silu_table_in_a_cuda_graph_gpu(m) -> None:
+    """The 8B gate_up's SiLU-out table layouts (TMA: descriptors built at capture) replayed
+    on new inputs in the same buffer."""
+    n, k = 28672, 4096
+    cfg = sk.silu_out_config(n, k, m)
+    assert cfg is not None and cfg.get("TMA")
+    x, w, _ = _case(m, n, k, torch.bfloat16, bias=False, seed=5)
+    sk.splitk_gemm(x, w, None, cfg, silu_out=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sk.splitk_gemm(x, w, None, cfg, silu_out=True)
+    for seed in (6, 7):
+        x.copy_(_case(m, n, k, torch.bfloat16, bias=False, seed=seed)[0])
+        graph.replay()
+        _close(out, SiluAndMul().forward_native(F.linear(x, w)), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 8, 64])
 def test_fused_real_sizes_gpu(m) -> None:
     """llama-3.1-8b's folded norm before qkv and gate_up with SiLU out, the table's layouts."""

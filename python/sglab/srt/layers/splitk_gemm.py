@@ -255,12 +255,17 @@ SPLITK_TABLE: Table = {
 
 
 # gate_up weights -> the SiLU-out product's layouts (splitk_gemm(silu_out=True)) and whether
-# it beat gate_up through F.linear + the SiLU kernel in H200 decode replays
-# (results/2026-12-03-h200-kernel-decode-splitk.md): llama-3.1-8b at 1 and 8 rows, not at 64
-# (1998 vs 1899 + 70 µs per replay); qwen3-0.6b at 8 and 64. A gate_up shape not listed takes
-# its plain product's layouts (config_for's fused entries) at every row count.
+# it beat gate_up through F.linear + the SiLU kernel by SPLITK_WIN on an H200. llama-3.1-8b:
+# at 1 and 64 rows TMA layouts (56.6 vs 61.8 µs, 61.3 vs 63.4; kernel_bench's wide sweep,
+# results/2026-12-03-h200-kernel-sweep-tma.md), at 2-8 rows the plain product's layouts
+# (decode replays, -kernel-decode-splitk.md), at 9-32 none measured to win. qwen3-0.6b: the
+# plain product's layouts at every row count. A gate_up shape not listed takes its plain
+# product's layouts (config_for's fused entries) at every row count.
+_TMA_SILU_1 = _layout(256, 128, 1, tma=True, num_warps=8, num_stages=3)
 SILU_OUT_TABLE: Table = {
-    (28672, 4096): tuple((lo, hi, cfg, hi <= 8) for lo, hi, cfg, _ in SPLITK_TABLE[28672, 4096]),
+    (28672, 4096): ((1, 1, _TMA_SILU_1, True),
+                    *((lo, hi, cfg, hi <= 8) for lo, hi, cfg, _ in SPLITK_TABLE[28672, 4096][1:-1]),
+                    (33, 64, _layout(128, 64, 1, tma=True), True)),
     (6144, 1024): tuple((lo, hi, cfg, True) for lo, hi, cfg, _ in SPLITK_TABLE[6144, 1024]),
 }
 SILU_SUFFIX = "+silu"  # SGLAB_SPLITK_TABLE's key of a SiLU-out entry: "NxK+silu"
