@@ -101,6 +101,11 @@ EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for
 # at the serving splits (attention-tune)
 ATTN_TUNE = [(w, bn, st) for w in (2, 4, 8) for bn in (16, 32, 64) for st in (2, 3)]
 ATTN_TUNE_SHAPES = [(64, 264)]
+# KB_ATTN_TUNE=wide: warps 1-4, 32-128 keys, 2-5 stages (those whose K/V stages fit an H200's
+# shared memory), at KB_ATTN_SPLITS max splits (default: the serving bound and 2), for
+# KB_ATTN_MODELS (default both)
+ATTN_TUNE_WIDE = [(w, bn, st) for w in (1, 2, 4) for bn in (32, 64, 128) for st in (2, 3, 4, 5)
+                  if st * bn * 2 * 128 * 2 + 16 * 128 * 2 <= 227 * 1024]
 # (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
 ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
 # Split-K GEMM layouts swept at decode batch sizes (splitk_gemm, the graph sizes up to 64 in
@@ -214,39 +219,22 @@ def attention_child() -> dict:
         MAX_KV_SPLITS, decode_max_splits, decode_programs_per_split, split_programs)
 
     programs = split_programs(torch.device("cuda"))
+    wide = os.environ.get("KB_ATTN_TUNE") == "wide"
+    models = os.environ.get("KB_ATTN_MODELS", ",".join(ATTN_HEADS)).split(",")
     rows = []
     for model, heads in ATTN_HEADS.items():
-        for bs, ctx in ATTN_SHAPES:
-            run = _attention_case(heads, bs, ctx)
-            serving = decode_max_splits(bs, programs, decode_programs_per_split(*heads[:2]))
-            for merge in (True, False):
-                rows.append({**run(serving, None, None, merge), "model": model,
-                             "config": "serving"})
-            rows.append({**run(MAX_KV_SPLITS, None, None, True), "model": model,
-                         "config": "fixed"})
-            if os.environ.get("KB_ATTN_SWEEP", "1") != "0":  # 0: serving and fixed only
-                rows += [{**run(sp, bn, st, True), "model": model, "config": "sweep"}
-                         for sp, bn, st in ATTN_SWEEP]
-    return {"split_programs": programs, "rows": rows}
-
-
-def attention_tune_child() -> dict:
-    """Decode attention as the fused decode step runs it (one launch, the q/k norm + RoPE and
-    the new token's K/V write taken in, the serving splits) over ATTN_TUNE, per head shape and
-    ATTN_TUNE_SHAPES, CUDA-graph timed over L2-missing KV copies as attention_child."""
-    from sglab.srt.layers.attention.triton_backend import (
-        decode_max_splits, decode_programs_per_split, split_programs)
-
-    programs = split_programs(torch.device("cuda"))
-    rows = []
-    for model, heads in ATTN_HEADS.items():
+        if model not in models:
+            continue
         for bs, ctx in ATTN_TUNE_SHAPES:
             run = _attention_case(heads, bs, ctx, rope_norm=model == "qwen3-0.6b")
             serving = decode_max_splits(bs, programs, decode_programs_per_split(*heads[:2]))
+            splits = sorted({serving, *(int(v) for v in os.environ.get(
+                "KB_ATTN_SPLITS", f"{serving},2").split(","))}) if wide else [serving]
             rows.append({**run(serving, None, None, True), "model": model, "num_warps": None})
-            for w, bn, st in ATTN_TUNE:
-                rows.append({**run(serving, bn, st, True, num_warps=w), "model": model,
-                             "num_warps": w})
+            for sp in splits:
+                for w, bn, st in ATTN_TUNE_WIDE if wide else ATTN_TUNE:
+                    rows.append({**run(sp, bn, st, True, num_warps=w), "model": model,
+                                 "num_warps": w})
     return {"split_programs": programs, "rows": rows}
 
 
@@ -758,7 +746,7 @@ def _attention_tune_lines(report: dict, bw: float) -> list[str]:
              "serving splits): the default launch and the fastest of warps x keys per tile x "
              "stages (KV read per second against the copy bandwidth):", "",
              "| model | bs x context | default (µs) | BW | best (µs) | BW | warps / tile / "
-             "stages | best / default |", "|---|---|---|---|---|---|---|---|"]
+             "stages / max splits | best / default |", "|---|---|---|---|---|---|---|---|"]
     ok = [r for r in g["rows"] if "median_s" in r]
     for model, bs, ctx in sorted({(r["model"], r["bs"], r["context"]) for r in ok}):
         rows = [r for r in ok if (r["model"], r["bs"], r["context"]) == (model, bs, ctx)]
@@ -769,7 +757,7 @@ def _attention_tune_lines(report: dict, bw: float) -> list[str]:
         lines.append(f"| {model} | {bs} x {ctx} | {base['median_s'] * 1e6:.1f} | "
                      f"{base['kv_read_gbps'] / bw:.0%} | {best['median_s'] * 1e6:.1f} | "
                      f"{best['kv_read_gbps'] / bw:.0%} | {best['num_warps']} / "
-                     f"{best['block_n']} / {best['num_stages']} | "
+                     f"{best['block_n']} / {best['num_stages']} / {best['max_kv_splits']} | "
                      f"{best['median_s'] / base['median_s']:.2f} |")
     lines += _failures(g["rows"], "configurations")
     return lines

@@ -7,6 +7,7 @@ with CUDA the same tests run on the GPU, plus the `gpu` tests at real sizes.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import pytest
@@ -645,12 +646,18 @@ def test_decode_rope_real_sizes_gpu(hq: int, max_splits: int) -> None:
         assert_rope_matches_separate(got, want, BF16)
 
 
+# the defaults, and a tile being tuned (SGLAB_DECODE_ONE_SPLIT_TILE=BLOCK_N,STAGES,WARPS)
+_ONE_SPLIT_TILES = sorted({(64, 3, 2), (32, 3, 4), (32, 2, 4), *(
+    [tuple(int(v) for v in os.environ["SGLAB_DECODE_ONE_SPLIT_TILE"].split(","))]
+    if os.environ.get("SGLAB_DECODE_ONE_SPLIT_TILE") else [])})
+
+
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("tile", [(32, 3, 4), (32, 2, 4), (64, 3, 2)])
+@pytest.mark.parametrize("tile", _ONE_SPLIT_TILES)
 @pytest.mark.parametrize("hq", [16, 32])
 def test_decode_one_split_tiles_gpu(tile: tuple[int, int, int], hq: int) -> None:
-    """The one-split tiles (the defaults and the tuned 64 keys / 3 stages / 2 warps of
+    """The one-split tiles (the defaults and one being tuned through
     SGLAB_DECODE_ONE_SPLIT_TILE) at bs 64 x ~264 keys: the torch reference, and with the q/k
     norm + RoPE the separate kernels' pool and output."""
     seq_lens = [264 + (i * 37) % 29 for i in range(63)] + [1]
