@@ -101,10 +101,10 @@ EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for
 # at the serving splits (attention-tune)
 ATTN_TUNE = [(w, bn, st) for w in (2, 4, 8) for bn in (16, 32, 64) for st in (2, 3)]
 ATTN_TUNE_SHAPES = [(64, 264)]
-# KB_ATTN_TUNE=wide: warps 1-4, 32-128 keys, 2-5 stages (those whose K/V stages fit an H200's
-# shared memory), at KB_ATTN_SPLITS max splits (default: the serving bound and 2), for
+# KB_ATTN_TUNE=wide: 2 or 4 warps, 32-128 keys, 2-5 stages (those whose K/V stages fit an
+# H200's shared memory), at KB_ATTN_SPLITS max splits (default: the serving bound and 2), for
 # KB_ATTN_MODELS (default both)
-ATTN_TUNE_WIDE = [(w, bn, st) for w in (1, 2, 4) for bn in (32, 64, 128) for st in (2, 3, 4, 5)
+ATTN_TUNE_WIDE = [(w, bn, st) for w in (2, 4) for bn in (32, 64, 128) for st in (2, 3, 4, 5)
                   if st * bn * 2 * 128 * 2 + 16 * 128 * 2 <= 227 * 1024]
 # (max KV splits, keys per tile, pipeline stages) of the one-launch attention sweep
 ATTN_SWEEP = [(sp, bn, st) for sp in (1, 2, 4, 8, 16) for bn in (32, 64, 128) for st in (2, 3)]
@@ -217,6 +217,31 @@ def attention_child() -> dict:
     MAX_KV_SPLITS splits before it, and one launch swept over ATTN_SWEEP."""
     from sglab.srt.layers.attention.triton_backend import (
         MAX_KV_SPLITS, decode_max_splits, decode_programs_per_split, split_programs)
+
+    programs = split_programs(torch.device("cuda"))
+    rows = []
+    for model, heads in ATTN_HEADS.items():
+        for bs, ctx in ATTN_SHAPES:
+            run = _attention_case(heads, bs, ctx)
+            serving = decode_max_splits(bs, programs, decode_programs_per_split(*heads[:2]))
+            for merge in (True, False):
+                rows.append({**run(serving, None, None, merge), "model": model,
+                             "config": "serving"})
+            rows.append({**run(MAX_KV_SPLITS, None, None, True), "model": model,
+                         "config": "fixed"})
+            if os.environ.get("KB_ATTN_SWEEP", "1") != "0":  # 0: serving and fixed only
+                rows += [{**run(sp, bn, st, True), "model": model, "config": "sweep"}
+                         for sp, bn, st in ATTN_SWEEP]
+    return {"split_programs": programs, "rows": rows}
+
+
+def attention_tune_child() -> dict:
+    """Decode attention as the fused decode step runs it (one launch, the q/k norm + RoPE and
+    the new token's K/V write taken in, the serving splits) over ATTN_TUNE (KB_ATTN_TUNE=wide:
+    ATTN_TUNE_WIDE), per head shape and ATTN_TUNE_SHAPES, CUDA-graph timed over L2-missing KV
+    copies as attention_child."""
+    from sglab.srt.layers.attention.triton_backend import (
+        decode_max_splits, decode_programs_per_split, split_programs)
 
     programs = split_programs(torch.device("cuda"))
     wide = os.environ.get("KB_ATTN_TUNE") == "wide"

@@ -434,14 +434,14 @@ for step in "$@"; do
     timeout 100 $kb --presets llama-3.1-8b --variants on --out "$R/l8b" 2>&1 | grep "^| llama"
     timeout 80 $kb --presets qwen3-0.6b --variants on-default --out "$R/q06" 2>&1 \
       | grep "^| qwen" ;;
-  kernels-attn-wide)  # one call: the fused decode attention at bs 64 x 264 over warps 1-4,
+  kernels-attn-wide)  # one call: the fused decode attention at bs 64 x 264 over 2-4 warps,
     # 32-128 keys, 2-5 stages and 1 or 2 splits (KB_ATTN_TUNE=wide, llama-3.1-8b), then 8B
     # decode replays with the fastest one-split tile (SGLAB_DECODE_ONE_SPLIT_TILE) and its GPU
     # test
     KB_ATTN_TUNE=wide KB_ATTN_MODELS=${KA_MODELS:-llama-3.1-8b} timeout ${KA_TUNE_S:-200} \
       python3 benchmark/kernel_bench.py sweep --parts attention-tune --out "$R/tune" 2>&1 \
       | grep "x 264"
-    tile=$(python3 -c "import json; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if 'median_s' in r and r['max_kv_splits'] == 1 and r['num_warps']]; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n']},{b['num_stages']},{b['num_warps']}\")")
+    tile=$(python3 -c "import json; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if 'median_s' in r and r['max_kv_splits'] == 1 and r['num_warps'] and r['model'] == 'llama-3.1-8b']; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n']},{b['num_stages']},{b['num_warps']}\")")
     echo "one-split tile $tile"
     kb="python3 benchmark/kernel_bench.py all --parts"
     SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 100 $kb --presets llama-3.1-8b --variants on \
