@@ -15,11 +15,15 @@ Folded in, as skinny_gemm has them: the decoder's RMSNorm (+ residual add) or Si
 the loads, and for gate_up (`silu_out`) SiLU-and-mul before the store, with gate and up
 columns interleaved in the tile so one program holds both halves of its outputs.
 
+A layout with "TMA" loads the x and W tiles through tensor descriptors (the tensor memory
+accelerator; products without a prologue), SiLU out as separate gate and up tiles.
+
 `config_for(n, k, m)` picks the layout from a table measured on an H200
 (`benchmark/kernel_bench.py sweep --parts splitk-sweep`); a plain product it has no winning
 entry for goes to F.linear (cuBLAS). On the H200 it won for qwen3-0.6b's o_proj / down_proj at
 1-64 rows and llama-3.1-8b's o_proj at 1-16 and down_proj at 5-16; at 17-64 rows of the 8B
-shape cuBLASLt's tiles stayed faster.
+shape cuBLASLt's tiles stayed faster, TMA layouts included. gate_up's SiLU-out product has its
+own table (`silu_out_config`): TMA layouts won for llama-3.1-8b at 1 and 33-64 rows.
 """
 
 from __future__ import annotations
