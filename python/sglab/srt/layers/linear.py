@@ -98,11 +98,14 @@ class LinearBase(nn.Module):
         """Whether this layer may fold the op before it into its matmul for input x."""
         return self.skinny_max_m > 0 and skinny_applies(x, self.skinny_max_m)
 
+    def _splitk_rows(self, x: torch.Tensor) -> int | None:
+        """x's rows where splitk_gemm may serve them (enabled, on the GPU, 1 to MAX_M)."""
+        return x.numel() // x.shape[-1] if self.splitk and splitk_applies(x) else None
+
     def splitk_layout(self, x: torch.Tensor, fused: bool = False) -> dict | None:
         """splitk_gemm's layout for input x (a fused product's: see config_for), or None."""
-        if not (self.splitk and splitk_applies(x)):
-            return None
-        return config_for(*self.weight.shape, x.numel() // x.shape[-1], fused)
+        m = self._splitk_rows(x)
+        return None if m is None else config_for(*self.weight.shape, m, fused)
 
     def folds_norm(self, x: torch.Tensor) -> bool:
         """Whether forward_norm serves x (skinny_gemm, or splitk_gemm up to its fold bound)."""
@@ -176,12 +179,13 @@ class ColumnParallelLinear(LinearBase):
     def forward_norm(self, x: torch.Tensor, norm: RMSNormPrologue, silu_out: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x [+ residual]) @ W^T (+ bias), x [+ residual]) in one launch; only where
-        folds_norm(x) (and fuses_silu(x) for silu_out), and without gather_output."""
+        folds_norm(x) (and, for silu_out, a gate_up whose fuses_silu(x)), and without
+        gather_output."""
         assert not self.gather_output
         if self.skinny_fits(x) and not silu_out:
             return skinny_gemm(x, self.weight, self.bias, norm)
-        return splitk_gemm(x, self.weight, self.bias, self.splitk_layout(x, fused=True), norm,
-                           silu_out)
+        cfg = self.silu_layout(x) if silu_out else self.splitk_layout(x, fused=True)
+        return splitk_gemm(x, self.weight, self.bias, cfg, norm, silu_out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -215,9 +219,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             and self.silu_layout(x) is not None
 
     def silu_layout(self, x: torch.Tensor) -> dict | None:
-        if not (self.splitk and splitk_applies(x)):
-            return None
-        return silu_out_config(*self.weight.shape, x.numel() // x.shape[-1])
+        """splitk_gemm's layout for the SiLU-out product of input x (silu_out_config), or
+        None."""
+        m = self._splitk_rows(x)
+        return None if m is None else silu_out_config(*self.weight.shape, m)
 
     def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ gate^T) * (x @ up^T) in one launch; only where fuses_silu(x)."""
