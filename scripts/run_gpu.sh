@@ -448,6 +448,24 @@ for step in "$@"; do
       --out "$R/l8b-tile" 2>&1 | grep "^| llama"
     SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 100 python3 -m pytest -q -m gpu \
       test/kernels/test_triton_attention.py -k one_split 2>&1 | tail -n 3 ;;
+  kernels-pair)  # one call: the decode attention GPU tests (two requests per program among
+    # them), the fused attention's one-split tiles with one and two requests per program at
+    # bs KP_BS (default 32, 64) x 264 keys (llama-3.1-8b), then 8B decode replays with the
+    # shipped rule (two per program at bs 64), with one per program, and with the fastest
+    # paired tile (SGLAB_DECODE_ONE_SPLIT_TILE)
+    timeout ${KP_TESTS_S:-130} python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
+      test/srt/test_kernel_fusion.py -k "pair or one_split or rope" 2>&1 \
+      | tee "$R/gpu_tests_pair.log" | tail -n 4
+    KB_ATTN_TUNE=wide KB_ATTN_SPLITS=1 KB_ATTN_BS=${KP_BS:-32,64} \
+      KB_ATTN_MODELS=${KP_MODELS:-llama-3.1-8b} timeout ${KP_TUNE_S:-170} python3 \
+      benchmark/kernel_bench.py sweep --parts attention-tune --out "$R/tune" 2>&1 | grep "x 264"
+    tile=$(python3 -c "import json; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if 'median_s' in r and r.get('pair_requests') and r['num_warps'] and r['bs'] == 64 and r['model'] == 'llama-3.1-8b']; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n']},{b['num_stages']},{b['num_warps']}\")")
+    echo "paired tile $tile"
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout ${KP_DECODE_S:-200} $kb --presets llama-3.1-8b --variants on on-pair0 \
+      --out "$R/l8b" 2>&1 | grep "^| llama"
+    [ -n "$tile" ] && SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 100 $kb \
+      --presets llama-3.1-8b --variants on --out "$R/l8b-tile" 2>&1 | grep "^| llama" ;;
   tests-attn)  # the decode attention and fusion GPU tests
     timeout 150 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
       test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_attn.log" | tail -n 4 ;;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -299,6 +300,32 @@ def test_one_split_tile_override(monkeypatch):
     finally:
         da.set_one_split_tile(None)
     assert da._GROUPED_TILES_ONE_SPLIT == da._DEFAULT_ONE_SPLIT
+
+
+def test_pair_requests_rule(monkeypatch):
+    """Two requests per program once a one-split launch's grouped programs outnumber
+    PAIR_PROGRAMS_PER_SM per SM (the bs-64 step on 132 SMs, not bs 32); never with several
+    splits; SGLAB_DECODE_PAIR_REQUESTS decides instead, and a bad value names it."""
+    da = decode_attention
+    monkeypatch.setattr(da, "_sm_count", lambda index: 132)
+
+    def q(bs):
+        return SimpleNamespace(is_cuda=True, shape=(bs, 32, 128), device=SimpleNamespace(index=0))
+    try:
+        assert da._pairs_requests(q(64), 8, True, None)
+        assert not da._pairs_requests(q(32), 8, True, None)
+        assert not da._pairs_requests(q(64), 8, False, None)
+        assert not da._pairs_requests(torch.empty(64, 32, 128), 8, True, None)  # CPU: off
+        da.set_pair_requests("0")
+        assert not da._pairs_requests(q(64), 8, True, None)
+        assert da._pairs_requests(q(64), 8, True, True)  # the launch's own choice first
+        da.set_pair_requests("1")
+        assert da._pairs_requests(q(2), 8, True, None)
+        with pytest.raises(ValueError, match="SGLAB_DECODE_PAIR_REQUESTS"):
+            da.set_pair_requests("yes")
+    finally:
+        da.set_pair_requests(None)
+    assert da._PAIR_REQUESTS is None
 
 
 # --- GPU ---------------------------------------------------------------------------------------
