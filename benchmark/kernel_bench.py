@@ -75,13 +75,9 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
                                       "SGLAB_SPLITK_TABLE": "none"}),
             # -fold0: no norm folded into the split-K GEMM; -silu0: no SiLU folded into gate_up
             "on-fold0": ("on", {"SGLAB_SPLITK_FOLD_MAX_M": "0"}),
+            # -foldtma0: no norm folded into the one-split TMA layouts' loop
+            "on-foldtma0": ("on", {"SGLAB_SPLITK_FOLD_TMA": "0"}),
             "on-silu0": ("on", {"SGLAB_SPLITK_SILU": "0"}),
-            # -pair0 / -pair1: one / two requests per program of a one-split decode attention
-            # launch (SGLAB_DECODE_PAIR_REQUESTS; unset: the PAIR_PROGRAMS_PER_SM rule)
-            "on-pair0": ("on", {"SGLAB_DECODE_PAIR_REQUESTS": "0"}),
-            "on-pair1": ("on", {"SGLAB_DECODE_PAIR_REQUESTS": "1"}),
-            "on-m1-pair0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1",
-                                   "SGLAB_DECODE_PAIR_REQUESTS": "0"}),
             "on-m1-silu0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "SGLAB_SPLITK_SILU": "0"})}
 PREFILL_VARIANTS = ("off", "on", "on-cublas")
 DECODE_BS = [1, 8, 64]
@@ -252,8 +248,6 @@ def attention_tune_child() -> dict:
     programs = split_programs(torch.device("cuda"))
     wide = os.environ.get("KB_ATTN_TUNE") == "wide"
     models = os.environ.get("KB_ATTN_MODELS", ",".join(ATTN_HEADS)).split(",")
-    # one split per request: one and two requests per program (KB_ATTN_PAIR=0 / 1: one of them)
-    pairs = {"0": (False,), "1": (True,)}.get(os.environ.get("KB_ATTN_PAIR"), (False, True))
     shapes = [(int(bs), ATTN_TUNE_SHAPES[0][1]) for bs in os.environ["KB_ATTN_BS"].split(",")] \
         if os.environ.get("KB_ATTN_BS") else ATTN_TUNE_SHAPES  # KB_ATTN_BS: batch sizes
     rows = []
@@ -268,9 +262,8 @@ def attention_tune_child() -> dict:
             rows.append({**run(serving, None, None, True), "model": model, "num_warps": None})
             for sp in splits:
                 for w, bn, st in ATTN_TUNE_WIDE if wide else ATTN_TUNE:
-                    for pair in pairs if sp == 1 else (None,):
-                        rows.append({**run(sp, bn, st, True, num_warps=w, pair=pair),
-                                     "model": model, "num_warps": w})
+                    rows.append({**run(sp, bn, st, True, num_warps=w), "model": model,
+                                 "num_warps": w})
     return {"split_programs": programs, "rows": rows}
 
 
@@ -310,20 +303,19 @@ def _attention_case(heads: tuple[int, int, int], bs: int, ctx: int,
         ropes = [DecodeRope(spec, new_kv[0], new_kv[1], idx[indptr[1:].long() - 1])
                  for idx in indices]
 
-    def run(splits_max, block_n, stages, merge, num_warps=None, pair=None) -> dict:
+    def run(splits_max, block_n, stages, merge, num_warps=None) -> dict:
         tile = max(MIN_KEYS_PER_SPLIT, -(-ctx // splits_max))
         splits = torch.full((bs,), min(splits_max, -(-ctx // tile)), dtype=torch.int32,
                             device="cuda")
         row = {"bs": bs, "context": ctx, "heads": list(heads), "one_launch": merge,
                "max_kv_splits": splits_max, "block_n": block_n, "num_stages": stages,
-               "graph_calls": copies, "pair_requests": pair}
+               "graph_calls": copies}
 
         def call(idx, rope):
             return lambda: decode_attention_fwd(
                 q, k_buf, v_buf, o, indptr, idx, logits, lse, splits, splits_max, d ** -0.5,
                 block_n=block_n, num_stages=stages, num_warps=num_warps,
-                merge_count=counts if merge else None, rope=rope,
-                pair_requests=pair if merge and splits_max == 1 else None)
+                merge_count=counts if merge else None, rope=rope)
         try:
             t = _graph_time([call(idx, rope) for idx, rope in zip(indices, ropes)])
         except Exception as e:  # a tile that does not fit shared memory
@@ -525,7 +517,7 @@ def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
 
 DEFAULT_KNOBS = ("SGLAB_SKINNY_GEMM_MAX_M", "SGLAB_TRITON_PDL", "SGLAB_DECODE_SPLIT_WAVES",
                  "SGLAB_DECODE_FUSED_ROPE", "SGLAB_SPLITK_TABLE", "SGLAB_SPLITK_FOLD_MAX_M",
-                 "SGLAB_SPLITK_SILU", "SGLAB_DECODE_PAIR_REQUESTS")
+                 "SGLAB_SPLITK_SILU", "SGLAB_SPLITK_FOLD_TMA")
 
 
 def _child(args: list[str], env: dict | None = None, unset=()) -> dict:
@@ -783,8 +775,7 @@ def _attention_tune_lines(report: dict, bw: float) -> list[str]:
              "serving splits): the default launch and the fastest of warps x keys per tile x "
              "stages (KV read per second against the copy bandwidth):", "",
              "| model | bs x context | default (µs) | BW | best (µs) | BW | warps / tile / "
-             "stages / max splits / requests per program | best / default | best of one / "
-             "two requests per program (µs) |", "|---|---|---|---|---|---|---|---|---|"]
+             "stages / max splits | best / default |", "|---|---|---|---|---|---|---|---|"]
     ok = [r for r in g["rows"] if "median_s" in r]
     for model, bs, ctx in sorted({(r["model"], r["bs"], r["context"]) for r in ok}):
         rows = [r for r in ok if (r["model"], r["bs"], r["context"]) == (model, bs, ctx)]
@@ -795,18 +786,10 @@ def _attention_tune_lines(report: dict, bw: float) -> list[str]:
         lines.append(f"| {model} | {bs} x {ctx} | {base['median_s'] * 1e6:.1f} | "
                      f"{base['kv_read_gbps'] / bw:.0%} | {best['median_s'] * 1e6:.1f} | "
                      f"{best['kv_read_gbps'] / bw:.0%} | {best['num_warps']} / "
-                     f"{best['block_n']} / {best['num_stages']} / {best['max_kv_splits']} / "
-                     f"{2 if best.get('pair_requests') else 1} | "
-                     f"{best['median_s'] / base['median_s']:.2f} | {_pair_bests(rows)} |")
+                     f"{best['block_n']} / {best['num_stages']} / {best['max_kv_splits']} | "
+                     f"{best['median_s'] / base['median_s']:.2f} |")
     lines += _failures(g["rows"], "configurations")
     return lines
-
-
-def _pair_bests(rows: list[dict]) -> str:
-    """The fastest tuned one-split row with one and with two requests per program."""
-    best = [min((r["median_s"] for r in rows if r["num_warps"] and r["max_kv_splits"] == 1
-                 and r.get("pair_requests") is pair), default=None) for pair in (False, True)]
-    return " / ".join("-" if t is None else f"{t * 1e6:.1f}" for t in best)
 
 
 def _extend_lines(report: dict) -> list[str]:

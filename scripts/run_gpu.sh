@@ -56,6 +56,8 @@
 #                 and with the refined one
 #   kernels-tma-final  split-K / attention / norm / fusion GPU tests, 8B and 0.6B decode
 #                 replays with the shipped defaults
+#   kernels-foldtma  the decoder norms in the one-split TMA layouts' loop: split-K / fusion
+#                 GPU tests, 8B decode replays with and without (both orders)
 #   kernels-attn-wide  the fused decode attention over a wider warps / tile / stages / splits
 #                 grid at bs 64, 8B replays and GPU tests with the fastest one-split tile
 #   tests-attn    the decode attention and kernel-fusion GPU tests
@@ -425,6 +427,17 @@ for step in "$@"; do
     timeout 100 $kb --presets llama-3.1-8b --variants on --out "$R/l8b" 2>&1 | grep "^| llama"
     SGLAB_SPLITK_TABLE=$R/sweep/splitk_table.json timeout 100 $kb --presets llama-3.1-8b \
       --variants on --out "$R/l8b-tma" 2>&1 | grep "^| llama" ;;
+  kernels-foldtma)  # one call: split-K and fusion GPU tests (the norm in the TMA loop among
+    # them), then 8B decode replays with the norms folded into the one-split TMA layouts of
+    # qkv and gate_up (on) and not (-foldtma0), in both orders
+    timeout ${KF_TESTS_S:-140} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
+      test/srt/test_kernel_fusion.py -k "fused_real or tma or fusion_on" 2>&1 \
+      | tee "$R/gpu_tests_foldtma.log" | tail -n 4
+    kb="python3 benchmark/kernel_bench.py all --parts"
+    timeout ${KF_DECODE_S:-190} $kb --presets llama-3.1-8b --variants on on-foldtma0 \
+      --out "$R/l8b" 2>&1 | grep "^| llama"
+    timeout ${KF_DECODE_S:-190} $kb --presets llama-3.1-8b --variants on-foldtma0 on \
+      --out "$R/l8b-ba" 2>&1 | grep "^| llama" ;;
   kernels-tma-final)  # one call: split-K / attention / norm / fusion GPU tests, then 8B
     # (with the 8k prefill) and 0.6B decode replays with the shipped defaults
     timeout ${KM_TESTS_S:-220} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
@@ -448,24 +461,6 @@ for step in "$@"; do
       --out "$R/l8b-tile" 2>&1 | grep "^| llama"
     SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 100 python3 -m pytest -q -m gpu \
       test/kernels/test_triton_attention.py -k one_split 2>&1 | tail -n 3 ;;
-  kernels-pair)  # one call: the decode attention GPU tests (two requests per program among
-    # them), the fused attention's one-split tiles with one and two requests per program at
-    # bs KP_BS (default 32, 64) x 264 keys (llama-3.1-8b), then 8B decode replays with the
-    # shipped rule (two per program at bs 64), with one per program, and with the fastest
-    # paired tile (SGLAB_DECODE_ONE_SPLIT_TILE)
-    timeout ${KP_TESTS_S:-130} python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
-      test/srt/test_kernel_fusion.py -k "pair or one_split or rope" 2>&1 \
-      | tee "$R/gpu_tests_pair.log" | tail -n 4
-    KB_ATTN_TUNE=wide KB_ATTN_SPLITS=1 KB_ATTN_BS=${KP_BS:-32,64} \
-      KB_ATTN_MODELS=${KP_MODELS:-llama-3.1-8b} timeout ${KP_TUNE_S:-170} python3 \
-      benchmark/kernel_bench.py sweep --parts attention-tune --out "$R/tune" 2>&1 | grep "x 264"
-    tile=$(python3 -c "import json; rows=[r for r in json.load(open('$R/tune/kernel_sweep.json'))['attention_tune']['rows'] if 'median_s' in r and r.get('pair_requests') and r['num_warps'] and r['bs'] == 64 and r['model'] == 'llama-3.1-8b']; b=min(rows,key=lambda r:r['median_s']); print(f\"{b['block_n']},{b['num_stages']},{b['num_warps']}\")")
-    echo "paired tile $tile"
-    kb="python3 benchmark/kernel_bench.py all --parts"
-    timeout ${KP_DECODE_S:-200} $kb --presets llama-3.1-8b --variants on on-pair0 \
-      --out "$R/l8b" 2>&1 | grep "^| llama"
-    [ -n "$tile" ] && SGLAB_DECODE_ONE_SPLIT_TILE=$tile timeout 100 $kb \
-      --presets llama-3.1-8b --variants on --out "$R/l8b-tile" 2>&1 | grep "^| llama" ;;
   tests-attn)  # the decode attention and fusion GPU tests
     timeout 150 python3 -m pytest -q -m gpu test/kernels/test_triton_attention.py \
       test/srt/test_kernel_fusion.py 2>&1 | tee "$R/gpu_tests_attn.log" | tail -n 4 ;;

@@ -505,31 +505,6 @@ def test_decode_rope_matches_separate_kernels(hq: int, hkv: int, d: int, dtype: 
     assert_rope_matches_separate(got, want, dtype)
 
 
-@pytest.mark.parametrize("hq, hkv, d, dtype, page_size", [
-    (4, 2, 32, FP32, 1), (4, 2, 32, BF16, 16), (40, 2, 16, FP32, 1)])
-def test_decode_pair_requests_same_bits(hq: int, hkv: int, d: int, dtype: torch.dtype,
-                                        page_size: int) -> None:
-    """Two requests per program (a one-split launch; the odd last request alone, lengths that
-    end inside a tile and on its edge): the reference, and the bits, pool and all, of one
-    request per program, with and without the q/k norm + RoPE."""
-    b = make_decode_batch([33, 1, 150, 16, 64], hq, hkv, d, dtype, page_size, seed=44)
-    splits, blocks = [1] * b.bs, {"block_n": 16}
-    paired = run_decode(b, splits, 1, merge=True, pair_requests=True, **blocks)
-    kv_indptr, kv_indices = b.unified_kv()
-    ref = ref_decode_attention(b.q(), b.k_buffer, b.v_buffer, kv_indptr, kv_indices, d**-0.5)
-    assert_close(paired, ref, dtype)
-    assert torch.equal(paired, run_decode(b, splits, 1, merge=True, pair_requests=False,
-                                          **blocks))
-    for has_norm in (True, False):
-        got, want = run_decode_rope(b, splits, 1, has_norm, True, seed=45, pair_requests=True,
-                                    **blocks)
-        assert_rope_matches_separate(got, want, dtype)
-        alone, _ = run_decode_rope(b, splits, 1, has_norm, True, seed=45, pair_requests=False,
-                                   **blocks)
-        for t, u in zip(got, alone):
-            assert torch.equal(t, u)
-
-
 # ---------------------------------------------------------------------------------------------
 # extend: 2-stage and unified vs the reference and each other
 
@@ -696,32 +671,6 @@ def test_decode_one_split_tiles_gpu(tile: tuple[int, int, int], hq: int) -> None
         got, want = run_decode_rope(b, [1] * len(seq_lens), 1, hq == 16, True, seed=seed,
                                     **blocks)
         assert_rope_matches_separate(got, want, BF16)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("tile", _ONE_SPLIT_TILES)
-@pytest.mark.parametrize("hq", [16, 32])
-def test_decode_pair_requests_gpu(tile: tuple[int, int, int], hq: int) -> None:
-    """Two requests per program at bs 63 (odd: the last program has one) x ~264 keys, in the
-    one-split tiles: the bits of one request per program, launch after launch, and with the
-    q/k norm + RoPE the separate kernels' pool and output and the unpaired launch's bits."""
-    seq_lens = [264 + (i * 37) % 29 for i in range(62)] + [1]
-    b = make_decode_batch(seq_lens, hq, 8, 128, BF16, page_size=1, seed=48)
-    blocks = dict(zip(("block_n", "num_stages", "num_warps"), tile))
-    splits = [1] * len(seq_lens)
-    one = run_decode(b, splits, 1, merge=True, pair_requests=False, **blocks)
-    for _ in range(3):
-        assert torch.equal(run_decode(b, splits, 1, merge=True, pair_requests=True, **blocks),
-                           one)
-    for seed in range(3):
-        got, want = run_decode_rope(b, splits, 1, hq == 16, True, seed=seed,
-                                    pair_requests=True, **blocks)
-        assert_rope_matches_separate(got, want, BF16)
-        alone, _ = run_decode_rope(b, splits, 1, hq == 16, True, seed=seed,
-                                   pair_requests=False, **blocks)
-        for t, u in zip(got, alone):
-            assert torch.equal(t, u)
 
 
 @pytest.mark.gpu

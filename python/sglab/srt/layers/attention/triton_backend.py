@@ -32,7 +32,6 @@ from sglab.srt.layers.attention.triton_ops.decode_attention import (
     DecodeRope,
     decode_attention_fwd,
     set_one_split_tile,
-    set_pair_requests,
 )
 from sglab.srt.layers.attention.triton_ops.extend_attention import (
     build_unified_kv_indices,
@@ -138,7 +137,6 @@ class TritonAttnBackend(AttentionBackend):
                                "kernel": self._build_unified_kernel}[index_build]
         self.max_kv_splits = MAX_KV_SPLITS
         set_one_split_tile(os.environ.get("SGLAB_DECODE_ONE_SPLIT_TILE"))
-        set_pair_requests(os.environ.get("SGLAB_DECODE_PAIR_REQUESTS"))
         self.split_programs = split_programs(torch.device(self.device))
         self.programs_per_split = decode_programs_per_split(
             self.num_q_heads, mc.get_num_kv_heads(model_runner.attn_tp_size))

@@ -15,10 +15,6 @@ With `rope` (grouped kernel, `--kernel-fusion on`) q arrives as the projection's
 program applies the layer's q/k RMSNorm and RoPE to its heads' rows, and the split that holds
 the new token also stores that token's k (normed, rotated) and v into the pool before reading
 its keys, in place of the separate `qk_norm_rope` launch with its K/V write.
-
-A one-launch batch of one split per request that needs more than one wave of grouped programs
-takes two requests per program (`_decode_grouped_pair_kernel`): one pipelined loop over both
-requests' keys, the same bits as a program per request.
 """
 
 from __future__ import annotations
@@ -62,24 +58,6 @@ def set_one_split_tile(env: str | None) -> None:
                          "(positive integers, BLOCK_N a power of two)")
     tile = tuple(int(p) for p in parts)
     _GROUPED_TILES_ONE_SPLIT = (tile, *(t for t in _DEFAULT_ONE_SPLIT if t != tile))
-
-
-# Requests per program of a one-split launch (merge_count given, max_kv_splits 1): two
-# (_decode_grouped_pair_kernel) once the grouped programs outnumber PAIR_PROGRAMS_PER_SM per
-# SM, the programs per SM the one-split default tile's shared memory allows: a batch that
-# takes more than one wave of programs. SGLAB_DECODE_PAIR_REQUESTS=0 / 1 decides for every
-# such launch instead.
-PAIR_PROGRAMS_PER_SM = 2
-_PAIR_REQUESTS: bool | None = None
-
-
-def set_pair_requests(env: str | None) -> None:
-    """SGLAB_DECODE_PAIR_REQUESTS (read by the Triton backend when it is built): unset for
-    the PAIR_PROGRAMS_PER_SM rule, 0 for one request per program, 1 for two."""
-    global _PAIR_REQUESTS
-    if env not in (None, "0", "1"):
-        raise ValueError(f"SGLAB_DECODE_PAIR_REQUESTS={env!r}: expected 0 or 1")
-    _PAIR_REQUESTS = None if env is None else env == "1"
 
 
 @dataclass(frozen=True)
@@ -525,130 +503,6 @@ def _decode_grouped_stage1_kernel(
 
 
 @triton.jit
-def _decode_grouped_pair_kernel(
-    Q,
-    K_Buffer,
-    V_Buffer,
-    sm_scale,
-    kv_indptr,
-    kv_indices,
-    stride_qbs,
-    stride_qh,
-    stride_buf_kbs,
-    stride_buf_kh,
-    stride_buf_vbs,
-    stride_buf_vh,
-    O,
-    stride_obs,
-    stride_oh,
-    q_head_num,
-    batch_size,
-    Rope_K,
-    Rope_V,
-    Rope_Loc,
-    Rope_Pos,
-    Rope_Cos_Sin,
-    Rope_QW,
-    Rope_KW,
-    rope_eps,
-    stride_rope_k,
-    stride_rope_v,
-    kv_group_num: tl.constexpr,
-    BLOCK_DMODEL: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    Lk: tl.constexpr,
-    Lv: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    LOGIT_CAP: tl.constexpr,
-    PORTABLE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    ROPE: tl.constexpr,
-    ROPE_NORM: tl.constexpr,
-):
-    """The grouped kernel for requests of one split each, two requests (a, b) per program: one
-    software-pipelined loop runs over a's key tiles and then b's, so b's first loads are in
-    flight while a's last tiles are reduced, where a program per request would start cold (a
-    batch too large for one wave). Per request the arithmetic is the grouped kernel's, tile for
-    tile: the same bits."""
-    pdl_wait(USE_PDL)
-    batch_a = tl.program_id(0) * 2
-    has_b = batch_a + 1 < batch_size
-    batch_b = tl.minimum(batch_a + 1, batch_size - 1)  # odd bs: a again, with no keys
-    if kv_group_num > BLOCK_H:
-        VALID_BLOCK_H: tl.constexpr = BLOCK_H
-    else:
-        VALID_BLOCK_H: tl.constexpr = kv_group_num
-    cur_kv_head, first_head, end_head, cur_head, mask_h = _group_heads(
-        tl.program_id(1), q_head_num, kv_group_num, BLOCK_H, VALID_BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_DMODEL)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d < Lk
-    mask_dv = offs_dv < Lv
-
-    if ROPE:
-        HALF: tl.constexpr = BLOCK_DMODEL // 2
-        qx_a, qr_a, kx_a, kr_a, v_a, loc_a, cos_a, sin_a = _rope_rows(
-            Q, batch_a, cur_head, mask_h, stride_qbs, stride_qh, Rope_K, Rope_V, Rope_Loc,
-            Rope_Pos, Rope_Cos_Sin, stride_rope_k, stride_rope_v, cur_kv_head, offs_d, offs_dv,
-            HALF)
-        qx_b, qr_b, kx_b, kr_b, v_b, loc_b, cos_b, sin_b = _rope_rows(
-            Q, batch_b, cur_head, mask_h, stride_qbs, stride_qh, Rope_K, Rope_V, Rope_Loc,
-            Rope_Pos, Rope_Cos_Sin, stride_rope_k, stride_rope_v, cur_kv_head, offs_d, offs_dv,
-            HALF)
-    start_a = tl.load(kv_indptr + batch_a)
-    len_a = tl.load(kv_indptr + batch_a + 1) - start_a
-    start_b = tl.load(kv_indptr + batch_b)
-    len_b = tl.where(has_b, tl.load(kv_indptr + batch_b + 1) - start_b, 0)
-    if ROPE:
-        q_a = _norm_rope(qx_a, qr_a, offs_d, cos_a, sin_a, Rope_QW, rope_eps, ROPE_NORM, HALF)
-        q_b = _norm_rope(qx_b, qr_b, offs_d, cos_b, sin_b, Rope_QW, rope_eps, ROPE_NORM, HALF)
-        k_a = _norm_rope(kx_a, kr_a, offs_d, cos_a, sin_a, Rope_KW, rope_eps, ROPE_NORM, HALF)
-        _store_new_kv(k_a, v_a, loc_a, K_Buffer, V_Buffer, cur_kv_head, stride_buf_kbs,
-                      stride_buf_kh, stride_buf_vbs, stride_buf_vh, offs_d, offs_dv)
-        if has_b:
-            k_b = _norm_rope(kx_b, kr_b, offs_d, cos_b, sin_b, Rope_KW, rope_eps, ROPE_NORM,
-                             HALF)
-            _store_new_kv(k_b, v_b, loc_b, K_Buffer, V_Buffer, cur_kv_head, stride_buf_kbs,
-                          stride_buf_kh, stride_buf_vbs, stride_buf_vh, offs_d, offs_dv)
-    else:
-        q_mask = mask_h[:, None] & mask_d[None, :]
-        q_rows = Q + cur_head[:, None] * stride_qh + offs_d[None, :]
-        q_a = tl.load(q_rows + batch_a * stride_qbs, mask=q_mask, other=0.0)
-        q_b = tl.load(q_rows + batch_b * stride_qbs, mask=q_mask, other=0.0)
-
-    tiles_a = tl.cdiv(len_a, BLOCK_N)
-    e_max = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
-    e_sum_a = e_sum
-    acc_a = acc
-    for t in range(0, tiles_a + tl.cdiv(len_b, BLOCK_N)):
-        in_b = t >= tiles_a
-        first_b = t == tiles_a  # a is done: keep its state, start b's from the initial one
-        acc_a = tl.where(first_b, acc, acc_a)
-        e_sum_a = tl.where(first_b, e_sum, e_sum_a)
-        acc = tl.where(first_b, 0.0, acc)
-        e_sum = tl.where(first_b, 0.0, e_sum)
-        e_max = tl.where(first_b, -float("inf"), e_max)
-        e_max, e_sum, acc = _attend_tile(
-            tl.where(in_b, q_b, q_a), (t - tl.where(in_b, tiles_a, 0)) * BLOCK_N,
-            tl.where(in_b, len_b, len_a), tl.where(in_b, start_b, start_a), kv_indices,
-            K_Buffer, V_Buffer, cur_kv_head, stride_buf_kbs, stride_buf_kh, stride_buf_vbs,
-            stride_buf_vh, offs_d, offs_dv, mask_d, mask_dv, mask_h, e_max, e_sum, acc,
-            sm_scale, BLOCK_N, LOGIT_CAP, PORTABLE_DOT, DOT_PRECISION)
-    acc_a = tl.where(has_b, acc_a, acc)
-    e_sum_a = tl.where(has_b, e_sum_a, e_sum)
-    mask_o = mask_h[:, None] & mask_dv[None, :]
-    out = O + cur_head[:, None] * stride_oh + offs_dv[None, :]
-    tl.store(out + batch_a * stride_obs, acc_a / tl.where(mask_h, e_sum_a, 1.0)[:, None],
-             mask=mask_o)
-    tl.store(out + batch_b * stride_obs, acc / tl.where(mask_h, e_sum, 1.0)[:, None],
-             mask=tl.where(has_b, mask_o, False))
-
-
-@triton.jit
 def _store_new_kv(k, v, loc, K_Buffer, V_Buffer, kv_head, stride_buf_kbs, stride_buf_kh,
                   stride_buf_vbs, stride_buf_vh, offs_d, offs_dv):
     """The new token's k ([1, D], normed and rotated) and v of `kv_head` at its pool slot,
@@ -731,27 +585,6 @@ def _grouped_tile(q: torch.Tensor, k_buffer: torch.Tensor, max_kv_splits: int, d
     return tiles[-1]
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)[
-        "multiprocessor_count"]
-
-
-def _pairs_requests(q: torch.Tensor, programs: int, one_split: bool,
-                    pair_requests: bool | None) -> bool:
-    """Whether a grouped launch takes two requests per program (see PAIR_PROGRAMS_PER_SM)."""
-    choice = _PAIR_REQUESTS if pair_requests is None else pair_requests
-    if not one_split:
-        assert not pair_requests, "pair_requests: one split per request, with merge_count"
-        return False
-    if choice is not None:
-        return choice
-    if not q.is_cuda:
-        return False
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return q.shape[0] * programs > PAIR_PROGRAMS_PER_SM * _sm_count(index)
-
-
 def _portable_dot(t: torch.Tensor) -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1 when the kernels were defined): see _dot."""
     return not t.is_cuda or not isinstance(
@@ -778,7 +611,6 @@ def decode_attention_fwd(
     num_warps: int | None = None,
     merge_count: torch.Tensor | None = None,
     rope: DecodeRope | None = None,
-    pair_requests: bool | None = None,
 ) -> None:
     """o[i] = softmax(q[i] k^T * sm_scale) v over the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]].
 
@@ -794,9 +626,6 @@ def decode_attention_fwd(
     rope (grouped heads only): q is the projection's raw q; the launch applies `rope.norm_rope`
     to q and to the new token's k, and stores that k and v at `rope.loc` (what `qk_norm_rope`
     with its K/V write would do) before the keys are read.
-
-    pair_requests (grouped heads, one split per request, merge_count given): two requests per
-    program, the same bits; None: SGLAB_DECODE_PAIR_REQUESTS, else PAIR_PROGRAMS_PER_SM's rule.
     """
     bs, head_num, Lk = q.shape
     Lv = v_buffer.shape[-1]
@@ -869,25 +698,21 @@ def decode_attention_fwd(
                                               BLOCK_DV)
         block = block_n or tile_n
         programs = k_buffer.shape[1] * triton.cdiv(kv_group_num, GROUP_BLOCK_H)
-        tile = {"BLOCK_N": block, "BLOCK_H": GROUP_BLOCK_H, "PORTABLE_DOT": _portable_dot(q),
-                "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-                "num_stages": num_stages or stages, "num_warps": num_warps or warps,
-                "ROPE": rope is not None, "ROPE_NORM": rope_norm}
-        if _pairs_requests(q, programs, merge and max_kv_splits == 1, pair_requests):
-            _decode_grouped_pair_kernel[(triton.cdiv(bs, 2), programs)](
-                q, k_buffer, v_buffer, sm_scale, kv_indptr, kv_indices, *strides[:6], o,
-                o.stride(0), o.stride(1), head_num, bs, *rope_args, kv_group_num=kv_group_num,
-                BLOCK_DMODEL=BLOCK_DMODEL, BLOCK_DV=BLOCK_DV, Lk=Lk, Lv=Lv,
-                LOGIT_CAP=logit_cap, **tile, **pdl_launch(q))
-            return
         grid = (bs, programs, max_kv_splits)
         _decode_grouped_stage1_kernel[grid](
             *args,
             head_num,
             *rope_args,
             kv_group_num=kv_group_num,
+            BLOCK_N=block,
+            BLOCK_H=GROUP_BLOCK_H,
             MERGE_BLOCK_H=triton.next_power_of_2(min(kv_group_num, GROUP_BLOCK_H)),
-            **tile,
+            PORTABLE_DOT=_portable_dot(q),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_stages=num_stages or stages,
+            num_warps=num_warps or warps,
+            ROPE=rope is not None,
+            ROPE_NORM=rope_norm,
             **common,
         )
     if merge:
