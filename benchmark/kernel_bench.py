@@ -75,8 +75,6 @@ VARIANTS = {"off": ("off", {}), "on": ("on", {}),
                                       "SGLAB_SPLITK_TABLE": "none"}),
             # -fold0: no norm folded into the split-K GEMM; -silu0: no SiLU folded into gate_up
             "on-fold0": ("on", {"SGLAB_SPLITK_FOLD_MAX_M": "0"}),
-            # -foldtma0: no norm folded into the one-split TMA layouts' loop
-            "on-foldtma0": ("on", {"SGLAB_SPLITK_FOLD_TMA": "0"}),
             "on-silu0": ("on", {"SGLAB_SPLITK_SILU": "0"}),
             "on-m1-silu0": ("on", {"SGLAB_SKINNY_GEMM_MAX_M": "1", "SGLAB_SPLITK_SILU": "0"})}
 PREFILL_VARIANTS = ("off", "on", "on-cublas")
@@ -517,7 +515,7 @@ def _cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
 
 DEFAULT_KNOBS = ("SGLAB_SKINNY_GEMM_MAX_M", "SGLAB_TRITON_PDL", "SGLAB_DECODE_SPLIT_WAVES",
                  "SGLAB_DECODE_FUSED_ROPE", "SGLAB_SPLITK_TABLE", "SGLAB_SPLITK_FOLD_MAX_M",
-                 "SGLAB_SPLITK_SILU", "SGLAB_SPLITK_FOLD_TMA")
+                 "SGLAB_SPLITK_SILU")
 
 
 def _child(args: list[str], env: dict | None = None, unset=()) -> dict:

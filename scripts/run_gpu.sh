@@ -56,8 +56,6 @@
 #                 and with the refined one
 #   kernels-tma-final  split-K / attention / norm / fusion GPU tests, 8B and 0.6B decode
 #                 replays with the shipped defaults
-#   kernels-foldtma  the decoder norms in the one-split TMA layouts' loop: split-K / fusion
-#                 GPU tests, 8B decode replays with and without (both orders)
 #   kernels-attn-wide  the fused decode attention over a wider warps / tile / stages / splits
 #                 grid at bs 64, 8B replays and GPU tests with the fastest one-split tile
 #   tests-attn    the decode attention and kernel-fusion GPU tests
@@ -427,17 +425,6 @@ for step in "$@"; do
     timeout 100 $kb --presets llama-3.1-8b --variants on --out "$R/l8b" 2>&1 | grep "^| llama"
     SGLAB_SPLITK_TABLE=$R/sweep/splitk_table.json timeout 100 $kb --presets llama-3.1-8b \
       --variants on --out "$R/l8b-tma" 2>&1 | grep "^| llama" ;;
-  kernels-foldtma)  # one call: split-K and fusion GPU tests (the norm in the TMA loop among
-    # them), then 8B decode replays with the norms folded into the one-split TMA layouts of
-    # qkv and gate_up (on) and not (-foldtma0), in both orders
-    timeout ${KF_TESTS_S:-140} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \
-      test/srt/test_kernel_fusion.py -k "fused_real or tma or fusion_on" 2>&1 \
-      | tee "$R/gpu_tests_foldtma.log" | tail -n 4
-    kb="python3 benchmark/kernel_bench.py all --parts"
-    timeout ${KF_DECODE_S:-190} $kb --presets llama-3.1-8b --variants on on-foldtma0 \
-      --out "$R/l8b" 2>&1 | grep "^| llama"
-    timeout ${KF_DECODE_S:-190} $kb --presets llama-3.1-8b --variants on-foldtma0 on \
-      --out "$R/l8b-ba" 2>&1 | grep "^| llama" ;;
   kernels-tma-final)  # one call: split-K / attention / norm / fusion GPU tests, then 8B
     # (with the 8k prefill) and 0.6B decode replays with the shipped defaults
     timeout ${KM_TESTS_S:-220} python3 -m pytest -q -m gpu test/kernels/test_splitk_gemm.py \

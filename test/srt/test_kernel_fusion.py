@@ -191,51 +191,6 @@ def test_split_k_table_shapes_go_to_splitk_gemm(tiny_model_dir, monkeypatch):
     assert mlp.down_proj.splitk_layout(torch.zeros(1, inter)) is not None
 
 
-def test_tma_layouts_fold_both_norms(tiny_model_dir, monkeypatch):
-    """With one-split TMA layouts for qkv and gate_up's SiLU out (as llama-3.1-8b has at 33-64
-    rows on CUDA), every forward of up to MAX_M rows folds both norms into them, no fold bound
-    set; the outputs are fusion off's. SGLAB_SPLITK_FOLD_TMA=0 folds none."""
-    from sglab.srt.layers import linear
-    from sglab.srt.layers import splitk_gemm as sk
-
-    path = tiny_model_dir("tiny-llama")
-    cfg = AutoConfig.from_pretrained(path)
-    hidden, inter, dim = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * dim
-    tma = {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 1, "TMA": 1}
-    plain = {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}
-    monkeypatch.setattr(sk, "SPLITK_TABLE", {
-        (qkv, hidden): ((1, sk.MAX_M, tma, False),), (hidden, hidden): ((1, sk.MAX_M, plain, True),),
-        (2 * inter, hidden): ((1, sk.MAX_M, plain, False),),
-        (hidden, inter): ((1, sk.MAX_M, plain, True),)})
-    monkeypatch.setattr(sk, "SILU_OUT_TABLE", {(2 * inter, hidden): ((1, sk.MAX_M, tma, True),)})
-    for name in ("SGLAB_SPLITK_TABLE", "SGLAB_SPLITK_FOLD_MAX_M", "SGLAB_SPLITK_FOLD_TMA"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(linear, "splitk_applies",
-                        lambda x: 0 < x.numel() // x.shape[-1] <= sk.MAX_M)
-    calls = collections.Counter()
-    real = sk.splitk_gemm
-
-    def counting(x, w, b=None, config=None, prologue=None, silu_out=False):
-        calls["norm" if prologue is not None else "plain", silu_out, tuple(w.shape)] += 1
-        return real(x, w, b, config, prologue, silu_out)
-
-    monkeypatch.setattr(linear, "splitk_gemm", counting)
-    kw = {"attention_backend": "triton", "chunked_prefill_size": 32}
-    on = _run(path, "on", **kw)
-    layers, decodes = cfg.num_hidden_layers, PARAMS["max_new_tokens"] - 1
-    assert calls["norm", False, (qkv, hidden)] >= layers * (decodes + 2)  # + the prefills
-    assert calls["norm", True, (2 * inter, hidden)] == calls["norm", False, (qkv, hidden)]
-    assert not any(kind == "plain" and shape != (hidden, hidden) and shape != (hidden, inter)
-                   for kind, _, shape in calls)
-    _assert_same_outputs(on, _run(path, "off", **kw))
-    calls.clear()
-    monkeypatch.setenv("SGLAB_SPLITK_FOLD_TMA", "0")
-    SchedulerRunner(model_path=path, kernel_fusion="on", **kw).generate(_prompts()[2:], PARAMS)
-    assert calls["plain", True, (2 * inter, hidden)] > 0
-    assert not any(kind == "norm" for kind, _, _ in calls)
-
-
 def test_graph_prologue_in_one_launch_each_gives_the_torch_ops_bits(tiny_model_dir,
                                                                     monkeypatch):
     """Decode graphs (EagerGraph on CPU), 3 rows padded to the graph of 4, long enough for

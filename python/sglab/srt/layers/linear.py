@@ -24,7 +24,6 @@ from sglab.srt.layers.splitk_gemm import (
     silu_out_config,
     splitk_applies,
     splitk_fold_max_m,
-    splitk_fold_tma,
     splitk_gemm,
     splitk_silu,
 )
@@ -69,12 +68,10 @@ class LinearBase(nn.Module):
         # set by enable_decode_gemms, so the forward reads no environment).
         self.skinny_max_m = 0
         # --kernel-fusion on (enable_decode_gemms): decode rows the split-K table has a layout
-        # for go to splitk_gemm; up to splitk_fold_max_m rows the norms fold into it (and with
-        # splitk_fold_tma into its one-split TMA layouts), and splitk_silu folds SiLU into
-        # gate_up.
+        # for go to splitk_gemm; up to splitk_fold_max_m rows the norms fold into it, and
+        # splitk_silu folds SiLU into gate_up.
         self.splitk = False
         self.splitk_fold_max_m = 0
-        self.splitk_fold_tma = False
         self.splitk_silu = False
 
     def _make_param(self, shape: tuple[int, ...], dtype: torch.dtype,
@@ -110,16 +107,11 @@ class LinearBase(nn.Module):
         m = self._splitk_rows(x)
         return None if m is None else config_for(*self.weight.shape, m, fused)
 
-    def folds_norm(self, x: torch.Tensor, silu_out: bool = False) -> bool:
-        """Whether forward_norm(x, silu_out=silu_out) serves x: skinny_gemm, or splitk_gemm up
-        to its fold bound or, with splitk_fold_tma, where its layout folds the norm into a TMA
-        loop."""
-        if self.skinny_fits(x) and not silu_out:
-            return True
-        cfg = self.silu_layout(x) if silu_out else self.splitk_layout(x, fused=True)
-        return cfg is not None and (
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether forward_norm serves x (skinny_gemm, or splitk_gemm up to its fold bound)."""
+        return self.skinny_fits(x) or (
             x.numel() // x.shape[-1] <= self.splitk_fold_max_m
-            or (self.splitk_fold_tma and bool(cfg.get("TMA")) and cfg["SPLIT_K"] == 1))
+            and self.splitk_layout(x, fused=True) is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -328,15 +320,13 @@ def enable_decode_gemms(model: nn.Module, hidden_size: int) -> None:
     """--kernel-fusion on: every linear layer of `model` serves up to max_m(hidden_size) rows
     with skinny_gemm, and the shapes and rows of the split-K table with splitk_gemm (not under
     deterministic inference, whose GEMM is batch invariant)."""
-    bound, fold, fold_tma = max_m(hidden_size), splitk_fold_max_m(), splitk_fold_tma()
-    silu = splitk_silu()
+    bound, fold, silu = max_m(hidden_size), splitk_fold_max_m(), splitk_silu()
     load_table()
     for module in model.modules():
         if isinstance(module, LinearBase) and not module.batch_invariant:
             module.skinny_max_m = bound
             module.splitk = True
             module.splitk_fold_max_m, module.splitk_silu = fold, silu
-            module.splitk_fold_tma = fold_tma
 
 
 def prefer_cublaslt() -> None:

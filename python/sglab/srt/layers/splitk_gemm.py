@@ -16,9 +16,7 @@ the loads, and for gate_up (`silu_out`) SiLU-and-mul before the store, with gate
 columns interleaved in the tile so one program holds both halves of its outputs.
 
 A layout with "TMA" loads the x and W tiles through tensor descriptors (the tensor memory
-accelerator), SiLU out as separate gate and up tiles; at one split it folds the norm into its
-loop (the rows' sum of squares beside the product, 1 / rms applied to the accumulator), so no
-program reads the rows ahead of its weight.
+accelerator; products without a prologue), SiLU out as separate gate and up tiles.
 
 `config_for(n, k, m)` picks the layout from a table measured on an H200
 (`benchmark/kernel_bench.py sweep --parts splitk-sweep`); a plain product it has no winning
@@ -77,28 +75,21 @@ def _splitk_gemm_kernel(X, W, B, Out, Part, Count, Res, ResOut, NormW, M, N, K, 
 
 
 @triton.jit
-def _splitk_tma_kernel(X_desc, W_desc, B, Out, Part, Count, Res_desc, ResOut, NormW, M, N, K,
-                       stride_om, stride_rom, eps, k_per_split, NORM: tl.constexpr,
-                       HAS_RES: tl.constexpr, SILU_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """The product with x and W tiles loaded by the tensor memory accelerator (TMA layouts):
-    rows past M and keys past K arrive as zeros. SILU_OUT loads the gate and up halves as two
-    tiles and interleaves their accumulators as the pointer kernel holds them. NORM (one split:
-    the program sees whole rows): the RMSNorm folded in the loop, see _norm_tile."""
+def _splitk_tma_kernel(X_desc, W_desc, B, Out, Part, Count, M, N, K, stride_om, k_per_split,
+                       SILU_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The plain product with x and W tiles loaded by the tensor memory accelerator (TMA
+    layouts): rows past M and keys past K arrive as zeros. SILU_OUT loads the gate and up
+    halves as two tiles and interleaves their accumulators as the pointer kernel holds them."""
     pid_n, pid_k, rows, c, cols, rmask, cmask = _program_tile(M, N, SILU_OUT, BLOCK_M, BLOCK_N)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    ss = tl.zeros([BLOCK_M], tl.float32)
     if SILU_OUT:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             a = X_desc.load([0, k0])
-            if NORM:
-                a, ss = _norm_tile(a, Res_desc, ResOut, NormW, ss, rows, rmask, k0, K,
-                                   stride_rom, pid_n == 0, HAS_RES, BLOCK_K)
             acc_g = _tma_dot(acc_g, a, W_desc.load([pid_n * (BLOCK_N // 2), k0]), USE_DOT,
                              DOT_PRECISION)
             acc_u = _tma_dot(acc_u, a, W_desc.load([N // 2 + pid_n * (BLOCK_N // 2), k0]),
@@ -107,36 +98,10 @@ def _splitk_tma_kernel(X_desc, W_desc, B, Out, Part, Count, Res_desc, ResOut, No
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            a = X_desc.load([0, k0])
-            if NORM:
-                a, ss = _norm_tile(a, Res_desc, ResOut, NormW, ss, rows, rmask, k0, K,
-                                   stride_rom, pid_n == 0, HAS_RES, BLOCK_K)
-            acc = _tma_dot(acc, a, W_desc.load([pid_n * BLOCK_N, k0]), USE_DOT, DOT_PRECISION)
-    if NORM:
-        acc = acc / tl.sqrt(ss / K + eps)[:, None]
+            acc = _tma_dot(acc, X_desc.load([0, k0]), W_desc.load([pid_n * BLOCK_N, k0]),
+                           USE_DOT, DOT_PRECISION)
     _finish(acc, B, Out, Part, Count, rows, cols, c, rmask, cmask, pid_n, pid_k, N, stride_om,
             HAS_BIAS, SILU_OUT, SPLIT_K, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _norm_tile(a, Res_desc, ResOut, NormW, ss, rows, rmask, k0, K, stride_rom, stores,
-               HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One x tile of rmsnorm(x [+ residual]) @ W^T, scaled after the loop: h = x (+ residual,
-    rounded and stored by one program as the next residual) adds to the rows' sum of squares,
-    and h * w_norm, rounded, is the tile's operand. The 1 / rms factor then multiplies the fp32
-    accumulator, where the eager norm rounds h / rms before the weight: within a rounding of
-    it, not its bits."""
-    dtype = a.dtype
-    kk = k0 + tl.arange(0, BLOCK_K)
-    kmask = kk < K
-    if HAS_RES:
-        a = (a.to(tl.float32) + Res_desc.load([0, k0]).to(tl.float32)).to(dtype)
-        if stores:
-            tl.store(ResOut + rows[:, None] * stride_rom + kk[None, :], a,
-                     mask=rmask[:, None] & kmask[None, :])
-    h = a.to(tl.float32)
-    nw = tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32)
-    return (h * nw[None, :]).to(dtype), ss + tl.sum(h * h, axis=1)
 
 
 @triton.jit
@@ -280,9 +245,7 @@ SPLITK_TABLE: Table = {
         (5, 8, _layout(32, 128, 2), False),
         (9, 16, _layout(32, 128, 2), False),
         (17, 32, _layout(32, 128, 2), False),
-        # TMA: 17.2 vs cuBLASLt's 16.7 µs at 64 rows (2026-12-03-h200-kernel-sweep-tma.md);
-        # it takes the folded norm (SGLAB_SPLITK_FOLD_TMA) with gate_up's TMA layout
-        (33, 64, _layout(64, 128, 1, tma=True), False),
+        (33, 64, _layout(32, 128, 1), False),
     ),
     (28672, 4096): (  # llama-3.1-8b gate_up
         (1, 1, _layout(32, 64, 1), False),
@@ -365,15 +328,6 @@ def splitk_fold_max_m() -> int:
     return min(MAX_M, int(env))
 
 
-def splitk_fold_tma() -> bool:
-    """SGLAB_SPLITK_FOLD_TMA (0 / 1, default 1): at any rows the decoder's norms fold into a
-    one-split TMA layout of qkv and gate_up, where they cost no pass of their own."""
-    env = os.environ.get("SGLAB_SPLITK_FOLD_TMA", "1")
-    if env not in ("0", "1"):
-        raise ValueError(f"SGLAB_SPLITK_FOLD_TMA={env!r}: expected 0 or 1")
-    return env == "1"
-
-
 def splitk_silu() -> bool:
     """SGLAB_SPLITK_SILU (0 / 1, default 1): gate_up's splitk_gemm applies SiLU-and-mul
     before it stores, instead of a separate kernel."""
@@ -410,16 +364,9 @@ def _lookup(table: Table, n: int, k: int, m: int, fused: bool) -> dict | None:
     return None
 
 
-def norm_in_tma_loop(kind: int, split_k: int) -> bool:
-    """Whether a TMA layout serves this prologue: none, or the norm where one split sees
-    whole rows (SiLU-and-mul in the loads takes the pointer kernel)."""
-    return kind == _NONE or (kind == _RMSNORM and split_k == 1)
-
-
 def _tma_aligned(*ts: torch.Tensor) -> bool:
     """TMA's rule for a 2-D tensor: a 16-byte aligned base and row stride."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-               and t.stride(-1) == 1 for t in ts)
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in ts)
 
 
 def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -430,8 +377,7 @@ def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weight is [gate; up] and the result silu(x @ gate^T) * (x @ up^T), half as wide. `config`:
     BLOCK_N, BLOCK_K, SPLIT_K and optionally num_warps / num_stages (default: config_for's
     entry, which must exist); TMA: 1 loads the tiles through the tensor memory accelerator
-    (without a prologue or with the norm at one split, on 16-byte aligned rows; otherwise the
-    pointer kernel)."""
+    (products without a prologue, on 16-byte aligned rows; otherwise the pointer kernel)."""
     n, k = weight.shape
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
@@ -450,8 +396,7 @@ def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     res_out = torch.empty_like(x2) if res is not None else x2
     block_m = max(16, triton.next_power_of_2(m))
     split_k, block_k = cfg.pop("SPLIT_K"), cfg.pop("BLOCK_K")
-    tma = cfg.pop("TMA", 0) and norm_in_tma_loop(kind, split_k) and _tma_aligned(x2, weight,
-                                                                                res2)
+    tma = cfg.pop("TMA", 0) and kind == _NONE and _tma_aligned(x2, weight)
     out_n = n // 2 if silu_out else n
     tiles = triton.cdiv(out_n, cfg["BLOCK_N"] // 2 if silu_out else cfg["BLOCK_N"])
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
@@ -464,14 +409,10 @@ def splitk_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     b = bias if bias is not None else weight
     if tma:
         w_rows = cfg["BLOCK_N"] // 2 if silu_out else cfg["BLOCK_N"]
-        x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k])
         _splitk_tma_kernel[(tiles, split_k)](
-            x_desc, TensorDescriptor.from_tensor(weight, [w_rows, block_k]), b, out, part,
-            arrival_counters(x.device, tiles),
-            TensorDescriptor.from_tensor(res2, [block_m, block_k]) if res is not None
-            else x_desc, res_out, prologue.weight if kind == _RMSNORM else weight, m, n, k,
-            out.stride(0), res_out.stride(0), prologue.eps if kind == _RMSNORM else 0.0,
-            k_per_split, NORM=kind == _RMSNORM, HAS_RES=res is not None, **common)
+            TensorDescriptor.from_tensor(x2, [block_m, block_k]),
+            TensorDescriptor.from_tensor(weight, [w_rows, block_k]), b, out, part,
+            arrival_counters(x.device, tiles), m, n, k, out.stride(0), k_per_split, **common)
     else:
         _splitk_gemm_kernel[(tiles, split_k)](
             x2, weight, b, out, part, arrival_counters(x.device, tiles), res2, res_out,

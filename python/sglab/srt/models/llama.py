@@ -159,18 +159,15 @@ class LlamaDecoderLayer(nn.Module):
         return forward_mlp(self.mlp, hidden_states, forward_batch), residual
 
     def _folds_norms(self, x: torch.Tensor, forward_batch: ForwardBatch) -> bool:
-        """--kernel-fusion on at small M, or where qkv's and gate_up's layouts fold the norm
-        into a TMA loop: both norms and the SiLU go into the matmuls after them (plain layers
-        only: not under LoRA or DP attention)."""
+        """--kernel-fusion on at small M: both norms and the SiLU go into the loads of the
+        matmuls after them (plain layers only: not under LoRA or DP attention)."""
         attn, mlp = self.self_attn, self.mlp
         if not (isinstance(attn.qkv_proj, LinearBase) and attn.qkv_proj.folds_norm(x)):
             return False  # fusion off (the common case) stops here
         return (forward_batch.dp_step is None and type(self.input_layernorm) is RMSNorm
                 and isinstance(mlp.gate_up_proj, MergedColumnParallelLinear)
-                and isinstance(mlp.down_proj, LinearBase)
-                and (mlp.gate_up_proj.skinny_fits(x) or (mlp.gate_up_proj.fuses_silu(x)
-                                                         and mlp.gate_up_proj.folds_norm(
-                                                             x, silu_out=True))))
+                and isinstance(mlp.down_proj, LinearBase) and mlp.gate_up_proj.folds_norm(x)
+                and (mlp.gate_up_proj.skinny_fits(x) or mlp.gate_up_proj.fuses_silu(x)))
 
     def _forward_folded(self, positions, hidden_states, forward_batch, residual):
         """Three launches around attention instead of six (two norms, SiLU, three matmuls)."""
