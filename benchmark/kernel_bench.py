@@ -100,7 +100,7 @@ EXTEND_SWEEP = [(bm, bn, nw, st) for bm in (64, 128) for bn in (32, 64, 128) for
 # (warps, keys per tile, pipeline stages) of the decode attention with the q/k norm + RoPE,
 # at the serving splits (attention-tune)
 ATTN_TUNE = [(w, bn, st) for w in (2, 4, 8) for bn in (16, 32, 64) for st in (2, 3)]
-ATTN_TUNE_SHAPES = [(64, 264)]
+ATTN_TUNE_SHAPES = [(64, 264)]  # KB_ATTN_BS=32,64: other batch sizes at the same context
 # KB_ATTN_TUNE=wide: 2 or 4 warps, 32-128 keys, 2-5 stages (those whose K/V stages fit an
 # H200's shared memory), at KB_ATTN_SPLITS max splits (default: the serving bound and 2), for
 # KB_ATTN_MODELS (default both)
@@ -247,7 +247,7 @@ def attention_tune_child() -> dict:
     wide = os.environ.get("KB_ATTN_TUNE") == "wide"
     models = os.environ.get("KB_ATTN_MODELS", ",".join(ATTN_HEADS)).split(",")
     shapes = [(int(bs), ATTN_TUNE_SHAPES[0][1]) for bs in os.environ["KB_ATTN_BS"].split(",")] \
-        if os.environ.get("KB_ATTN_BS") else ATTN_TUNE_SHAPES  # KB_ATTN_BS: batch sizes
+        if os.environ.get("KB_ATTN_BS") else ATTN_TUNE_SHAPES
     rows = []
     for model, heads in ATTN_HEADS.items():
         if model not in models:

@@ -192,72 +192,6 @@ def _norm_rope(x, xr, offs_d, cos, sin, Weight, eps, HAS_NORM: tl.constexpr,
 
 
 @triton.jit
-def _group_heads(cur_head_id, q_head_num, kv_group_num: tl.constexpr, BLOCK_H: tl.constexpr,
-                 VALID_BLOCK_H: tl.constexpr):
-    """A grouped program's kv head and its q heads (a BLOCK_H tile, mask_h for the real ones).
-    A group wider than BLOCK_H takes several programs; none reaches into the next group."""
-    PROGRAMS_PER_KV_HEAD: tl.constexpr = (kv_group_num + BLOCK_H - 1) // BLOCK_H
-    cur_kv_head = cur_head_id // PROGRAMS_PER_KV_HEAD
-    first_head = (cur_kv_head * kv_group_num
-                  + (cur_head_id % PROGRAMS_PER_KV_HEAD) * VALID_BLOCK_H)
-    end_head = tl.minimum((cur_kv_head + 1) * kv_group_num, q_head_num)
-    cur_head = first_head + tl.arange(0, BLOCK_H)
-    mask_h = (cur_head < first_head + VALID_BLOCK_H) & (cur_head < end_head)
-    return cur_kv_head, first_head, end_head, cur_head, mask_h
-
-
-@triton.jit
-def _attend_tile(q, start_n, end, kv_start, kv_indices, K_Buffer, V_Buffer, kv_head,
-                 stride_buf_kbs, stride_buf_kh, stride_buf_vbs, stride_buf_vh, offs_d, offs_dv,
-                 mask_d, mask_dv, mask_h, e_max, e_sum, acc, sm_scale, BLOCK_N: tl.constexpr,
-                 LOGIT_CAP: tl.constexpr, PORTABLE_DOT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Keys [start_n, start_n + BLOCK_N) below `end` of the request whose slots start at
-    kv_indices[kv_start], into the online softmax (e_max, e_sum, acc) of grouped q heads."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < end
-    kv_loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
-    k = tl.load(
-        K_Buffer + kv_loc[None, :] * stride_buf_kbs + kv_head * stride_buf_kh + offs_d[:, None],
-        mask=mask_n[None, :] & mask_d[:, None],
-        other=0.0,
-    )
-    qk = _dot(q, k, PORTABLE_DOT, DOT_PRECISION) * sm_scale
-    if LOGIT_CAP > 0:
-        qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
-    qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
-    v = tl.load(
-        V_Buffer + kv_loc[:, None] * stride_buf_vbs + kv_head * stride_buf_vh + offs_dv[None, :],
-        mask=mask_n[:, None] & mask_dv[None, :],
-        other=0.0,
-    )
-    n_max = tl.maximum(tl.max(qk, 1), e_max)
-    n_max_safe = tl.where(n_max == -float("inf"), 0.0, n_max)  # padded heads
-    re_scale = tl.exp(e_max - n_max_safe)
-    p = tl.exp(qk - n_max_safe[:, None])
-    acc = acc * re_scale[:, None] + _dot(p.to(v.dtype), v, PORTABLE_DOT, DOT_PRECISION)
-    e_sum = e_sum * re_scale + tl.sum(p, 1)
-    return n_max, e_sum, acc
-
-
-@triton.jit
-def _rope_rows(Q, batch, cur_head, mask_h, stride_qbs, stride_qh, Rope_K, Rope_V, Rope_Loc,
-               Rope_Pos, Rope_Cos_Sin, stride_rope_k, stride_rope_v, kv_head, offs_d, offs_dv,
-               HALF: tl.constexpr):
-    """Request `batch`'s raw q rows of `cur_head`, its new token's raw k row and v of kv_head
-    (each with its RoPE partners), pool slot and cos / sin: the loads of the fused RoPE."""
-    qx, qr = _load_rows(Q + batch * stride_qbs + cur_head[:, None] * stride_qh, offs_d,
-                        mask_h, HALF)
-    k_row = Rope_K + batch * stride_rope_k + kv_head * 2 * HALF
-    kx, kr = _load_rows(k_row + tl.zeros([1, 1], dtype=tl.int32), offs_d,
-                        tl.full([1], True, tl.int1), HALF)
-    v_new = tl.load(Rope_V + batch * stride_rope_v + kv_head * 2 * HALF + offs_dv)
-    loc = tl.load(Rope_Loc + batch).to(tl.int64)
-    cos, sin = _load_cos_sin(Rope_Cos_Sin, tl.load(Rope_Pos + batch), offs_d, HALF)
-    return qx, qr, kx, kr, v_new, loc, cos, sin
-
-
-@triton.jit
 def _decode_stage1_kernel(
     Q,
     K_Buffer,
@@ -435,8 +369,14 @@ def _decode_grouped_stage1_kernel(
         VALID_BLOCK_H: tl.constexpr = BLOCK_H
     else:
         VALID_BLOCK_H: tl.constexpr = kv_group_num
-    cur_kv_head, first_head, end_head, cur_head, mask_h = _group_heads(
-        cur_head_id, q_head_num, kv_group_num, BLOCK_H, VALID_BLOCK_H)
+    # A group wider than BLOCK_H takes several programs; none reaches into the next group.
+    PROGRAMS_PER_KV_HEAD: tl.constexpr = (kv_group_num + BLOCK_H - 1) // BLOCK_H
+    cur_kv_head = cur_head_id // PROGRAMS_PER_KV_HEAD
+    first_head = (cur_kv_head * kv_group_num
+                  + (cur_head_id % PROGRAMS_PER_KV_HEAD) * VALID_BLOCK_H)
+    end_head = tl.minimum((cur_kv_head + 1) * kv_group_num, q_head_num)
+    cur_head = first_head + tl.arange(0, BLOCK_H)
+    mask_h = (cur_head < first_head + VALID_BLOCK_H) & (cur_head < end_head)
 
     offs_d = tl.arange(0, BLOCK_DMODEL)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -445,10 +385,14 @@ def _decode_grouped_stage1_kernel(
 
     if ROPE:  # loads that need no length first, so their latency overlaps kv_indptr's
         HALF: tl.constexpr = BLOCK_DMODEL // 2
-        qx, qr, kx, kr, v_new, loc, cos, sin = _rope_rows(
-            Q, cur_batch, cur_head, mask_h, stride_qbs, stride_qh, Rope_K, Rope_V, Rope_Loc,
-            Rope_Pos, Rope_Cos_Sin, stride_rope_k, stride_rope_v, cur_kv_head, offs_d, offs_dv,
-            HALF)
+        qx, qr = _load_rows(Q + cur_batch * stride_qbs + cur_head[:, None] * stride_qh, offs_d,
+                            mask_h, HALF)
+        k_row = Rope_K + cur_batch * stride_rope_k + cur_kv_head * 2 * HALF
+        kx, kr = _load_rows(k_row + tl.zeros([1, 1], dtype=tl.int32), offs_d,
+                            tl.full([1], True, tl.int1), HALF)
+        v_new = tl.load(Rope_V + cur_batch * stride_rope_v + cur_kv_head * 2 * HALF + offs_dv)
+        loc = tl.load(Rope_Loc + cur_batch).to(tl.int64)
+        cos, sin = _load_cos_sin(Rope_Cos_Sin, tl.load(Rope_Pos + cur_batch), offs_d, HALF)
     kv_start = tl.load(kv_indptr + cur_batch)
     seq_len = tl.load(kv_indptr + cur_batch + 1) - kv_start
     num_splits = tl.load(num_kv_splits + cur_batch)
@@ -471,11 +415,36 @@ def _decode_grouped_stage1_kernel(
         e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
         for start_n in range(split_start, split_end, BLOCK_N):
-            e_max, e_sum, acc = _attend_tile(
-                q, start_n, split_end, kv_start, kv_indices, K_Buffer, V_Buffer, cur_kv_head,
-                stride_buf_kbs, stride_buf_kh, stride_buf_vbs, stride_buf_vh, offs_d, offs_dv,
-                mask_d, mask_dv, mask_h, e_max, e_sum, acc, sm_scale, BLOCK_N, LOGIT_CAP,
-                PORTABLE_DOT, DOT_PRECISION)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < split_end
+            kv_loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
+            k = tl.load(
+                K_Buffer
+                + kv_loc[None, :] * stride_buf_kbs
+                + cur_kv_head * stride_buf_kh
+                + offs_d[:, None],
+                mask=mask_n[None, :] & mask_d[:, None],
+                other=0.0,
+            )
+            qk = _dot(q, k, PORTABLE_DOT, DOT_PRECISION) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+            qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+            v = tl.load(
+                V_Buffer
+                + kv_loc[:, None] * stride_buf_vbs
+                + cur_kv_head * stride_buf_vh
+                + offs_dv[None, :],
+                mask=mask_n[:, None] & mask_dv[None, :],
+                other=0.0,
+            )
+            n_max = tl.maximum(tl.max(qk, 1), e_max)
+            n_max_safe = tl.where(n_max == -float("inf"), 0.0, n_max)  # padded heads
+            re_scale = tl.exp(e_max - n_max_safe)
+            p = tl.exp(qk - n_max_safe[:, None])
+            acc = acc * re_scale[:, None] + _dot(p.to(v.dtype), v, PORTABLE_DOT, DOT_PRECISION)
+            e_sum = e_sum * re_scale + tl.sum(p, 1)
+            e_max = n_max
         e_sum = tl.where(mask_h, e_sum, 1.0)
         num_active = _num_active_splits(seq_len, num_splits, MIN_BLOCK_KV)
         mask_o = mask_h[:, None] & mask_dv[None, :]
